@@ -1,0 +1,69 @@
+"""
+The WebSocket factory: owns the registry, the clock and the connection limits.
+"""
+
+from autobahn.twisted.websocket import WebSocketServerFactory
+
+from signalling.protocol import SignallingServerProtocol
+
+#: Largest message accepted by default (the example server's limit).
+DEFAULT_MAX_MESSAGE = 1024 * 1024
+DEFAULT_KEEPALIVE = 30.0
+DEFAULT_HELLO_TIMEOUT = 30.0
+#: How long a close handshake may take before the TCP connection is dropped.
+#: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+#: How long the HTTP upgrade may take.
+OPEN_HANDSHAKE_TIMEOUT = 10.0
+
+
+def _refuse_compression(offers):
+    """Accept no permessage-deflate offer: it costs memory per connection."""
+    return None
+
+
+class SignallingServerFactory(WebSocketServerFactory):
+    """
+    Builds one :class:`SignallingServerProtocol` per connection.
+
+    :param url: the WebSocket URL clients use, or None.
+    :param registry: an :class:`signalling.interfaces.IRegistry`.
+    :param clock: an ``IReactorTime`` for our own timers.
+    :param keepalive: seconds between pings, and how long a pong may take.
+    :param max_message: largest message accepted, in bytes; a larger one
+        closes the connection with 1009.
+    :param hello_timeout: seconds a new connection has to send ``HELLO``.
+    """
+
+    protocol = SignallingServerProtocol
+
+    def __init__(
+        self,
+        url,
+        registry,
+        clock,
+        keepalive=DEFAULT_KEEPALIVE,
+        max_message=DEFAULT_MAX_MESSAGE,
+        hello_timeout=DEFAULT_HELLO_TIMEOUT,
+    ):
+        super().__init__(url)
+        self.registry = registry
+        self.clock = clock
+        self.hello_timeout = hello_timeout
+        self.setProtocolOptions(
+            # Plain GETs are answered by twisted.web, never by Autobahn.
+            webStatus=False,
+            # Protocol errors get a close frame (1002, 1007, 1009) rather than
+            # a dropped TCP connection.
+            failByDrop=False,
+            utf8validateIncoming=True,
+            maxMessagePayloadSize=max_message,
+            maxFramePayloadSize=max_message,
+            autoPingInterval=keepalive,
+            autoPingTimeout=keepalive,
+            openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            perMessageCompressionAccept=_refuse_compression,
+        )
+        # One log line per listening port start is enough; not one per client.
+        self.noisy = False
