@@ -1,0 +1,707 @@
+"""
+Tests for signalling.protocol: the connection state machine, through real
+Autobahn clients connected in memory (iosim) on one fake clock.
+"""
+
+import base64
+import os
+import struct
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial import unittest
+
+from signalling.registry import Registry
+
+from tests.helpers import DeafClientProtocol, Loopback
+
+OFFER = '{"sdp": {"type": "offer", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\n"}}'
+
+
+class ProtocolTestCase(unittest.TestCase):
+    """A loopback server with a fresh registry; nothing may be left behind."""
+
+    factory_kwargs = {}
+
+    def setUp(self):
+        self.net = Loopback(self, **self.factory_kwargs)
+        self.registry = self.net.registry
+
+    def close_all(self, *clients):
+        for client in clients:
+            if client.close_info is None:
+                client.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.registry.is_empty(), "registry not empty")
+        self.assertEqual(self.net.factory.getConnectionCount(), 0)
+
+
+class RegistrationTests(ProtocolTestCase):
+    """The first message (PROTOCOL.md, Registration)."""
+
+    def test_hello_is_answered_with_hello(self):
+        """HELLO <uid> registers the peer and answers HELLO."""
+        client = self.net.hello("alice")
+        self.assertEqual(self.registry.peer_count, 1)
+        self.close_all(client)
+
+    def refused(self, first, close_reason, binary=False):
+        before = self.registry.peer_count
+        client = self.net.client()
+        if binary:
+            client.sendMessage(first, isBinary=True)
+        else:
+            client.send_text(first)
+        self.net.flush()
+        received = client.take()
+        self.assertEqual(len(received), 1, received)
+        self.assertTrue(received[0].startswith("ERROR "), received)
+        self.assertEqual(client.remoteCloseCode, 1002)
+        self.assertEqual(client.remoteCloseReason, close_reason)
+        self.assertIsNotNone(client.close_info)
+        self.assertEqual(self.registry.peer_count, before)
+        return received[0]
+
+    def test_first_message_other_than_hello_is_refused(self):
+        """Anything but HELLO first: ERROR, then close 1002 'invalid protocol'."""
+        for first in ("SESSION bob", "ROOM r", "hello alice", "HELLOalice", "", "  "):
+            with self.subTest(first=first):
+                self.refused(first, "invalid protocol")
+
+    def test_binary_first_message_is_refused(self):
+        """A binary first message is not a HELLO."""
+        self.refused(b"HELLO alice", "invalid protocol", binary=True)
+
+    def test_invalid_uids_are_refused(self):
+        """Missing, too long, whitespace or control characters: 'invalid peer uid'."""
+        for first in ("HELLO", "HELLO   ", "HELLO a b", "HELLO a\x00", "HELLO " + "u" * 257):
+            with self.subTest(first=first):
+                self.refused(first, "invalid peer uid")
+
+    def test_taken_uid_is_refused_and_the_holder_is_untouched(self):
+        """A uid held by a connected peer is refused; the holder keeps working."""
+        alice = self.net.hello("alice")
+        error = self.refused("HELLO alice", "invalid peer uid")
+        self.assertEqual(error, "ERROR peer uid 'alice' is already taken")
+        self.assertEqual(self.registry.peer_count, 1)
+        alice.send_text("ROOM_PEER_LIST")
+        self.net.flush()
+        self.assertEqual(alice.take(), ["ERROR not in a room"])
+        self.close_all(alice)
+
+    def test_two_hellos_with_one_uid_at_the_same_moment(self):
+        """Both sent before either is handled: exactly one wins."""
+        first, second = self.net.client(), self.net.client()
+        first.send_text("HELLO same")
+        second.send_text("HELLO same")
+        self.net.flush()
+        replies = sorted([first.take(), second.take()])
+        self.assertEqual(replies[0], ["ERROR peer uid 'same' is already taken"])
+        self.assertEqual(replies[1], ["HELLO"])
+        self.assertEqual(self.registry.peer_count, 1)
+        self.close_all(first, second)
+
+    def test_uid_is_free_again_when_its_connection_closes(self):
+        """A closed connection's uid can be registered at once."""
+        alice = self.net.hello("alice")
+        alice.sendClose(1000)
+        self.net.flush()
+        again = self.net.hello("alice")
+        self.close_all(again)
+
+    def test_uid_is_free_again_after_a_drop_without_close_frame(self):
+        """A connection lost without a close handshake releases its uid."""
+        alice = self.net.hello("alice")
+        alice.transport.loseConnection()
+        self.net.flush()
+        self.assertTrue(self.registry.is_empty())
+        again = self.net.hello("alice")
+        self.close_all(again)
+
+    def test_second_hello_is_an_error_that_keeps_the_connection(self):
+        """HELLO when registered is refused without closing or re-registering."""
+        alice = self.net.hello("alice")
+        alice.send_text("HELLO bob")
+        self.net.flush()
+        self.assertEqual(alice.take(), ["ERROR already registered"])
+        self.assertIsNone(alice.close_info)
+        self.assertEqual(self.registry.peer_count, 1)
+        self.close_all(alice)
+
+    def test_unknown_command_is_named_in_the_error(self):
+        """An unknown command gets ERROR unknown command '<word>'; state is kept."""
+        alice = self.net.hello("alice")
+        for line, reply in [
+            ("FROBNICATE now", "ERROR unknown command 'FROBNICATE'"),
+            ("SESSION_OK x", "ERROR unknown command 'SESSION_OK'"),
+            ("", "ERROR empty message"),
+            (" \t ", "ERROR empty message"),
+        ]:
+            alice.send_text(line)
+            self.net.flush()
+            self.assertEqual(alice.take(), [reply])
+        alice.sendMessage(b"\x00\x01", isBinary=True)
+        self.net.flush()
+        self.assertEqual(
+            alice.take(), ["ERROR binary messages are only relayed inside a session"]
+        )
+        self.assertIsNone(alice.close_info)
+        self.close_all(alice)
+
+
+class SessionTests(ProtocolTestCase):
+    """1-1 sessions (PROTOCOL.md, 1-1 sessions)."""
+
+    def call(self, caller="alice", callee="bob"):
+        a, b = self.net.hello(caller), self.net.hello(callee)
+        a.send_text(f"SESSION {callee}")
+        self.net.flush()
+        self.assertEqual(a.take(), ["SESSION_OK"])
+        self.assertEqual(b.take(), [], "the callee must be told nothing")
+        return a, b
+
+    def test_messages_are_relayed_verbatim_both_ways(self):
+        """Text (even command-like) and binary frames pass through unchanged."""
+        a, b = self.call()
+        a.send_text(OFFER)
+        a.send_text("SESSION carol")
+        a.send_text("")
+        b.send_text("HELLO x")
+        b.sendMessage(b"\x00\xffbinary", isBinary=True)
+        self.net.flush()
+        self.assertEqual(b.take(), [OFFER, "SESSION carol", ""])
+        self.assertEqual(a.take(), ["HELLO x", b"\x00\xffbinary"])
+        self.close_all(a, b)
+
+    def test_relay_keeps_order_of_many_messages(self):
+        """1,000 messages sent at once arrive in order."""
+        a, b = self.call()
+        for i in range(1000):
+            a.send_text(f"m{i}")
+        self.net.flush()
+        self.assertEqual(b.take(), [f"m{i}" for i in range(1000)])
+        self.close_all(a, b)
+
+    def test_closing_one_side_closes_the_other_with_1000_and_no_message(self):
+        """The partner is closed with 1000 and its uid is free at once."""
+        a, b = self.call()
+        a.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(b.take(), [])
+        self.assertEqual(b.remoteCloseCode, 1000)
+        self.assertIsNotNone(b.close_info)
+        self.assertTrue(self.registry.is_empty())
+        self.close_all(self.net.hello("bob"))
+
+    def test_callee_dropping_closes_the_caller(self):
+        """A callee lost without a close frame ends the caller's connection."""
+        a, b = self.call()
+        b.transport.loseConnection()
+        self.net.flush()
+        self.assertEqual(a.remoteCloseCode, 1000)
+        self.assertTrue(self.registry.is_empty())
+
+    def test_session_errors(self):
+        """Not found, yourself, missing uid, busy callee: ERROR, state unchanged."""
+        a, b = self.call()
+        c = self.net.hello("carol")
+        for line, reply in [
+            ("SESSION nobody", "ERROR peer 'nobody' not found"),
+            ("SESSION carol", "ERROR cannot start a session with yourself"),
+            ("SESSION", "ERROR SESSION needs a peer uid"),
+            ("SESSION alice", "ERROR peer 'alice' busy"),
+            ("SESSION bob", "ERROR peer 'bob' busy"),
+            ("ROOM_PEER_MSG alice hi", "ERROR not in a room"),
+            ("ROOM_PEER_LIST", "ERROR not in a room"),
+        ]:
+            c.send_text(line)
+            self.net.flush()
+            self.assertEqual(c.take(), [reply])
+        self.assertEqual(a.take() + b.take(), [])
+        c.send_text("ROOM r")
+        self.net.flush()
+        self.assertEqual(c.take(), ["ROOM_OK "])
+        self.close_all(a, b, c)
+
+    def test_crossed_calls_first_one_wins(self):
+        """A calls B while B calls A: one SESSION_OK; the other line is relayed."""
+        a, b = self.net.hello("alice"), self.net.hello("bob")
+        a.send_text("SESSION bob")
+        b.send_text("SESSION alice")
+        self.net.flush()
+        got_a, got_b = a.take(), b.take()
+        self.assertEqual(
+            sorted([got_a, got_b]), sorted([["SESSION_OK", "SESSION alice"], []])
+        )
+        self.assertEqual(self.registry.session_count, 1)
+        self.close_all(a, b)
+
+    def test_callee_leaving_while_the_session_is_set_up(self):
+        """The callee's close arrives with the SESSION: either way, nothing is left."""
+        for callee_first in (True, False):
+            with self.subTest(callee_first=callee_first):
+                a, b = self.net.hello("alice"), self.net.hello("bob")
+                if callee_first:
+                    b.sendClose(1000)
+                    a.send_text("SESSION bob")
+                else:
+                    a.send_text("SESSION bob")
+                    b.sendClose(1000)
+                self.net.flush()
+                reply = a.take()
+                if reply == ["SESSION_OK"]:
+                    self.assertEqual(a.remoteCloseCode, 1000)
+                else:
+                    self.assertEqual(reply, ["ERROR peer 'bob' not found"])
+                    a.sendClose(1000)
+                    self.net.flush()
+                self.assertTrue(self.registry.is_empty())
+
+    def test_messages_of_the_evicted_partner_go_nowhere(self):
+        """Once told its partner left, a peer's further input is dropped."""
+        a, b = self.call()
+        a.sendClose(1000)
+        b.send_text("late")
+        self.net.flush()
+        self.assertEqual(a.take(), [])
+        self.assertTrue(self.registry.is_empty())
+
+
+class RoomTests(ProtocolTestCase):
+    """Rooms (PROTOCOL.md, Rooms)."""
+
+    def join(self, uid, room_id="r"):
+        client = self.net.hello(uid)
+        client.send_text(f"ROOM {room_id}")
+        self.net.flush()
+        return client
+
+    def test_room_of_three(self):
+        """ROOM_OK lists earlier members; members are told of joins, messages, leaves."""
+        a = self.join("a")
+        self.assertEqual(a.take(), ["ROOM_OK "])
+        b = self.join("b")
+        self.assertEqual(b.take(), ["ROOM_OK a"])
+        self.assertEqual(a.take(), ["ROOM_PEER_JOINED b"])
+        c = self.join("c")
+        self.assertEqual(c.take(), ["ROOM_OK a b"])
+        self.assertEqual(a.take() + b.take(), ["ROOM_PEER_JOINED c"] * 2)
+        c.send_text('ROOM_PEER_MSG a {"ice":  {"candidate": "x"}}  ')
+        c.send_text("ROOM_PEER_LIST")
+        self.net.flush()
+        self.assertEqual(a.take(), ['ROOM_PEER_MSG c {"ice":  {"candidate": "x"}}  '])
+        self.assertEqual(c.take(), ["ROOM_PEER_LIST a b"])
+        self.assertEqual(b.take(), [])
+        b.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(a.take(), ["ROOM_PEER_LEFT b"])
+        self.assertEqual(c.take(), ["ROOM_PEER_LEFT b"])
+        self.close_all(a, b, c)
+
+    def test_room_errors(self):
+        """Every room error keeps the peer in its room."""
+        a = self.join("a")
+        b = self.join("b", room_id="other")
+        loner = self.net.hello("loner")
+        a.take()
+        for line, reply in [
+            ("ROOM_PEER_MSG nobody hi", "ERROR peer 'nobody' not found"),
+            ("ROOM_PEER_MSG b hi", "ERROR peer 'b' is not in the room"),
+            ("ROOM_PEER_MSG loner hi", "ERROR peer 'loner' is not in the room"),
+            ("ROOM_PEER_MSG b", "ERROR ROOM_PEER_MSG needs a peer uid and a message"),
+            ("ROOM_PEER_MSG", "ERROR ROOM_PEER_MSG needs a peer uid and a message"),
+            ("ROOM r2", "ERROR invalid msg, already in room"),
+            ("SESSION b", "ERROR invalid msg, already in room"),
+            ("HELLO a", "ERROR invalid msg, already in room"),
+            ("ROOM_PEER_LIST", "ROOM_PEER_LIST "),
+        ]:
+            a.send_text(line)
+            self.net.flush()
+            self.assertEqual(a.take(), [reply])
+        a.sendMessage(b"\x01", isBinary=True)
+        self.net.flush()
+        self.assertEqual(
+            a.take(), ["ERROR binary messages are only relayed inside a session"]
+        )
+        self.assertEqual(self.registry.room_members("a"), [])
+        self.close_all(a, b, loner)
+
+    def test_invalid_room_ids(self):
+        """Empty, reserved, too long, whitespace: ERROR invalid room id."""
+        a = self.net.hello("a")
+        for line, reply in [
+            ("ROOM", "ERROR invalid room id ''"),
+            ("ROOM session", "ERROR invalid room id 'session'"),
+            ("ROOM a b", "ERROR invalid room id 'a b'"),
+            ("ROOM " + "r" * 257, "ERROR invalid room id '" + "r" * 257 + "'"),
+        ]:
+            a.send_text(line)
+            self.net.flush()
+            self.assertEqual(a.take(), [reply])
+        self.assertEqual(self.registry.room_count, 0)
+        self.close_all(a)
+
+    def test_room_message_to_yourself_is_delivered(self):
+        """Upstream relays a member's message to itself; so do we."""
+        a = self.join("a")
+        a.take()
+        a.send_text("ROOM_PEER_MSG a echo")
+        self.net.flush()
+        self.assertEqual(a.take(), ["ROOM_PEER_MSG a echo"])
+        self.close_all(a)
+
+
+class LimitsTests(ProtocolTestCase):
+    """Message size limits and invalid frames."""
+
+    factory_kwargs = {"max_message": 100}
+
+    def test_message_over_the_limit_closes_with_1009_only_that_connection(self):
+        """101 bytes: close 1009; the session partner is closed as for any close."""
+        a, b = self.net.hello("a"), self.net.hello("b")
+        c = self.net.hello("c")
+        a.send_text("SESSION b")
+        self.net.flush()
+        a.take()
+        a.send_text("x" * 100)
+        self.net.flush()
+        self.assertEqual(b.take(), ["x" * 100])
+        a.send_text("x" * 101)
+        self.net.flush()
+        self.assertEqual(a.remoteCloseCode, 1009)
+        self.assertEqual(b.take(), [])
+        self.assertEqual(b.remoteCloseCode, 1000)
+        self.assertIsNone(c.close_info)
+        self.assertEqual(self.registry.peer_count, 1)
+        self.close_all(a, b, c)
+
+    def test_relayed_room_message_may_exceed_the_incoming_limit(self):
+        """The ROOM_PEER_MSG prefix makes the relayed line longer: still delivered."""
+        a, b = self.net.hello("a"), self.net.hello("b")
+        a.send_text("ROOM r")
+        b.send_text("ROOM r")
+        self.net.flush()
+        a.take()
+        line = "ROOM_PEER_MSG a " + "p" * 84
+        self.assertEqual(len(line), 100)
+        b.send_text(line)
+        self.net.flush()
+        self.assertEqual(a.take(), ["ROOM_PEER_MSG b " + "p" * 84])
+        self.close_all(a, b)
+
+    def test_invalid_utf8_closes_with_1007_and_tells_the_room(self):
+        """A text frame that is not UTF-8 fails the connection with 1007."""
+        a, b = self.net.hello("a"), self.net.hello("b")
+        a.send_text("ROOM r")
+        b.send_text("ROOM r")
+        self.net.flush()
+        a.take()
+        b.sendMessage(b"ROOM_PEER_MSG a \xff\xfe", isBinary=False)
+        self.net.flush()
+        self.assertEqual(b.remoteCloseCode, 1007)
+        self.assertEqual(a.take(), ["ROOM_PEER_LEFT b"])
+        self.close_all(a, b)
+
+
+class KeepaliveTests(ProtocolTestCase):
+    """Pings and dead peers (PROTOCOL.md, Keepalive), with keepalive=5."""
+
+    def test_peer_answering_pings_stays_connected(self):
+        """A silent peer that answers pings is kept however long."""
+        a = self.net.hello("a")
+        for _ in range(20):
+            self.net.clock.advance(2.6)
+            self.net.flush()
+        self.assertIsNone(a.close_info)
+        self.assertEqual(self.registry.peer_count, 1)
+        self.close_all(a)
+
+    def test_peer_not_answering_is_dropped_and_its_partner_closed(self):
+        """No pong within the timeout: dropped, partner closed, registry empty."""
+        a = self.net.hello("a")
+        b = self.net.hello("b", protocol=DeafClientProtocol)
+        a.send_text("SESSION b")
+        self.net.flush()
+        a.take()
+        self.net.clock.advance(5.1)
+        self.net.flush()
+        self.assertIsNone(b.close_info)
+        for _ in range(6):
+            self.net.clock.advance(1)
+            self.net.flush()
+        self.assertIsNotNone(b.close_info)
+        self.assertEqual(b.remoteCloseCode, None, "dropped, not closed cleanly")
+        self.assertEqual(a.remoteCloseCode, 1000)
+        self.assertEqual(a.take(), [])
+        self.assertTrue(self.registry.is_empty())
+        self.assertEqual(self.net.factory.getConnectionCount(), 0)
+
+    def test_room_members_are_told_when_a_dead_peer_is_dropped(self):
+        """A member dropped by keepalive is announced with ROOM_PEER_LEFT."""
+        a = self.net.hello("a")
+        b = self.net.hello("b", protocol=DeafClientProtocol)
+        a.send_text("ROOM r")
+        b.send_text("ROOM r")
+        self.net.flush()
+        a.take()
+        for _ in range(12):
+            self.net.clock.advance(1)
+            self.net.flush()
+        self.assertIsNotNone(b.close_info)
+        self.assertEqual(a.take(), ["ROOM_PEER_LEFT b"])
+        self.assertIsNone(a.close_info)
+        self.close_all(a)
+
+
+class HelloTimeoutTests(ProtocolTestCase):
+    """A connection that never sends HELLO is closed (hello_timeout)."""
+
+    factory_kwargs = {"hello_timeout": 3, "keepalive": 100}
+
+    def test_silent_connection_is_closed_after_the_hello_timeout(self):
+        """No HELLO in time: close 1008; a registered peer is not affected."""
+        silent = self.net.client()
+        registered = self.net.hello("a")
+        self.net.clock.advance(2.9)
+        self.net.flush()
+        self.assertIsNone(silent.close_info)
+        self.net.clock.advance(0.2)
+        self.net.flush()
+        self.assertEqual(silent.remoteCloseCode, 1008)
+        self.assertEqual(silent.take(), [])
+        self.net.clock.advance(10)
+        self.net.flush()
+        self.assertIsNone(registered.close_info)
+        self.close_all(registered)
+
+
+class DelayedRegistry:
+    """
+    A registry whose commands complete only when the test says so, as a
+    cluster backend's would; ``remove`` completes at once.
+    """
+
+    def __init__(self):
+        self.inner = Registry()
+        self.pending = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _later(self, method, *args):
+        d = defer.Deferred()
+        self.pending.append((d, method, args))
+        return d
+
+    def release(self):
+        """Complete the oldest pending command."""
+        d, method, args = self.pending.pop(0)
+        try:
+            result = method(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def register(self, uid, peer):
+        return self._later(self.inner.register, uid, peer)
+
+    def start_session(self, caller_uid, callee_uid):
+        return self._later(self.inner.start_session, caller_uid, callee_uid)
+
+    def join_room(self, uid, room_id):
+        return self._later(self.inner.join_room, uid, room_id)
+
+    def room_message(self, sender_uid, target_uid, payload):
+        return self._later(self.inner.room_message, sender_uid, target_uid, payload)
+
+    def room_members(self, uid):
+        return self._later(self.inner.room_members, uid)
+
+
+class DelayedRegistryTests(unittest.TestCase):
+    """Commands that complete later keep each connection's order."""
+
+    def setUp(self):
+        self.registry = DelayedRegistry()
+        self.net = Loopback(self, registry=self.registry)
+
+    def test_input_after_a_pending_hello_waits_for_it(self):
+        """Messages sent behind HELLO are handled after HELLO completes, in order."""
+        a = self.net.client()
+        a.send_text("HELLO a")
+        a.send_text("SESSION nobody")
+        a.send_text("FROB")
+        self.net.flush()
+        self.assertEqual(a.take(), [])
+        self.registry.release()
+        self.net.flush()
+        self.assertEqual(a.take(), ["HELLO"])
+        self.registry.release()
+        self.net.flush()
+        self.assertEqual(
+            a.take(), ["ERROR peer 'nobody' not found", "ERROR unknown command 'FROB'"]
+        )
+        a.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.registry.inner.is_empty())
+
+    def test_offer_sent_right_behind_session_is_relayed_after_session_ok(self):
+        """The caller's offer, sent before SESSION_OK, reaches the callee after it."""
+        a, b = self.net.client(), self.net.client()
+        a.send_text("HELLO a")
+        b.send_text("HELLO b")
+        self.net.flush()
+        self.registry.release()
+        self.registry.release()
+        self.net.flush()
+        self.assertEqual(a.take() + b.take(), ["HELLO", "HELLO"])
+        a.send_text("SESSION b")
+        a.send_text(OFFER)
+        self.net.flush()
+        self.assertEqual(b.take(), [])
+        self.registry.release()
+        self.net.flush()
+        self.assertEqual(a.take(), ["SESSION_OK"])
+        self.assertEqual(b.take(), [OFFER])
+        a.sendClose(1000)
+        self.net.flush()
+        self.assertEqual(b.remoteCloseCode, 1000)
+        self.assertTrue(self.registry.inner.is_empty())
+
+    def test_connection_closed_during_a_pending_hello_leaves_nothing(self):
+        """A registration completing after the close is undone at once."""
+        a = self.net.client()
+        a.send_text("HELLO a")
+        self.net.flush()
+        a.sendClose(1000)
+        self.net.flush()
+        self.registry.release()
+        self.net.flush()
+        self.assertTrue(self.registry.inner.is_empty())
+        self.assertEqual(self.net.factory.getConnectionCount(), 0)
+
+    def test_caller_closed_during_a_pending_session_leaves_the_callee_free(self):
+        """The session set-up finds the caller gone; the callee stays callable."""
+        a, b = self.net.client(), self.net.client()
+        a.send_text("HELLO a")
+        b.send_text("HELLO b")
+        self.net.flush()
+        self.registry.release()
+        self.registry.release()
+        a.send_text("SESSION b")
+        self.net.flush()
+        a.sendClose(1000)
+        self.net.flush()
+        self.registry.release()
+        self.net.flush()
+        self.assertEqual(self.registry.inner.session_count, 0)
+        self.assertEqual(self.registry.inner.peer_count, 1)
+        self.assertIsNone(b.close_info)
+        b.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.registry.inner.is_empty())
+
+
+class FailingRegistry(Registry):
+    """A registry with a bug: join_room blows up."""
+
+    def join_room(self, uid, room_id):
+        raise RuntimeError("backend exploded")
+
+
+class UnexpectedErrorTests(unittest.TestCase):
+    """A bug costs only the connection that hit it."""
+
+    def test_unexpected_exception_closes_only_that_connection(self):
+        """The failure is logged, the peer is closed with 1011, others carry on."""
+        net = Loopback(self, registry=FailingRegistry())
+        a, b = net.hello("a"), net.hello("b")
+        with capturedLogs() as events:
+            a.send_text("ROOM r")
+            net.flush()
+        self.flushLoggedErrors(RuntimeError)
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(failures[0]["uid"], "a")
+        self.assertEqual(a.remoteCloseCode, 1011)
+        b.send_text("SESSION nobody")
+        net.flush()
+        self.assertEqual(b.take(), ["ERROR peer 'nobody' not found"])
+        b.sendClose(1000)
+        net.flush()
+        self.assertTrue(net.registry.is_empty())
+
+
+class LoggingTests(ProtocolTestCase):
+    """What is logged, with which fields, and what never is."""
+
+    def test_registration_session_and_disconnect_are_logged_with_fields(self):
+        """Events carry uid and peer_addr; payloads never appear in any event."""
+        with capturedLogs() as events:
+            a, b = self.net.hello("alice"), self.net.hello("bob")
+            a.send_text("SESSION bob")
+            self.net.flush()
+            a.send_text(OFFER)
+            b.send_text("secret-answer")
+            self.net.flush()
+            a.sendClose(1000)
+            self.net.flush()
+        ours = [e for e in events if e.get("log_namespace", "").startswith("signalling")]
+        formats = [e["log_format"] for e in ours]
+        self.assertIn("peer {uid} registered from {peer_addr}", formats)
+        self.assertIn("session from {uid} to {callee}", formats)
+        self.assertIn("peer {uid} at {peer_addr} disconnected (code {code})", formats)
+        registered = [e for e in ours if e["log_format"].startswith("peer {uid} registered")]
+        self.assertEqual([e["uid"] for e in registered], ["alice", "bob"])
+        self.assertTrue(all(e["log_level"] >= LogLevel.info for e in ours))
+        for event in events:
+            for value in event.values():
+                self.assertNotIn("secret-answer", str(value))
+                self.assertNotIn("v=0", str(value))
+        self.assertTrue(self.registry.is_empty())
+
+    def test_relaying_logs_nothing(self):
+        """The relay path emits no log event at all."""
+        a, b = self.net.hello("a"), self.net.hello("b")
+        a.send_text("SESSION b")
+        self.net.flush()
+        with capturedLogs() as events:
+            for i in range(50):
+                a.send_text(f"m{i}")
+                b.send_text(f"n{i}")
+            self.net.flush()
+        ours = [e for e in events if e.get("log_namespace", "").startswith("signalling")]
+        self.assertEqual(ours, [])
+        self.close_all(a, b)
+
+
+class BytesLevelTests(unittest.TestCase):
+    """The handshake and first frames, byte for byte, over a StringTransport."""
+
+    def test_handshake_and_hello_over_a_string_transport(self):
+        """A raw upgrade gets 101; a masked HELLO frame gets an unmasked HELLO."""
+        net = Loopback(self)
+        proto = net.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        key = base64.b64encode(os.urandom(16))
+        proto.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = transport.value()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head[:40])
+        transport.clear()
+        payload = b"HELLO raw"
+        mask = os.urandom(4)
+        masked = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        proto.dataReceived(struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked)
+        self.assertEqual(transport.value(), b"\x81\x05HELLO")
+        self.assertEqual(net.registry.peer_count, 1)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(net.registry.is_empty())
