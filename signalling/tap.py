@@ -4,6 +4,7 @@ The twistd plugin's options and service: ``twistd -n signalling``.
 
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -89,6 +90,20 @@ class Options(usage.Options):
             )
 
 
+class SignallingService(MultiService):
+    """
+    The server's ports. A port that cannot be bound at start-up stops twistd
+    with one line for the operator instead of a traceback.
+    """
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            where = f"{e.interface}:{e.port}" if e.interface else f"port {e.port}"
+            raise SystemExit(f"signalling: cannot listen on {where}: {e.socketError}")
+
+
 def makeService(config, reactor=None):
     """
     Build the server from parsed :class:`Options`; nothing listens until the
@@ -96,7 +111,8 @@ def makeService(config, reactor=None):
 
     :param reactor: the reactor to listen on and take time from; the global
         one when None.
-    :returns: a ``MultiService`` with one endpoint service per ``--port``.
+    :returns: a :class:`SignallingService` with one endpoint service per
+        ``--port``.
     :raises SystemExit: with one line for the operator when the TLS material
         or an endpoint description cannot be used.
     """
@@ -113,7 +129,7 @@ def makeService(config, reactor=None):
     )
     site = Site(SignallingRoot(ws_factory, config["health"].encode("utf-8")))
     site.noisy = False
-    service = MultiService()
+    service = SignallingService()
     for description in config["port"]:
         try:
             description = tls.complete_endpoint(description, config["cert-path"])

@@ -63,10 +63,10 @@ def split_command(text):
     return parts[0], parts[1]
 
 
-def _echo(word):
-    """Quote an offending word for an ``ERROR`` line, cut to a sane length."""
-    if len(word) > _ECHO_LIMIT:
-        word = word[:_ECHO_LIMIT] + "..."
+def _echo(word, limit=_ECHO_LIMIT):
+    """Quote an offending word for an ``ERROR`` line, cut to ``limit`` characters."""
+    if len(word) > limit:
+        word = word[:limit] + "..."
     return f"'{word}'"
 
 
@@ -151,9 +151,14 @@ def room_peer_msg(sender_uid, payload):
     return "ROOM_PEER_MSG " + sender_uid + " " + payload
 
 
+#: An unknown "command" may be a payload sent outside a session (compact
+#: JSON has no whitespace); echo (and so log) only its start.
+_COMMAND_ECHO_LIMIT = 32
+
+
 def unknown_command(command):
     """:returns: the reason for a command the server does not know."""
-    return f"unknown command {_echo(command)}"
+    return f"unknown command {_echo(command, _COMMAND_ECHO_LIMIT)}"
 
 
 EXPECTED_HELLO = "the first message must be 'HELLO <uid>'"

@@ -140,6 +140,12 @@ class FormatTests(unittest.TestCase):
             wire.unknown_command("FROB"), "unknown command 'FROB'"
         )
 
+    def test_unknown_command_echo_is_cut_short(self):
+        """A payload sent as a command is echoed (and logged) only in part."""
+        word = '{"sdp":{"type":"offer","sdp":"v=0\\r\\no=-' + "x" * 1000
+        reason = wire.unknown_command(word)
+        self.assertEqual(reason, "unknown command '" + word[:32] + "...'")
+
     def test_every_domain_error_has_its_own_reason(self):
         """Registry exceptions map to the protocol's texts."""
         cases = {
