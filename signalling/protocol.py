@@ -58,6 +58,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         """Start the deadline for the first message."""
+        self._log.info("connection from {peer_addr}", peer_addr=self.peer)
         self._hello_call = self.factory.clock.callLater(
             self.factory.hello_timeout, self._hello_timed_out
         )
@@ -81,7 +82,16 @@ class SignallingServerProtocol(WebSocketServerProtocol):
             self._hello_call = None
         uid, self._uid = self._uid, None
         if uid is None:
+            self._log.info(
+                "connection from {peer_addr} closed (code {code})",
+                peer_addr=self.peer,
+                code=code,
+            )
             return
+        if self._room_id is not None:
+            self._log.info(
+                "peer {uid} left room {room_id}", uid=uid, room_id=self._room_id
+            )
         self._log.info(
             "peer {uid} at {peer_addr} disconnected (code {code})",
             uid=uid,
@@ -111,7 +121,9 @@ class SignallingServerProtocol(WebSocketServerProtocol):
     def session_ended(self, partner_uid):
         """The partner left: close this connection too (1000, no message)."""
         self._log.info(
-            "session of {uid} ended: {partner} left", uid=self._uid, partner=partner_uid
+            "session of {uid} ended: {partner_uid} left",
+            uid=self._uid,
+            partner_uid=partner_uid,
         )
         # The registry has already released our uid.
         self._uid = None

@@ -53,7 +53,10 @@ def find_certificate(cert_dir):
     ``chain.pem``, or ``fullchain.pem``) comes first, then ``cert.pem`` with
     ``key.pem``.
 
-    :returns: a :class:`CertificateFiles`, or None when there is no pair.
+    :returns: a :class:`CertificateFiles`, or None when the directory holds
+        none of these files.
+    :raises TLSConfigError: when it holds only half of a pair, which must not
+        be replaced by a generated one.
     """
 
     def path(name):
@@ -61,17 +64,26 @@ def find_certificate(cert_dir):
         return candidate if os.path.exists(candidate) else None
 
     privkey = path("privkey.pem")
+    cert, key = path("cert.pem"), path("key.pem")
     if privkey is not None:
-        cert, chain = path("cert.pem"), path("chain.pem")
         if cert is not None:
-            return CertificateFiles(cert, privkey, chain)
+            return CertificateFiles(cert, privkey, path("chain.pem"))
         fullchain = path("fullchain.pem")
         if fullchain is not None:
-            # The leaf is the first certificate; the rest go out as the chain.
+            # Twisted serves the first certificate of certKey; the chain file
+            # then repeats it, which clients accept.
             return CertificateFiles(fullchain, privkey, fullchain)
-    cert, key = path("cert.pem"), path("key.pem")
+        raise TLSConfigError(
+            f"{cert_dir} has privkey.pem but neither cert.pem nor fullchain.pem"
+        )
     if cert is not None and key is not None:
         return CertificateFiles(cert, key)
+    partial = [n for n in ("cert.pem", "key.pem", "fullchain.pem") if path(n)]
+    if partial:
+        raise TLSConfigError(
+            f"{cert_dir} has {' and '.join(partial)} but no complete pair "
+            "(cert.pem with key.pem, or privkey.pem with cert.pem or fullchain.pem)"
+        )
     return None
 
 

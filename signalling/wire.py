@@ -63,11 +63,18 @@ def split_command(text):
     return parts[0], parts[1]
 
 
+def _escape_control(match):
+    return f"\\x{ord(match.group()):02x}"
+
+
 def _echo(word, limit=_ECHO_LIMIT):
-    """Quote an offending word for an ``ERROR`` line, cut to ``limit`` characters."""
+    """
+    Quote an offending word for an ``ERROR`` line: cut to ``limit``
+    characters, control characters written as ``\\xNN``.
+    """
     if len(word) > limit:
         word = word[:limit] + "..."
-    return f"'{word}'"
+    return "'" + _CONTROL.sub(_escape_control, word) + "'"
 
 
 def _is_valid_id(word):

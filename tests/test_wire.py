@@ -68,6 +68,11 @@ class UidTests(unittest.TestCase):
             with self.subTest(uid=uid):
                 self.assertRaises(wire.WireError, wire.check_uid, uid)
 
+    def test_error_echo_writes_control_characters_as_escapes(self):
+        """Control characters are never sent back raw in an ERROR line."""
+        error = self.assertRaises(wire.WireError, wire.check_room_id, "a\x00b\x1b")
+        self.assertEqual(error.reason, "invalid room id 'a\\x00b\\x1b'")
+
     def test_error_echo_of_a_huge_uid_is_bounded(self):
         """The reason quotes at most a little more than the length limit."""
         error = self.assertRaises(wire.WireError, wire.check_uid, "x" * 100_000)
