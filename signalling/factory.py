@@ -15,6 +15,13 @@ DEFAULT_HELLO_TIMEOUT = 30.0
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 #: How long the HTTP upgrade may take.
 OPEN_HANDSHAKE_TIMEOUT = 10.0
+#: Autobahn's timers go through txaio's batched timer, which rounds every
+#: deadline down to a whole second of clock time, so a timer may fire up to
+#: this much early. The pong deadline gets it added so that a pong always has
+#: at least the full keepalive time.
+TIMER_ROUNDING = 1.0
+#: The shortest keepalive that rounding leaves meaningful.
+MIN_KEEPALIVE = 1.0
 
 
 def _refuse_compression(offers):
@@ -29,7 +36,8 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param url: the WebSocket URL clients use, or None.
     :param registry: an :class:`signalling.interfaces.IRegistry`.
     :param clock: an ``IReactorTime`` for our own timers.
-    :param keepalive: seconds between pings, and how long a pong may take.
+    :param keepalive: seconds between pings, and how long a pong may take
+        (at least :data:`MIN_KEEPALIVE`).
     :param max_message: largest message accepted, in bytes; a larger one
         closes the connection with 1009.
     :param hello_timeout: seconds a new connection has to send ``HELLO``.
@@ -46,6 +54,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         max_message=DEFAULT_MAX_MESSAGE,
         hello_timeout=DEFAULT_HELLO_TIMEOUT,
     ):
+        if keepalive < MIN_KEEPALIVE:
+            raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
         super().__init__(url)
         self.registry = registry
         self.clock = clock
@@ -60,7 +70,7 @@ class SignallingServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_message,
             maxFramePayloadSize=max_message,
             autoPingInterval=keepalive,
-            autoPingTimeout=keepalive,
+            autoPingTimeout=keepalive + TIMER_ROUNDING,
             openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             perMessageCompressionAccept=_refuse_compression,

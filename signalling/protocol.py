@@ -80,6 +80,12 @@ class SignallingServerProtocol(WebSocketServerProtocol):
             if self._hello_call.active():
                 self._hello_call.cancel()
             self._hello_call = None
+        # Autobahn leaves this timer running when the TCP connection ends
+        # before the peer answered our close frame; it would hold this
+        # connection for the whole close-handshake timeout.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         uid, self._uid = self._uid, None
         if uid is None:
             self._log.info(

@@ -17,14 +17,19 @@ DEFAULT_PORT = "ssl:8443"
 DEFAULT_PLAIN_PORT = "tcp:8443"
 
 
-def _positive(kind):
+def _positive(kind, minimum=None):
     def coerce(value):
         number = kind(value)
+        if minimum is not None and number < minimum:
+            raise ValueError(f"must be at least {minimum}, not {value}")
         if number <= 0:
             raise ValueError(f"must be greater than 0, not {value}")
         return number
 
-    coerce.coerceDoc = "Must be greater than 0."
+    if minimum is None:
+        coerce.coerceDoc = "Must be greater than 0."
+    else:
+        coerce.coerceDoc = f"Must be at least {minimum:g}."
     return coerce
 
 
@@ -53,7 +58,8 @@ class Options(usage.Options):
          "by ssl: endpoints that name no privateKey=/certKey=.", str],
         ["keepalive-timeout", None, _factory.DEFAULT_KEEPALIVE,
          "Seconds between WebSocket pings; a peer whose pong does not come back "
-         "within that time is disconnected.", _positive(float)],
+         "within that time is disconnected.",
+         _positive(float, _factory.MIN_KEEPALIVE)],
         ["health", None, "/health",
          "Path of the HTTP health check (answers 200 OK).", str],
         ["max-message-size", None, _factory.DEFAULT_MAX_MESSAGE,

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from signalling.registry import Registry
 
-from tests.helpers import DeafClientProtocol, Loopback
+from tests.helpers import DeafClientProtocol, Loopback, RecordingClientProtocol
 
 OFFER = '{"sdp": {"type": "offer", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\n"}}'
 
@@ -417,6 +417,25 @@ class KeepaliveTests(ProtocolTestCase):
             self.net.flush()
         self.assertIsNone(a.close_info)
         self.assertEqual(self.registry.peer_count, 1)
+        self.close_all(a)
+
+    def test_pong_arriving_just_inside_the_timeout_keeps_the_peer(self):
+        """
+        A pong may take almost the whole keepalive time, although Autobahn's
+        timers round their deadlines down to whole seconds.
+        """
+        clock = self.net.clock
+
+        class SlowPong(RecordingClientProtocol):
+            def onPing(self, payload):
+                clock.callLater(4.9, self.sendPong, payload)
+
+        clock.advance(0.95)
+        a = self.net.hello("a", protocol=SlowPong)
+        for _ in range(300):
+            clock.advance(0.1)
+            self.net.flush()
+        self.assertIsNone(a.close_info)
         self.close_all(a)
 
     def test_peer_not_answering_is_dropped_and_its_partner_closed(self):

@@ -1,0 +1,594 @@
+"""
+Support for the integration tests: a real signalling server listening on a
+loopback port (plaintext or TLS), real Autobahn WebSocket clients that record
+what they receive, a raw client that writes hand-made RFC 6455 frames or plain
+HTTP, and the cleanup every test ends with.
+
+Everything waits on the real reactor with a bound: a wait that runs out fails
+the test with what was received so far, long before trial's own timeout.
+"""
+
+import base64
+import os
+import struct
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.trial.unittest import FailTest
+from twisted.web.server import Site
+
+from signalling.factory import SignallingServerFactory
+from signalling.registry import Registry
+from signalling.web import SignallingRoot
+from tests.helpers import write_certificate
+
+#: Longest time, in seconds, any one expected event may take.
+WAIT = 5.0
+#: How often conditions are polled, in seconds.
+POLL = 0.01
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+
+
+def pause(seconds):
+    """:returns: a Deferred that fires after ``seconds`` on the real reactor."""
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(predicate, what, timeout=WAIT):
+    """
+    Poll ``predicate`` on the reactor until it holds.
+
+    :param what: describes the condition, for the failure message; a callable
+        is called at failure time.
+    :raises FailTest: when it does not hold within ``timeout`` seconds.
+    """
+    for _ in range(int(timeout / POLL) + 1):
+        if predicate():
+            return
+        await pause(POLL)
+    if predicate():
+        return
+    raise FailTest(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+
+
+class _Waiting:
+    """
+    Event-driven waiting: :meth:`_until` returns once a condition on this
+    connection holds, re-checked whenever something arrives or the connection
+    is lost, and fails the test when it does not hold in time.
+    """
+
+    def _changed(self):
+        for waiter in list(self._waiters):
+            predicate, d = waiter
+            if predicate():
+                self._waiters.remove(waiter)
+                # Resume the test on a fresh stack, not inside our callback.
+                reactor.callLater(0, lambda d=d: d.called or d.callback(None))
+
+    async def _until(self, predicate, what, timeout=WAIT):
+        if predicate():
+            return
+        d = defer.Deferred()
+        waiter = (predicate, d)
+        self._waiters.append(waiter)
+        d.addTimeout(timeout, reactor)
+        try:
+            await d
+        except defer.TimeoutError:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise FailTest(
+                f"timed out after {timeout} s waiting for {what() if callable(what) else what}"
+            ) from None
+
+
+class Client(_Waiting, WebSocketClientProtocol):
+    """
+    A real Autobahn client that records every message it receives: text as
+    ``str``, binary as ``bytes``. Tests read them in order with
+    :meth:`next` / :meth:`expect`, and wait for the end with :meth:`closed`.
+
+    :ivar answer_pings: set to False to ignore the server's pings.
+    :ivar pings: how many pings arrived.
+    :ivar unread_at_close: the messages not yet read when the connection
+        closed (None while open).
+    """
+
+    answer_pings = True
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+        self._cursor = 0
+        self.pings = 0
+        self.opened = defer.Deferred()
+        self.lost = defer.Deferred()
+        self.is_lost = False
+        self.close_code = None
+        self.close_reason = None
+        self.unread_at_close = None
+        self._waiters = []
+
+    def __repr__(self):
+        return f"<Client {getattr(self, 'name', '?')}>"
+
+    # Autobahn callbacks.
+
+    def onOpen(self):
+        self.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.messages.append(payload if isBinary else payload.decode("utf-8"))
+        self._changed()
+
+    def onPing(self, payload):
+        self.pings += 1
+        if self.answer_pings:
+            super().onPing(payload)
+        self._changed()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        # What the server said in its close frame, if it sent one.
+        self.close_code = self.remoteCloseCode
+        self.close_reason = self.remoteCloseReason
+        self.unread_at_close = self.messages[self._cursor:]
+        self.is_lost = True
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"{self!r} closed before opening: {reason.value}"))
+        self.lost.callback(self)
+        self._changed()
+
+    # Sending.
+
+    def send_text(self, text):
+        """Send one text frame."""
+        self.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def send_bytes(self, payload, binary=True):
+        """Send ``payload`` as it is, in a binary (or text) frame."""
+        self.sendMessage(payload, isBinary=binary)
+
+    def abort(self):
+        """Drop the connection without a close frame."""
+        self.transport.abortConnection()
+
+    @property
+    def is_live(self):
+        return self.state == _OPEN and not self.is_lost
+
+    # Reading.
+
+    def unread(self):
+        """:returns: the messages received and not yet read, without reading them."""
+        return self.messages[self._cursor:]
+
+    async def next(self, timeout=WAIT):
+        """:returns: the next message not yet read, waiting for it if needed."""
+        await self._until(
+            lambda: len(self.messages) > self._cursor or self.is_lost,
+            lambda: f"a message on {self!r} (read so far: {self.messages[-5:]!r})",
+            timeout,
+        )
+        if len(self.messages) <= self._cursor:
+            raise FailTest(
+                f"{self!r} closed ({self.close_code} {self.close_reason!r}) "
+                f"while a message was expected; last read: {self.messages[-5:]!r}"
+            )
+        message = self.messages[self._cursor]
+        self._cursor += 1
+        return message
+
+    async def take(self, count, timeout=WAIT):
+        """:returns: the next ``count`` messages."""
+        await self._until(
+            lambda: len(self.messages) - self._cursor >= count or self.is_lost,
+            lambda: f"{count} messages on {self!r} (have {len(self.messages) - self._cursor})",
+            timeout,
+        )
+        taken = self.messages[self._cursor:self._cursor + count]
+        self._cursor += len(taken)
+        if len(taken) < count:
+            raise FailTest(
+                f"{self!r} closed after {len(taken)} of {count} messages: {taken[-5:]!r}"
+            )
+        return taken
+
+    async def expect(self, *expected):
+        """Read as many messages as given and check they are exactly those."""
+        received = await self.take(len(expected))
+        if received != list(expected):
+            raise FailTest(f"{self!r} received {received!r}, expected {list(expected)!r}")
+
+    async def wait_pings(self, count, timeout=WAIT):
+        """
+        Wait until ``count`` pings arrived, or the connection is gone (the
+        caller checks which).
+        """
+        await self._until(
+            lambda: self.pings >= count or self.is_lost,
+            lambda: f"{count} pings on {self!r} (have {self.pings})",
+            timeout,
+        )
+
+    async def closed(self, timeout=WAIT):
+        """
+        Wait until the connection is gone.
+
+        :returns: ``(code, reason)`` from the server's close frame (None, None
+            when it sent none).
+        """
+        await self._until(lambda: self.is_lost, f"{self!r} to be closed", timeout)
+        return self.close_code, self.close_reason
+
+    def close(self):
+        """Start a normal close (1000), or drop a connection not yet open."""
+        if self.is_lost:
+            return
+        if self.state == _OPEN:
+            self.sendClose(1000)
+        elif self.state == _CONNECTING:
+            self.transport.abortConnection()
+
+
+class _ClientFactory(WebSocketClientFactory):
+    """Hands every client it builds to the server fixture for cleanup."""
+
+    protocol = Client
+
+    def __init__(self, url, on_build):
+        super().__init__(url)
+        self._on_build = on_build
+
+    def buildProtocol(self, addr):
+        client = super().buildProtocol(addr)
+        self._on_build(client)
+        return client
+
+
+def frame(opcode, payload, fin=True, mask=True):
+    """
+    Encode one RFC 6455 frame as a client sends it.
+
+    :param opcode: 1 text, 2 binary, 0 continuation, 8 close, 9 ping, 10 pong.
+    """
+    head = bytes([(0x80 if fin else 0) | opcode])
+    bit = 0x80 if mask else 0
+    length = len(payload)
+    if length < 126:
+        head += bytes([bit | length])
+    elif length < 1 << 16:
+        head += bytes([bit | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", length)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    # XOR through int arithmetic: fast enough for any size used here.
+    repeated = (key * (length // 4 + 1))[:length]
+    masked = int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")
+    masked = masked.to_bytes(length, "big")
+    return head + key + masked
+
+
+class RawClient(_Waiting, Protocol):
+    """
+    A raw TCP (or TLS) client: writes whatever the test hands it and keeps
+    every byte it receives. Used for plain HTTP and for hand-made WebSocket
+    frames the Autobahn client would never send.
+    """
+
+    def __init__(self):
+        self.received = b""
+        self.is_lost = False
+        self._frames_at = None
+        self._waiters = []
+
+    def connectionLost(self, reason):
+        self.is_lost = True
+        self._changed()
+
+    def dataReceived(self, data):
+        self.received += data
+        self._changed()
+
+    def abort(self):
+        self.transport.abortConnection()
+
+    async def response(self):
+        """:returns: everything received once the server closes the connection."""
+        await self._until(lambda: self.is_lost, "the server to close the connection")
+        return self.received
+
+    async def upgrade(self, path="/"):
+        """Do the WebSocket opening handshake; frames follow."""
+        key = base64.b64encode(os.urandom(16))
+        self.transport.write(
+            b"GET " + path.encode("ascii") + b" HTTP/1.1\r\n"
+            b"Host: localhost\r\n"
+            b"Upgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await self._until(
+            lambda: b"\r\n\r\n" in self.received or self.is_lost, "the handshake answer"
+        )
+        head, _, _ = self.received.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise FailTest(f"upgrade refused: {head!r}")
+        self._frames_at = len(head) + 4
+
+    def send_frame(self, opcode, payload, fin=True, mask=True):
+        self.transport.write(frame(opcode, payload, fin, mask))
+
+    def frames(self):
+        """:returns: the complete frames received since the handshake, as ``(opcode, payload)``."""
+        data = self.received[self._frames_at:]
+        frames = []
+        while len(data) >= 2:
+            opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
+            if length == 126:
+                if len(data) < 4:
+                    break
+                length, offset = struct.unpack("!H", data[2:4])[0], 4
+            elif length == 127:
+                if len(data) < 10:
+                    break
+                length, offset = struct.unpack("!Q", data[2:10])[0], 10
+            if len(data) < offset + length:
+                break
+            frames.append((opcode, data[offset:offset + length]))
+            data = data[offset + length:]
+        return frames
+
+    async def next_frames(self, count):
+        """:returns: the first ``count`` frames since the handshake, waiting for them."""
+        await self._until(
+            lambda: len(self.frames()) >= count or self.is_lost,
+            lambda: f"{count} frames (have {self.frames()!r})",
+        )
+        frames = self.frames()
+        if len(frames) < count:
+            raise FailTest(f"connection lost after frames {frames!r}")
+        return frames[:count]
+
+    async def close_frame(self):
+        """
+        Wait for the server's close frame.
+
+        :returns: ``(code, reason)``, and the frames that came before it.
+        """
+        await self._until(
+            lambda: any(op == 8 for op, _ in self.frames()) or self.is_lost,
+            lambda: f"a close frame (frames so far: {self.frames()!r})",
+        )
+        frames = self.frames()
+        for index, (opcode, payload) in enumerate(frames):
+            if opcode == 8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                return (code, payload[2:].decode("utf-8")), frames[:index]
+        raise FailTest(f"connection lost without a close frame; frames: {frames!r}")
+
+
+class RealServer:
+    """
+    A signalling server listening on ``127.0.0.1``, built the way
+    ``signalling.tap.makeService`` builds it, with its clients.
+
+    Create it with :meth:`start`; it registers its own cleanup on the test:
+    close every client, wait until the server has no connection left, stop
+    listening, and check that the registry is empty.
+
+    :param testcase: the running ``TestCase``.
+    :param tls: listen with TLS (``ssl:``) rather than plaintext (``tcp:``).
+    :param factory_kwargs: ``keepalive``, ``max_message``, ``hello_timeout``.
+    """
+
+    def __init__(self, testcase, tls, **factory_kwargs):
+        self.testcase = testcase
+        self.tls = tls
+        self.registry = Registry()
+        self.factory = SignallingServerFactory(None, self.registry, reactor, **factory_kwargs)
+        self.site = Site(SignallingRoot(self.factory, b"/health"))
+        self.site.noisy = False
+        self.clients = []
+        self.raw_clients = []
+        self.port = None
+        self._pem = None
+        self._count = 0
+
+    @classmethod
+    async def start(cls, testcase, tls, **factory_kwargs):
+        """:returns: a listening :class:`RealServer`, cleaned up after the test."""
+        server = cls(testcase, tls, **factory_kwargs)
+        if tls:
+            files = write_certificate(testcase.mktemp())
+            server._pem = files.pem
+            description = "ssl:0:interface=127.0.0.1:privateKey={}:certKey={}".format(
+                endpoints.quoteStringArgument(files.key),
+                endpoints.quoteStringArgument(files.cert),
+            )
+        else:
+            description = "tcp:0:interface=127.0.0.1"
+        endpoint = endpoints.serverFromString(reactor, description)
+        server.port = await endpoint.listen(server.site)
+        testcase.addCleanup(server.stop)
+        return server
+
+    @property
+    def port_number(self):
+        return self.port.getHost().port
+
+    @property
+    def scheme(self):
+        return "wss" if self.tls else "ws"
+
+    def url(self, path="/"):
+        return f"{self.scheme}://localhost:{self.port_number}{path}"
+
+    def _endpoint(self):
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number, timeout=5)
+        if not self.tls:
+            return tcp
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(self._pem))
+        return endpoints.wrapClientTLS(options, tcp)
+
+    # Clients.
+
+    async def connect(self, path="/", name=None, answer_pings=True):
+        """:returns: a new open :class:`Client` (not yet registered)."""
+        self._count += 1
+        label = name or f"client-{self._count}"
+
+        def built(client):
+            client.name = label
+            client.answer_pings = answer_pings
+            self.clients.append(client)
+
+        client_factory = _ClientFactory(self.url(path), built)
+        client_factory.setProtocolOptions(
+            # Bound the closing handshake so cleanup never hangs.
+            closeHandshakeTimeout=2,
+            serverConnectionDropTimeout=2,
+            openHandshakeTimeout=5,
+        )
+        client = await self._endpoint().connect(client_factory)
+        await defer.Deferred.addTimeout(client.opened, WAIT, reactor)
+        return client
+
+    async def hello(self, uid, **kwargs):
+        """:returns: a new :class:`Client` registered as ``uid``."""
+        client = await self.connect(name=kwargs.pop("name", uid), **kwargs)
+        client.send_text(f"HELLO {uid}")
+        answer = await client.next()
+        if answer != "HELLO":
+            raise FailTest(f"HELLO {uid} was answered {answer!r}")
+        return client
+
+    async def session(self, caller_uid, callee_uid):
+        """:returns: ``(caller, callee)``, registered and in a session."""
+        callee = await self.hello(callee_uid)
+        caller = await self.hello(caller_uid)
+        caller.send_text(f"SESSION {callee_uid}")
+        await caller.expect("SESSION_OK")
+        return caller, callee
+
+    async def room(self, room_id, *uids):
+        """
+        :returns: clients registered as ``uids``, all in ``room_id``, joined
+            in order, with the notices of the joins already read.
+        """
+        members = []
+        for uid in uids:
+            client = await self.hello(uid)
+            client.send_text(f"ROOM {room_id}")
+            await client.expect("ROOM_OK " + " ".join(m.name for m in members))
+            for member in members:
+                await member.expect(f"ROOM_PEER_JOINED {uid}")
+            members.append(client)
+        return members
+
+    async def raw(self):
+        """:returns: a connected :class:`RawClient` (nothing sent yet)."""
+        client = await self._endpoint().connect(Factory.forProtocol(RawClient))
+        self.raw_clients.append(client)
+        return client
+
+    async def http(self, request):
+        """
+        Send one raw HTTP request and read the answer.
+
+        :returns: ``(status, headers, body)``; ``headers`` maps lower-case
+            names to values.
+        """
+        client = await self.raw()
+        client.transport.write(request)
+        data = await client.response()
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, body
+
+    async def get(self, path):
+        """:returns: ``(status, headers, body)`` of a plain ``GET``."""
+        return await self.http(
+            b"GET " + path.encode("ascii") + b" HTTP/1.1\r\n"
+            b"Host: localhost:" + str(self.port_number).encode("ascii") + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+
+    async def wait_for_connections(self, count, timeout=WAIT):
+        """Wait until the server holds exactly ``count`` WebSocket connections."""
+        await eventually(
+            lambda: self.factory.getConnectionCount() == count,
+            lambda: f"{count} connections (have {self.factory.getConnectionCount()})",
+            timeout,
+        )
+
+    def leftover_timers(self):
+        """
+        :returns: the reactor's pending calls that belong to this server's
+            WebSocket factory (Autobahn's batched timers: handshake timeouts,
+            keepalive). Once no connection is left, there should be none.
+        """
+        timer = self.factory._batched_timer
+        return [
+            call
+            for call in reactor.getDelayedCalls()
+            if call.active() and getattr(call.func, "__self__", None) is timer
+        ]
+
+    # Cleanup.
+
+    async def stop(self):
+        """
+        Close every client, wait for the server to let go, stop listening,
+        check the registry.
+        """
+        try:
+            for client in self.clients:
+                client.close()
+            for raw in self.raw_clients:
+                if not raw.is_lost:
+                    raw.transport.loseConnection()
+            try:
+                await eventually(
+                    lambda: all(c.is_lost for c in self.clients)
+                    and all(r.is_lost for r in self.raw_clients)
+                    and self.factory.getConnectionCount() == 0,
+                    "every connection to close",
+                )
+            finally:
+                # Whatever is still there after a failure goes the hard way,
+                # so one failing test does not leave a dirty reactor behind.
+                for client in self.clients:
+                    if not client.is_lost and client.transport is not None:
+                        client.transport.abortConnection()
+                for raw in self.raw_clients:
+                    if not raw.is_lost:
+                        raw.transport.abortConnection()
+                await eventually(
+                    lambda: all(c.is_lost for c in self.clients)
+                    and all(r.is_lost for r in self.raw_clients)
+                    and self.factory.getConnectionCount() == 0,
+                    "every connection to be gone after aborting",
+                )
+        finally:
+            await self.port.stopListening()
+        registry = self.registry
+        if not registry.is_empty():
+            raise FailTest(
+                f"registry not empty after the test: {registry.peer_count} peers, "
+                f"{registry.session_count} sessions, {registry.room_count} rooms"
+            )
