@@ -22,6 +22,7 @@ one by one; errors are one line on stderr and a non-zero exit status (see
 
 import argparse
 import json
+import math
 import secrets
 import sys
 import textwrap
@@ -32,7 +33,10 @@ from autobahn.websocket.util import parse_url
 from twisted.internet import defer, error, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+)
 from zope.interface import implementer
 
 import signalling
@@ -61,18 +65,30 @@ EXIT_GAVE_UP = 7
 
 #: Every exit status and what it means, as shown by ``--help``.
 EXIT_CODES = (
-    (EXIT_OK, "done: the call was answered, the session or the --count/--duration "
-     "of a room ended, or Ctrl-C while waiting or in a room"),
+    (
+        EXIT_OK,
+        "done: the call was answered, the session or the --count/--duration "
+        "of a room ended, or Ctrl-C while waiting or in a room",
+    ),
     (EXIT_INTERNAL, "internal error in the client (with a traceback)"),
     (EXIT_USAGE, "bad command line, or a --ca-file that cannot be used"),
-    (EXIT_CONNECT, "cannot connect: refused, unreachable, unknown host, or the "
-     "WebSocket handshake failed"),
+    (
+        EXIT_CONNECT,
+        "cannot connect: refused, unreachable, unknown host, or the "
+        "WebSocket handshake failed",
+    ),
     (EXIT_TLS, "TLS failure, e.g. a certificate that cannot be verified"),
     (EXIT_SERVER_ERROR, "the server answered ERROR to HELLO, SESSION or ROOM"),
-    (EXIT_CLOSED, "the connection closed unexpectedly, or the server sent "
-     "something the protocol does not allow"),
-    (EXIT_GAVE_UP, "--timeout passed, or Ctrl-C, before the call was answered "
-     "(or, with --timeout, before the client was done)"),
+    (
+        EXIT_CLOSED,
+        "the connection closed unexpectedly, or the server sent "
+        "something the protocol does not allow",
+    ),
+    (
+        EXIT_GAVE_UP,
+        "--timeout passed, or Ctrl-C, before the call was answered "
+        "(or, with --timeout, before the client was done)",
+    ),
 )
 
 WAIT = "wait"
@@ -181,8 +197,16 @@ class ClientSession:
     """
 
     def __init__(
-        self, uid, mode, target, connection, output, warn, count=None,
-        duration=None, clock=None,
+        self,
+        uid,
+        mode,
+        target,
+        connection,
+        output,
+        warn,
+        count=None,
+        duration=None,
+        clock=None,
     ):
         self.uid = uid
         self.mode = mode
@@ -234,7 +258,11 @@ class ClientSession:
         """
         if self.state == "done":
             return
-        if self.mode == WAIT and self.state in ("waiting", "in_session") and code == 1000:
+        if (
+            self.mode == WAIT
+            and self.state in ("waiting", "in_session")
+            and code == 1000
+        ):
             self._output("Session ended")
             self.finish(EXIT_OK)
             return
@@ -345,7 +373,9 @@ class ClientSession:
             self.state = "in_room"
             members = rest.split()
             if members:
-                self._output(f"Joined room '{self.target}'; members: {' '.join(members)}")
+                self._output(
+                    f"Joined room '{self.target}'; members: {' '.join(members)}"
+                )
             else:
                 self._output(f"Joined room '{self.target}'; no other members")
             for member in members:
@@ -356,9 +386,7 @@ class ClientSession:
                 )
             self._check_count()
         elif self._is_error(text):
-            self.finish(
-                EXIT_SERVER_ERROR, f"cannot join room '{self.target}': {text}"
-            )
+            self.finish(EXIT_SERVER_ERROR, f"cannot join room '{self.target}': {text}")
         else:
             self._unexpected(repr(text), "in reply to ROOM")
 
@@ -570,7 +598,7 @@ class SignallingClientProtocol(WebSocketClientProtocol):
 
     def connectionMade(self):
         """Tell the run which protocol it talks through."""
-        self.factory.run.connected(self)
+        self.factory.client_run.connected(self)
         super().connectionMade()
 
     def connectionLost(self, reason):
@@ -580,16 +608,16 @@ class SignallingClientProtocol(WebSocketClientProtocol):
 
     def onOpen(self):
         """The opening handshake is done."""
-        self.factory.run.opened()
+        self.factory.client_run.opened()
 
     def onMessage(self, payload, isBinary):
         """Pass a message on, text decoded."""
-        self.factory.run.message(payload, isBinary)
+        self.factory.client_run.message(payload, isBinary)
 
     def onClose(self, wasClean, code, reason):
         """The connection is gone, whatever the cause."""
         lost = self._lost_reason.value if self._lost_reason is not None else None
-        self.factory.run.closed(
+        self.factory.client_run.closed(
             code, reason, self.wasNotCleanReason, lost, self._tls_done
         )
 
@@ -607,7 +635,7 @@ class SignallingClientFactory(WebSocketClientFactory):
 
     def __init__(self, url, run, reactor=None):
         super().__init__(url, reactor=reactor)
-        self.run = run
+        self.client_run = run
         self.setProtocolOptions(
             openHandshakeTimeout=HANDSHAKE_TIMEOUT,
             closeHandshakeTimeout=CLOSE_TIMEOUT,
@@ -632,7 +660,6 @@ class ClientRun:
         self._clock = clock
         self._options = options
         self._endpoint = endpoint
-        self._warn = warn
         self._reactor = reactor
         self.session = ClientSession(
             options.id,
@@ -662,7 +689,9 @@ class ClientRun:
             self._timeout_call = self._clock.callLater(
                 timeout, self.session.give_up, f"gave up after {timeout:g} seconds"
             )
-        factory = SignallingClientFactory(self._options.url, self, reactor=self._reactor)
+        factory = SignallingClientFactory(
+            self._options.url, self, reactor=self._reactor
+        )
         self._connecting = self._endpoint.connect(factory)
         self._connecting.addCallbacks(self._connect_done, self._connect_failed)
         return self.done
@@ -823,14 +852,20 @@ def _url(text):
 
 
 def _number(kind, minimum, inclusive):
+    """:returns: an argparse type for a finite number above ``minimum``."""
+
     def coerce(text):
         try:
             number = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if number < minimum or (not inclusive and number == minimum) or number != number:
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+        if number < minimum or (not inclusive and number == minimum):
             relation = "at least" if inclusive else "greater than"
-            raise argparse.ArgumentTypeError(f"must be {relation} {minimum}, not {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be {relation} {minimum}, not {text}"
+            )
         return number
 
     return coerce
@@ -981,7 +1016,9 @@ def make_endpoint(reactor, options):
     :returns: the client endpoint for the parsed ``options``: TCP to the
         URL's host and port, wrapped in TLS for ``wss://``.
     """
-    endpoint = HostnameEndpoint(reactor, options.host, options.port, timeout=CONNECT_TIMEOUT)
+    endpoint = HostnameEndpoint(
+        reactor, options.host, options.port, timeout=CONNECT_TIMEOUT
+    )
     if options.secure:
         endpoint = wrapClientTLS(
             tls_options(options.host, options.trust_root, options.insecure), endpoint
@@ -1059,7 +1096,7 @@ def main(argv=None):
         raise SystemExit(EXIT_INTERNAL)
 
     def start(reactor):
-        d = run(reactor, options)
+        d = defer.maybeDeferred(run, reactor, options)
         d.addCallbacks(report, crashed)
         return d
 
