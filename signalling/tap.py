@@ -2,9 +2,13 @@
 The twistd plugin's options and service: ``twistd -n signalling``.
 """
 
+import math
+
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -20,6 +24,8 @@ DEFAULT_PLAIN_PORT = "tcp:8443"
 def _positive(kind, minimum=None):
     def coerce(value):
         number = kind(value)
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, not {value}")
         if minimum is not None and number < minimum:
             raise ValueError(f"must be at least {minimum}, not {value}")
         if number <= 0:
@@ -136,22 +142,36 @@ def makeService(config, reactor=None):
     site = Site(SignallingRoot(ws_factory, config["health"].encode("utf-8")))
     site.noisy = False
     service = SignallingService()
+    ports = []
     for description in config["port"]:
+        bare_ssl = tls.is_bare_ssl(description)
+        endpoint = tls.tcp_description(description) if bare_ssl else description
+        _check_endpoint(reactor, description, endpoint)
+        ports.append((endpoint, bare_ssl))
+    # Only once every description is known to be good: this may create files.
+    server_tls = None
+    if any(bare_ssl for _, bare_ssl in ports):
         try:
-            description = tls.complete_endpoint(description, config["cert-path"])
+            server_tls = tls.server_tls(config["cert-path"])
         except tls.TLSConfigError as e:
             raise SystemExit(f"signalling: {e}")
-        try:
-            port_service = strports.service(description, site, reactor=reactor)
-        except Exception as e:
-            raise SystemExit(
-                f"signalling: cannot use --port {description!r}: {_describe(e)}"
-            )
-        port_service.setServiceParent(service)
+    for endpoint, bare_ssl in ports:
+        factory = site
+        if bare_ssl:
+            factory = TLSMemoryBIOFactory(server_tls, False, site)
+            factory.noisy = False
+        strports.service(endpoint, factory, reactor=reactor).setServiceParent(service)
     return service
 
 
-def _describe(exc):
-    """One line for an exception raised while parsing an endpoint."""
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+def _check_endpoint(reactor, description, listen_on):
+    """
+    Parse an endpoint description (nothing binds yet).
+
+    :raises SystemExit: one line naming the ``--port`` given, when it is wrong.
+    """
+    try:
+        serverFromString(reactor, listen_on)
+    except Exception as e:
+        text = " ".join((str(e) or type(e).__name__).split())
+        raise SystemExit(f"signalling: cannot use --port {description!r}: {text}")

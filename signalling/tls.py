@@ -1,7 +1,14 @@
 """
 TLS material: find the certificate and key in ``--cert-path``, create a
 self-signed pair for local use when there is none, check that a pair can be
-used, and turn a bare ``ssl:PORT`` endpoint into one that names its files.
+used, and serve it on a bare ``ssl:PORT`` endpoint.
+
+A bare ``ssl:`` endpoint (one that names none of Twisted's TLS parameters)
+becomes the matching ``tcp:`` endpoint with our own TLS layer on top: that way
+the certificate chain is exactly what the files hold (Twisted's ``ssl:``
+parser would serve a ``fullchain.pem`` leaf twice), and the context can be
+replaced while the server runs. An ``ssl:`` endpoint that names its own files
+is left to Twisted.
 """
 
 import datetime
@@ -13,8 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet.endpoints import quoteStringArgument
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from zope.interface import implementer
 
 _log = Logger()
 
@@ -23,7 +33,10 @@ SELF_SIGNED_NAMES = ("localhost",)
 SELF_SIGNED_ADDRESSES = ("127.0.0.1", "::1")
 SELF_SIGNED_DAYS = 365
 
-_NAMES_TLS_FILES = re.compile(r"(^|:)(privateKey|certKey)=")
+#: Parameters of Twisted's ssl: endpoint that make it more than a bare port.
+_TLS_PARAMETERS = re.compile(
+    r"(^|:)(privateKey|certKey|extraCertChain|sslmethod|dhParameters)="
+)
 
 
 class TLSConfigError(Exception):
@@ -34,7 +47,8 @@ class CertificateFiles:
     """
     Where a certificate, its key and its chain (if any) live.
 
-    :ivar cert: path of the PEM certificate (the first one in the file is used).
+    :ivar cert: path of the PEM certificate, possibly followed by its chain
+        (``fullchain.pem``).
     :ivar key: path of the PEM private key.
     :ivar chain: path of further PEM certificates sent along, or None.
     """
@@ -70,9 +84,7 @@ def find_certificate(cert_dir):
             return CertificateFiles(cert, privkey, path("chain.pem"))
         fullchain = path("fullchain.pem")
         if fullchain is not None:
-            # Twisted serves the first certificate of certKey; the chain file
-            # then repeats it, which clients accept.
-            return CertificateFiles(fullchain, privkey, fullchain)
+            return CertificateFiles(fullchain, privkey)
         raise TLSConfigError(
             f"{cert_dir} has privkey.pem but neither cert.pem nor fullchain.pem"
         )
@@ -151,18 +163,28 @@ def _read(path, what):
 
 def load_certificate(files):
     """
-    Check that a certificate and key can be read and belong together.
+    Read a certificate, its chain and its key, and check that they belong
+    together.
 
-    :returns: the certificate (a ``cryptography`` ``x509.Certificate``).
+    :returns: ``(certificate, key, chain)``: ``cryptography`` objects, the
+        chain a list of the further certificates in the certificate file and
+        the chain file, in order, without repeats of the leaf.
     :raises TLSConfigError: naming the file and what is wrong with it.
     """
     cert_pem = _read(files.cert, "certificate")
     key_pem = _read(files.key, "private key")
+    chain_pem = _read(files.chain, "certificate chain") if files.chain else b""
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
+        certs = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
         raise TLSConfigError(
             f"the certificate {files.cert} is not a PEM certificate"
+        ) from None
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem else []
+    except ValueError:
+        raise TLSConfigError(
+            f"the certificate chain {files.chain} is not a PEM certificate"
         ) from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -170,6 +192,7 @@ def load_certificate(files):
         raise TLSConfigError(
             f"the private key {files.key} is not an unencrypted PEM private key"
         ) from None
+    cert = certs[0]
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(
@@ -178,7 +201,37 @@ def load_certificate(files):
         raise TLSConfigError(
             f"the private key {files.key} does not match the certificate {files.cert}"
         )
-    return cert
+    extra = []
+    for other in certs[1:] + chain:
+        if other != cert and other not in extra:
+            extra.append(other)
+    return cert, key, extra
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The server side of TLS for a bare ``ssl:`` port: one certificate, its
+    chain and key, served with Twisted's default (modern) settings.
+
+    :param files: the :class:`CertificateFiles` to serve.
+    :raises TLSConfigError: when they cannot be used.
+    """
+
+    def __init__(self, files):
+        self.files = files
+        self.certificate, key, chain = load_certificate(files)
+        self._options = CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(self.certificate),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+        )
+        # Build the context now, so that a problem shows at start-up.
+        self._context = self._options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        """:returns: a new server-side ``OpenSSL.SSL.Connection``."""
+        return SSL.Connection(self._context, None)
 
 
 def fingerprint(cert):
@@ -187,28 +240,38 @@ def fingerprint(cert):
 
 
 def names_tls_files(description):
-    """:returns: True if an endpoint description names its own key or certificate."""
-    return _NAMES_TLS_FILES.search(description) is not None
+    """:returns: True if an ``ssl:`` description names its own TLS settings."""
+    return _TLS_PARAMETERS.search(description) is not None
 
 
-def complete_endpoint(description, cert_dir):
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def is_bare_ssl(description):
     """
-    Fill in the TLS files of a bare ``ssl:`` endpoint from ``cert_dir``.
-
-    An ``ssl:`` description that names no ``privateKey=`` or ``certKey=``
-    gets the pair found in ``cert_dir``, or a self-signed pair created there
-    on first use (logged with its path and fingerprint). Other descriptions
-    are returned unchanged.
-
-    :returns: the endpoint description to listen on.
-    :raises TLSConfigError: when no usable pair can be found or made.
+    :returns: True for an ``ssl:`` description that names no TLS settings:
+        none of Twisted's TLS parameters, and no positional argument after
+        the port (which Twisted's ``ssl:`` takes as the private key file).
     """
     if not description.startswith("ssl:") or names_tls_files(description):
-        return description
+        return False
+    arguments = _UNESCAPED_COLON.split(description)[2:]
+    return all("=" in argument for argument in arguments)
+
+
+def server_tls(cert_dir):
+    """
+    The TLS layer for bare ``ssl:`` ports: the pair found in ``cert_dir``, or
+    a self-signed pair created there on first use (logged with its path and
+    fingerprint, and how to trust it).
+
+    :returns: a :class:`ServerTLS`.
+    :raises TLSConfigError: when no usable pair can be found or made.
+    """
     files = find_certificate(cert_dir)
     if files is None:
         files = create_self_signed(cert_dir)
-        cert = load_certificate(files)
+        tls = ServerTLS(files)
         _log.warn(
             "created a self-signed certificate for localhost: {cert_file} "
             "(SHA-256 {fingerprint}). Clients must be told to trust it, e.g. "
@@ -217,17 +280,18 @@ def complete_endpoint(description, cert_dir):
             cert_file=files.cert,
             key_file=files.key,
             cert_dir=cert_dir,
-            fingerprint=fingerprint(cert),
+            fingerprint=fingerprint(tls.certificate),
         )
     else:
-        cert = load_certificate(files)
+        tls = ServerTLS(files)
         _log.info(
             "TLS certificate {cert_file} (SHA-256 {fingerprint})",
             cert_file=files.cert,
-            fingerprint=fingerprint(cert),
+            fingerprint=fingerprint(tls.certificate),
         )
-    description += ":privateKey=" + quoteStringArgument(files.key)
-    description += ":certKey=" + quoteStringArgument(files.cert)
-    if files.chain is not None:
-        description += ":extraCertChain=" + quoteStringArgument(files.chain)
-    return description
+    return tls
+
+
+def tcp_description(description):
+    """:returns: the ``tcp:`` description under a bare ``ssl:`` one."""
+    return "tcp:" + description[len("ssl:"):]

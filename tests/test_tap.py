@@ -1,0 +1,732 @@
+"""
+Tests for signalling.tap: the options of ``twistd signalling`` and the
+service built from them, on a memory reactor (and, for what a bare ``ssl:``
+port serves, through real TLS handshakes on loopback ports).
+"""
+
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.application.service import MultiService
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import (
+    MemoryReactor,
+    RaisingMemoryReactor,
+    StringTransport,
+)
+from twisted.logger import LogLevel, capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.usage import UsageError
+from twisted.trial import unittest
+from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
+
+from signalling import tap, tls
+from signalling.factory import (
+    MIN_KEEPALIVE,
+    TIMER_ROUNDING,
+    SignallingServerFactory,
+)
+from tests.helpers import write_certificate
+from tests.test_tls import tls_exchange, write_lets_encrypt_layout
+
+MIB = 1024 * 1024
+
+
+def parse(*argv):
+    """:returns: ``tap.Options`` parsed from ``argv``."""
+    config = tap.Options()
+    config.parseOptions(list(argv))
+    return config
+
+
+def websocket_factory(site):
+    """
+    :returns: the WebSocket factory that ``site`` hands an upgrade request to
+        (reached the way a request reaches it, through the resource tree).
+    """
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
+    request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
+    resource = site.getResourceFor(request)
+    return resource._factory
+
+
+def http_get(site, path):
+    """
+    Send a plain ``GET path`` through ``site`` over a string transport.
+
+    :returns: the raw HTTP response bytes.
+    """
+    protocol = site.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    response = transport.value()
+    protocol.connectionLost(None)
+    return response
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    """Parsing, coercing and checking the command line."""
+
+    def test_port_defaults_to_ssl_8443(self):
+        """Without --port the server listens on ssl:8443."""
+        self.assertEqual(parse()["port"], ["ssl:8443"])
+
+    def test_port_is_repeatable_and_keeps_order(self):
+        """Every --port is kept, in order, and the default is not added."""
+        config = parse("--port", "tcp:8080:interface=127.0.0.1", "--port", "ssl:8443")
+        self.assertEqual(config["port"], ["tcp:8080:interface=127.0.0.1", "ssl:8443"])
+
+    def test_p_is_short_for_port(self):
+        """-p is --port."""
+        self.assertEqual(parse("-p", "tcp:8080")["port"], ["tcp:8080"])
+
+    def test_port_list_is_not_shared_between_options(self):
+        """Each Options has its own port list (no mutable class default)."""
+        parse("--port", "tcp:1")
+        self.assertEqual(parse()["port"], ["ssl:8443"])
+
+    def test_disable_ssl_turns_the_default_into_tcp_8443(self):
+        """--disable-ssl without --port listens on plaintext tcp:8443."""
+        self.assertEqual(parse("--disable-ssl")["port"], ["tcp:8443"])
+
+    def test_disable_ssl_keeps_explicit_plaintext_ports(self):
+        """--disable-ssl with a tcp: --port listens there only."""
+        config = parse("--disable-ssl", "--port", "tcp:9000")
+        self.assertEqual(config["port"], ["tcp:9000"])
+
+    def test_disable_ssl_conflicts_with_an_explicit_ssl_port(self):
+        """--disable-ssl and an ssl: --port together are a usage error."""
+        self.assertRaises(UsageError, parse, "--disable-ssl", "--port", "ssl:8443")
+        self.assertRaises(
+            UsageError,
+            parse,
+            "--port",
+            "tcp:8080",
+            "--port",
+            "ssl:9443",
+            "--disable-ssl",
+        )
+
+    def test_cert_path_defaults_to_certs(self):
+        """--cert-path defaults to certs (relative to the working directory)."""
+        self.assertEqual(parse()["cert-path"], "certs")
+
+    def test_cert_path_is_kept_as_given(self):
+        """--cert-path takes any directory name."""
+        self.assertEqual(
+            parse("--cert-path", "/etc/letsencrypt/live/x")["cert-path"],
+            "/etc/letsencrypt/live/x",
+        )
+
+    def test_keepalive_timeout_defaults_to_30_seconds(self):
+        """--keepalive-timeout is 30 seconds unless given."""
+        self.assertEqual(parse()["keepalive-timeout"], 30)
+
+    def test_keepalive_timeout_is_a_float(self):
+        """--keepalive-timeout accepts fractions of a second."""
+        self.assertEqual(parse("--keepalive-timeout", "2.5")["keepalive-timeout"], 2.5)
+
+    def test_hello_timeout_defaults_to_30_seconds(self):
+        """--hello-timeout is 30 seconds unless given."""
+        self.assertEqual(parse()["hello-timeout"], 30)
+
+    def test_hello_timeout_is_a_float(self):
+        """--hello-timeout accepts fractions of a second."""
+        self.assertEqual(parse("--hello-timeout", "0.5")["hello-timeout"], 0.5)
+
+    def test_max_message_size_defaults_to_one_mebibyte(self):
+        """--max-message-size is 1 MiB unless given (PROTOCOL.md, sizes)."""
+        self.assertEqual(parse()["max-message-size"], MIB)
+
+    def test_max_message_size_is_an_integer(self):
+        """--max-message-size is coerced to an int number of bytes."""
+        size = parse("--max-message-size", "65536")["max-message-size"]
+        self.assertEqual(size, 65536)
+        self.assertIsInstance(size, int)
+
+    def assertRefused(self, option, values):
+        """Assert that each of ``values`` for ``option`` is a usage error."""
+        for value in values:
+            try:
+                config = parse(option, value)
+            except UsageError:
+                continue
+            self.fail(f"{option} {value!r} was accepted as {config[option[2:]]!r}")
+
+    def test_numeric_options_refuse_zero_negatives_and_junk(self):
+        """0, negative numbers and non-numbers are usage errors."""
+        for option in ("--keepalive-timeout", "--hello-timeout", "--max-message-size"):
+            self.assertRefused(option, ["0", "-1", "-0.5", "abc", "", "1s"])
+        self.assertRefused("--max-message-size", ["1.5", "1e6"])
+
+    def test_keepalive_below_the_timer_rounding_is_refused(self):
+        """
+        A keepalive under MIN_KEEPALIVE is a usage error: Autobahn's timers
+        round to whole seconds, which would make a shorter one meaningless.
+        """
+        self.assertRefused("--keepalive-timeout", ["0.5", "0.99"])
+        self.assertEqual(
+            parse("--keepalive-timeout", str(MIN_KEEPALIVE))["keepalive-timeout"],
+            MIN_KEEPALIVE,
+        )
+
+    def test_time_options_refuse_not_a_number(self):
+        """
+        nan is not a number of seconds: it passes a ``<= 0`` check, and
+        would fail every timer later (Twisted's callLater asserts delay >= 0).
+        """
+        self.assertRefused("--keepalive-timeout", ["nan", "NaN", "-nan"])
+        self.assertRefused("--hello-timeout", ["nan", "NaN", "-nan"])
+
+    def test_numeric_options_refuse_infinity(self):
+        """
+        Infinity (spelt out, or a float too large to represent) is not a
+        number of seconds or bytes: it passes every comparison with a
+        minimum and would make a timer or a limit that never applies.
+        """
+        for option in ("--keepalive-timeout", "--hello-timeout", "--max-message-size"):
+            self.assertRefused(option, ["inf", "Infinity", "+inf", "1e309", "-inf"])
+
+    def test_time_options_accept_large_finite_values(self):
+        """A large but finite number of seconds is still accepted."""
+        self.assertEqual(parse("--hello-timeout", "1e6")["hello-timeout"], 1e6)
+        self.assertEqual(
+            parse("--keepalive-timeout", "86400")["keepalive-timeout"], 86400
+        )
+
+    def test_health_defaults_to_slash_health(self):
+        """The health check is at /health unless given."""
+        self.assertEqual(parse()["health"], "/health")
+
+    def test_health_takes_another_path(self):
+        """--health names another absolute path."""
+        self.assertEqual(parse("--health", "/ready")["health"], "/ready")
+        self.assertEqual(parse("--health", "/srv/health")["health"], "/srv/health")
+
+    def test_health_must_be_a_path_other_than_the_root(self):
+        """A relative path, the root, a query or a URL is a usage error."""
+        for value in ("health", "", "/", "/health?x=1", "http://localhost/health"):
+            self.assertRaises(UsageError, parse, "--health", value)
+
+    def test_unknown_option_is_a_usage_error(self):
+        """An option the server does not have is a usage error."""
+        self.assertRaises(UsageError, parse, "--no-such-option")
+
+    def test_help_describes_every_option(self):
+        """The usage text names every option, with the endpoint examples."""
+        text = str(tap.Options())
+        for option in (
+            "--port",
+            "--disable-ssl",
+            "--cert-path",
+            "--keepalive-timeout",
+            "--hello-timeout",
+            "--max-message-size",
+            "--health",
+        ):
+            self.assertIn(option, text)
+        self.assertIn("ssl:8443", text)
+
+
+class ServiceTests(unittest.TestCase):
+    """What makeService builds, seen through a memory reactor."""
+
+    def setUp(self):
+        self.reactor = MemoryReactor()
+        # A cert dir that does not exist: tests that must not create
+        # certificates check that it still does not.
+        self.cert_dir = os.path.abspath(self.mktemp())
+
+    def start(self, *argv):
+        """:returns: the started service for ``argv`` (stopped on cleanup)."""
+        service = tap.makeService(
+            parse("--cert-path", self.cert_dir, *argv), reactor=self.reactor
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def the_site(self):
+        """
+        :returns: the one Site every listening port serves (a bare ssl:
+            port's under its TLS layer).
+        """
+        sites = set()
+        for entry in self.reactor.tcpServers + self.reactor.sslServers:
+            factory = entry[1]
+            if isinstance(factory, TLSMemoryBIOFactory):
+                factory = factory.wrappedFactory
+            sites.add(factory)
+        self.assertEqual(len(sites), 1, sites)
+        [site] = sites
+        self.assertIsInstance(site, Site)
+        return site
+
+    def tls_ports(self):
+        """
+        :returns: the ``(port, factory, backlog, interface)`` of every TCP
+            port with TLS on top (the bare ssl: ports), asserting that each
+            wraps the Site.
+        """
+        ports = [
+            entry
+            for entry in self.reactor.tcpServers
+            if isinstance(entry[1], TLSMemoryBIOFactory)
+        ]
+        site = self.the_site()
+        for port in ports:
+            self.assertIs(port[1].wrappedFactory, site)
+        return ports
+
+    def test_nothing_listens_before_start_service(self):
+        """makeService binds no port; startService does."""
+        service = tap.makeService(
+            parse(
+                "--port", "tcp:8080", "--port", "ssl:8443", "--cert-path", self.cert_dir
+            ),
+            reactor=self.reactor,
+        )
+        self.assertIsInstance(service, MultiService)
+        self.assertEqual((self.reactor.tcpServers, self.reactor.sslServers), ([], []))
+        service.startService()
+        self.addCleanup(service.stopService)
+        # The bare ssl: port is a TCP port with TLS on top.
+        self.assertEqual(len(self.reactor.tcpServers), 2)
+        self.assertEqual(len(self.tls_ports()), 1)
+        self.assertEqual(self.reactor.sslServers, [])
+
+    def test_tcp_port_listens_in_plaintext_on_its_interface(self):
+        """tcp:PORT:interface=ADDR listens there, without TLS."""
+        self.start("--port", "tcp:8080:interface=127.0.0.1")
+        [(port, site, backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (8080, "127.0.0.1"))
+        self.assertIsInstance(site, Site)
+        self.assertEqual(self.reactor.sslServers, [])
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    def test_disable_ssl_listens_on_tcp_8443_on_all_interfaces(self):
+        """--disable-ssl alone listens on plaintext port 8443, every interface."""
+        self.start("--disable-ssl")
+        [(port, site, backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (8443, ""))
+        self.assertEqual(self.reactor.sslServers, [])
+
+    def test_ssl_port_with_its_own_key_files_serves_them(self):
+        """
+        An ssl: port naming privateKey= and certKey= is Twisted's ssl:
+        endpoint serving that pair; --cert-path is not touched.
+        """
+        files = write_certificate(self.mktemp())
+        self.start(
+            "--port",
+            "ssl:9443:interface=127.0.0.1:privateKey={}:certKey={}".format(
+                quoteStringArgument(files.key), quoteStringArgument(files.cert)
+            ),
+        )
+        [(port, site, context_factory, backlog, interface)] = self.reactor.sslServers
+        self.assertEqual((port, interface), (9443, "127.0.0.1"))
+        self.assertIs(site, self.the_site())
+        self.assertEqual(
+            context_factory.certificate.to_cryptography(),
+            x509.load_pem_x509_certificate(files.pem),
+        )
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    @inlineCallbacks
+    def test_bare_ssl_port_serves_the_pair_in_cert_path(self):
+        """
+        A bare ssl: port is a TCP port on the same port and interface with
+        our TLS layer over the Site, serving cert.pem/key.pem from
+        --cert-path, which are left unchanged.
+        """
+        files = write_certificate(self.cert_dir)
+        with open(files.key, "rb") as f:
+            key_before = f.read()
+        self.start("--port", "ssl:9443:interface=127.0.0.1:backlog=7")
+        [(port, factory, backlog, interface)] = self.tls_ports()
+        self.assertEqual((port, backlog, interface), (9443, 7, "127.0.0.1"))
+        self.assertEqual(self.reactor.sslServers, [])
+        client = yield tls_exchange(factory, files.pem)
+        self.assertEqual(client.chain, [x509.load_pem_x509_certificate(files.pem)])
+        with open(files.cert, "rb") as f:
+            self.assertEqual(f.read(), files.pem)
+        with open(files.key, "rb") as f:
+            self.assertEqual(f.read(), key_before)
+        self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
+
+    @inlineCallbacks
+    def test_bare_ssl_port_serves_the_site_over_tls(self):
+        """
+        Over the TLS layer of a bare ssl: port, a real client on a real
+        loopback port gets the health check answered by the Site.
+        """
+        files = write_certificate(self.cert_dir)
+        self.start("--port", "ssl:9443")
+        [(_, factory, _, _)] = self.tls_ports()
+        client = yield tls_exchange(
+            factory,
+            files.pem,
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "), client.received)
+        self.assertTrue(client.received.endswith(b"\r\n\r\nOK\n"), client.received)
+
+    @inlineCallbacks
+    def test_bare_ssl_port_serves_the_lets_encrypt_chain_once(self):
+        """
+        With privkey.pem and fullchain.pem only in --cert-path, a bare ssl:
+        port serves the leaf once, followed by the rest of fullchain.pem.
+        """
+        leaf, intermediate = write_lets_encrypt_layout(
+            self.cert_dir, with_cert=False, with_chain=False
+        )
+        self.start("--port", "ssl:9443")
+        [(_, factory, _, _)] = self.tls_ports()
+        client = yield tls_exchange(
+            factory, intermediate.public_bytes(serialization.Encoding.PEM)
+        )
+        self.assertEqual(client.chain, [leaf, intermediate])
+
+    @inlineCallbacks
+    def test_default_port_creates_a_certificate_in_an_empty_cert_path(self):
+        """With no --port and no certificate, ssl:8443 serves a new self-signed pair."""
+        self.start()
+        [(port, factory, backlog, interface)] = self.tls_ports()
+        self.assertEqual((port, interface), (8443, ""))
+        with open(os.path.join(self.cert_dir, "cert.pem"), "rb") as f:
+            pem = f.read()
+        client = yield tls_exchange(factory, pem)
+        self.assertEqual(client.chain, [x509.load_pem_x509_certificate(pem)])
+
+    def test_bare_ssl_ports_share_one_tls_layer_and_one_certificate(self):
+        """
+        Several bare ssl: ports in an empty --cert-path create one pair
+        (logged once) and serve it through one TLS layer.
+        """
+        made = []
+
+        def server_tls(cert_dir):
+            made.append(real_server_tls(cert_dir))
+            return made[-1]
+
+        real_server_tls = tls.server_tls
+        self.patch(tls, "server_tls", server_tls)
+        with capturedLogs() as events:
+            self.start("--port", "ssl:8443", "--port", "ssl:9443:interface=127.0.0.1")
+        ports = self.tls_ports()
+        self.assertEqual(
+            [(port[0], port[3]) for port in ports], [(8443, ""), (9443, "127.0.0.1")]
+        )
+        self.assertEqual(len(made), 1)
+        created = [
+            e
+            for e in events
+            if e.get("log_namespace") == "signalling.tls"
+            and e["log_level"] == LogLevel.warn
+        ]
+        self.assertEqual(len(created), 1, created)
+        self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
+
+    def test_plaintext_and_unix_ports_make_no_certificate(self):
+        """tcp: and unix: ports listen without TLS and never create --cert-path."""
+        socket_path = os.path.abspath(self.mktemp())
+        self.start("--port", "tcp:8080", "--port", "unix:" + socket_path)
+        [(port, site, backlog, interface)] = self.reactor.tcpServers
+        self.assertIsInstance(site, Site)
+        [unix] = self.reactor.unixServers
+        self.assertEqual(unix[0], socket_path)
+        self.assertIs(unix[1], site)
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    def test_ssl_port_naming_its_key_positionally_is_left_to_twisted(self):
+        """
+        In Twisted's ssl: syntax the argument after the port is the private
+        key (ssl:PORT:KEYFILE, the certificate in the same file). Such a port
+        serves that file through Twisted's ssl: endpoint; it is not taken for
+        a bare ssl: port whose tcp: form would read KEYFILE as an interface,
+        and --cert-path is not touched.
+        """
+        files = write_certificate(self.mktemp())
+        combined = os.path.abspath(self.mktemp())
+        with open(files.key, "rb") as f:
+            key_pem = f.read()
+        with open(combined, "wb") as f:
+            f.write(key_pem + files.pem)
+        self.start("--port", "ssl:9443:" + quoteStringArgument(combined))
+        self.assertEqual(self.reactor.tcpServers, [])
+        [(port, site, context_factory, backlog, interface)] = self.reactor.sslServers
+        self.assertEqual((port, interface), (9443, ""))
+        self.assertEqual(
+            context_factory.certificate.to_cryptography(),
+            x509.load_pem_x509_certificate(files.pem),
+        )
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    def test_several_ports_share_one_site(self):
+        """Every --port listens, each with its own settings, on one Site."""
+        write_certificate(self.cert_dir)
+        self.start(
+            "--port",
+            "tcp:8080:interface=127.0.0.1",
+            "--port",
+            "ssl:8443",
+            "--port",
+            r"tcp:8081:interface=\:\:1",
+        )
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in self.reactor.tcpServers],
+            [(8080, "127.0.0.1"), (8443, ""), (8081, "::1")],
+        )
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in self.tls_ports()],
+            [(8443, "")],
+        )
+        self.assertEqual(self.reactor.sslServers, [])
+        self.the_site()
+
+    def test_websocket_factory_follows_the_options(self):
+        """
+        Keepalive sets Autobahn's autoPingInterval and (plus the timer
+        rounding) autoPingTimeout, the
+        message limit maxMessagePayloadSize, and the hello timeout the
+        factory's; the factory's clock is the reactor given.
+        """
+        self.start(
+            "--port",
+            "tcp:8080",
+            "--keepalive-timeout",
+            "7.5",
+            "--max-message-size",
+            "1000",
+            "--hello-timeout",
+            "3",
+        )
+        factory = websocket_factory(self.the_site())
+        self.assertIsInstance(factory, SignallingServerFactory)
+        self.assertEqual(factory.autoPingInterval, 7.5)
+        # Autobahn's batched timer may fire up to TIMER_ROUNDING early, so
+        # the pong deadline has that added to keep the full keepalive time.
+        self.assertEqual(factory.autoPingTimeout, 7.5 + TIMER_ROUNDING)
+        self.assertEqual(factory.maxMessagePayloadSize, 1000)
+        self.assertEqual(factory.hello_timeout, 3)
+        self.assertIs(factory.clock, self.reactor)
+
+    def test_websocket_factory_is_set_deliberately_by_default(self):
+        """
+        By default: 30 s keepalive, a 1 MiB message limit, close frames
+        rather than dropped TCP on protocol errors, and no Autobahn status
+        page on plain GETs.
+        """
+        self.start("--port", "tcp:8080")
+        factory = websocket_factory(self.the_site())
+        self.assertEqual(factory.autoPingInterval, 30)
+        self.assertEqual(factory.autoPingTimeout, 30 + TIMER_ROUNDING)
+        self.assertEqual(factory.maxMessagePayloadSize, MIB)
+        self.assertFalse(factory.failByDrop)
+        self.assertFalse(factory.webStatus)
+
+    def test_each_service_has_its_own_registry(self):
+        """Two services share no registry (there is no global one)."""
+        self.start("--port", "tcp:8080")
+        first = websocket_factory(self.the_site())
+        other_reactor = MemoryReactor()
+        service = tap.makeService(parse("--port", "tcp:8080"), reactor=other_reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        second = websocket_factory(other_reactor.tcpServers[0][1])
+        self.assertIsNot(first, second)
+        self.assertIsNot(first.registry, second.registry)
+
+    def test_health_option_moves_the_health_check(self):
+        """--health /ready answers OK there, and /health is then a 404."""
+        self.start("--port", "tcp:8080", "--health", "/ready")
+        site = self.the_site()
+        ready = http_get(site, b"/ready")
+        self.assertTrue(ready.startswith(b"HTTP/1.1 200 "), ready)
+        self.assertTrue(ready.endswith(b"\r\n\r\nOK\n"), ready)
+        self.assertTrue(http_get(site, b"/health").startswith(b"HTTP/1.1 404 "))
+
+
+class StartupErrorTests(unittest.SynchronousTestCase):
+    """
+    What the operator must fix is one line starting with ``signalling: ``
+    (a ``SystemExit``), and nothing listens.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactor()
+        self.cert_dir = os.path.abspath(self.mktemp())
+
+    def assertStartupError(self, *argv):
+        """
+        Assert that makeService for ``argv`` raises a one-line SystemExit.
+
+        :returns: its message.
+        """
+        config = parse("--cert-path", self.cert_dir, *argv)
+        e = self.assertRaises(SystemExit, tap.makeService, config, reactor=self.reactor)
+        message = e.code
+        self.assertIsInstance(message, str)
+        self.assertTrue(message.startswith("signalling: "), message)
+        self.assertNotIn("\n", message)
+        self.assertEqual((self.reactor.tcpServers, self.reactor.sslServers), ([], []))
+        return message
+
+    def test_missing_certificate_next_to_its_key(self):
+        """
+        key.pem without cert.pem in --cert-path is an error naming cert.pem;
+        the key is not overwritten by a new self-signed pair.
+        """
+        files = write_certificate(self.cert_dir)
+        os.remove(files.cert)
+        with open(files.key, "rb") as f:
+            key = f.read()
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn("cert.pem", message)
+        with open(files.key, "rb") as f:
+            self.assertEqual(f.read(), key)
+
+    def test_missing_explicit_certificate_file(self):
+        """An ssl: port naming a certKey= that does not exist names that file."""
+        files = write_certificate(self.mktemp())
+        missing = os.path.abspath(self.mktemp())
+        message = self.assertStartupError(
+            "--port",
+            "ssl:8443:privateKey={}:certKey={}".format(
+                quoteStringArgument(files.key), quoteStringArgument(missing)
+            ),
+        )
+        self.assertIn(missing, message)
+
+    def test_unreadable_certificate_file(self):
+        """
+        A cert.pem that cannot be read (a directory: that binds root too) is
+        an error naming it.
+        """
+        files = write_certificate(self.cert_dir)
+        os.remove(files.cert)
+        os.mkdir(files.cert)
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn(files.cert, message)
+
+    def test_key_that_does_not_match_its_certificate(self):
+        """A key.pem from another pair is an error naming both files."""
+        files = write_certificate(self.cert_dir)
+        other = write_certificate(self.mktemp())
+        os.replace(other.key, files.key)
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn("does not match", message)
+        self.assertIn(files.key, message)
+
+    def test_explicit_key_that_does_not_match_its_certificate(self):
+        """An ssl: port naming a mismatched pair is refused at startup too."""
+        files = write_certificate(self.mktemp())
+        other = write_certificate(self.mktemp())
+        self.assertStartupError(
+            "--port",
+            "ssl:8443:privateKey={}:certKey={}".format(
+                quoteStringArgument(other.key), quoteStringArgument(files.cert)
+            ),
+        )
+
+    def test_certificate_that_is_not_pem(self):
+        """A cert.pem that holds no PEM certificate is an error naming it."""
+        files = write_certificate(self.cert_dir)
+        with open(files.cert, "wb") as f:
+            f.write(b"\x30\x82 DER or junk, not PEM")
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn(files.cert, message)
+
+    def test_key_that_is_not_pem(self):
+        """A key.pem that holds no PEM key is an error naming it."""
+        files = write_certificate(self.cert_dir)
+        with open(files.key, "wb") as f:
+            f.write(b"not a key\n")
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn(files.key, message)
+
+    def test_unwritable_cert_dir_when_a_certificate_must_be_created(self):
+        """
+        A --cert-path that cannot be created (under a regular file: that
+        binds root too) is an error naming it.
+        """
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "wb") as f:
+            f.write(b"a file, not a directory")
+        self.cert_dir = os.path.join(blocker, "certs")
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn(self.cert_dir, message)
+
+    def test_malformed_bare_ssl_descriptions_create_no_certificate(self):
+        """
+        A malformed bare ssl: description is one line naming the description
+        as given (not its tcp: form), and is refused before a certificate is
+        created in --cert-path.
+        """
+        for description in (
+            "ssl:",
+            "ssl:notaport",
+            "ssl:8443:bogus=1",
+            "ssl:80\n80",
+            "ssl:port=",
+        ):
+            message = self.assertStartupError("--port", description)
+            self.assertTrue(
+                message.startswith(f"signalling: cannot use --port {description!r}: "),
+                message,
+            )
+            self.assertFalse(os.path.exists(self.cert_dir), description)
+
+    def test_malformed_port_after_a_bare_ssl_port_creates_no_certificate(self):
+        """
+        A malformed --port anywhere on the command line is refused before any
+        certificate is created: otherwise the failed start leaves a new
+        self-signed pair behind, the warning with its fingerprint is lost
+        with it (twistd has not started logging), and the next start serves
+        the pair with only an info line.
+        """
+        for bad in ("ssl:notaport", "frob:8443"):
+            message = self.assertStartupError(
+                "--port", "ssl:8443", "--port", bad
+            )
+            self.assertIn(repr(bad), message)
+            self.assertFalse(os.path.exists(self.cert_dir), bad)
+
+    def test_malformed_endpoint_descriptions(self):
+        """
+        An unknown endpoint type, a bad port number, an unknown argument or
+        a line break in the description is one line naming the description.
+        """
+        for description in (
+            "frob:8443",
+            "tcp:notaport",
+            "tcp:8080:bogus=1",
+            "",
+            "tcp:80\n80",
+        ):
+            message = self.assertStartupError("--port", description)
+            self.assertIn(repr(description), message)
+
+    def test_port_that_cannot_be_bound(self):
+        """
+        A port that cannot be bound when twistd starts the service (in use,
+        or privileged) is one line naming the address, not a traceback.
+        """
+        self.reactor = RaisingMemoryReactor(
+            listenException=CannotListenError("127.0.0.1", 8443, OSError(98, "in use"))
+        )
+        service = tap.makeService(
+            parse("--port", "tcp:8443:interface=127.0.0.1"), reactor=self.reactor
+        )
+        e = self.assertRaises(SystemExit, service.privilegedStartService)
+        self.assertIsInstance(e.code, str)
+        self.assertTrue(e.code.startswith("signalling: "), e.code)
+        self.assertIn("127.0.0.1:8443", e.code)
+        self.assertNotIn("\n", e.code)
