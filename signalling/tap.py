@@ -15,7 +15,7 @@ from twisted.web.server import Site
 from signalling import factory as _factory
 from signalling import tls
 from signalling.registry import Registry
-from signalling.web import SignallingRoot
+from signalling.web import SignallingRoot, parse_ice_server
 
 DEFAULT_PORT = "ssl:8443"
 DEFAULT_PLAIN_PORT = "tcp:8443"
@@ -83,12 +83,20 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["port"] = []
+        self["ice-server"] = []
 
     def opt_port(self, description):
         """Listen on this Twisted endpoint description (repeatable), e.g. ssl:8443, tcp:8080:interface=127.0.0.1 or systemd:domain=INET6:index=0. Default: ssl:8443."""
         self["port"].append(description)
 
     opt_p = opt_port
+
+    def opt_ice_server(self, server):
+        """An ICE server for the call page at /, e.g. stun:stun.example.org:3478 or turn://USER:PASSWORD@turn.example.org:3478 (or a JSON RTCIceServer object). Repeatable. Default: none."""
+        try:
+            self["ice-server"].append(parse_ice_server(server))
+        except ValueError as e:
+            raise usage.UsageError(f"--ice-server: {e}")
 
     def postOptions(self):
         if self["disable-ssl"] and any(p.startswith("ssl:") for p in self["port"]):
@@ -139,7 +147,11 @@ def makeService(config, reactor=None):
         max_message=config["max-message-size"],
         hello_timeout=config["hello-timeout"],
     )
-    site = Site(SignallingRoot(ws_factory, config["health"].encode("utf-8")))
+    site = Site(
+        SignallingRoot(
+            ws_factory, config["health"].encode("utf-8"), ice_servers=config["ice-server"]
+        )
+    )
     site.noisy = False
     service = SignallingService()
     ports = []

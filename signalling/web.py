@@ -1,27 +1,84 @@
 """
 The HTTP side of the port: WebSocket upgrades on any path, a health check,
-and a short page at ``/`` naming the service and its WebSocket URL.
+and the call page: ``/`` with its files under ``/static/``.
 """
 
 import html
+import json
+import os
+import re
+import string
+from urllib.parse import unquote
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web import static
 from twisted.web.resource import NoResource, Resource
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>WebRTC signalling server</title>
-</head>
-<body>
-<h1>WebRTC signalling server</h1>
-<p>This is a WebRTC signalling server for GStreamer <code>webrtcbin</code>
-applications and browsers.</p>
-<p>Its WebSocket URL is <code>{url}</code>.</p>
-</body>
-</html>
-"""
+#: The directory of the page's files, shipped in the package.
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+#: The page template; its files are everything else in STATIC_DIR.
+_PAGE_FILE = "index.html"
+
+_ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+#: The page runs only our own script and style, and talks only to this server
+#: (``{websocket}``: its WebSocket URL, for browsers whose ``'self'`` does not
+#: cover ``wss:``).
+_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "media-src 'self' blob: mediastream:; connect-src 'self'{websocket}; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+
+#: A Host header that may be repeated in the policy as it is.
+_PLAIN_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
+
+
+def parse_ice_server(text):
+    """
+    Read one ICE server setting (``--ice-server``) into an ``RTCIceServer``
+    dictionary for the page.
+
+    Accepted: a URL such as ``stun:stun.example.org:3478`` or
+    ``turn:turn.example.org:3478?transport=udp``; GStreamer's form with
+    credentials, ``turn://user:password@turn.example.org:3478`` (``stun://``
+    too); or a JSON object with ``urls`` (and ``username``, ``credential``).
+
+    :raises ValueError: with a reason, when it is none of these.
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            server = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"invalid JSON: {e}") from None
+        if not isinstance(server, dict) or not server.get("urls"):
+            raise ValueError('a JSON ICE server must be an object with "urls"')
+        return server
+    scheme, colon, rest = text.partition(":")
+    if not colon or scheme not in _ICE_SCHEMES or not rest or any(c.isspace() for c in rest):
+        raise ValueError(
+            f"{text!r} is not an ICE server URL (stun:HOST:PORT, turn:HOST:PORT, "
+            "turn://USER:PASSWORD@HOST:PORT or a JSON object)"
+        )
+    if not rest.startswith("//"):
+        return {"urls": text}
+    credentials, at, where = rest[2:].rpartition("@")
+    if not where:
+        raise ValueError(f"{text!r} names no host")
+    server = {"urls": f"{scheme}:{where}"}
+    if at:
+        user, _, password = credentials.partition(":")
+        server["username"] = unquote(user)
+        server["credential"] = unquote(password)
+    return server
+
+
+def _script_json(value):
+    """:returns: ``value`` as JSON that is safe inside a ``<script>`` element."""
+    text = json.dumps(value, sort_keys=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 class HealthResource(Resource):
@@ -38,36 +95,72 @@ class HealthResource(Resource):
 
 
 class PageResource(Resource):
-    """The page at ``/``: what this service is and where to connect."""
+    """
+    The call page at ``/``: it names the service and its WebSocket URL, and
+    carries the page's configuration (the ICE servers).
+
+    :param ice_servers: ``RTCIceServer`` dictionaries for the page (see
+        :func:`parse_ice_server`).
+    """
 
     isLeaf = True
+
+    def __init__(self, ice_servers=()):
+        super().__init__()
+        with open(os.path.join(STATIC_DIR, _PAGE_FILE), encoding="utf-8") as f:
+            self._template = string.Template(f.read())
+        self._config = _script_json({"iceServers": list(ice_servers)})
 
     def render_GET(self, request):
         scheme = "wss" if request.isSecure() else "ws"
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-        body = _PAGE.format(url=html.escape(f"{scheme}://{host}/"))
+        body = self._template.safe_substitute(
+            ws_url=html.escape(f"{scheme}://{host}/"), config=self._config
+        )
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        websocket = f" {scheme}://{host}" if _PLAIN_HOST.fullmatch(host) else ""
+        policy = _CONTENT_SECURITY_POLICY.format(websocket=websocket)
+        request.setHeader(b"content-security-policy", policy.encode("ascii"))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
         return body.encode("utf-8")
 
     render_HEAD = render_GET
 
 
+def _static_files():
+    """:returns: ``{path: resource}`` for the page's files under ``/static/``."""
+    files = {}
+    for name in sorted(os.listdir(STATIC_DIR)):
+        path = os.path.join(STATIC_DIR, name)
+        if name == _PAGE_FILE or name.startswith(".") or not os.path.isfile(path):
+            continue
+        resource = static.File(path, defaultType="application/octet-stream")
+        # A file, not a directory: nothing below it.
+        resource.isLeaf = True
+        files[b"/static/" + name.encode("utf-8")] = resource
+    return files
+
+
 class SignallingRoot(Resource):
     """
     The root of the site: routes WebSocket upgrades (any path) to the
-    signalling factory, and plain requests to the health check, the page, or
-    a 404.
+    signalling factory, and plain requests to the health check, the call
+    page and its files, or a 404.
 
     :param ws_factory: the :class:`signalling.factory.SignallingServerFactory`.
     :param health_path: the path of the health check, as bytes (``b"/health"``).
+    :param ice_servers: ``RTCIceServer`` dictionaries for the call page.
     """
 
-    def __init__(self, ws_factory, health_path=b"/health"):
+    def __init__(self, ws_factory, health_path=b"/health", ice_servers=()):
         super().__init__()
         self._websocket = WebSocketResource(ws_factory)
         self._health_path = health_path
         self._health = HealthResource()
-        self._page = PageResource()
+        self._page = PageResource(ice_servers)
+        self._files = _static_files()
 
     def getChildWithDefault(self, path, request):
         upgrade = request.getHeader(b"upgrade")
@@ -77,4 +170,6 @@ class SignallingRoot(Resource):
             return self._health
         if request.path == b"/":
             return self._page
+        if request.path in self._files:
+            return self._files[request.path]
         return NoResource()

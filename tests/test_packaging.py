@@ -272,6 +272,17 @@ class InstalledPackageTests(unittest.TestCase):
             self.assertIn(option, out)
 
     @inlineCallbacks
+    def test_the_call_page_is_installed(self):
+        """
+        The wheel carries the call page's files (``signalling/static/``), where
+        the installed server reads them from.
+        """
+        script = "import os, signalling.web as w; print(*sorted(os.listdir(w.STATIC_DIR)))"
+        out, err, code = yield self.run_in_venv("python", "-c", script)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.split(), ["call.js", "index.html", "style.css"])
+
+    @inlineCallbacks
     def test_plugin_is_found_when_the_plugin_cache_cannot_be_written(self):
         """
         A user who cannot write site-packages/twisted/plugins (so no

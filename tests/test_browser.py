@@ -1,0 +1,390 @@
+"""
+The call page in a real browser: headless Chromium (Debian's ``chromium``,
+driven through the DevTools protocol, see ``tests/_chromium.py``) opens the
+page the server serves at ``/`` and makes real WebRTC calls through the
+server, with other pages and with the GStreamer peer (``contrib/gst_peer.py``,
+run by Debian's Python with ``gi``).
+
+The fixtures are the interop tests' (``tests/_interop.py``): every test runs
+the server (``twistd signalling``, TLS), the browser and the GStreamer peers
+inside a network namespace of its own that holds loopback addresses only, so
+ICE checks and media reach nothing but loopback.
+
+Assertions are on what the page decodes: the remote ``<video>`` has a size,
+its count of decoded frames keeps growing, and the candidate pair in use
+joins two loopback addresses.
+
+A screenshot of the page in a connected call is written to each test's
+temporary directory; with ``SIGNALLING_UPDATE_SCREENSHOT=1`` in the
+environment, the one of
+:meth:`GStreamerBrowserTests.test_a_gstreamer_peer_calls_the_page` also
+replaces ``docs/call-page.png`` (the README shows it).
+
+Without Chromium, GStreamer or the rights to make a namespace the tests skip,
+naming what to install; with ``CI=true`` they fail instead.
+"""
+
+import ipaddress
+import json
+import os
+import shutil
+from urllib.parse import urlencode
+
+from twisted.trial.unittest import TestCase
+
+from tests import _chromium, _interop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCREENSHOT = os.path.join(ROOT, "docs", "call-page.png")
+
+#: How long one call may take to show decoded video, in seconds.
+CALL_TIMEOUT = 30.0
+#: Frames a page must decode after the first, to show that video flows.
+MORE_FRAMES = 10
+
+
+def _pages_unavailable():
+    """:returns: why the page tests cannot run here, or None when they can."""
+    if not os.path.exists("/proc/self/ns/net"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "creating a network namespace needs root"
+    if shutil.which("ip") is None:
+        return "the ip command; install the Debian package iproute2"
+    return _chromium.unavailable()
+
+
+def _peer_expression(uid):
+    """:returns: JavaScript for the page's stats of the peer ``uid`` (None: the caller)."""
+    return f"callPage.peers().find((p) => p.uid === {json.dumps(uid)})"
+
+
+def _received_video_frames(gst):
+    """:returns: how many video frames a GStreamer peer has decoded, over all its calls."""
+    return max([e.get("frames", 0) for e in gst.find("media", kind="video")] or [0])
+
+
+class BrowserTestsMixin(_interop.InteropMixin):
+    """The namespace, the server and Chromium for one test, and GStreamer peers."""
+
+    timeout = 120
+
+    async def start(self, gst=False):
+        """
+        Make the namespace (loopback only), start the server (TLS) and
+        Chromium inside it.
+
+        :param gst: the test also runs GStreamer peers.
+        """
+        if gst:
+            reason = _pages_unavailable()
+            if reason is not None:
+                _interop.missing_requirement(reason)
+            await self.start_namespace()
+        else:
+            await self._start_namespace_for_pages()
+        await self.start_server(tls=True)
+        self.browser = await _chromium.Browser.launch(self, wrap=self.namespace.command)
+
+    async def _start_namespace_for_pages(self):
+        """:meth:`start_namespace` without the GStreamer and aiortc requirements."""
+        reason = _pages_unavailable()
+        if reason is not None:
+            _interop.missing_requirement(reason)
+        self.workdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.workdir)
+        namespace = _interop.NetworkNamespace()
+        self.addCleanup(namespace.delete)
+        await namespace.create()
+        await namespace.assert_loopback_only()
+        self.namespace = namespace
+
+    def page_url(self, **query):
+        """:returns: the call page's URL with ``query`` (``id``, ``call``, ``room``...)."""
+        url = self.server.url.replace("wss://", "https://").replace("ws://", "http://") + "/"
+        return url + ("?" + urlencode(query, doseq=True) if query else "")
+
+    async def open_page(self, label, **query):
+        """:returns: a :class:`_chromium.Page` showing the call page, registered."""
+        page = await self.browser.open(self.page_url(**query), label)
+        await page.wait_for("callPage.registered", f"{label} to register", timeout=15)
+        return page
+
+    async def gst_decodes_video(self, gst):
+        """Wait until the GStreamer peer ``gst`` has decoded video frames."""
+        await gst.until(
+            lambda: _received_video_frames(gst) >= MORE_FRAMES,
+            f"{MORE_FRAMES} decoded video frames",
+            CALL_TIMEOUT,
+        )
+
+    async def assert_decodes_video(self, page, uid, size=None):
+        """
+        Wait until ``page`` is connected to ``uid`` (None: the caller of a
+        session) and its video element shows frames that keep coming.
+
+        :param size: the expected ``(width, height)`` of the decoded video.
+        :returns: the peer's stats from the page.
+        """
+        peer = _peer_expression(uid)
+        first = await page.wait_for(
+            f"(() => {{ const p = {peer}; "
+            "return p && p.state === 'connected' && p.videoWidth > 0 && p.frames > 0 ? p : null; })()",
+            f"decoded video from {uid or 'the caller'}",
+            timeout=CALL_TIMEOUT,
+        )
+        await page.wait_for(
+            f"{peer}.frames >= {first['frames'] + MORE_FRAMES}",
+            f"more frames from {uid or 'the caller'} (had {first['frames']})",
+            timeout=CALL_TIMEOUT,
+        )
+        if size is not None:
+            self.assertEqual((first["videoWidth"], first["videoHeight"]), size)
+        pairs = await page.evaluate("callPage.selectedPairs()")
+        [pair] = [p["pair"] for p in pairs if p["uid"] == uid]
+        self.assertIsNotNone(pair, f"no selected candidate pair in {pairs}")
+        for address in (pair["local"], pair["remote"]):
+            self.assertTrue(ipaddress.ip_address(address).is_loopback, f"not loopback: {pair}")
+        return first
+
+    async def screenshot(self, page, name):
+        """Save a PNG of ``page`` in the test's temporary directory. :returns: its bytes."""
+        png = await page.screenshot()
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(png)
+        return png
+
+
+class BrowserTests(BrowserTestsMixin, TestCase):
+    """Pages calling pages, and what the page says when a call cannot be made."""
+
+    async def test_two_pages_meet_in_a_room_and_decode_each_others_video(self):
+        """
+        Two pages that join the same room connect (the newcomer offers with
+        ``ROOM_PEER_MSG``), and each decodes the other's camera. When one
+        leaves, the other drops its video and stays in the room.
+        """
+        await self.start()
+        alice = await self.open_page("alice", id="alice", room="demo")
+        await alice.wait_for("callPage.mode === 'room'", "alice to be in the room")
+        bob = await self.open_page("bob", id="bob", room="demo")
+        await self.assert_decodes_video(alice, "bob")
+        await self.assert_decodes_video(bob, "alice")
+        for page in (alice, bob):
+            await page.wait_for("callPage.callState === 'connected'", "the page to say connected")
+            text = await page.evaluate("callPage.callText")
+            self.assertEqual(text, "In room 'demo': connected to 1 of 1 member")
+        await self.screenshot(alice, "room.png")
+
+        # bob leaves: alice drops his video and waits for others.
+        await bob.evaluate("document.getElementById('hangup-button').click()")
+        await alice.wait_for("callPage.peers().length === 0", "bob's video to go")
+        self.assertEqual(
+            await alice.evaluate("callPage.callText"), "In room 'demo', waiting for others to join"
+        )
+        await bob.wait_for("callPage.callState === 'ended'", "bob to have left")
+        self.assertEqual(await bob.evaluate("callPage.callText"), "Left room 'demo'")
+
+    async def test_a_page_calls_another_page_by_id(self):
+        """
+        A page types another page's id and clicks Call: both decode the
+        other's camera. Hanging up ends the call on both pages, which then
+        register again: a second call, the other way, connects too.
+        """
+        await self.start()
+        callee = await self.open_page("callee", id="callee")
+        await callee.wait_for("callPage.callState === 'ready'", "the callee to say it is ready")
+        caller = await self.open_page("caller", id="caller")
+        await caller.evaluate(
+            "document.getElementById('peer-id').value = 'callee';"
+            "document.getElementById('call-button').click()"
+        )
+        await self.assert_decodes_video(caller, "callee")
+        await self.assert_decodes_video(callee, None)
+        for page in (caller, callee):
+            await page.wait_for("callPage.callState === 'connected'", "the page to say connected")
+        self.assertEqual(await caller.evaluate("callPage.callText"), "In a call with 'callee'")
+        await self.screenshot(caller, "call.png")
+
+        await caller.evaluate("document.getElementById('hangup-button').click()")
+        for page, text in ((caller, "Call ended"), (callee, "Call ended: the caller hung up")):
+            await page.wait_for("callPage.callState === 'ended'", "the call to end")
+            self.assertEqual(await page.evaluate("callPage.callText"), text)
+            await page.wait_for("callPage.registered", "the page to register again")
+            self.assertEqual(await page.evaluate("callPage.peers().length"), 0)
+        # Registered again, each can take the next call.
+        await callee.evaluate("callPage.call('caller', false)")
+        await self.assert_decodes_video(callee, "caller")
+
+    async def test_a_caller_page_can_ask_the_callee_page_to_make_the_offer(self):
+        """
+        With "ask the callee to make the offer", the caller sends
+        ``OFFER_REQUEST`` after ``SESSION_OK``; the callee page makes the
+        offer and the call connects both ways.
+        """
+        await self.start()
+        callee = await self.open_page("callee", id="callee")
+        caller = await self.open_page("caller", id="caller", call="callee", offer_request="1")
+        await self.assert_decodes_video(callee, None)
+        await self.assert_decodes_video(caller, "callee")
+        logged = "\n".join(self.browser.console)
+        self.assertIn("Asked 'callee' to make the offer", logged)
+
+    async def test_a_page_without_a_camera_sends_a_test_pattern(self):
+        """
+        A browser without camera or microphone says so on the page and sends
+        a moving test pattern instead, which the page it calls decodes.
+        """
+        await self.start()
+        callee = await self.open_page("callee", id="callee")
+        bare = await _chromium.Browser.launch(self, wrap=self.namespace.command, fake_devices=False)
+        caller = await bare.open(self.page_url(id="no-camera", call="callee"), "no-camera")
+        await caller.wait_for("callPage.registered", "the page without a camera to register")
+        await self.assert_decodes_video(callee, None, size=(640, 360))
+        await self.assert_decodes_video(caller, "callee")
+        note = await caller.evaluate("callPage.mediaNote")
+        self.assertTrue(note.startswith("No camera ("), note)
+        self.assertIn("sending a test pattern instead", note)
+        self.assertIn("No microphone", note)
+        self.assertEqual(await caller.evaluate("callPage.localTracks"), ["video"])
+        self.assertFalse(await caller.evaluate("document.getElementById('media-note').hidden"))
+        await self.screenshot(caller, "no-camera.png")
+
+    async def test_calling_an_unknown_peer_shows_the_servers_reason(self):
+        """
+        Calling an id nobody has registered shows the server's ``ERROR``
+        reason; the page stays registered and ready for calls.
+        """
+        await self.start()
+        page = await self.open_page("lonely", id="lonely", call="nobody")
+        await page.wait_for("callPage.callState === 'error'", "the call to fail")
+        self.assertEqual(
+            await page.evaluate("callPage.callText"),
+            "Cannot call 'nobody': peer 'nobody' not found",
+        )
+        self.assertEqual(await page.evaluate("callPage.mode"), "idle")
+        self.assertTrue(await page.evaluate("callPage.registered"))
+        self.assertFalse(await page.evaluate("document.getElementById('call-button').disabled"))
+
+    async def test_a_taken_id_is_refused_with_the_servers_reason(self):
+        """
+        A page asked to register under an id another page holds says so with
+        the server's reason, and does not take another id by itself.
+        """
+        await self.start()
+        await self.open_page("first", id="same")
+        second = await self.browser.open(self.page_url(id="same"), "second")
+        await second.wait_for("callPage.callState === 'error'", "the refusal")
+        self.assertEqual(
+            await second.evaluate("callPage.callText"),
+            "Cannot register as 'same': peer uid 'same' is already taken. "
+            "Choose another id with ?id=...",
+        )
+        self.assertFalse(await second.evaluate("callPage.registered"))
+        self.assertEqual(await second.evaluate("callPage.ourId"), "same")
+
+    async def test_ice_servers_come_from_the_page_address(self):
+        """
+        ``?ice=`` takes STUN and TURN servers, GStreamer's
+        ``turn://user:password@host:port`` included, and the page shows them.
+        """
+        await self.start()
+        page = await self.open_page(
+            "ice", id="ice", ice=["stun:127.0.0.1:3478", "turn://user:pa%40ss@127.0.0.1:3479"]
+        )
+        self.assertEqual(
+            await page.evaluate("callPage.iceServers"),
+            [
+                {"urls": "stun:127.0.0.1:3478"},
+                {"urls": "turn:127.0.0.1:3479", "username": "user", "credential": "pa@ss"},
+            ],
+        )
+        shown = await page.evaluate("document.getElementById('ice-servers').textContent")
+        self.assertEqual(shown, "stun:127.0.0.1:3478; turn:127.0.0.1:3479")
+
+
+class GStreamerBrowserTests(BrowserTestsMixin, TestCase):
+    """The page against the GStreamer peer (``contrib/gst_peer.py``)."""
+
+    async def test_a_gstreamer_peer_calls_the_page(self):
+        """
+        The GStreamer peer calls the page by id (``SESSION``, then its offer):
+        the page decodes the 320x240 ``videotestsrc`` picture, and GStreamer
+        decodes the page's camera.
+        """
+        await self.start(gst=True)
+        page = await self.open_page("browser", id="browser")
+        gst = self.start_gst("gst-caller", "--call", "browser")
+        await self.assert_decodes_video(page, None, size=(320, 240))
+        await self.gst_decodes_video(gst)
+        png = await self.screenshot(page, "called-by-gstreamer.png")
+        if os.environ.get("SIGNALLING_UPDATE_SCREENSHOT") == "1":
+            with open(SCREENSHOT, "wb") as f:
+                f.write(png)
+
+    async def test_the_page_calls_a_gstreamer_peer(self):
+        """
+        The page calls a waiting GStreamer peer by id and makes the offer:
+        both decode the other's video.
+        """
+        await self.start(gst=True)
+        gst = self.start_gst("gst-callee")
+        await gst.wait_for("registered", CALL_TIMEOUT)
+        page = await self.open_page("browser", id="browser", call="gst-callee")
+        await self.assert_decodes_video(page, "gst-callee", size=(320, 240))
+        await self.gst_decodes_video(gst)
+
+    async def test_a_receive_only_page_calls_a_gstreamer_peer(self):
+        """
+        A page with ``?media=none`` sends nothing: its offer only asks to
+        receive, and it decodes the GStreamer peer's video.
+        """
+        await self.start(gst=True)
+        gst = self.start_gst("gst-callee")
+        await gst.wait_for("registered", CALL_TIMEOUT)
+        page = await self.open_page("browser", id="browser", call="gst-callee", media="none")
+        await self.assert_decodes_video(page, "gst-callee", size=(320, 240))
+        self.assertEqual(await page.evaluate("callPage.localTracks"), [])
+        self.assertIn("Receive only", await page.evaluate("callPage.mediaNote"))
+
+    async def test_the_page_asks_a_gstreamer_peer_to_make_the_offer(self):
+        """
+        The page calls with ``OFFER_REQUEST``: the GStreamer peer makes the
+        offer, the page answers, and video flows both ways.
+        """
+        await self.start(gst=True)
+        gst = self.start_gst("gst-callee")
+        await gst.wait_for("registered", CALL_TIMEOUT)
+        page = await self.open_page(
+            "browser", id="browser", call="gst-callee", offer_request="1"
+        )
+        await self.assert_decodes_video(page, "gst-callee", size=(320, 240))
+        await gst.wait_for("offer-request-received", CALL_TIMEOUT)
+        await self.gst_decodes_video(gst)
+
+    async def test_a_gstreamer_peer_asks_the_page_to_make_the_offer(self):
+        """
+        The GStreamer peer calls with ``OFFER_REQUEST``: the page makes the
+        offer, and video flows both ways.
+        """
+        await self.start(gst=True)
+        page = await self.open_page("browser", id="browser")
+        gst = self.start_gst("gst-caller", "--call", "browser", "--offer-request")
+        await self.assert_decodes_video(page, None, size=(320, 240))
+        await gst.wait_for("offer-received", CALL_TIMEOUT)
+        await self.gst_decodes_video(gst)
+
+    async def test_a_page_and_a_gstreamer_peer_meet_in_a_room(self):
+        """
+        A GStreamer peer joins a room where a page waits: it offers with
+        ``ROOM_PEER_MSG``, and both decode the other's video.
+        """
+        await self.start(gst=True)
+        page = await self.open_page("browser", id="browser", room="mixed")
+        await page.wait_for("callPage.mode === 'room'", "the page to be in the room")
+        gst = self.start_gst("gst-member", "--room", "mixed")
+        await self.assert_decodes_video(page, "gst-member", size=(320, 240))
+        await self.gst_decodes_video(gst)
