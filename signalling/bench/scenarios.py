@@ -1,0 +1,656 @@
+"""
+What one client process does in each scenario.
+
+Each scenario is an ``async`` function ``(spec, control) -> dict`` run in
+every client process at once, each process taking its share of the pairs,
+workers, peers or rooms (``spec["worker"]`` of ``spec["workers"]``). Where
+the processes must act together (start the measured window at one moment,
+let the parent read the server's memory between two phases), the function
+calls ``await control.sync(step, info)``: every process reports ``info`` to
+the parent, and all resume with the parent's answer.
+
+Times are ``time.monotonic()``, which is one clock for every process of the
+machine, so the parent can name the moment a window starts. A process's own
+CPU time (user and system, from ``getrusage``) over its measured window is in
+every result, so that a reader can tell whether the generator kept up.
+
+Every wait is bounded by ``spec["timeout"]`` (for any one expected message)
+or by the scenario's duration; a scenario always ends by itself.
+"""
+
+import asyncio
+import json
+import resource
+import time
+from array import array
+from collections import deque
+
+from signalling.bench.wsclient import TEXT, ConnectionClosed, connect
+
+#: How many connections one process opens at once while setting up.
+SETUP_CONCURRENCY = 100
+#: Consecutive failed calls after which a set-up worker gives up.
+MAX_CONSECUTIVE_FAILURES = 20
+#: Failure reasons kept per process, as examples for the report.
+KEEP_REASONS = 5
+
+now = time.monotonic
+
+
+def cpu_seconds():
+    """:returns: this process's user plus system CPU time, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def sleep_until(moment):
+    """Sleep until ``time.monotonic()`` reaches ``moment``."""
+    delay = moment - now()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+class ProtocolFailure(Exception):
+    """The server answered something other than what the protocol says."""
+
+
+class Failures:
+    """Counts failures and keeps a few reasons as examples."""
+
+    def __init__(self):
+        self.count = 0
+        self.reasons = []
+
+    def add(self, reason):
+        self.count += 1
+        if len(self.reasons) < KEEP_REASONS:
+            self.reasons.append(str(reason) or type(reason).__name__)
+
+
+def mine(total, spec):
+    """:returns: the indices out of ``total`` that this process handles."""
+    return range(spec["worker"], total, spec["workers"])
+
+
+def make_uid(spec, *parts):
+    """:returns: a uid unique to this run, scenario and item."""
+    return "-".join([spec["tag"], *map(str, parts)])
+
+
+def describe(error):
+    """:returns: a one-line description of an exception."""
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+async def bounded_gather(coroutines, limit):
+    """Run ``coroutines`` with at most ``limit`` at once; :returns: results or exceptions."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(coroutine):
+        async with semaphore:
+            return await coroutine
+
+    return await asyncio.gather(*(one(c) for c in coroutines), return_exceptions=True)
+
+
+class Control:
+    """
+    A client process's side of the scenario: the endpoint to connect to,
+    every connection opened (so that none outlives the scenario), and the
+    synchronisation with the parent.
+
+    :param endpoint: the :class:`~signalling.bench.wsclient.Endpoint`.
+    :param sync: ``async (step, info) -> answer``, given by the process.
+    """
+
+    def __init__(self, endpoint, sync):
+        self.endpoint = endpoint
+        self._sync = sync
+        self.connections = set()
+
+    async def sync(self, step, info=None):
+        """Report ``info`` to the parent; :returns: its answer, once every process is there."""
+        return await self._sync(step, info)
+
+    async def connect(self, timeout, source_host=None):
+        """:returns: an open connection, tracked for the final cleanup."""
+        connection = await connect(self.endpoint, timeout, source_host)
+        self.connections.add(connection)
+        return connection
+
+    async def hello(self, uid, timeout, source_host=None):
+        """:returns: a connection registered as ``uid``."""
+        connection = await self.connect(timeout, source_host)
+        connection.send_text("HELLO " + uid)
+        reply = await connection.recv_text(timeout)
+        if reply != "HELLO":
+            connection.abort()
+            raise ProtocolFailure(f"HELLO {uid} was answered {reply!r}")
+        return connection
+
+    async def close_all(self, connections, timeout):
+        """
+        Close ``connections`` and wait until the server let go of them, for
+        at most ``timeout`` seconds; drop the rest.
+
+        :returns: how many did not close cleanly in time.
+        """
+        waits = [c.close() for c in connections]
+        if not waits:
+            return 0
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for connection in connections:
+            if not connection.closed.done():
+                connection.abort()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return len(pending)
+
+    async def cleanup(self):
+        """Drop whatever is still open (after a failure)."""
+        for connection in self.connections:
+            connection.abort()
+        waits = [c.closed for c in self.connections if not c.closed.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=2.0)
+        self.connections = set()
+
+
+# relay
+
+
+class _RelayState:
+    """What all pairs of one process share during the relay scenario."""
+
+    def __init__(self, window_start, window_end, size):
+        self.window_start = window_start
+        self.window_end = window_end
+        self.size = size
+        self.samples = array("d")
+        self.count = 0
+        self.errors = Failures()
+
+
+class _RelayPair:
+    """
+    One session: the caller keeps ``inflight`` messages on the way, the
+    callee echoes each back, and the caller times each round trip.
+
+    Messages carry a sequence number, and the server must keep their order:
+    the oldest message still on the way is the one whose echo comes next.
+    """
+
+    def __init__(self, caller, callee, state, loop):
+        self.caller = caller
+        self.callee = callee
+        self.state = state
+        self.pad = b"x" * (state.size - 10)
+        self.sent = deque()
+        self.seq = 0
+        self.done = loop.create_future()
+        callee.set_handler(callee.send)
+        caller.set_handler(self.on_echo)
+        caller.closed.add_done_callback(self._lost)
+        callee.closed.add_done_callback(self._lost)
+
+    def _lost(self, _):
+        if not self.done.done():
+            self.state.errors.add("connection lost during the relay")
+            self.done.set_result(None)
+
+    def start(self, count):
+        moment = now()
+        for _ in range(count):
+            self.send_next(moment)
+
+    def send_next(self, moment):
+        seq = self.seq
+        self.seq = seq + 1
+        self.sent.append((moment, seq))
+        self.caller.send(b"%010d" % seq + self.pad, TEXT)
+
+    def on_echo(self, payload, opcode):
+        moment = now()
+        state = self.state
+        if not self.sent:
+            state.errors.add("an echo that was never sent")
+            return
+        sent_at, seq = self.sent.popleft()
+        if len(payload) != state.size or payload[:10] != b"%010d" % seq:
+            state.errors.add(f"echo of message {seq} is wrong or out of order")
+        if moment < state.window_end:
+            if moment >= state.window_start:
+                state.samples.append(moment - sent_at)
+                state.count += 1
+            self.send_next(moment)
+        elif not self.sent and not self.done.done():
+            self.done.set_result(None)
+
+
+async def relay(spec, control):
+    """
+    P pairs in sessions, each keeping W messages of S bytes on the way, the
+    callee echoing: round trips within the measured window, and their times.
+    """
+    timeout = spec["timeout"]
+    size = max(spec["size"], 16)
+    loop = asyncio.get_running_loop()
+
+    async def make_pair(index):
+        callee_uid = make_uid(spec, "r", index, "b")
+        callee = await control.hello(callee_uid, timeout)
+        caller = await control.hello(make_uid(spec, "r", index, "a"), timeout)
+        caller.send_text("SESSION " + callee_uid)
+        reply = await caller.recv_text(timeout)
+        if reply != "SESSION_OK":
+            raise ProtocolFailure(f"SESSION {callee_uid} was answered {reply!r}")
+        return caller, callee
+
+    made = await bounded_gather(
+        [make_pair(i) for i in mine(spec["pairs"], spec)], SETUP_CONCURRENCY
+    )
+    failures = [m for m in made if isinstance(m, BaseException)]
+    start_at = await control.sync(
+        "ready", {"failed": len(failures), "reason": describe(failures[0]) if failures else None}
+    )
+    window_start = start_at + spec["warmup"]
+    window_end = window_start + spec["duration"]
+    state = _RelayState(window_start, window_end, size)
+    pairs = [
+        _RelayPair(caller, callee, state, loop)
+        for caller, callee in (m for m in made if not isinstance(m, BaseException))
+    ]
+
+    await sleep_until(start_at)
+    for pair in pairs:
+        pair.start(spec["inflight"])
+    await sleep_until(window_start)
+    cpu_start = cpu_seconds()
+    await sleep_until(window_end)
+    cpu = cpu_seconds() - cpu_start
+    if pairs:
+        _, pending = await asyncio.wait([p.done for p in pairs], timeout=timeout)
+        for _ in pending:
+            state.errors.add("messages still on the way at the end")
+    unclosed = await control.close_all([p.caller for p in pairs], timeout)
+    await control.close_all([p.callee for p in pairs], timeout)
+    return {
+        "pairs": len(pairs),
+        "round_trips": state.count,
+        "samples": state.samples,
+        "errors": state.errors.count,
+        "reasons": state.errors.reasons,
+        "unclosed": unclosed,
+        "cpu": cpu,
+        "wall": window_end - window_start,
+    }
+
+
+# setup
+
+
+def _sdp(kind, length):
+    """:returns: the JSON text of an SDP message of exactly ``length`` characters."""
+    lines = ["v=0", "o=- 4611731400430051336 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
+    body = "\r\n".join(lines) + "\r\n"
+    text = json.dumps({"sdp": {"type": kind, "sdp": body}})
+    filler = length - len(text)
+    if filler > 0:
+        body += "a=x-bench:" + "y" * max(filler - 12, 0) + "\r\n"
+        text = json.dumps({"sdp": {"type": kind, "sdp": body}})
+    return text
+
+
+def _candidates(side):
+    """:returns: the 10 ICE candidate messages one side sends."""
+    return [
+        json.dumps(
+            {
+                "ice": {
+                    "candidate": f"candidate:{side}{n} 1 UDP 2122252543 127.0.0.1 {50000 + n} typ host",
+                    "sdpMLineIndex": n % 2,
+                }
+            }
+        )
+        for n in range(10)
+    ]
+
+
+OFFER = _sdp("offer", 4096)
+ANSWER = _sdp("answer", 4096)
+CALLER_ICE = _candidates(1)
+CALLEE_ICE = _candidates(2)
+
+
+async def _expect(connection, expected, timeout, what):
+    got = await connection.recv_text(timeout)
+    if got != expected:
+        raise ProtocolFailure(f"{what}: received {got[:60]!r}")
+
+
+async def _call(control, spec, caller_uid, callee_uid, timeout):
+    """One call from connect to close; :returns: its set-up time in seconds."""
+    started = now()
+    opened = await asyncio.gather(
+        control.hello(callee_uid, timeout),
+        control.hello(caller_uid, timeout),
+        return_exceptions=True,
+    )
+    for result in opened:
+        if isinstance(result, BaseException):
+            for other in opened:
+                if not isinstance(other, BaseException):
+                    other.abort()
+                    control.connections.discard(other)
+            raise result
+    callee, caller = opened
+    try:
+        caller.send_text("SESSION " + callee_uid)
+        await _expect(caller, "SESSION_OK", timeout, "SESSION")
+        caller.send_text(OFFER)
+        await _expect(callee, OFFER, timeout, "the offer")
+        callee.send_text(ANSWER)
+        await _expect(caller, ANSWER, timeout, "the answer")
+        for candidate in CALLER_ICE:
+            caller.send_text(candidate)
+        for candidate in CALLEE_ICE:
+            callee.send_text(candidate)
+        for candidate in CALLER_ICE:
+            await _expect(callee, candidate, timeout, "a caller ICE candidate")
+        for candidate in CALLEE_ICE:
+            await _expect(caller, candidate, timeout, "a callee ICE candidate")
+        set_up = now() - started
+        # The caller hangs up; the server must then close the callee.
+        caller.close()
+        async with asyncio.timeout(timeout):
+            await callee.closed
+            await caller.closed
+        if callee.close_code != 1000:
+            raise ProtocolFailure(f"callee closed with {callee.close_code}, not 1000")
+        return set_up
+    finally:
+        caller.abort()
+        callee.abort()
+        control.connections.discard(caller)
+        control.connections.discard(callee)
+
+
+async def setup(spec, control):
+    """
+    C workers each making calls one after another until the duration is
+    over: connect two peers, HELLO, SESSION, offer, answer, 10 ICE
+    candidates each way, close.
+    """
+    timeout = spec["timeout"]
+    workers = list(mine(spec["workers_per_target"], spec))
+    start_at = await control.sync("ready", {"workers": len(workers)})
+    deadline = start_at + spec["duration"]
+    times = array("d")
+    failures = Failures()
+    ends = []
+
+    async def worker(index):
+        count = consecutive = 0
+        while now() < deadline and consecutive < MAX_CONSECUTIVE_FAILURES:
+            count += 1
+            try:
+                times.append(
+                    await _call(
+                        control,
+                        spec,
+                        make_uid(spec, "s", index, count, "a"),
+                        make_uid(spec, "s", index, count, "b"),
+                        timeout,
+                    )
+                )
+                consecutive = 0
+                ends.append(now())
+            except (OSError, ConnectionClosed, ProtocolFailure, TimeoutError) as e:
+                consecutive += 1
+                failures.add(describe(e))
+
+    await sleep_until(start_at)
+    cpu_start = cpu_seconds()
+    await asyncio.gather(*(worker(i) for i in workers))
+    cpu = cpu_seconds() - cpu_start
+    return {
+        "calls": len(times),
+        "samples": times,
+        "failures": failures.count,
+        "reasons": failures.reasons,
+        "last_end": max(ends) if ends else None,
+        "cpu": cpu,
+        "wall": max(now() - start_at, 1e-9),
+    }
+
+
+# idle
+
+
+async def idle(spec, control):
+    """
+    N peers opened in a storm and registered, held idle, then each asked
+    one question (a ``SESSION`` to a uid nobody has) that every server
+    answers with ``ERROR``.
+
+    A peer of the storm may take ``spec["storm_timeout"]`` seconds to be
+    registered: a connection dropped from a full listen queue is retried
+    by the kernel after 1, 3, 7, 15 and 31 seconds.
+    """
+    timeout = spec["timeout"]
+    sources = spec.get("source_hosts") or [None]
+    indices = list(mine(spec["peers"], spec))
+    failures = Failures()
+    start_at = await control.sync("ready", {"peers": len(indices)})
+
+    hello_times = array("d")
+
+    async def open_peer(index):
+        connection = await control.hello(
+            make_uid(spec, "i", index), spec["storm_timeout"], sources[index % len(sources)]
+        )
+        hello_times.append(now())
+        return connection
+
+    await sleep_until(start_at)
+    cpu_start = cpu_seconds()
+    opened = await bounded_gather(
+        [open_peer(i) for i in indices], spec["storm_concurrency"]
+    )
+    cpu_storm = cpu_seconds() - cpu_start
+    storm_end = now()
+    peers = []
+    for result in opened:
+        if isinstance(result, BaseException):
+            failures.add(describe(result))
+        else:
+            peers.append(result)
+    last = max(hello_times) if hello_times else None
+    await control.sync(
+        "stormed", {"registered": len(peers), "last": last}
+    )
+
+    question = "SESSION " + make_uid(spec, "nobody")
+
+    async def ask(connection):
+        connection.send_text(question)
+        try:
+            reply = await connection.recv_text(timeout)
+        except (ConnectionClosed, TimeoutError) as e:
+            return describe(e)
+        if isinstance(reply, str) and reply.startswith("ERROR "):
+            return None
+        return f"answered {reply[:60]!r}"
+
+    answers = await asyncio.gather(*(ask(c) for c in peers))
+    silent = Failures()
+    for answer in answers:
+        if answer is not None:
+            silent.add(answer)
+    unclosed = await control.close_all(peers, timeout)
+    return {
+        "peers": len(indices),
+        "registered": len(peers),
+        "failures": failures.count,
+        "reasons": failures.reasons + silent.reasons,
+        "answered": len(peers) - silent.count,
+        "last": last,
+        "unclosed": unclosed,
+        "cpu": cpu_storm,
+        "wall": max(storm_end - start_at, 1e-9),
+    }
+
+
+# rooms
+
+
+class _Member:
+    """A room member that records every notice and message it receives."""
+
+    def __init__(self, uid, connection, expected_joins, expected_messages, loop):
+        self.uid = uid
+        self.connection = connection
+        self.joined = []
+        self.messages = []
+        self.other = []
+        self.expected_joins = expected_joins
+        self.expected_messages = expected_messages
+        self.complete = loop.create_future()
+        connection.closed.add_done_callback(lambda _: self._check())
+
+    def listen(self):
+        self.connection.set_handler(self.on_message)
+        self._check()
+
+    def on_message(self, payload, opcode):
+        text = payload.decode("utf-8", "replace")
+        if text.startswith("ROOM_PEER_JOINED "):
+            self.joined.append(text[17:])
+        elif text.startswith("ROOM_PEER_MSG "):
+            self.messages.append(text[14:])
+        else:
+            self.other.append(text)
+        self._check()
+
+    def _check(self):
+        if self.complete.done():
+            return
+        if (
+            len(self.joined) >= self.expected_joins
+            and len(self.messages) >= self.expected_messages
+        ) or self.connection.closed.done():
+            self.complete.set_result(None)
+
+
+async def _room(control, spec, number, timeout, loop):
+    """One room: join one by one, then everyone messages everyone once."""
+    size = spec["members"]
+    room_id = make_uid(spec, "room", number)
+    uids = [make_uid(spec, "m", number, j) for j in range(size)]
+    errors = Failures()
+    started = now()
+    connections = await asyncio.gather(*(control.hello(uid, timeout) for uid in uids))
+    members = [
+        _Member(uid, connection, size - 1 - j, size - 1, loop)
+        for j, (uid, connection) in enumerate(zip(uids, connections))
+    ]
+    for j, member in enumerate(members):
+        member.connection.send_text("ROOM " + room_id)
+        reply = await member.connection.recv_text(timeout)
+        if not isinstance(reply, str) or not reply.startswith("ROOM_OK "):
+            raise ProtocolFailure(f"ROOM {room_id} was answered {reply!r}")
+        if sorted(reply[8:].split()) != sorted(uids[:j]):
+            errors.add(f"ROOM_OK of member {j} does not list the {j} members before it")
+        member.listen()
+    joined = now()
+    for member in members:
+        for other in members:
+            if other is not member:
+                member.connection.send_text(
+                    f"ROOM_PEER_MSG {other.uid} hi {member.uid} to {other.uid}"
+                )
+    done, _ = await asyncio.wait([m.complete for m in members], timeout=timeout)
+    finished = now()
+    joins_received = messages_received = 0
+    for j, member in enumerate(members):
+        expected_joins = uids[j + 1:]
+        good_joins = [u for u in member.joined if u in expected_joins]
+        joins_received += len(set(good_joins))
+        if member.joined != expected_joins:
+            errors.add(
+                f"member {j} saw joins {len(member.joined)} of {len(expected_joins)}"
+                + ("" if len(set(member.joined)) == len(member.joined) else " (duplicates)")
+            )
+        expected_messages = {
+            f"{other} hi {other} to {member.uid}" for other in uids if other != member.uid
+        }
+        good = [m for m in member.messages if m in expected_messages]
+        messages_received += len(set(good))
+        if sorted(member.messages) != sorted(expected_messages):
+            errors.add(
+                f"member {j} received {len(member.messages)} of {len(expected_messages)} messages"
+            )
+        if member.other:
+            errors.add(f"member {j} received {member.other[0][:60]!r}")
+    await control.close_all(connections, timeout)
+    for connection in connections:
+        control.connections.discard(connection)
+    return {
+        "join_seconds": joined - started,
+        "seconds": finished - started,
+        "end": finished,
+        "joins_received": joins_received,
+        "messages_received": messages_received,
+        "errors": errors,
+    }
+
+
+async def rooms(spec, control):
+    """
+    R rooms of M members, the rooms side by side: every member joins one
+    after another, then every member sends every other one message; every
+    join notice and every message must arrive exactly once.
+    """
+    timeout = spec["timeout"]
+    loop = asyncio.get_running_loop()
+    numbers = list(mine(spec["rooms"], spec))
+    start_at = await control.sync("ready", {"rooms": len(numbers)})
+    await sleep_until(start_at)
+    cpu_start = cpu_seconds()
+    results = await asyncio.gather(
+        *(_room(control, spec, n, timeout, loop) for n in numbers), return_exceptions=True
+    )
+    cpu = cpu_seconds() - cpu_start
+    errors = Failures()
+    joins = messages = 0
+    ends = []
+    join_seconds = []
+    for result in results:
+        if isinstance(result, BaseException):
+            errors.add(describe(result))
+            continue
+        joins += result["joins_received"]
+        messages += result["messages_received"]
+        ends.append(result["end"])
+        join_seconds.append(result["join_seconds"])
+        errors.count += result["errors"].count
+        for reason in result["errors"].reasons:
+            if len(errors.reasons) < KEEP_REASONS:
+                errors.reasons.append(reason)
+    return {
+        "rooms": len(numbers),
+        "joins_received": joins,
+        "messages_received": messages,
+        "join_seconds": max(join_seconds) if join_seconds else None,
+        "last_end": max(ends) if ends else None,
+        "errors": errors.count,
+        "reasons": errors.reasons,
+        "cpu": cpu,
+        "wall": max((max(ends) if ends else now()) - start_at, 1e-9),
+    }
+
+
+SCENARIOS = {"relay": relay, "setup": setup, "idle": idle, "rooms": rooms}

@@ -1,0 +1,511 @@
+"""
+Tests of the load generator ``signalling-bench`` (:mod:`signalling.bench`).
+
+Each scenario runs for real, with tiny sizes, in client processes of its
+own against our server listening on a loopback port in this process; the
+generator's parent side runs in a thread, so that the reactor here keeps
+serving. The correctness checks are run against servers broken on purpose
+(a notice dropped, a question left unanswered, a relayed message lost), to
+show that they catch what they are meant to catch.
+"""
+
+import asyncio
+import importlib.util
+import io
+import json
+import os
+import socket
+import struct
+import sys
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from signalling.bench import cli, report, wsclient
+from signalling.bench.runner import Pool, ServerProbe, run_scenario
+from signalling.protocol import SignallingServerProtocol
+from tests._realserver import RealServer
+
+#: Bound for one expected message in the scenarios that should pass.
+TIMEOUT = 5.0
+#: Bound in the scenarios where a message never comes: how long the
+#: generator waits before it reports the loss.
+SHORT_TIMEOUT = 1.0
+
+TINY = {
+    "relay": {"pairs": 2, "inflight": 2, "size": 100, "warmup": 0.0, "duration": 1.0},
+    "setup": {"workers_per_target": 2, "duration": 1.0},
+    "idle": {"peers": 30, "storm_concurrency": 100, "storm_timeout": 5.0, "source_addresses": 0},
+    "rooms": {"rooms": 2, "members": 4},
+}
+
+
+def bench(name, url, timeout=TIMEOUT, ca_file=None, **params):
+    """
+    Run scenario ``name`` against ``url`` with two client processes, from a
+    thread; this process is the server, so its pid gives the server's CPU
+    and memory.
+
+    :returns: a Deferred that fires with the result.
+    """
+    spec = dict(TINY[name], timeout=timeout)
+    spec.update(params)
+    target = wsclient.Target(url, ca_file=ca_file)
+
+    def work():
+        with Pool(2, "asyncio") as pool:
+            return run_scenario(pool, name, target, spec, os.getpid())
+
+    return threads.deferToThread(work)
+
+
+class ScenarioTests(unittest.TestCase):
+    """Every scenario against our server, with tiny sizes."""
+
+    def assertCpuReported(self, result):
+        """The server's, each client process's and the machine's CPU are there."""
+        self.assertEqual(len(result["generator_cpu_percent"]), 2)
+        self.assertGreater(sum(result["generator_cpu_percent"]), 0)
+        # /proc counts in clock ticks (10 ms): a short scenario may read 0.
+        self.assertGreaterEqual(result["server_cpu_percent"], 0)
+        self.assertIn(
+            result["bottleneck"], ("server", "generator", "both", "machine", "neither")
+        )
+
+    async def test_relay_reports_relayed_messages_and_round_trip_times(self):
+        """Relay: messages flow both ways, with sane throughput and latency percentiles."""
+        server = await RealServer.start(self, tls=False)
+        result = await bench("relay", server.url())
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["errors"], 0)
+        self.assertGreater(result["round_trips"], 0)
+        self.assertEqual(result["relayed_messages"], 2 * result["round_trips"])
+        self.assertAlmostEqual(result["messages_per_s"], result["relayed_messages"] / 1.0)
+        self.assertGreater(result["rtt_p50_ms"], 0)
+        self.assertLessEqual(result["rtt_p50_ms"], result["rtt_p99_ms"])
+        self.assertLessEqual(result["rtt_p99_ms"], result["rtt_max_ms"])
+        self.assertCpuReported(result)
+        self.assertGreater(result["server_cpu_percent"], 0)
+
+    async def test_relay_over_tls_trusting_a_ca_file(self):
+        """Relay over wss://, the server's certificate trusted through --ca-file."""
+        server = await RealServer.start(self, tls=True)
+        ca_file = self.mktemp()
+        with open(ca_file, "wb") as f:
+            f.write(server._pem)
+        result = await bench("relay", server.url(), ca_file=ca_file)
+        self.assertTrue(result["ok"], result)
+        self.assertGreater(result["round_trips"], 0)
+        self.assertTrue(result["url"].startswith("wss://"))
+
+    async def test_setup_reports_calls_per_second_and_setup_times(self):
+        """Setup: whole calls complete, and their set-up times are measured."""
+        server = await RealServer.start(self, tls=False)
+        result = await bench("setup", server.url())
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["failures"], 0)
+        self.assertGreater(result["calls"], 0)
+        self.assertGreater(result["calls_per_s"], 0)
+        self.assertGreater(result["setup_p50_ms"], 0)
+        self.assertLessEqual(result["setup_p50_ms"], result["setup_p99_ms"])
+        self.assertCpuReported(result)
+
+    async def test_idle_registers_every_peer_and_every_peer_answers(self):
+        """Idle: all peers register in the storm, memory is read, all answer afterwards."""
+        server = await RealServer.start(self, tls=False)
+        result = await bench("idle", server.url())
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["registered"], 30)
+        self.assertEqual(result["answered"], 30)
+        self.assertGreater(result["hellos_per_s"], 0)
+        self.assertGreater(result["storm_seconds"], 0)
+        self.assertGreater(result["rss_before_kb"], 0)
+        self.assertGreater(result["rss_after_kb"], 0)
+        self.assertIsNotNone(result["rss_per_peer_bytes"])
+        self.assertCpuReported(result)
+
+    async def test_rooms_sees_every_notice_and_message_arrive(self):
+        """Rooms: every join notice and every member-to-member message is counted."""
+        server = await RealServer.start(self, tls=False)
+        result = await bench("rooms", server.url())
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["notices_expected"], 2 * (4 * 3 // 2))
+        self.assertEqual(result["notices_received"], result["notices_expected"])
+        self.assertEqual(result["messages_expected"], 2 * 4 * 3)
+        self.assertEqual(result["messages_received"], result["messages_expected"])
+        self.assertGreater(result["total_seconds"], 0)
+        self.assertCpuReported(result)
+
+
+class BrokenServerTests(unittest.TestCase):
+    """The checks of the scenarios catch a server that loses something."""
+
+    async def broken_server(self, protocol):
+        """:returns: our server, its connections built from ``protocol``."""
+        server = await RealServer.start(self, tls=False)
+        server.factory.protocol = protocol
+        return server
+
+    async def test_rooms_reports_a_dropped_join_notice(self):
+        """A server that drops one ROOM_PEER_JOINED fails the room scenario."""
+
+        class DropsOneNotice(SignallingServerProtocol):
+            dropped = False
+
+            def room_peer_joined(self, room_id, uid):
+                if not DropsOneNotice.dropped:
+                    DropsOneNotice.dropped = True
+                    return
+                super().room_peer_joined(room_id, uid)
+
+        server = await self.broken_server(DropsOneNotice)
+        result = await bench("rooms", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(DropsOneNotice.dropped)
+        self.assertFalse(result["ok"])
+        self.assertEqual(result["notices_received"], result["notices_expected"] - 1)
+        self.assertEqual(result["messages_received"], result["messages_expected"])
+        self.assertGreater(result["errors"], 0)
+
+    async def test_rooms_reports_a_duplicated_message(self):
+        """A server that delivers one room message twice fails the room scenario."""
+
+        class DuplicatesOneMessage(SignallingServerProtocol):
+            doubled = False
+
+            def room_message(self, sender_uid, payload):
+                super().room_message(sender_uid, payload)
+                if not DuplicatesOneMessage.doubled:
+                    DuplicatesOneMessage.doubled = True
+                    super().room_message(sender_uid, payload)
+
+        server = await self.broken_server(DuplicatesOneMessage)
+        result = await bench("rooms", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(DuplicatesOneMessage.doubled)
+        self.assertFalse(result["ok"])
+        self.assertGreater(result["errors"], 0)
+
+    async def test_idle_reports_a_peer_that_does_not_answer(self):
+        """A server that ignores one idle peer's question fails the idle scenario."""
+
+        class IgnoresOnePeer(SignallingServerProtocol):
+            ignored = False
+
+            def onMessage(self, payload, isBinary):
+                if payload.startswith(b"SESSION ") and not IgnoresOnePeer.ignored:
+                    IgnoresOnePeer.ignored = True
+                    return
+                super().onMessage(payload, isBinary)
+
+        server = await self.broken_server(IgnoresOnePeer)
+        result = await bench("idle", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(IgnoresOnePeer.ignored)
+        self.assertFalse(result["ok"])
+        self.assertEqual(result["registered"], 30)
+        self.assertEqual(result["answered"], 29)
+
+    async def test_relay_reports_a_lost_message(self):
+        """A server that loses one relayed message fails the relay scenario."""
+
+        class LosesOneMessage(SignallingServerProtocol):
+            lost = False
+
+            def onMessage(self, payload, isBinary):
+                if self._link is not None and not LosesOneMessage.lost:
+                    LosesOneMessage.lost = True
+                    return
+                super().onMessage(payload, isBinary)
+
+        server = await self.broken_server(LosesOneMessage)
+        result = await bench("relay", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(LosesOneMessage.lost)
+        self.assertFalse(result["ok"])
+        self.assertGreater(result["errors"], 0)
+
+
+def run_cli(*argv):
+    """
+    Run ``signalling-bench`` with ``argv`` in a thread.
+
+    :returns: a Deferred firing with ``(status, stdout, stderr)``.
+    """
+    options = cli.parse_args(list(argv))
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    def work():
+        out = cli.Output(options.json, stdout, stderr)
+        try:
+            return cli.run(options, out)
+        finally:
+            out.close()
+
+    d = threads.deferToThread(work)
+    d.addCallback(lambda status: (status, stdout.getvalue(), stderr.getvalue()))
+    return d
+
+
+class CommandLineTests(unittest.TestCase):
+    """The ``signalling-bench`` command."""
+
+    def setUp(self):
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def assertUsageError(self, *argv):
+        """``argv`` is refused with status 2."""
+        exc = self.assertRaises(SystemExit, cli.parse_args, list(argv))
+        self.assertEqual(exc.code, 2)
+
+    def test_bad_command_lines_are_refused(self):
+        """Unknown scenarios, bad URLs and numbers, and lone --compare-pid are usage errors."""
+        self.assertUsageError("ws://127.0.0.1:1", "--scenarios", "relay,nap")
+        self.assertUsageError("http://127.0.0.1:1")
+        self.assertUsageError("ws://127.0.0.1:1", "--pairs", "0")
+        self.assertUsageError("ws://127.0.0.1:1", "--duration", "inf")
+        self.assertUsageError("ws://127.0.0.1:1", "--compare-pid", "1")
+        self.assertUsageError("ws://127.0.0.1:1", "--size", "8")
+        self.assertUsageError("ws://127.0.0.1:1", "--scenarios", "none")
+
+    def test_compare_defaults_to_two_rounds(self):
+        """With --compare, each scenario runs twice against each server unless told."""
+        self.assertEqual(cli.parse_args(["ws://a:1"]).rounds, 1)
+        self.assertEqual(cli.parse_args(["ws://a:1", "--compare", "ws://b:1"]).rounds, 2)
+
+    async def test_compare_alternates_servers_and_reports_ratios(self):
+        """--compare runs A, B, A, B, writes a JSON line per run and one comparison per scenario."""
+        ours = await RealServer.start(self, tls=False)
+        theirs = await RealServer.start(self, tls=False)
+        path = self.mktemp()
+        status, stdout, stderr = await run_cli(
+            ours.url(), "--server-pid", str(os.getpid()),
+            "--compare", theirs.url(),
+            "--name", "ours", "--compare-name", "theirs",
+            "--scenarios", "rooms,idle", "--rooms", "1", "--members", "3",
+            "--peers", "10", "--processes", "2", "--loop", "asyncio",
+            "--json", path,
+        )  # fmt: skip
+        self.assertEqual(status, cli.EXIT_OK, stderr)
+        with open(path) as f:
+            lines = [json.loads(line) for line in f]
+        runs = [line for line in lines if "comparison" not in line]
+        self.assertEqual(
+            [(r["round"], r["scenario"], r["target"]) for r in runs],
+            [
+                (1, "rooms", "ours"), (1, "rooms", "theirs"),
+                (1, "idle", "ours"), (1, "idle", "theirs"),
+                (2, "rooms", "ours"), (2, "rooms", "theirs"),
+                (2, "idle", "ours"), (2, "idle", "theirs"),
+            ],
+        )  # fmt: skip
+        self.assertTrue(all(r["ok"] for r in runs))
+        self.assertIsNone(runs[1]["server_cpu_percent"])
+        comparisons = {line["scenario"]: line for line in lines if "comparison" in line}
+        self.assertEqual(set(comparisons), {"rooms", "idle"})
+        rooms = comparisons["rooms"]["metrics"]["total_seconds"]
+        self.assertEqual(rooms["ratio"], rooms["ours"] / rooms["theirs"])
+        self.assertIn("ours / theirs", stdout)
+        self.assertIn("rooms: 1 rooms x 3 members", stdout)
+
+    async def test_json_to_standard_output_moves_the_tables_to_standard_error(self):
+        """--json - writes only JSON lines on standard output."""
+        server = await RealServer.start(self, tls=False)
+        status, stdout, stderr = await run_cli(
+            server.url(), "--scenarios", "rooms", "--rooms", "1", "--members", "2",
+            "--processes", "1", "--loop", "asyncio", "--json", "-",
+        )  # fmt: skip
+        self.assertEqual(status, cli.EXIT_OK, stderr)
+        [line] = stdout.splitlines()
+        self.assertEqual(json.loads(line)["scenario"], "rooms")
+        self.assertIn("rooms: 1 rooms x 2 members", stderr)
+
+    async def test_failed_check_gives_status_1(self):
+        """A run whose checks fail (nothing listens there) ends with status 1."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            url = f"ws://127.0.0.1:{sock.getsockname()[1]}/"
+        status, stdout, stderr = await run_cli(
+            url, "--scenarios", "idle", "--peers", "3", "--processes", "1",
+            "--loop", "asyncio", "--timeout", "2",
+        )  # fmt: skip
+        self.assertEqual(status, cli.EXIT_CHECK_FAILED, stderr)
+        self.assertIn("NO", stdout)
+
+    async def test_plot_sweeps_the_offered_load_and_writes_pngs(self):
+        """--plot runs the relay at each load of --sweep and writes three PNG files."""
+        if importlib.util.find_spec("matplotlib") is None:
+            message = "matplotlib is not installed (the test and bench extras)"
+            if os.environ.get("CI") == "true":
+                self.fail(message)
+            raise unittest.SkipTest(message)
+        server = await RealServer.start(self, tls=False)
+        directory = self.mktemp()
+        path = self.mktemp()
+        status, stdout, stderr = await run_cli(
+            server.url(), "--scenarios", "none", "--plot", directory,
+            "--sweep", "1,4", "--pairs", "2", "--duration", "0.5", "--warmup", "0",
+            "--processes", "1", "--loop", "asyncio", "--json", path,
+        )  # fmt: skip
+        self.assertEqual(status, cli.EXIT_OK, stderr)
+        with open(path) as f:
+            points = [json.loads(line) for line in f]
+        self.assertEqual([(p["pairs"], p["inflight"]) for p in points], [(1, 1), (2, 2)])
+        self.assertTrue(all(p["sweep"] and p["ok"] for p in points))
+        for name in ("relay-throughput.png", "relay-latency.png", "relay-latency-throughput.png"):
+            with open(os.path.join(directory, name), "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class ReportTests(unittest.TestCase):
+    """Percentiles, the bottleneck verdict, and /proc readings."""
+
+    def test_percentiles_use_the_nearest_rank(self):
+        """p50, p99 and max of 1..100 ms are 50, 99 and 100 ms."""
+        result = report.percentiles([n / 1000 for n in range(100, 0, -1)])
+        self.assertAlmostEqual(result["p50"], 50)
+        self.assertAlmostEqual(result["p99"], 99)
+        self.assertAlmostEqual(result["max"], 100)
+        self.assertEqual(report.percentiles([]), {"p50": None, "p99": None, "max": None})
+
+    def test_bottleneck_names_the_saturated_side(self):
+        """The side near a full core is the bottleneck; a busy machine is named too."""
+        self.assertEqual(report.bottleneck(99, [20, 30]), "server")
+        self.assertEqual(report.bottleneck(40, [95, 30]), "generator")
+        self.assertEqual(report.bottleneck(95, [95]), "both")
+        self.assertEqual(report.bottleneck(40, [30], 195, 2), "machine")
+        self.assertEqual(report.bottleneck(40, [30], 80, 2), "neither")
+        self.assertEqual(report.bottleneck(None, [30]), "unknown")
+
+    def test_server_probe_reads_this_process(self):
+        """CPU seconds and resident memory of a live process come from /proc."""
+        probe = ServerProbe(os.getpid())
+        self.assertGreater(probe.cpu(), 0)
+        self.assertGreater(probe.rss_kb(), 1000)
+        self.assertIsNone(ServerProbe(None).cpu())
+
+
+class _FakeTransport:
+    """Collects what a :class:`wsclient.Connection` writes."""
+
+    def __init__(self):
+        self.written = b""
+        self.aborted = False
+
+    def write(self, data):
+        self.written += data
+
+    def is_closing(self):
+        return self.aborted
+
+    def abort(self):
+        self.aborted = True
+
+
+class _FakeEndpoint:
+    path = "/"
+    host_header = "localhost"
+
+
+def server_frame(opcode, payload, fin=True):
+    """:returns: one unmasked frame, as a server sends it."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        return head + bytes([len(payload)]) + payload
+    if len(payload) < 1 << 16:
+        return head + bytes([126]) + struct.pack("!H", len(payload)) + payload
+    return head + bytes([127]) + struct.pack("!Q", len(payload)) + payload
+
+
+def client_frames(data):
+    """:returns: the ``(opcode, unmasked payload)`` of the client frames in ``data``."""
+    frames = []
+    while data:
+        opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            length, offset = struct.unpack("!H", data[2:4])[0], 4
+        elif length == 127:
+            length, offset = struct.unpack("!Q", data[2:10])[0], 10
+        key = data[offset:offset + 4]
+        payload = data[offset + 4:offset + 4 + length]
+        frames.append((opcode, wsclient.apply_mask(payload, key)))
+        data = data[offset + 4 + length:]
+    return frames
+
+
+class WebSocketClientTests(unittest.TestCase):
+    """The generator's own WebSocket client, fed bytes by hand."""
+
+    def setUp(self):
+        self.loop = asyncio.new_event_loop()
+        self.addCleanup(self.loop.close)
+        self.connection = wsclient.Connection(self.loop, _FakeEndpoint())
+        self.transport = _FakeTransport()
+        self.connection.connection_made(self.transport)
+        self.request = self.transport.written
+        self.transport.written = b""
+
+    def answer_handshake(self, accept=None):
+        accept = accept or self.connection._accept
+        self.connection.data_received(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+
+    def test_handshake_checks_the_accept_header(self):
+        """The upgrade is accepted only with the Sec-WebSocket-Accept of RFC 6455."""
+        self.assertTrue(self.request.startswith(b"GET / HTTP/1.1\r\nHost: localhost\r\n"))
+        self.answer_handshake(b"d3Jvbmc=")
+        self.assertIsInstance(self.connection.opened.exception(), wsclient.HandshakeError)
+        self.assertTrue(self.transport.aborted)
+
+    def test_fragments_are_joined_and_pings_answered_in_between(self):
+        """A fragmented message arrives whole; a ping between its fragments gets its pong."""
+        received = []
+        self.answer_handshake()
+        self.assertIs(self.connection.opened.result(), self.connection)
+        self.connection.set_handler(lambda payload, opcode: received.append((payload, opcode)))
+        data = (
+            server_frame(wsclient.TEXT, b"hel", fin=False)
+            + server_frame(wsclient.PING, b"p")
+            + server_frame(0, b"lo")
+        )
+        # Split at every byte boundary: frames may arrive in any pieces.
+        for index in range(len(data)):
+            self.connection.data_received(data[index:index + 1])
+        self.assertEqual(received, [(b"hello", wsclient.TEXT)])
+        self.assertEqual(client_frames(self.transport.written), [(wsclient.PONG, b"p")])
+
+    def test_long_frames_are_read_and_written(self):
+        """Frames with 16-bit and 64-bit lengths go both ways intact."""
+        self.answer_handshake()
+        medium, large = b"m" * 300, os.urandom(70000)
+        data = server_frame(wsclient.TEXT, medium) + server_frame(wsclient.BINARY, large)
+        self.connection.data_received(data[:1000])
+        self.connection.data_received(data[1000:])
+        self.assertEqual(
+            list(self.connection._queue), [(medium, wsclient.TEXT), (large, wsclient.BINARY)]
+        )
+        self.connection.send(medium)
+        self.connection.send(large, wsclient.BINARY)
+        self.assertEqual(
+            client_frames(self.transport.written),
+            [(wsclient.TEXT, medium), (wsclient.BINARY, large)],
+        )
+
+    def test_a_close_frame_is_answered_with_the_same_code(self):
+        """The server's close frame is echoed, and nothing is sent after it."""
+        self.answer_handshake()
+        self.connection.data_received(server_frame(wsclient.CLOSE, struct.pack("!H", 1000)))
+        self.assertEqual(self.connection.close_code, 1000)
+        self.connection.send_text("late")
+        self.assertEqual(
+            client_frames(self.transport.written), [(wsclient.CLOSE, struct.pack("!H", 1000))]
+        )
+        self.connection.connection_lost(None)
+        self.assertEqual(self.connection.closed.result(), 1000)
+
+    def test_pure_python_masking_matches_rfc_6455(self):
+        """The fallback mask XORs each byte with the key byte at its position mod 4."""
+        key = b"\x01\x02\x03\xff"
+        for data in (b"", b"a", b"abcde", os.urandom(1001)):
+            expected = bytes(b ^ key[i % 4] for i, b in enumerate(data))
+            self.assertEqual(wsclient._py_apply_mask(data, key), expected)
+            self.assertEqual(wsclient.apply_mask(data, key), expected)
