@@ -4,6 +4,7 @@ The WebSocket factory: owns the registry, the clock and the connection limits.
 
 from autobahn.twisted.websocket import WebSocketServerFactory
 
+from signalling.metrics import Stats
 from signalling.protocol import SignallingServerProtocol
 
 #: Largest message accepted by default (the example server's limit).
@@ -41,6 +42,11 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param max_message: largest message accepted, in bytes; a larger one
         closes the connection with 1009.
     :param hello_timeout: seconds a new connection has to send ``HELLO``.
+    :param stats: the :class:`signalling.metrics.Stats` to count into
+        (shared by the factories of one server); a new one when None.
+    :param trust_proxy: how many ``X-Forwarded-For`` hops to trust for the
+        peer address (0: none).
+    :param log_payloads: log every relayed payload (for debugging only).
     """
 
     protocol = SignallingServerProtocol
@@ -53,6 +59,9 @@ class SignallingServerFactory(WebSocketServerFactory):
         keepalive=DEFAULT_KEEPALIVE,
         max_message=DEFAULT_MAX_MESSAGE,
         hello_timeout=DEFAULT_HELLO_TIMEOUT,
+        stats=None,
+        trust_proxy=0,
+        log_payloads=False,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -60,6 +69,10 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.registry = registry
         self.clock = clock
         self.hello_timeout = hello_timeout
+        self.stats = Stats() if stats is None else stats
+        self.log_payloads = log_payloads
+        #: Open (past the handshake) connections, for a graceful shutdown.
+        self.connections = set()
         self.setProtocolOptions(
             # Plain GETs are answered by twisted.web, never by Autobahn.
             webStatus=False,
@@ -74,6 +87,12 @@ class SignallingServerFactory(WebSocketServerFactory):
             openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             perMessageCompressionAccept=_refuse_compression,
+            trustXForwardedFor=trust_proxy,
         )
         # One log line per listening port start is enough; not one per client.
         self.noisy = False
+
+    def close_all(self):
+        """Close every open connection with 1001 (going away)."""
+        for protocol in list(self.connections):
+            protocol.going_away()

@@ -158,3 +158,4 @@ class IRegistry(Interface):
     peer_count = Attribute("How many peers are registered.")
     session_count = Attribute("How many sessions are in progress.")
     room_count = Attribute("How many rooms have at least one member.")
+    room_member_count = Attribute("How many peers are in a room.")

@@ -59,6 +59,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
     def onOpen(self):
         """Start the deadline for the first message."""
         self._log.info("connection from {peer_addr}", peer_addr=self.peer)
+        self.factory.connections.add(self)
         self._hello_call = self.factory.clock.callLater(
             self.factory.hello_timeout, self._hello_timed_out
         )
@@ -76,6 +77,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         self._closed = self._closing = True
         self._link = None
         self._held = None
+        self.factory.connections.discard(self)
         if self._hello_call is not None:
             if self._hello_call.active():
                 self._hello_call.cancel()
@@ -109,16 +111,34 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     # IPeer: what the registry does to this connection.
 
+    def onAutoPingTimeout(self):
+        """Count the keepalive timeout; Autobahn then drops the connection."""
+        self.factory.stats.keepalive_timeouts += 1
+        super().onAutoPingTimeout()
+
+    def going_away(self):
+        """Close for a server shutdown: code 1001, no message."""
+        self._closing = True
+        self._link = None
+        if self.state == _OPEN:
+            self.sendCloseFrame(code=1001, reasonUtf8=b"going away")
+
     def send_frame(self, payload, is_binary):
         """Relay one message to this connection, unless it is closing."""
         if self.state == _OPEN:
+            stats = self.factory.stats
+            stats.session_messages += 1
+            stats.session_bytes += len(payload)
             self.sendFrame(_BINARY if is_binary else _TEXT, payload)
 
     def session_started(self, partner_uid, link, caller):
         """Start relaying to ``partner_uid``; the caller is told ``SESSION_OK``."""
         self._partner_uid = partner_uid
+        if self.factory.log_payloads:
+            link = self._logging_link(link, partner_uid)
         self._link = link
         if caller:
+            self.factory.stats.sessions_started += 1
             self._send_text("SESSION_OK")
             self._log.info(
                 "session from {uid} to {callee}", uid=self._uid, callee=partner_uid
@@ -156,7 +176,32 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def room_message(self, sender_uid, payload):
         """Hand over a room member's message."""
+        stats = self.factory.stats
+        stats.room_messages += 1
+        stats.room_bytes += len(payload.encode("utf-8"))
+        if self.factory.log_payloads:
+            self._log.info(
+                "room message from {sender_uid} to {uid}: {payload}",
+                sender_uid=sender_uid,
+                uid=self._uid,
+                payload=payload,
+            )
         self._send_text(wire.room_peer_msg(sender_uid, payload))
+
+    def _logging_link(self, link, partner_uid):
+        """Wrap a session link to log each payload (``--log-payloads`` only)."""
+        log, uid = self._log, self._uid
+
+        def logged(payload, is_binary):
+            log.info(
+                "relay from {uid} to {partner_uid}: {payload}",
+                uid=uid,
+                partner_uid=partner_uid,
+                payload=payload if is_binary else payload.decode("utf-8", "replace"),
+            )
+            link(payload, is_binary)
+
+        return logged
 
     # Input.
 
@@ -201,7 +246,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         if self._uid is None:
             return self._hello(payload, is_binary)
         if is_binary:
-            return self._send_error(wire.BINARY_OUTSIDE_SESSION)
+            return self._send_error(wire.BINARY_OUTSIDE_SESSION, "binary_outside_session")
         command, rest = wire.split_command(payload.decode("utf-8"))
         registry = self.factory.registry
         if self._room_id is not None:
@@ -209,41 +254,45 @@ class SignallingServerProtocol(WebSocketServerProtocol):
                 try:
                     target, message = wire.parse_room_peer_msg(rest)
                 except wire.WireError as e:
-                    return self._send_error(e.reason)
+                    return self._send_error(e.reason, e.kind)
                 return self._call(registry.room_message, self._uid, target, message)
             if command == wire.ROOM_PEER_LIST:
                 d = self._call(registry.room_members, self._uid)
                 d.addCallback(self._send_peer_list)
                 return d
-            return self._send_error(wire.ALREADY_IN_ROOM)
+            return self._send_error(wire.ALREADY_IN_ROOM, "already_in_room")
         if command == wire.SESSION:
             if not rest:
-                return self._send_error(wire.SESSION_NEEDS_UID)
+                return self._send_error(wire.SESSION_NEEDS_UID, "missing_arguments")
             return self._call(registry.start_session, self._uid, rest)
         if command == wire.ROOM:
             try:
                 wire.check_room_id(rest)
             except wire.WireError as e:
-                return self._send_error(e.reason)
+                return self._send_error(e.reason, e.kind)
             return self._call(registry.join_room, self._uid, rest)
         if command in (wire.ROOM_PEER_MSG, wire.ROOM_PEER_LIST):
-            return self._send_error(wire.NOT_IN_ROOM)
+            return self._send_error(wire.NOT_IN_ROOM, "not_in_room")
         if command == wire.HELLO:
-            return self._send_error(wire.ALREADY_REGISTERED)
+            return self._send_error(wire.ALREADY_REGISTERED, "already_registered")
         if not command:
-            return self._send_error(wire.EMPTY_MESSAGE)
-        return self._send_error(wire.unknown_command(command))
+            return self._send_error(wire.EMPTY_MESSAGE, "empty_message")
+        return self._send_error(wire.unknown_command(command), "unknown_command")
 
     def _hello(self, payload, is_binary):
         if is_binary:
-            return self._refuse(wire.BINARY_OUTSIDE_SESSION, wire.CLOSE_INVALID_PROTOCOL)
+            return self._refuse(
+                wire.BINARY_OUTSIDE_SESSION, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol"
+            )
         command, uid = wire.split_command(payload.decode("utf-8"))
         if command != wire.HELLO:
-            return self._refuse(wire.EXPECTED_HELLO, wire.CLOSE_INVALID_PROTOCOL)
+            return self._refuse(
+                wire.EXPECTED_HELLO, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol"
+            )
         try:
             wire.check_uid(uid)
         except wire.WireError as e:
-            return self._refuse(e.reason, wire.CLOSE_INVALID_UID)
+            return self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
         d = defer.maybeDeferred(self.factory.registry.register, uid, self)
         d.addCallbacks(self._registered, self._hello_failed, callbackArgs=(uid,))
         d.addErrback(self._unexpected)
@@ -265,7 +314,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def _hello_failed(self, failure):
         failure.trap(UidTaken)
-        self._refuse(wire.reason_for(failure.value), wire.CLOSE_INVALID_UID)
+        self._refuse(wire.reason_for(failure.value), wire.CLOSE_INVALID_UID, "uid_taken")
 
     def _call(self, method, *args):
         """Run one registry command; its domain errors become ``ERROR`` lines."""
@@ -275,7 +324,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def _command_failed(self, failure):
         if failure.check(SignallingError):
-            self._send_error(wire.reason_for(failure.value))
+            self._send_error(wire.reason_for(failure.value), wire.kind_for(failure.value))
         else:
             self._unexpected(failure)
 
@@ -300,7 +349,8 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         if self.state == _OPEN:
             self.sendFrame(_TEXT, text.encode("utf-8"))
 
-    def _send_error(self, reason):
+    def _send_error(self, reason, kind):
+        self.factory.stats.error_sent(kind)
         self._log.info(
             "refused a request from {uid} at {peer_addr}: {reason}",
             uid=self._uid,
@@ -309,8 +359,9 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         )
         self._send_text(wire.error(reason))
 
-    def _refuse(self, reason, close_reason):
+    def _refuse(self, reason, close_reason, kind):
         """Refuse the first message: ``ERROR``, then close with 1002."""
+        self.factory.stats.hello_rejected(kind)
         self._log.info(
             "refused HELLO from {peer_addr}: {reason}", peer_addr=self.peer, reason=reason
         )
@@ -324,6 +375,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         self._hello_call = None
         if self._uid is None and not self._closing:
             self._log.info("no HELLO from {peer_addr} in time", peer_addr=self.peer)
+            self.factory.stats.hello_rejected("hello_timeout")
             self._closing = True
             if self.state == _OPEN:
                 self.sendCloseFrame(code=CLOSE_HELLO_TIMEOUT, reasonUtf8=b"no HELLO in time")

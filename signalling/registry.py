@@ -43,6 +43,10 @@ class Registry:
     def room_count(self):
         return len(self._rooms)
 
+    @property
+    def room_member_count(self):
+        return len(self._room_of)
+
     def is_empty(self):
         """:returns: True when no peer, session or room is left."""
         return not (self._peers or self._partners or self._rooms or self._room_of)

@@ -4,18 +4,20 @@ The twistd plugin's options and service: ``twistd -n signalling``.
 
 import math
 
-from twisted.application import strports
-from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from signalling import factory as _factory
-from signalling import tls
+from signalling import logs, tls
+from signalling.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.registry import Registry
+from signalling.service import SignallingService
+from signalling.systemd import Notifier
 from signalling.web import SignallingRoot, parse_ice_server
+
+_log = Logger()
 
 DEFAULT_PORT = "ssl:8443"
 DEFAULT_PLAIN_PORT = "tcp:8443"
@@ -39,6 +41,22 @@ def _positive(kind, minimum=None):
     return coerce
 
 
+def _log_format(value):
+    if value not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {value!r}")
+    return value
+
+
+_log_format.coerceDoc = "One of text, json."
+
+
+def _non_negative_int(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, not {value}")
+    return number
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd signalling``."""
 
@@ -50,12 +68,17 @@ class Options(usage.Options):
         "a health check and a short page on the same port. A bare ssl:PORT "
         "takes cert.pem/key.pem (or Let's Encrypt's privkey.pem with cert.pem "
         "or fullchain.pem) from --cert-path, creating a self-signed certificate "
-        "for localhost there on first start if there is none."
+        "for localhost there on first start if there is none; tls:ENDPOINT "
+        "serves the same TLS on any endpoint (tls:systemd:domain=INET6:index=0). "
+        "SIGHUP reloads that certificate; SIGTERM closes every connection with "
+        "1001 and stops."
     )
 
     optFlags = [
         ["disable-ssl", None, "Listen on tcp:8443 (plaintext) instead of ssl:8443 "
          "by default, e.g. behind a TLS-terminating proxy."],
+        ["log-payloads", None, "Log every relayed message (SDP, ICE) at info "
+         "level. For debugging only: it slows the relay and logs private data."],
     ]
 
     optParameters = [
@@ -74,6 +97,21 @@ class Options(usage.Options):
         ["hello-timeout", None, _factory.DEFAULT_HELLO_TIMEOUT,
          "Seconds a new connection has to send HELLO before it is closed.",
          _positive(float)],
+        ["shutdown-timeout", None, 5.0,
+         "On SIGTERM/SIGINT: seconds to wait for connections to close after "
+         "they were sent close code 1001.", _positive(float)],
+        ["metrics-port", None, None,
+         "Serve Prometheus metrics on this endpoint description (e.g. "
+         "tcp:9100:interface=127.0.0.1), at /metrics. Default: no metrics.", str],
+        ["log-format", None, "text",
+         "Log format under twistd: text, or json (one JSON object per line on "
+         "standard output, for journald and log shippers).", _log_format],
+        ["backlog", None, 4096,
+         "Listen backlog of tcp:, ssl: and unix: ports that name none (the "
+         "kernel caps it at net.core.somaxconn).", _positive(int)],
+        ["trust-proxy", None, 0,
+         "Trust this many hops of X-Forwarded-For for the peer address (behind "
+         "a reverse proxy).", _non_negative_int],
     ]
 
     compData = usage.Completions(
@@ -86,7 +124,7 @@ class Options(usage.Options):
         self["ice-server"] = []
 
     def opt_port(self, description):
-        """Listen on this Twisted endpoint description (repeatable), e.g. ssl:8443, tcp:8080:interface=127.0.0.1 or systemd:domain=INET6:index=0. Default: ssl:8443."""
+        """Listen on this Twisted endpoint description (repeatable), e.g. ssl:8443, tcp:8080:interface=127.0.0.1, systemd:domain=INET6:index=0 or tls:systemd:domain=INET6:index=0. Default: ssl:8443."""
         self["port"].append(description)
 
     opt_p = opt_port
@@ -110,20 +148,6 @@ class Options(usage.Options):
             )
 
 
-class SignallingService(MultiService):
-    """
-    The server's ports. A port that cannot be bound at start-up stops twistd
-    with one line for the operator instead of a traceback.
-    """
-
-    def privilegedStartService(self):
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            where = f"{e.interface}:{e.port}" if e.interface else f"port {e.port}"
-            raise SystemExit(f"signalling: cannot listen on {where}: {e.socketError}")
-
-
 def makeService(config, reactor=None):
     """
     Build the server from parsed :class:`Options`; nothing listens until the
@@ -131,59 +155,118 @@ def makeService(config, reactor=None):
 
     :param reactor: the reactor to listen on and take time from; the global
         one when None.
-    :returns: a :class:`SignallingService` with one endpoint service per
-        ``--port``.
+    :returns: a :class:`signalling.service.SignallingService`.
     :raises SystemExit: with one line for the operator when the TLS material
         or an endpoint description cannot be used.
     """
+    # Signals are ours only when we run on the global reactor (under twistd).
+    handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
+    if config["log-format"] == "json":
+        log_observer = logs.json_observer()
+    else:
+        log_observer = None
     registry = Registry()
-    ws_factory = _factory.SignallingServerFactory(
-        None,
-        registry,
-        reactor,
-        keepalive=config["keepalive-timeout"],
-        max_message=config["max-message-size"],
-        hello_timeout=config["hello-timeout"],
-    )
-    site = Site(
-        SignallingRoot(
-            ws_factory, config["health"].encode("utf-8"), ice_servers=config["ice-server"]
-        )
-    )
-    site.noisy = False
-    service = SignallingService()
+    stats = Stats()
     ports = []
     for description in config["port"]:
-        bare_ssl = tls.is_bare_ssl(description)
-        endpoint = tls.tcp_description(description) if bare_ssl else description
-        _check_endpoint(reactor, description, endpoint)
-        ports.append((endpoint, bare_ssl))
+        if description.startswith("tls:"):
+            endpoint = description[len("tls:"):]
+            if not endpoint:
+                _check_endpoint(reactor, description, endpoint)
+        elif tls.is_bare_ssl(description):
+            endpoint = tls.tcp_description(description)
+        else:
+            endpoint = None
+        wrap = endpoint is not None
+        endpoint = with_backlog(endpoint or description, config["backlog"])
+        ports.append((description, _check_endpoint(reactor, description, endpoint), wrap))
+    metrics_endpoint = None
+    if config["metrics-port"] is not None:
+        metrics_endpoint = _check_endpoint(
+            reactor,
+            config["metrics-port"],
+            with_backlog(config["metrics-port"], config["backlog"]),
+            "--metrics-port",
+        )
     # Only once every description is known to be good: this may create files.
     server_tls = None
-    if any(bare_ssl for _, bare_ssl in ports):
+    if any(wrap for _, _, wrap in ports):
         try:
             server_tls = tls.server_tls(config["cert-path"])
         except tls.TLSConfigError as e:
             raise SystemExit(f"signalling: {e}")
-    for endpoint, bare_ssl in ports:
-        factory = site
-        if bare_ssl:
-            factory = TLSMemoryBIOFactory(server_tls, False, site)
-            factory.noisy = False
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(service)
-    return service
+    listen, ws_factories = [], []
+    for description, endpoint, wrap in ports:
+        ws_factory = _factory.SignallingServerFactory(
+            None,
+            registry,
+            reactor,
+            keepalive=config["keepalive-timeout"],
+            max_message=config["max-message-size"],
+            hello_timeout=config["hello-timeout"],
+            stats=stats,
+            trust_proxy=config["trust-proxy"],
+            log_payloads=config["log-payloads"],
+        )
+        ws_factories.append((description, ws_factory))
+        site = Site(
+            SignallingRoot(
+                ws_factory,
+                config["health"].encode("utf-8"),
+                ice_servers=config["ice-server"],
+            )
+        )
+        site.noisy = False
+        factory = tls.ServerTLSFactory(server_tls, site, stats) if wrap else site
+        listen.append((description, endpoint, factory))
+    if metrics_endpoint is not None:
+        collector = SignallingCollector(stats, registry, ws_factories)
+        metrics_site = Site(metrics_resource(collector))
+        metrics_site.noisy = False
+        listen.append((config["metrics-port"], metrics_endpoint, metrics_site))
+    if config["log-payloads"]:
+        _log.warn("--log-payloads: every relayed message is logged, payloads included")
+    return SignallingService(
+        reactor,
+        listen,
+        [f for _, f in ws_factories],
+        notifier=Notifier(),
+        shutdown_timeout=config["shutdown-timeout"],
+        server_tls=server_tls,
+        handle_signals=handle_signals,
+        log_observer=log_observer,
+    )
 
 
-def _check_endpoint(reactor, description, listen_on):
+_LISTENING_TYPES = ("tcp:", "tcp6:", "ssl:", "unix:")
+
+
+def with_backlog(description, backlog):
+    """
+    Give a listening endpoint description a listen backlog, unless it names
+    one. Twisted's default of 50 drops connections in a reconnect storm.
+
+    :returns: the description to listen on.
+    """
+    if not description.startswith(_LISTENING_TYPES) or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def _check_endpoint(reactor, description, listen_on, option="--port"):
     """
     Parse an endpoint description (nothing binds yet).
 
-    :raises SystemExit: one line naming the ``--port`` given, when it is wrong.
+    :returns: the endpoint.
+    :raises SystemExit: one line naming the option and the description given,
+        when it is wrong.
     """
     try:
-        serverFromString(reactor, listen_on)
+        if not listen_on:
+            raise ValueError("no endpoint description")
+        return serverFromString(reactor, listen_on)
     except Exception as e:
         text = " ".join((str(e) or type(e).__name__).split())
-        raise SystemExit(f"signalling: cannot use --port {description!r}: {text}")
+        raise SystemExit(f"signalling: cannot use {option} {description!r}: {text}")

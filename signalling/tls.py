@@ -24,6 +24,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 _log = Logger()
@@ -218,20 +219,81 @@ class ServerTLS:
     :raises TLSConfigError: when they cannot be used.
     """
 
+    _log = Logger()
+
     def __init__(self, files):
         self.files = files
-        self.certificate, key, chain = load_certificate(files)
-        self._options = CertificateOptions(
+        self.certificate, self._context = self._load(files)
+
+    @staticmethod
+    def _load(files):
+        certificate, key, chain = load_certificate(files)
+        options = CertificateOptions(
             privateKey=crypto.PKey.from_cryptography_key(key),
-            certificate=crypto.X509.from_cryptography(self.certificate),
+            certificate=crypto.X509.from_cryptography(certificate),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
         )
-        # Build the context now, so that a problem shows at start-up.
-        self._context = self._options.getContext()
+        # Build the context now, so that a problem shows before it is used.
+        return certificate, options.getContext()
+
+    def reload(self):
+        """
+        Read the files again. New handshakes use the new pair; connections
+        already set up keep theirs. A pair that cannot be used is refused
+        with one log line, and the old one stays in use.
+
+        :returns: True if the new pair is in use.
+        """
+        try:
+            certificate, context = self._load(self.files)
+        except TLSConfigError as e:
+            self._log.error(
+                "TLS certificate not reloaded, keeping the old one: {reason}",
+                reason=str(e),
+            )
+            return False
+        self.certificate, self._context = certificate, context
+        self._log.info(
+            "TLS certificate reloaded: {cert_file} (SHA-256 {fingerprint})",
+            cert_file=self.files.cert,
+            fingerprint=fingerprint(certificate),
+        )
+        return True
 
     def serverConnectionForTLS(self, tlsProtocol):
         """:returns: a new server-side ``OpenSSL.SSL.Connection``."""
         return SSL.Connection(self._context, None)
+
+
+class _CountingTLSProtocol(TLSMemoryBIOProtocol):
+    def connectionLost(self, reason):
+        # The peer's Finished message: in TLS 1.3 the server sends its own
+        # before the client has checked the certificate.
+        if self.getHandle().get_peer_finished() is None:
+            self.factory.handshake_failed()
+        super().connectionLost(reason)
+
+
+class ServerTLSFactory(TLSMemoryBIOFactory):
+    """
+    The TLS layer of a bare ``ssl:`` port, counting connections that close
+    before their handshake completed.
+
+    :param server_tls: the :class:`ServerTLS`.
+    :param wrapped_factory: the factory of the protocol inside TLS.
+    :param stats: a :class:`signalling.metrics.Stats` to count into, or None.
+    """
+
+    protocol = _CountingTLSProtocol
+    noisy = False
+
+    def __init__(self, server_tls, wrapped_factory, stats=None):
+        super().__init__(server_tls, False, wrapped_factory)
+        self._stats = stats
+
+    def handshake_failed(self):
+        if self._stats is not None:
+            self._stats.tls_handshake_failures += 1
 
 
 def fingerprint(cert):

@@ -38,11 +38,13 @@ class WireError(Exception):
     Input that is answered with an ``ERROR`` line.
 
     :ivar reason: the text after ``ERROR ``.
+    :ivar kind: a fixed name for the kind of error (a metrics label).
     """
 
-    def __init__(self, reason):
+    def __init__(self, reason, kind="invalid_request"):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 def split_command(text):
@@ -93,11 +95,14 @@ def check_uid(uid):
         control characters.
     """
     if not uid:
-        raise WireError("missing peer uid: the first message must be 'HELLO <uid>'")
+        raise WireError(
+            "missing peer uid: the first message must be 'HELLO <uid>'", "invalid_uid"
+        )
     if not _is_valid_id(uid):
         raise WireError(
             f"invalid peer uid {_echo(uid)}: it must be 1 to {MAX_ID_LENGTH} "
-            "characters without whitespace or control characters"
+            "characters without whitespace or control characters",
+            "invalid_uid",
         )
 
 
@@ -108,7 +113,7 @@ def check_room_id(room_id):
     :raises WireError: ``invalid room id '<room_id>'``.
     """
     if room_id == RESERVED_ROOM_ID or not _is_valid_id(room_id):
-        raise WireError(f"invalid room id {_echo(room_id)}")
+        raise WireError(f"invalid room id {_echo(room_id)}", "invalid_room_id")
 
 
 def parse_room_peer_msg(rest):
@@ -121,7 +126,9 @@ def parse_room_peer_msg(rest):
     """
     parts = rest.split(maxsplit=1)
     if len(parts) < 2:
-        raise WireError("ROOM_PEER_MSG needs a peer uid and a message")
+        raise WireError(
+            "ROOM_PEER_MSG needs a peer uid and a message", "missing_arguments"
+        )
     return parts[0], parts[1]
 
 
@@ -177,6 +184,25 @@ SESSION_NEEDS_UID = "SESSION needs a peer uid"
 ALREADY_REGISTERED = "already registered"
 
 
+_KINDS = {
+    interfaces.UidTaken: "uid_taken",
+    interfaces.PeerNotFound: "peer_not_found",
+    interfaces.PeerBusy: "peer_busy",
+    interfaces.SessionWithSelf: "session_with_self",
+    interfaces.PeerNotInRoom: "peer_not_in_room",
+    interfaces.NotInRoom: "not_in_room",
+    interfaces.AlreadyEngaged: "already_engaged",
+}
+
+
+def kind_for(exc):
+    """:returns: the fixed name of a registry's domain exception (a metrics label)."""
+    for cls in type(exc).__mro__:
+        if cls in _KINDS:
+            return _KINDS[cls]
+    return "request_failed"
+
+
 def reason_for(exc):
     """
     Turn a registry's domain exception into the reason of an ``ERROR`` line.
@@ -184,18 +210,19 @@ def reason_for(exc):
     :param exc: an :class:`interfaces.SignallingError`.
     :returns: the text after ``ERROR ``.
     """
-    if isinstance(exc, interfaces.UidTaken):
+    kind = kind_for(exc)
+    if kind == "uid_taken":
         return f"peer uid {_echo(exc.uid)} is already taken"
-    if isinstance(exc, interfaces.PeerNotFound):
+    if kind == "peer_not_found":
         return f"peer {_echo(exc.uid)} not found"
-    if isinstance(exc, interfaces.PeerBusy):
+    if kind == "peer_busy":
         return f"peer {_echo(exc.uid)} busy"
-    if isinstance(exc, interfaces.SessionWithSelf):
+    if kind == "session_with_self":
         return "cannot start a session with yourself"
-    if isinstance(exc, interfaces.PeerNotInRoom):
+    if kind == "peer_not_in_room":
         return f"peer {_echo(exc.uid)} is not in the room"
-    if isinstance(exc, interfaces.NotInRoom):
+    if kind == "not_in_room":
         return NOT_IN_ROOM
-    if isinstance(exc, interfaces.AlreadyEngaged):
+    if kind == "already_engaged":
         return "already in a session or a room"
     return "request failed"

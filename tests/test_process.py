@@ -7,7 +7,6 @@ These are slow (each starts a Python process); keep them few.
 """
 
 import os
-import signal
 import socket
 import sys
 
@@ -243,21 +242,20 @@ class ProcessMixin:
         return False
 
     @inlineCallbacks
-    def stop_server(self, server):
+    def stop_server(self, server, signal_name="TERM"):
         """
-        Stop ``server`` with SIGTERM as an operator would, and check that it
-        shut down without logging a traceback or an unhandled error.
+        Stop ``server`` with SIGTERM (or ``signal_name``) as an operator
+        would, and check that it shut down with exit status 0, without
+        logging a traceback or an unhandled error.
         """
-        server.transport.signalProcess("TERM")
+        server.transport.signalProcess(signal_name)
         reason = yield server.wait(START_TIMEOUT)
         output = server.output
         self.assertNotIn("Traceback", output)
         self.assertNotIn("Unhandled", output)
         self.assertIn("Server Shut Down", output)
-        # twistd re-raises the signal it stopped on, so it ends "by SIGTERM".
-        self.assertIn(reason.signal, (signal.SIGTERM, None))
-        if reason.signal is None:
-            self.assertEqual(reason.exitCode, 0)
+        self.assertIsNone(reason.signal, "ended by the signal, not by exiting")
+        self.assertEqual(reason.exitCode, 0)
 
 
 class RunningServerMixin(ProcessMixin):
@@ -351,6 +349,13 @@ class RunningServerMixin(ProcessMixin):
         client = yield self.hello("carol")
         yield self._close(client)
         yield self.stop_server(self.server)
+
+    @inlineCallbacks
+    def test_sigint_stops_the_server_with_status_0(self):
+        """SIGINT (Ctrl-C) stops the server as SIGTERM does, with status 0."""
+        client = yield self.hello("dave")
+        yield self._close(client)
+        yield self.stop_server(self.server, "INT")
 
 
 class PlaintextProcessTests(RunningServerMixin, unittest.TestCase):

@@ -4,11 +4,15 @@ service built from them, on a memory reactor (and, for what a bare ``ssl:``
 port serves, through real TLS handshakes on loopback ports).
 """
 
+import io
+import json
 import os
+import sys
 
+from autobahn.twisted.resource import WebSocketResource
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.application.service import MultiService
+from twisted.application.service import Application, IService, MultiService
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import CannotListenError
@@ -17,7 +21,7 @@ from twisted.internet.testing import (
     RaisingMemoryReactor,
     StringTransport,
 )
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import ILogObserver, Logger, LogLevel, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
@@ -30,6 +34,9 @@ from signalling.factory import (
     TIMER_ROUNDING,
     SignallingServerFactory,
 )
+from signalling.metrics import Stats
+from signalling.registry import Registry
+from signalling.service import SignallingService
 from tests.helpers import write_certificate
 from tests.test_tls import tls_exchange, write_lets_encrypt_layout
 
@@ -68,6 +75,23 @@ def http_get(site, path):
     response = transport.value()
     protocol.connectionLost(None)
     return response
+
+
+def unwrap(factory):
+    """:returns: the factory under a port's TLS layer, or ``factory`` itself."""
+    if isinstance(factory, TLSMemoryBIOFactory):
+        return factory.wrappedFactory
+    return factory
+
+
+def hide_service_manager(testcase):
+    """
+    Hide the systemd variables of the environment the tests run in from
+    makeService (its Notifier reads them), restoring them after the test.
+    """
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        if name in os.environ:
+            testcase.addCleanup(os.environ.__setitem__, name, os.environ.pop(name))
 
 
 class OptionsTests(unittest.SynchronousTestCase):
@@ -229,9 +253,79 @@ class OptionsTests(unittest.SynchronousTestCase):
             "--hello-timeout",
             "--max-message-size",
             "--health",
+            "--shutdown-timeout",
+            "--metrics-port",
+            "--log-format",
+            "--log-payloads",
+            "--trust-proxy",
         ):
             self.assertIn(option, text)
         self.assertIn("ssl:8443", text)
+        self.assertIn("tls:systemd:domain=INET6:index=0", text)
+
+    def test_shutdown_timeout_defaults_to_5_seconds(self):
+        """--shutdown-timeout is 5 seconds unless given (issue 4: a bounded wait)."""
+        self.assertEqual(parse()["shutdown-timeout"], 5.0)
+
+    def test_shutdown_timeout_is_a_float(self):
+        """--shutdown-timeout accepts fractions and large finite numbers of seconds."""
+        self.assertEqual(parse("--shutdown-timeout", "0.25")["shutdown-timeout"], 0.25)
+        self.assertEqual(parse("--shutdown-timeout", "120")["shutdown-timeout"], 120)
+
+    def test_shutdown_timeout_refuses_zero_negatives_junk_and_non_finite(self):
+        """
+        0, negative numbers, junk, nan and infinity are usage errors: the
+        wait must be bounded and positive.
+        """
+        self.assertRefused(
+            "--shutdown-timeout",
+            ["0", "-1", "-0.5", "abc", "", "5s", "nan", "NaN", "inf", "1e309"],
+        )
+
+    def test_metrics_port_defaults_to_none(self):
+        """Without --metrics-port no metrics endpoint is configured."""
+        self.assertIsNone(parse()["metrics-port"])
+
+    def test_metrics_port_is_kept_as_given(self):
+        """--metrics-port takes an endpoint description as it is."""
+        config = parse("--metrics-port", "tcp:9100:interface=127.0.0.1")
+        self.assertEqual(config["metrics-port"], "tcp:9100:interface=127.0.0.1")
+        self.assertEqual(config["port"], ["ssl:8443"])
+
+    def test_log_format_defaults_to_text(self):
+        """The log stays twistd's readable text unless --log-format says otherwise."""
+        self.assertEqual(parse()["log-format"], "text")
+
+    def test_log_format_takes_text_or_json(self):
+        """--log-format takes text and json."""
+        self.assertEqual(parse("--log-format", "json")["log-format"], "json")
+        self.assertEqual(parse("--log-format", "text")["log-format"], "text")
+
+    def test_log_format_refuses_anything_else(self):
+        """xml, an upper-case JSON and an empty value are usage errors."""
+        self.assertRefused("--log-format", ["xml", "JSON", "", "json "])
+        e = self.assertRaises(UsageError, parse, "--log-format", "xml")
+        self.assertIn("xml", str(e))
+
+    def test_log_payloads_is_off_unless_given(self):
+        """Payloads are not logged by default; --log-payloads turns it on."""
+        self.assertFalse(parse()["log-payloads"])
+        self.assertTrue(parse("--log-payloads")["log-payloads"])
+
+    def test_trust_proxy_defaults_to_no_hops(self):
+        """X-Forwarded-For is not trusted unless --trust-proxy is given."""
+        self.assertEqual(parse()["trust-proxy"], 0)
+
+    def test_trust_proxy_takes_a_number_of_hops(self):
+        """--trust-proxy takes a whole number of hops, 0 included."""
+        hops = parse("--trust-proxy", "2")["trust-proxy"]
+        self.assertEqual(hops, 2)
+        self.assertIsInstance(hops, int)
+        self.assertEqual(parse("--trust-proxy", "0")["trust-proxy"], 0)
+
+    def test_trust_proxy_refuses_negatives_fractions_and_junk(self):
+        """-1, 1.5, junk and an empty value are usage errors."""
+        self.assertRefused("--trust-proxy", ["-1", "1.5", "abc", "", "nan"])
 
 
 class ServiceTests(unittest.TestCase):
@@ -242,6 +336,7 @@ class ServiceTests(unittest.TestCase):
         # A cert dir that does not exist: tests that must not create
         # certificates check that it still does not.
         self.cert_dir = os.path.abspath(self.mktemp())
+        hide_service_manager(self)
 
     def start(self, *argv):
         """:returns: the started service for ``argv`` (stopped on cleanup)."""
@@ -252,47 +347,78 @@ class ServiceTests(unittest.TestCase):
         self.addCleanup(service.stopService)
         return service
 
+    def listening(self):
+        """
+        :returns: the factory of every port listening on the memory reactor:
+            TCP ports (bare ``ssl:`` and ``tls:`` ones among them), then
+            Twisted's ``ssl:`` ports, then ``unix:`` ones.
+        """
+        return [
+            entry[1]
+            for entry in self.reactor.tcpServers
+            + self.reactor.sslServers
+            + self.reactor.unixServers
+        ]
+
+    def sites(self):
+        """
+        :returns: the Site of every listening port (under its TLS layer, if
+            any), in order, asserting that each port has its own Site and
+            its own WebSocket factory, and that all of them share one
+            registry and one Stats.
+        """
+        sites = [unwrap(factory) for factory in self.listening()]
+        for site in sites:
+            self.assertIsInstance(site, Site)
+        self.assertEqual(len({id(site) for site in sites}), len(sites), sites)
+        factories = [websocket_factory(site) for site in sites]
+        self.assertEqual(len({id(f) for f in factories}), len(factories), factories)
+        for factory in factories:
+            self.assertIsInstance(factory, SignallingServerFactory)
+            self.assertIsInstance(factory.registry, Registry)
+            self.assertIs(factory.registry, factories[0].registry)
+            self.assertIsInstance(factory.stats, Stats)
+            self.assertIs(factory.stats, factories[0].stats)
+        return sites
+
     def the_site(self):
-        """
-        :returns: the one Site every listening port serves (a bare ssl:
-            port's under its TLS layer).
-        """
-        sites = set()
-        for entry in self.reactor.tcpServers + self.reactor.sslServers:
-            factory = entry[1]
-            if isinstance(factory, TLSMemoryBIOFactory):
-                factory = factory.wrappedFactory
-            sites.add(factory)
-        self.assertEqual(len(sites), 1, sites)
-        [site] = sites
-        self.assertIsInstance(site, Site)
+        """:returns: the Site of the one port listening."""
+        [site] = self.sites()
         return site
 
     def tls_ports(self):
         """
         :returns: the ``(port, factory, backlog, interface)`` of every TCP
-            port with TLS on top (the bare ssl: ports), asserting that each
-            wraps the Site.
+            port with our TLS on top (the bare ``ssl:`` and ``tls:`` ports),
+            asserting that each wraps a Site of its own in a
+            :class:`signalling.tls.ServerTLSFactory`.
         """
         ports = [
             entry
             for entry in self.reactor.tcpServers
             if isinstance(entry[1], TLSMemoryBIOFactory)
         ]
-        site = self.the_site()
+        sites = self.sites()
         for port in ports:
-            self.assertIs(port[1].wrappedFactory, site)
+            self.assertIsInstance(port[1], tls.ServerTLSFactory)
+            self.assertIn(port[1].wrappedFactory, sites)
         return ports
 
     def test_nothing_listens_before_start_service(self):
-        """makeService binds no port; startService does."""
+        """
+        makeService returns a SignallingService (one plain service that
+        listens on every port itself, not a MultiService of endpoint
+        services) and binds no port; startService does.
+        """
         service = tap.makeService(
             parse(
                 "--port", "tcp:8080", "--port", "ssl:8443", "--cert-path", self.cert_dir
             ),
             reactor=self.reactor,
         )
-        self.assertIsInstance(service, MultiService)
+        self.assertIsInstance(service, SignallingService)
+        self.assertNotIsInstance(service, MultiService)
+        self.assertTrue(IService.providedBy(service))
         self.assertEqual((self.reactor.tcpServers, self.reactor.sslServers), ([], []))
         service.startService()
         self.addCleanup(service.stopService)
@@ -300,6 +426,7 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.tcpServers), 2)
         self.assertEqual(len(self.tls_ports()), 1)
         self.assertEqual(self.reactor.sslServers, [])
+        self.assertEqual(len(service.listening_ports), 2)
 
     def test_tcp_port_listens_in_plaintext_on_its_interface(self):
         """tcp:PORT:interface=ADDR listens there, without TLS."""
@@ -405,10 +532,12 @@ class ServiceTests(unittest.TestCase):
         client = yield tls_exchange(factory, pem)
         self.assertEqual(client.chain, [x509.load_pem_x509_certificate(pem)])
 
-    def test_bare_ssl_ports_share_one_tls_layer_and_one_certificate(self):
+    @inlineCallbacks
+    def test_bare_ssl_ports_share_one_certificate(self):
         """
         Several bare ssl: ports in an empty --cert-path create one pair
-        (logged once) and serve it through one TLS layer.
+        (logged once) and serve it, each port through a TLS layer over its
+        own Site.
         """
         made = []
 
@@ -433,16 +562,21 @@ class ServiceTests(unittest.TestCase):
         ]
         self.assertEqual(len(created), 1, created)
         self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
+        with open(os.path.join(self.cert_dir, "cert.pem"), "rb") as f:
+            pem = f.read()
+        for _, factory, _, _ in ports:
+            client = yield tls_exchange(factory, pem)
+            self.assertEqual(client.chain, [x509.load_pem_x509_certificate(pem)])
 
     def test_plaintext_and_unix_ports_make_no_certificate(self):
         """tcp: and unix: ports listen without TLS and never create --cert-path."""
         socket_path = os.path.abspath(self.mktemp())
         self.start("--port", "tcp:8080", "--port", "unix:" + socket_path)
         [(port, site, backlog, interface)] = self.reactor.tcpServers
-        self.assertIsInstance(site, Site)
         [unix] = self.reactor.unixServers
         self.assertEqual(unix[0], socket_path)
-        self.assertIs(unix[1], site)
+        self.assertEqual(self.sites(), [site, unix[1]])
+        self.assertEqual(self.reactor.sslServers, [])
         self.assertFalse(os.path.exists(self.cert_dir))
 
     def test_ssl_port_naming_its_key_positionally_is_left_to_twisted(self):
@@ -469,8 +603,13 @@ class ServiceTests(unittest.TestCase):
         )
         self.assertFalse(os.path.exists(self.cert_dir))
 
-    def test_several_ports_share_one_site(self):
-        """Every --port listens, each with its own settings, on one Site."""
+    def test_several_ports_have_their_own_sites_sharing_one_registry(self):
+        """
+        Every --port listens, each with its own settings, its own Site and
+        its own WebSocket factory (so connections are counted per port),
+        all sharing one registry and one Stats: a peer on one port can call
+        a peer on another.
+        """
         write_certificate(self.cert_dir)
         self.start(
             "--port",
@@ -489,7 +628,7 @@ class ServiceTests(unittest.TestCase):
             [(8443, "")],
         )
         self.assertEqual(self.reactor.sslServers, [])
-        self.the_site()
+        self.assertEqual(len(self.sites()), 3)
 
     def test_websocket_factory_follows_the_options(self):
         """
@@ -533,7 +672,7 @@ class ServiceTests(unittest.TestCase):
         self.assertFalse(factory.webStatus)
 
     def test_each_service_has_its_own_registry(self):
-        """Two services share no registry (there is no global one)."""
+        """Two services share no registry and no Stats (there is no global one)."""
         self.start("--port", "tcp:8080")
         first = websocket_factory(self.the_site())
         other_reactor = MemoryReactor()
@@ -543,6 +682,7 @@ class ServiceTests(unittest.TestCase):
         second = websocket_factory(other_reactor.tcpServers[0][1])
         self.assertIsNot(first, second)
         self.assertIsNot(first.registry, second.registry)
+        self.assertIsNot(first.stats, second.stats)
 
     def test_health_option_moves_the_health_check(self):
         """--health /ready answers OK there, and /health is then a 404."""
@@ -554,6 +694,154 @@ class ServiceTests(unittest.TestCase):
         self.assertTrue(http_get(site, b"/health").startswith(b"HTTP/1.1 404 "))
 
 
+    @inlineCallbacks
+    def test_tls_prefix_wraps_any_endpoint_with_our_tls(self):
+        """
+        tls:ENDPOINT listens on ENDPOINT (a tcp: port, a unix: socket) with
+        our TLS layer (a ServerTLSFactory over the port's Site), serving the
+        pair in --cert-path through a real handshake.
+        """
+        files = write_certificate(self.cert_dir)
+        socket_path = os.path.abspath(self.mktemp())
+        self.start(
+            "--port",
+            "tls:tcp:0:interface=127.0.0.1",
+            "--port",
+            "tls:unix:" + socket_path,
+        )
+        [(port, factory, backlog, interface)] = self.tls_ports()
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        [unix] = self.reactor.unixServers
+        self.assertEqual(unix[0], socket_path)
+        self.assertIsInstance(unix[1], tls.ServerTLSFactory)
+        self.assertEqual(len(self.sites()), 2)
+        self.assertEqual(self.reactor.sslServers, [])
+        for server_factory in (factory, unix[1]):
+            client = yield tls_exchange(server_factory, files.pem)
+            self.assertEqual(client.chain, [x509.load_pem_x509_certificate(files.pem)])
+
+    def test_tls_prefix_and_bare_ssl_share_one_certificate(self):
+        """A tls: port and a bare ssl: port load --cert-path once, into one TLS layer."""
+        write_certificate(self.cert_dir)
+        made = []
+        real_server_tls = tls.server_tls
+        self.patch(
+            tls, "server_tls", lambda cert_dir: made.append(real_server_tls(cert_dir)) or made[-1]
+        )
+        self.start("--port", "tls:tcp:8444", "--port", "ssl:8443")
+        self.assertEqual(len(self.tls_ports()), 2)
+        self.assertEqual(len(made), 1)
+
+    def test_metrics_port_listens_with_a_metrics_site(self):
+        """
+        --metrics-port listens there with a Site of its own, whose resource
+        tree hands no request to a WebSocket factory; the public port
+        answers /metrics with a 404. (What /metrics answers is checked over
+        real HTTP in tests.test_metrics: it renders in a thread.)
+        """
+        self.start(
+            "--port", "tcp:8080", "--metrics-port", "tcp:9100:interface=127.0.0.1"
+        )
+        (public, _, _, _), (metrics_port, metrics_site, _, interface) = (
+            self.reactor.tcpServers
+        )
+        self.assertEqual((public, metrics_port, interface), (8080, 9100, "127.0.0.1"))
+        self.assertIsInstance(metrics_site, Site)
+        site = unwrap(self.reactor.tcpServers[0][1])
+        self.assertIsNot(metrics_site, site)
+        for path in (b"", b"metrics", b"ws"):
+            request = DummyRequest([path])
+            request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
+            request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
+            self.assertNotIsInstance(
+                metrics_site.getResourceFor(request), WebSocketResource
+            )
+        public_response = http_get(site, b"/metrics")
+        self.assertTrue(public_response.startswith(b"HTTP/1.1 404 "), public_response)
+        self.assertNotIn(b"signalling_peers", public_response)
+
+    def test_no_metrics_port_by_default(self):
+        """Without --metrics-port only the public ports listen."""
+        service = self.start("--port", "tcp:8080")
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.assertEqual(len(service.listening_ports), 1)
+
+    def test_trust_proxy_reaches_autobahns_trust_x_forwarded_for(self):
+        """
+        --trust-proxy N sets Autobahn's trustXForwardedFor to N on every
+        port's WebSocket factory; by default it is 0 (the header is ignored).
+        """
+        write_certificate(self.cert_dir)
+        self.start("--port", "tcp:8080", "--port", "ssl:8443", "--trust-proxy", "2")
+        for site in self.sites():
+            self.assertEqual(websocket_factory(site).trustXForwardedFor, 2)
+        other = MemoryReactor()
+        service = tap.makeService(parse("--port", "tcp:8080"), reactor=other)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(websocket_factory(other.tcpServers[0][1]).trustXForwardedFor, 0)
+
+    def test_log_format_json_sets_the_applications_log_observer(self):
+        """
+        With --log-format json, attaching the service to a twistd
+        Application sets the application's ILogObserver component (which
+        twistd logs to instead of its text log) to an observer writing one
+        JSON object per line to standard output.
+        """
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        service = tap.makeService(
+            parse("--port", "tcp:8080", "--log-format", "json"), reactor=self.reactor
+        )
+        application = Application("signalling")
+        service.setServiceParent(application)
+        self.assertIn(service, list(IService(application)))
+        observer = application.getComponent(ILogObserver, None)
+        self.assertIsNotNone(observer)
+        self.assertTrue(ILogObserver.providedBy(observer))
+        Logger(namespace="test", observer=observer).info(
+            "peer {uid} registered", uid="alice"
+        )
+        [line] = out.getvalue().splitlines()
+        record = json.loads(line)
+        self.assertEqual(record["message"], "peer alice registered")
+        self.assertEqual(record["uid"], "alice")
+        self.assertEqual(record["level"], "info")
+
+    def test_log_format_text_leaves_twistds_log_alone(self):
+        """With the default --log-format text the application gets no ILogObserver."""
+        service = tap.makeService(parse("--port", "tcp:8080"), reactor=self.reactor)
+        application = Application("signalling")
+        service.setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver, None))
+
+    def test_log_payloads_warns_at_start(self):
+        """
+        --log-payloads logs one warning naming the option before anything
+        listens, and every port's WebSocket factory logs payloads; without
+        it nothing is said and nothing is logged.
+        """
+        with capturedLogs() as events:
+            self.start("--port", "tcp:8080", "--port", "tcp:8081", "--log-payloads")
+        warnings = [
+            e
+            for e in events
+            if e["log_level"] == LogLevel.warn and e["log_namespace"] == "signalling.tap"
+        ]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("--log-payloads", warnings[0]["log_format"])
+        for site in self.sites():
+            self.assertTrue(websocket_factory(site).log_payloads)
+
+        self.reactor = MemoryReactor()
+        with capturedLogs() as events:
+            self.start("--port", "tcp:8080")
+        self.assertEqual(
+            [e for e in events if e["log_level"] >= LogLevel.warn], []
+        )
+        self.assertFalse(websocket_factory(self.the_site()).log_payloads)
+
+
 class StartupErrorTests(unittest.SynchronousTestCase):
     """
     What the operator must fix is one line starting with ``signalling: ``
@@ -563,6 +851,7 @@ class StartupErrorTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactor()
         self.cert_dir = os.path.abspath(self.mktemp())
+        hide_service_manager(self)
 
     def assertStartupError(self, *argv):
         """
@@ -730,3 +1019,47 @@ class StartupErrorTests(unittest.SynchronousTestCase):
         self.assertTrue(e.code.startswith("signalling: "), e.code)
         self.assertIn("127.0.0.1:8443", e.code)
         self.assertNotIn("\n", e.code)
+
+    def test_malformed_tls_prefixed_endpoint(self):
+        """
+        A tls: port whose endpoint is malformed is one line naming the
+        description as given, and no certificate is created.
+        """
+        for description in ("tls:frob:8443", "tls:tcp:notaport", "tls:tcp:8443:bogus=1"):
+            message = self.assertStartupError("--port", description)
+            self.assertTrue(
+                message.startswith(f"signalling: cannot use --port {description!r}: "),
+                message,
+            )
+            self.assertFalse(os.path.exists(self.cert_dir), description)
+
+    def test_tls_prefix_without_an_endpoint(self):
+        """
+        ``--port tls:`` (no endpoint after the prefix) is one line naming
+        it. It must not fall through to Twisted's own ``tls:PEM_DIRECTORY``
+        server endpoint, which would read the empty path as the working
+        directory, walk all of it for .pem files (in a large tree that
+        hangs the start) and listen on port 443 of every interface.
+        """
+        empty = os.path.abspath(self.mktemp())
+        os.mkdir(empty)
+        self.addCleanup(os.chdir, os.getcwd())
+        # In an empty directory the walk is instant; see the docstring.
+        os.chdir(empty)
+        message = self.assertStartupError("--port", "tls:")
+        self.assertIn("'tls:'", message)
+
+    def test_malformed_metrics_port(self):
+        """
+        A malformed --metrics-port is one line naming that option and the
+        description (not --port, which is fine), and is refused before a
+        certificate is created for a bare ssl: port.
+        """
+        for description in ("frob:9100", "tcp:notaport", "tcp:9100:bogus=1"):
+            message = self.assertStartupError(
+                "--port", "ssl:8443", "--metrics-port", description
+            )
+            self.assertIn(repr(description), message)
+            self.assertIn("--metrics-port", message)
+            self.assertNotIn("--port '", message)
+            self.assertFalse(os.path.exists(self.cert_dir), description)

@@ -1,0 +1,145 @@
+"""
+Counters kept by the server, and their Prometheus exposition.
+
+The counters are plain integers on a :class:`Stats` object (the relay path
+adds to them with one attribute increment, no locks, no labels lookups); a
+collector turns them into Prometheus metric families when scraped, together
+with gauges read from the registry and the listening factories.
+"""
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+
+class Stats:
+    """What happened since start-up: monotonic counters."""
+
+    def __init__(self):
+        self.session_messages = 0
+        self.session_bytes = 0
+        self.room_messages = 0
+        self.room_bytes = 0
+        self.sessions_started = 0
+        self.keepalive_timeouts = 0
+        self.tls_handshake_failures = 0
+        #: ERROR lines sent, by kind (a fixed vocabulary, never a uid).
+        self.errors = {}
+        #: refused first messages, by close reason kind.
+        self.hello_rejections = {}
+
+    def error_sent(self, kind):
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def hello_rejected(self, kind):
+        self.hello_rejections[kind] = self.hello_rejections.get(kind, 0) + 1
+
+
+class SignallingCollector:
+    """
+    A Prometheus collector for one server.
+
+    :param stats: the :class:`Stats`.
+    :param registry: the signalling registry (peer, session, room counts).
+    :param endpoints: ``[(label, factory)]`` of the WebSocket factories, one
+        per listening port.
+    """
+
+    def __init__(self, stats, registry, endpoints):
+        self._stats = stats
+        self._registry = registry
+        self._endpoints = endpoints
+
+    def collect(self):
+        stats, registry = self._stats, self._registry
+        connections = GaugeMetricFamily(
+            "signalling_connections",
+            "Open WebSocket connections, by listening endpoint.",
+            labels=["endpoint"],
+        )
+        for label, factory in self._endpoints:
+            connections.add_metric([label], factory.getConnectionCount())
+        yield connections
+        yield GaugeMetricFamily(
+            "signalling_peers", "Registered peers.", value=registry.peer_count
+        )
+        yield GaugeMetricFamily(
+            "signalling_sessions", "Sessions in progress.", value=registry.session_count
+        )
+        yield GaugeMetricFamily(
+            "signalling_rooms", "Rooms with at least one member.", value=registry.room_count
+        )
+        yield GaugeMetricFamily(
+            "signalling_room_members",
+            "Peers in a room.",
+            value=registry.room_member_count,
+        )
+        messages = CounterMetricFamily(
+            "signalling_relayed_messages",
+            "Messages relayed between peers, by kind.",
+            labels=["kind"],
+        )
+        messages.add_metric(["session"], stats.session_messages)
+        messages.add_metric(["room"], stats.room_messages)
+        yield messages
+        relayed_bytes = CounterMetricFamily(
+            "signalling_relayed_bytes",
+            "Payload bytes relayed between peers, by kind.",
+            labels=["kind"],
+        )
+        relayed_bytes.add_metric(["session"], stats.session_bytes)
+        relayed_bytes.add_metric(["room"], stats.room_bytes)
+        yield relayed_bytes
+        yield CounterMetricFamily(
+            "signalling_sessions_started",
+            "Sessions set up (SESSION answered SESSION_OK).",
+            value=stats.sessions_started,
+        )
+        errors = CounterMetricFamily(
+            "signalling_errors_sent",
+            "ERROR lines sent, by reason.",
+            labels=["reason"],
+        )
+        for kind, count in sorted(stats.errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        rejections = CounterMetricFamily(
+            "signalling_hello_rejections",
+            "Connections refused at their first message, by reason.",
+            labels=["reason"],
+        )
+        for kind, count in sorted(stats.hello_rejections.items()):
+            rejections.add_metric([kind], count)
+        yield rejections
+        yield CounterMetricFamily(
+            "signalling_keepalive_timeouts",
+            "Connections dropped because a pong did not come back in time.",
+            value=stats.keepalive_timeouts,
+        )
+        yield CounterMetricFamily(
+            "signalling_tls_handshake_failures",
+            "TLS connections that closed before their handshake completed.",
+            value=stats.tls_handshake_failures,
+        )
+
+
+def metrics_resource(collector, process=True):
+    """
+    :param collector: a :class:`SignallingCollector`.
+    :param process: also export the process's CPU, memory and file descriptors.
+    :returns: a twisted.web resource tree answering ``/metrics`` (and ``/``).
+    """
+    prometheus = CollectorRegistry(auto_describe=True)
+    prometheus.register(collector)
+    if process:
+        ProcessCollector(registry=prometheus)
+    metrics = MetricsResource(registry=prometheus)
+    root = Resource()
+    root.putChild(b"metrics", metrics)
+    root.putChild(b"", metrics)
+    return root

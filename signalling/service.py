@@ -1,0 +1,231 @@
+"""
+The running server as a Twisted service: it listens on every port, tells the
+service manager when it is ready, reloads its TLS certificate on SIGHUP, and
+on shutdown stops accepting, closes every connection with 1001 and waits a
+bounded time for the close handshakes.
+"""
+
+import signal
+import time
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+#: How often a shutdown checks whether every connection has closed.
+_SHUTDOWN_POLL = 0.05
+
+
+class SignallingService(Service):
+    """
+    :param reactor: the reactor (time, and thread-safe calls from signal
+        handlers).
+    :param ports: ``[(description, endpoint, factory)]`` to listen on.
+    :param ws_factories: the WebSocket factories to close on shutdown.
+    :param notifier: a :class:`signalling.systemd.Notifier`, or None.
+    :param shutdown_timeout: seconds to wait for close handshakes on shutdown.
+    :param server_tls: the :class:`signalling.tls.ServerTLS` to reload on
+        SIGHUP, or None.
+    :param handle_signals: handle SIGHUP (reload) and SIGTERM/SIGINT (a
+        graceful stop that exits with status 0); off in tests.
+    :param log_observer: an ``ILogObserver`` to log to under twistd instead
+        of its text log, or None.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        ports,
+        ws_factories,
+        notifier=None,
+        shutdown_timeout=5.0,
+        server_tls=None,
+        handle_signals=False,
+        log_observer=None,
+    ):
+        self._reactor = reactor
+        self._ports = ports
+        self._ws_factories = ws_factories
+        self._notifier = notifier
+        self._shutdown_timeout = shutdown_timeout
+        self._server_tls = server_tls
+        self._handle_signals = handle_signals
+        self._log_observer = log_observer
+        self._listening = None
+        self._listening_ports = []
+        self._watchdog = None
+        self._previous_sighup = None
+        self._previous_handlers = {}
+        #: Fires with the listening ports once every port listens.
+        self.ready = defer.Deferred()
+
+    def setServiceParent(self, parent):
+        # twistd logs to an ILogObserver component of its application, when
+        # there is one (the documented way for a .tac file to choose it).
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+    @property
+    def listening_ports(self):
+        """The ``IListeningPort``s, once listening."""
+        return list(self._listening_ports)
+
+    def privilegedStartService(self):
+        """Bind every port (before twistd drops privileges)."""
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self):
+        super().startService()
+        self._listen()
+
+    def _listen(self):
+        if self._listening is not None:
+            return
+        failures = []
+        attempts = []
+        bound = []
+        for description, endpoint, factory in self._ports:
+            d = endpoint.listen(factory)
+            d.addCallback(lambda port: bound.append(port) or port)
+            d.addErrback(self._listen_failed, description, failures)
+            attempts.append(d)
+        if failures:
+            for port in bound:
+                port.stopListening()
+            # A port that cannot be bound at start-up stops twistd with one
+            # line for the operator instead of a traceback.
+            raise SystemExit(failures[0])
+        self._listening = defer.gatherResults(attempts)
+        self._listening.addCallback(self._ready, failures)
+
+    @staticmethod
+    def _listen_failed(failure, description, failures):
+        if failure.check(CannotListenError):
+            e = failure.value
+            where = f"{e.interface}:{e.port}" if e.interface else f"port {e.port}"
+            failures.append(f"signalling: cannot listen on {where}: {e.socketError}")
+        else:
+            failures.append(f"signalling: cannot listen on {description}: {failure.value}")
+
+    def _ready(self, ports, failures):
+        if failures:
+            # An endpoint that failed later than at start-up (none of
+            # Twisted's stream endpoints do).
+            self._log.critical("{reason}", reason=failures[0])
+            self._reactor.stop()
+            return None
+        return self._started(ports)
+
+    def _started(self, ports):
+        self._listening_ports = ports
+        for (description, _, _), port in zip(self._ports, ports):
+            self._log.info(
+                "listening on {endpoint} ({address})",
+                endpoint=description,
+                address=str(port.getHost()),
+            )
+        if self._notifier is not None:
+            self._notifier.notify("READY=1", "STATUS=accepting connections")
+            self._watchdog = self._notifier.start_watchdog(self._reactor)
+        if self._handle_signals:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            # After the reactor's own handlers, which would make twistd end
+            # by re-raising the signal instead of exiting with status 0.
+            self._reactor.callWhenRunning(self._install_stop_handlers)
+        self.ready.callback(ports)
+        return ports
+
+    def _sighup(self, signum, frame):
+        self._reactor.callFromThread(self.reload)
+
+    def _install_stop_handlers(self):
+        if not self.running:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, self._stop_signal)
+
+    def _stop_signal(self, signum, frame):
+        self._log.info(
+            "received {signal}, shutting down", signal=signal.Signals(signum).name
+        )
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self):
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal during the shutdown
+
+    def reload(self):
+        """
+        Reload the TLS certificate and key from disk. New handshakes use them;
+        established connections are untouched. A certificate that cannot be
+        used is refused with one log line and the old one stays.
+
+        :returns: True if the new certificate is in use.
+        """
+        if self._notifier is not None:
+            monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        try:
+            if self._server_tls is None:
+                self._log.info("reload asked for, but no port serves our TLS")
+                return False
+            return self._server_tls.reload()
+        finally:
+            if self._notifier is not None:
+                self._notifier.notify("READY=1", "STATUS=accepting connections")
+
+    def stopService(self):
+        """Stop accepting, close every connection with 1001, wait for them."""
+        super().stopService()
+        if self._notifier is not None:
+            self._notifier.notify("STOPPING=1", "STATUS=closing connections")
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+        self._watchdog = None
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+        stopped = defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in self._listening_ports]
+        )
+        self._listening_ports = []
+        stopped.addCallback(lambda _: self._close_connections())
+        return stopped
+
+    def _open_connections(self):
+        return sum(f.getConnectionCount() for f in self._ws_factories)
+
+    def _close_connections(self):
+        for factory in self._ws_factories:
+            factory.close_all()
+        if self._open_connections() == 0:
+            return None
+        done = defer.Deferred()
+        deadline = self._reactor.seconds() + self._shutdown_timeout
+
+        def check():
+            left = self._open_connections()
+            if left == 0:
+                done.callback(None)
+            elif self._reactor.seconds() >= deadline:
+                self._log.warn(
+                    "shutting down with {count} connections still open",
+                    count=left,
+                )
+                done.callback(None)
+            else:
+                self._reactor.callLater(_SHUTDOWN_POLL, check)
+
+        self._reactor.callLater(_SHUTDOWN_POLL, check)
+        return done
