@@ -5,6 +5,7 @@ on shutdown stops accepting, closes every connection with 1001 and waits a
 bounded time for the close handshakes.
 """
 
+import resource
 import signal
 import time
 
@@ -13,6 +14,32 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+
+def raise_file_limit(log=None):
+    """
+    Raise the soft limit on open files to the hard limit: every peer is a
+    file descriptor. Logs the limit in use.
+
+    :returns: ``(before, after)`` soft limits.
+    """
+    log = log or Logger()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    after = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            after = target
+        except (ValueError, OSError) as e:
+            log.warn("cannot raise the open file limit: {reason}", reason=str(e))
+    log.info(
+        "open file limit {limit} (about as many peers); raise the hard limit "
+        "(LimitNOFILE=, ulimit -Hn) for more",
+        limit=after,
+        previous=soft,
+    )
+    return soft, after
+
 
 #: How often a shutdown checks whether every connection has closed.
 _SHUTDOWN_POLL = 0.05

@@ -13,7 +13,7 @@ from signalling import factory as _factory
 from signalling import logs, tls
 from signalling.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.registry import Registry
-from signalling.service import SignallingService
+from signalling.service import SignallingService, raise_file_limit
 from signalling.systemd import Notifier
 from signalling.web import SignallingRoot, parse_ice_server
 
@@ -226,6 +226,8 @@ def makeService(config, reactor=None):
         metrics_site = Site(metrics_resource(collector))
         metrics_site.noisy = False
         listen.append((config["metrics-port"], metrics_endpoint, metrics_site))
+    if handle_signals:
+        raise_file_limit(_log)
     if config["log-payloads"]:
         _log.warn("--log-payloads: every relayed message is logged, payloads included")
     return SignallingService(

@@ -15,6 +15,7 @@ on real loopback ports.
 """
 
 import os
+import resource
 import shutil
 import signal
 import time
@@ -46,6 +47,7 @@ from signalling import tls
 from signalling.factory import SignallingServerFactory
 from signalling.metrics import Stats
 from signalling.registry import Registry
+from signalling import service as service_module
 from signalling.service import SignallingService
 from signalling.systemd import Notifier
 from signalling.web import SignallingRoot
@@ -764,3 +766,24 @@ class SignalTests(unittest.TestCase):
         before = {signum: signal.getsignal(signum) for signum in signals}
         await RunningServer.start(self, "--port", LOOPBACK)
         self.assertEqual({signum: signal.getsignal(signum) for signum in signals}, before)
+
+
+class FileLimitTests(unittest.TestCase):
+    """raise_file_limit() lifts the soft open-file limit to the hard one."""
+
+    def test_soft_limit_is_raised_to_the_hard_limit_and_logged(self):
+        """Each peer is a file descriptor: the soft limit goes up to the hard one."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        lowered = min(soft, 256) if hard == resource.RLIM_INFINITY else min(soft, hard, 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+        with capturedLogs() as events:
+            before, after = service_module.raise_file_limit()
+        self.assertEqual(before, lowered)
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(after, now)
+        if hard != resource.RLIM_INFINITY:
+            self.assertEqual(now, hard)
+        limits = [e for e in events if e.get("limit") == now]
+        self.assertEqual(len(limits), 1)
+        self.assertEqual(limits[0]["previous"], lowered)
