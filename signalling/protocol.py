@@ -91,23 +91,23 @@ class _SendQueue:
     makes: a ``deque`` (over 700 bytes) only once something is queued.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("items",)
 
     def __init__(self):
-        self._items = None
+        self.items = None
 
     def __len__(self):
-        return len(self._items) if self._items else 0
+        return len(self.items) if self.items else 0
 
     def append(self, item):
-        if self._items is None:
-            self._items = deque()
-        self._items.append(item)
+        if self.items is None:
+            self.items = deque()
+        self.items.append(item)
 
     def popleft(self):
-        if not self._items:
+        if not self.items:
             raise IndexError("pop from an empty queue")
-        return self._items.popleft()
+        return self.items.popleft()
 
 
 #: Attributes of Autobahn's server handshake that nothing reads once the
@@ -215,12 +215,17 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     # Autobahn callbacks.
 
+    #: False where frame or octet logging, or masking, needs Autobahn's own
+    #: send path; decided once per connection, not per relayed message.
+    _plain_writes = True
+
     def _connectionMade(self):
         super()._connectionMade()
         self.send_queue = _SendQueue()
+        if self.logFrames or self.logOctets or self.maskServerFrames:
+            self._plain_writes = False
         # Made on first use (a cffi object), and never by the fast path.
         self.__dict__.pop("utf8validator", None)
-        self._compact()
 
     def _compact(self):
         """
@@ -237,6 +242,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         """Start the deadline for the first message."""
+        # Once, when the handshake has left its last attribute behind.
         self._compact()
         self._log.info("connection from {peer_addr}", peer_addr=self.peer)
         self.factory.connections.add(self)
@@ -629,7 +635,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         kept. Whatever needs Autobahn's own path (a queued or chopped write
         pending, frame or octet logging, masking) still takes it.
         """
-        if self.send_queue or self.logFrames or self.logOctets or self.maskServerFrames:
+        if self.send_queue.items or not self._plain_writes:
             self.sendFrame(first_byte & 0x0F, payload)
             return
         frame = _frame_header(first_byte, len(payload)) + payload

@@ -176,6 +176,26 @@ class SessionTests(ProtocolTestCase):
         self.assertEqual(a.take(), ["HELLO x", b"\x00\xffbinary"])
         self.close_all(a, b)
 
+    def test_frame_logging_sends_through_autobahns_own_path(self):
+        """
+        With Autobahn's frame logging on, relayed frames go through its
+        sendFrame (which logs them) rather than the direct write, and still
+        arrive intact.
+        """
+        self.net.factory.logFrames = True
+        a, b = self.call()
+        sent = []
+        original = b.server.sendFrame
+        b.server.sendFrame = lambda opcode, payload=b"", **kw: (
+            sent.append((opcode, payload)),
+            original(opcode, payload, **kw),
+        )
+        a.send_text(OFFER)
+        self.net.flush()
+        self.assertEqual(b.take(), [OFFER])
+        self.assertEqual(sent, [(1, OFFER.encode())])
+        self.close_all(a, b)
+
     def test_relay_keeps_order_of_many_messages(self):
         """1,000 messages sent at once arrive in order."""
         a, b = self.call()
