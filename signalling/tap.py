@@ -65,7 +65,7 @@ class Options(usage.Options):
         "A WebRTC signalling server for GStreamer webrtcbin applications and "
         "browsers. It listens on each --port (a Twisted endpoint description; "
         "default ssl:8443) and serves the signalling WebSocket on every path, "
-        "a health check and a short page on the same port. A bare ssl:PORT "
+        "a health check and a browser call page on the same port. A bare ssl:PORT "
         "takes cert.pem/key.pem (or Let's Encrypt's privkey.pem with cert.pem "
         "or fullchain.pem) from --cert-path, creating a self-signed certificate "
         "for localhost there on first start if there is none; tls:ENDPOINT "
