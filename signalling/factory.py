@@ -3,6 +3,8 @@ The WebSocket factory: owns the registry, the clock and the connection limits.
 """
 
 from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from zope.interface import implementer
 
 from signalling.metrics import Stats
 from signalling.protocol import SignallingServerProtocol
@@ -30,6 +32,7 @@ def _refuse_compression(offers):
     return None
 
 
+@implementer(IProtocolNegotiationFactory)
 class SignallingServerFactory(WebSocketServerFactory):
     """
     Builds one :class:`SignallingServerProtocol` per connection.
@@ -47,6 +50,9 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param trust_proxy: how many ``X-Forwarded-For`` hops to trust for the
         peer address (0: none).
     :param log_payloads: log every relayed payload (for debugging only).
+    :param web: the protocol factory (a twisted.web ``Site``) that gets every
+        connection whose first request asks for no WebSocket upgrade, or
+        None to refuse those with 426.
     """
 
     protocol = SignallingServerProtocol
@@ -62,6 +68,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         stats=None,
         trust_proxy=0,
         log_payloads=False,
+        web=None,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -71,10 +78,11 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.hello_timeout = hello_timeout
         self.stats = Stats() if stats is None else stats
         self.log_payloads = log_payloads
+        self.web = web
         #: Open (past the handshake) connections, for a graceful shutdown.
         self.connections = set()
         self.setProtocolOptions(
-            # Plain GETs are answered by twisted.web, never by Autobahn.
+            # Plain GETs go to self.web (or get 426), never Autobahn's page.
             webStatus=False,
             # Protocol errors get a close frame (1002, 1007, 1009) rather than
             # a dropped TCP connection.
@@ -91,6 +99,14 @@ class SignallingServerFactory(WebSocketServerFactory):
         )
         # One log line per listening port start is enough; not one per client.
         self.noisy = False
+
+    def acceptableProtocols(self):
+        """
+        The protocol to agree on over TLS (ALPN): HTTP/1.1, which carries
+        both the WebSocket upgrade and the pages. A client that offers ALPN
+        gets no handshake at all from a TLS layer with nothing to offer.
+        """
+        return [b"http/1.1"]
 
     def close_all(self):
         """Close every open connection with 1001 (going away)."""

@@ -16,12 +16,14 @@ from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from signalling import wire
 from signalling.interfaces import IPeer, SignallingError, UidTaken
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSED = WebSocketProtocol.STATE_CLOSED
 _TEXT = 1
 _BINARY = 2
 
@@ -174,6 +176,25 @@ def _frame_header(opcode_byte, length):
         return bytes((opcode_byte, 126)) + length.to_bytes(2, "big")
     return bytes((opcode_byte, 127)) + length.to_bytes(8, "big")
 
+#: Largest HTTP request head (request line and headers) an opening handshake
+#: may send; a longer one is refused with 431 rather than buffered.
+MAX_REQUEST_HEAD = 16 * 1024
+
+
+def asks_for_websocket(head):
+    """
+    :param head: an HTTP request head, without the blank line that ends it.
+    :returns: whether it asks for a WebSocket upgrade (an ``Upgrade`` header
+        naming ``websocket``), which is all it takes to go to the WebSocket
+        side rather than the web pages.
+    """
+    for line in head.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
 #: Close code and reason when no HELLO arrives in time (policy violation).
 CLOSE_HELLO_TIMEOUT = 1008
 #: Close code after an unexpected error in the server (internal error).
@@ -206,6 +227,8 @@ class SignallingServerProtocol(WebSocketServerProtocol):
     _link = None
     #: Room id while in a room.
     _room_id = None
+    #: ``(uid, partner_uid)`` once the partner ended our session.
+    _ended = None
     #: Input held while a command is pending (a deque), else None.
     _held = None
     #: True once we stop handling input (close sent or connection lost).
@@ -227,6 +250,53 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         # Made on first use (a cffi object), and never by the fast path.
         self.__dict__.pop("utf8validator", None)
 
+    def processHandshake(self):
+        """
+        Parse the opening handshake once the request head is complete; hand a
+        plain HTTP request (no WebSocket upgrade) to the factory's web site.
+
+        WebSocket upgrades are parsed once, by Autobahn, rather than by
+        twisted.web first and Autobahn again; and no twisted.web channel stays
+        behind as the transport's producer for the life of the connection.
+        """
+        data = self.data
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_REQUEST_HEAD:
+                self.failHandshake("Request header fields too large", 431)
+            return
+        web = self.factory.web
+        if web is not None and not asks_for_websocket(data[:end]):
+            self._hand_over_to_web(web)
+            return
+        if end > MAX_REQUEST_HEAD:
+            self.failHandshake("Request header fields too large", 431)
+            return
+        WebSocketServerProtocol.processHandshake(self)
+
+    def _hand_over_to_web(self, web):
+        """
+        Give the connection, and the bytes read so far, to a protocol of the
+        ``web`` factory (twisted.web's HTTP channel); this protocol is done.
+        """
+        transport = self.transport
+        if self.openHandshakeTimeoutCall is not None:
+            self.openHandshakeTimeoutCall.cancel()
+            self.openHandshakeTimeoutCall = None
+        # What _connectionLost would do: this connection never was a WebSocket.
+        self.state = _CLOSED
+        self.factory.countConnections -= 1
+        data, self.data = self.data, b""
+        channel = web.buildProtocol(transport.getPeer())
+        if isinstance(transport, ProtocolWrapper):
+            # TLS: the transport is the TLS layer, which wraps this protocol.
+            transport.wrappedProtocol = channel
+        else:
+            transport.protocol = channel
+        self.transport = None
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+
     def _compact(self):
         """
         Rebuild this connection's attribute dictionary without what the class
@@ -244,7 +314,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         """Start the deadline for the first message."""
         # Once, when the handshake has left its last attribute behind.
         self._compact()
-        self._log.info("connection from {peer_addr}", peer_addr=self.peer)
+        # Logged when it registers or closes: one line fewer per connection.
         self.factory.connections.add(self)
         self._hello_call = self.factory.clock.callLater(
             self.factory.hello_timeout, self._hello_timed_out
@@ -276,23 +346,39 @@ class SignallingServerProtocol(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall = None
         uid, self._uid = self._uid, None
         if uid is None:
+            ended = self._ended
+            if ended is None:
+                self._log.info(
+                    "connection from {peer_addr} closed (code {code})",
+                    peer_addr=self.peer,
+                    code=code,
+                )
+            else:
+                self._log.info(
+                    "peer {uid} at {peer_addr} disconnected (code {code}): "
+                    "{partner_uid} ended the session",
+                    uid=ended[0],
+                    partner_uid=ended[1],
+                    peer_addr=self.peer,
+                    code=code,
+                )
+            return
+        if self._room_id is None:
             self._log.info(
-                "connection from {peer_addr} closed (code {code})",
+                "peer {uid} at {peer_addr} disconnected (code {code})",
+                uid=uid,
                 peer_addr=self.peer,
                 code=code,
+                partner_uid=self._partner_uid,
             )
-            return
-        if self._room_id is not None:
+        else:
             self._log.info(
-                "peer {uid} left room {room_id}", uid=uid, room_id=self._room_id
+                "peer {uid} at {peer_addr} disconnected (code {code}), leaving room {room_id}",
+                uid=uid,
+                peer_addr=self.peer,
+                code=code,
+                room_id=self._room_id,
             )
-        self._log.info(
-            "peer {uid} at {peer_addr} disconnected (code {code})",
-            uid=uid,
-            peer_addr=self.peer,
-            code=code,
-            room_id=self._room_id,
-        )
         self._release(uid)
 
     def processData(self):
@@ -421,13 +507,12 @@ class SignallingServerProtocol(WebSocketServerProtocol):
             )
 
     def session_ended(self, partner_uid):
-        """The partner left: close this connection too (1000, no message)."""
-        self._log.info(
-            "session of {uid} ended: {partner_uid} left",
-            uid=self._uid,
-            partner_uid=partner_uid,
-        )
+        """
+        The partner left: close this connection too (1000, no message). The
+        line logged when it has closed names both.
+        """
         # The registry has already released our uid.
+        self._ended = (self._uid, partner_uid)
         self._uid = None
         self._link = None
         self._closing = True

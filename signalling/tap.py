@@ -15,7 +15,7 @@ from signalling.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.registry import Registry
 from signalling.service import SignallingService, raise_file_limit
 from signalling.systemd import Notifier
-from signalling.web import SignallingRoot, parse_ice_server
+from signalling.web import parse_ice_server, with_pages
 
 _log = Logger()
 
@@ -211,15 +211,8 @@ def makeService(config, reactor=None):
             log_payloads=config["log-payloads"],
         )
         ws_factories.append((description, ws_factory))
-        site = Site(
-            SignallingRoot(
-                ws_factory,
-                config["health"].encode("utf-8"),
-                ice_servers=config["ice-server"],
-            )
-        )
-        site.noisy = False
-        factory = tls.ServerTLSFactory(server_tls, site, stats) if wrap else site
+        with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])
+        factory = tls.ServerTLSFactory(server_tls, ws_factory, stats) if wrap else ws_factory
         listen.append((description, endpoint, factory))
     if metrics_endpoint is not None:
         collector = SignallingCollector(stats, registry, ws_factories)

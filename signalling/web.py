@@ -13,6 +13,7 @@ from urllib.parse import unquote
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web import static
 from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Site
 
 #: The directory of the page's files, shipped in the package.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -173,3 +174,16 @@ class SignallingRoot(Resource):
         if request.path in self._files:
             return self._files[request.path]
         return NoResource()
+
+
+def with_pages(ws_factory, health_path=b"/health", ice_servers=()):
+    """
+    Give a signalling factory the pages of a port: requests that ask for no
+    WebSocket upgrade go on to a :class:`SignallingRoot` site.
+
+    :returns: ``ws_factory``, the factory to listen with.
+    """
+    site = Site(SignallingRoot(ws_factory, health_path, ice_servers))
+    site.noisy = False
+    ws_factory.web = site
+    return ws_factory

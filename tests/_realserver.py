@@ -18,11 +18,10 @@ from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import FailTest
-from twisted.web.server import Site
 
 from signalling.factory import SignallingServerFactory
 from signalling.registry import Registry
-from signalling.web import SignallingRoot
+from signalling.web import with_pages
 from tests.helpers import write_certificate
 
 #: Longest time, in seconds, any one expected event may take.
@@ -396,8 +395,7 @@ class RealServer:
         self.tls = tls
         self.registry = Registry()
         self.factory = SignallingServerFactory(None, self.registry, reactor, **factory_kwargs)
-        self.site = Site(SignallingRoot(self.factory, b"/health"))
-        self.site.noisy = False
+        with_pages(self.factory, b"/health")
         self.clients = []
         self.raw_clients = []
         self.port = None
@@ -418,7 +416,7 @@ class RealServer:
         else:
             description = "tcp:0:interface=127.0.0.1"
         endpoint = endpoints.serverFromString(reactor, description)
-        server.port = await endpoint.listen(server.site)
+        server.port = await endpoint.listen(server.factory)
         testcase.addCleanup(server.stop)
         return server
 

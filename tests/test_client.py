@@ -18,7 +18,6 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial import unittest
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from signalling import client
@@ -38,7 +37,7 @@ from signalling.client import (
 )
 from signalling.factory import SignallingServerFactory
 from signalling.registry import Registry
-from signalling.web import SignallingRoot
+from signalling.web import with_pages
 from tests.helpers import write_certificate
 
 #: The directory that holds the ``signalling`` package, for the subprocesses.
@@ -801,8 +800,7 @@ class RealServerMixin:
         self.factory = SignallingServerFactory(
             None, self.registry, reactor, keepalive=5
         )
-        site = Site(SignallingRoot(self.factory))
-        site.noisy = False
+        site = with_pages(self.factory)
         if self.tls:
             self.certificate = write_certificate(self.mktemp())
             description = (

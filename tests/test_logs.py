@@ -351,16 +351,17 @@ class TrustProxyLogTests(unittest.TestCase):
     async def connection_event(self, *options):
         """
         Connect once with ``X-Forwarded-For: 198.51.100.7, 203.0.113.9``
-        (a client-supplied address, then the one the proxy appended).
+        (a client-supplied address, then the one the proxy appended) and
+        register.
 
-        :returns: the server's "connection from" event.
+        :returns: the server's "registered" event.
         """
         server = await RunningServer.start(self, "--port", LOOPBACK, *options)
         with capturedLogs() as events:
-            await server.connect(
-                headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
+            await server.hello(
+                "alice", headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}
             )
-        [event] = [e for e in events if "connection from" in (e.get("log_format") or "")]
+        [event] = [e for e in events if "registered from" in (e.get("log_format") or "")]
         return event
 
     async def test_trust_proxy_logs_the_address_the_proxy_saw(self):

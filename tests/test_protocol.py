@@ -5,13 +5,14 @@ Autobahn clients connected in memory (iosim) on one fake clock.
 
 import base64
 import os
+import re
 import struct
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.registry import Registry
@@ -702,6 +703,57 @@ class LoggingTests(ProtocolTestCase):
                 self.assertNotIn("secret-answer", str(value))
                 self.assertNotIn("v=0", str(value))
         self.assertTrue(self.registry.is_empty())
+
+    def test_a_call_costs_five_lines(self):
+        """
+        A whole call logs five lines: each peer's registration, the session,
+        and each peer's disconnection (the callee's naming who ended it);
+        opening a connection logs nothing by itself.
+        """
+        with capturedLogs() as events:
+            a, b = self.net.hello("alice"), self.net.hello("bob")
+            a.send_text("SESSION bob")
+            self.net.flush()
+            a.sendClose(1000)
+            self.net.flush()
+        ours = [
+            formatEvent(e) for e in events if e.get("log_namespace", "").startswith("signalling")
+        ]
+        self.assertEqual(len(ours), 5, ours)
+        self.assertTrue(ours[0].startswith("peer alice registered from "), ours)
+        self.assertTrue(ours[1].startswith("peer bob registered from "), ours)
+        self.assertEqual(ours[2], "session from alice to bob")
+        self.assertRegex(ours[3], r"^peer alice at \S+ disconnected \(code 1000\)$")
+        self.assertRegex(
+            ours[4], r"^peer bob at \S+ disconnected \(code 1000\): alice ended the session$"
+        )
+        self.assertTrue(self.registry.is_empty())
+
+    def test_connections_without_hello_and_room_members_are_logged_on_close(self):
+        """
+        A connection that never registers is logged once, when it closes; a
+        room member's disconnection names the room.
+        """
+        with capturedLogs() as events:
+            silent = self.net.client()
+            self.net.flush()
+            carol = self.net.hello("carol")
+            carol.send_text("ROOM r1")
+            self.net.flush()
+            self.close_all(silent, carol)
+        ours = [
+            formatEvent(e) for e in events if e.get("log_namespace", "").startswith("signalling")
+        ]
+        closed = [line for line in ours if line.startswith("connection from ")]
+        self.assertEqual(len(closed), 1, ours)
+        self.assertRegex(closed[0], r"^connection from \S+ closed \(code 1000\)$")
+        self.assertTrue(
+            any(
+                re.match(r"^peer carol at \S+ disconnected \(code 1000\), leaving room r1$", line)
+                for line in ours
+            ),
+            ours,
+        )
 
     def test_relaying_logs_nothing(self):
         """The relay path emits no log event at all."""

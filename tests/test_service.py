@@ -40,7 +40,6 @@ from twisted.internet.testing import (
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from signalling import tls
@@ -50,7 +49,7 @@ from signalling.registry import Registry
 from signalling import service as service_module
 from signalling.service import SignallingService
 from signalling.systemd import Notifier
-from signalling.web import SignallingRoot
+from signalling.web import with_pages
 from tests._realserver import WAIT, eventually
 from tests._running import (
     NotifySocket,
@@ -87,8 +86,8 @@ def fake_port():
 
 def build_service(clock, descriptions=(LOOPBACK,), **kwargs):
     """
-    A SignallingService built the way makeService builds it (a Site and a
-    WebSocket factory per port, one registry and one Stats), listening on
+    A SignallingService built the way makeService builds it (a WebSocket
+    factory with its pages per port, one registry and one Stats), listening on
     real loopback ports but taking its time from ``clock``.
 
     :returns: the service (not started).
@@ -97,9 +96,8 @@ def build_service(clock, descriptions=(LOOPBACK,), **kwargs):
     listen, factories = [], []
     for description in descriptions:
         factory = SignallingServerFactory(None, registry, clock, stats=stats)
-        site = Site(SignallingRoot(factory, b"/health"))
-        site.noisy = False
-        listen.append((description, serverFromString(reactor, description), site))
+        with_pages(factory, b"/health")
+        listen.append((description, serverFromString(reactor, description), factory))
         factories.append(factory)
     return SignallingService(clock, listen, factories, **kwargs)
 

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import (
     MemoryReactor,
+    MemoryReactorClock,
     RaisingMemoryReactor,
     StringTransport,
 )
@@ -50,30 +51,36 @@ def parse(*argv):
     return config
 
 
-def websocket_factory(site):
+def websocket_factory(factory):
     """
-    :returns: the WebSocket factory that ``site`` hands an upgrade request to
-        (reached the way a request reaches it, through the resource tree).
+    :returns: the WebSocket factory a port listens with, ``factory`` itself,
+        after checking that its pages' site hands a WebSocket upgrade that
+        comes in over HTTP (after a plain request) back to it.
     """
+    assert isinstance(factory, SignallingServerFactory), factory
+    assert isinstance(factory.web, Site), factory.web
     request = DummyRequest([b""])
     request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
     request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
-    resource = site.getResourceFor(request)
-    return resource._factory
+    resource = factory.web.getResourceFor(request)
+    assert resource._factory is factory, resource._factory
+    return factory
 
 
-def http_get(site, path):
+def http_get(factory, path):
     """
-    Send a plain ``GET path`` through ``site`` over a string transport.
+    Send a plain ``GET path`` to a port's factory over a string transport, as
+    a connection would: the WebSocket side hands it on to the pages.
 
     :returns: the raw HTTP response bytes.
     """
-    protocol = site.buildProtocol(None)
+    protocol = factory.buildProtocol(None)
     transport = StringTransport()
+    transport.protocol = protocol
     protocol.makeConnection(transport)
     protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
     response = transport.value()
-    protocol.connectionLost(None)
+    transport.protocol.connectionLost(None)
     return response
 
 
@@ -332,7 +339,7 @@ class ServiceTests(unittest.TestCase):
     """What makeService builds, seen through a memory reactor."""
 
     def setUp(self):
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         # A cert dir that does not exist: tests that must not create
         # certificates check that it still does not.
         self.cert_dir = os.path.abspath(self.mktemp())
@@ -362,15 +369,13 @@ class ServiceTests(unittest.TestCase):
 
     def sites(self):
         """
-        :returns: the Site of every listening port (under its TLS layer, if
-            any), in order, asserting that each port has its own Site and
-            its own WebSocket factory, and that all of them share one
-            registry and one Stats.
+        :returns: the WebSocket factory of every listening port (under its
+            TLS layer, if any), in order, asserting that each port has its
+            own, with a Site of its own for its pages, and that all of them
+            share one registry and one Stats.
         """
         sites = [unwrap(factory) for factory in self.listening()]
-        for site in sites:
-            self.assertIsInstance(site, Site)
-        self.assertEqual(len({id(site) for site in sites}), len(sites), sites)
+        self.assertEqual(len({id(site.web) for site in sites}), len(sites), sites)
         factories = [websocket_factory(site) for site in sites]
         self.assertEqual(len({id(f) for f in factories}), len(factories), factories)
         for factory in factories:
@@ -433,7 +438,8 @@ class ServiceTests(unittest.TestCase):
         self.start("--port", "tcp:8080:interface=127.0.0.1")
         [(port, site, backlog, interface)] = self.reactor.tcpServers
         self.assertEqual((port, interface), (8080, "127.0.0.1"))
-        self.assertIsInstance(site, Site)
+        self.assertIsInstance(site, SignallingServerFactory)
+        self.assertIsInstance(site.web, Site)
         self.assertEqual(self.reactor.sslServers, [])
         self.assertFalse(os.path.exists(self.cert_dir))
 
@@ -504,6 +510,35 @@ class ServiceTests(unittest.TestCase):
         )
         self.assertTrue(client.received.startswith(b"HTTP/1.1 200 "), client.received)
         self.assertTrue(client.received.endswith(b"\r\n\r\nOK\n"), client.received)
+
+    @inlineCallbacks
+    def test_bare_ssl_port_agrees_on_http_1_1_with_alpn_clients(self):
+        """
+        A client that offers ALPN (browsers and curl offer h2 first) agrees
+        on http/1.1 and is served, pages and WebSocket upgrades alike.
+        """
+        files = write_certificate(self.cert_dir)
+        self.start("--port", "ssl:9443")
+        [(_, factory, _, _)] = self.tls_ports()
+        client = yield tls_exchange(
+            factory,
+            files.pem,
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            alpn=[b"h2", b"http/1.1"],
+        )
+        self.assertEqual(client.protocol, b"http/1.1")
+        self.assertTrue(client.received.endswith(b"\r\n\r\nOK\n"), client.received)
+        client = yield tls_exchange(
+            factory,
+            files.pem,
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            # and a masked close frame, 1000 (mask "abcd").
+            b"Sec-WebSocket-Version: 13\r\n\r\n\x88\x82abcd\x62\x8a",
+            alpn=[b"h2", b"http/1.1"],
+        )
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 101 "), client.received)
+        self.assertTrue(client.received.endswith(b"\r\n\r\n\x88\x02\x03\xe8"), client.received)
 
     @inlineCallbacks
     def test_bare_ssl_port_serves_the_lets_encrypt_chain_once(self):

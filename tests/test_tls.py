@@ -144,6 +144,7 @@ class TLSClient(Protocol):
 
     :ivar chain: the peer's certificate chain as sent, leaf first
         (``cryptography`` certificates), or None if the handshake failed.
+    :ivar protocol: the protocol agreed on by ALPN, if any.
     :ivar received: the bytes received after the handshake.
     :ivar reason: why the connection was closed (a Failure), once it is.
     :ivar closed: fires once the connection is closed.
@@ -152,6 +153,7 @@ class TLSClient(Protocol):
     def __init__(self, request=b""):
         self.request = request
         self.chain = None
+        self.protocol = None
         self.received = b""
         self.reason = None
         self.closed = Deferred()
@@ -159,6 +161,7 @@ class TLSClient(Protocol):
     def handshakeCompleted(self):
         connection = self.transport.getHandle()
         self.chain = [c.to_cryptography() for c in connection.get_peer_cert_chain()]
+        self.protocol = self.transport.negotiatedProtocol
         if self.request:
             self.transport.write(self.request)
         else:
@@ -197,11 +200,11 @@ class _TrackingFactory(WrappingFactory):
 
 
 @inlineCallbacks
-def tls_exchange(server_factory, trust_pem, request=b""):
+def tls_exchange(server_factory, trust_pem, request=b"", alpn=None):
     """
     Listen with ``server_factory`` on a real loopback port, connect a
     :class:`TLSClient` that trusts only ``trust_pem`` and checks the name
-    ``localhost``, and wait until both sides of the connection are closed and
+    ``localhost`` (offering the ALPN protocols ``alpn``), and wait until both sides of the connection are closed and
     the port no longer listens.
 
     :returns: a Deferred firing with the :class:`TLSClient`.
@@ -211,7 +214,9 @@ def tls_exchange(server_factory, trust_pem, request=b""):
     try:
         client = TLSClient(request)
         endpoint = wrapClientTLS(
-            optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(trust_pem)),
+            optionsForClientTLS(
+                "localhost", trustRoot=Certificate.loadPEM(trust_pem), acceptableProtocols=alpn
+            ),
             TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
         )
         yield endpoint.connect(Factory.forProtocol(lambda: client))

@@ -11,16 +11,21 @@ import os
 import re
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
 
+from signalling import protocol as web_protocol
 from signalling import tap, web
 from signalling.factory import SignallingServerFactory
 from signalling.registry import Registry
+from tests.test_tap import http_get
 
 _CONFIG = re.compile(r'<script id="config" type="application/json">(.*?)</script>', re.S)
 
@@ -34,19 +39,21 @@ def page_config(page):
 
 
 class WebTestsMixin:
-    """Serve a :class:`web.SignallingRoot` on a loopback port for one test."""
-
-    def serve(self, root):
-        """Listen with ``root`` on ``127.0.0.1``; stop listening at cleanup."""
-        site = Site(root)
-        site.noisy = False
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
+    """
+    Serve a port's pages on a loopback port for one test, the way a port
+    serves them: through the WebSocket factory, which hands plain requests
+    on to its :class:`web.SignallingRoot` site.
+    """
 
     def serve_root(self, **kwargs):
-        factory = SignallingServerFactory(None, Registry(), reactor)
-        self.serve(web.SignallingRoot(factory, b"/health", **kwargs))
+        """Listen on ``127.0.0.1``; stop listening at cleanup."""
+        factory = web.with_pages(
+            SignallingServerFactory(None, Registry(), reactor), b"/health", **kwargs
+        )
+        self.assertIsInstance(factory.web.resource, web.SignallingRoot)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
 
     async def request(self, path, method=b"GET"):
         """:returns: ``(status, headers, body)`` of one request."""
@@ -288,14 +295,144 @@ class IceServerOptionTests(unittest.TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         [(_, site, _, _)] = memory.tcpServers
-        protocol = site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        protocol.connectionLost(None)
-        head, _, page = transport.value().partition(b"\r\n\r\n")
+        head, _, page = http_get(site, b"/").partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
         self.assertEqual(
             page_config(page.decode("utf-8")),
             {"iceServers": [{"urls": "stun:stun.example.org:3478"}]},
         )
+
+
+_UPGRADE = (
+    b"GET /any/path HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class _TCPLikeTransport(StringTransport):
+    """A StringTransport that, like TCP and TLS transports, lets a protocol
+    unregister a producer it never registered (Autobahn does, on a drop)."""
+
+    def unregisterProducer(self):
+        self.producer = None
+        self.streaming = None
+
+
+class PortRoutingTests(unittest.SynchronousTestCase):
+    """
+    A port listens with the WebSocket factory: an upgrade request is parsed
+    once, by Autobahn, and anything else goes on to the pages' site.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.factory = web.with_pages(SignallingServerFactory(None, Registry(), self.clock))
+
+    def connect(self):
+        """:returns: ``(protocol, transport)`` of a new connection."""
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = _TCPLikeTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.addCleanup(lambda: transport.protocol.connectionLost(Failure(ConnectionDone())))
+        return protocol, transport
+
+    def test_asks_for_websocket(self):
+        """Only an Upgrade header naming websocket (any case, in a list) counts."""
+        ask = web_protocol.asks_for_websocket
+        self.assertTrue(ask(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket"))
+        self.assertTrue(ask(b"GET / HTTP/1.1\r\nupgrade :  h2c, WebSocket"))
+        self.assertFalse(ask(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c"))
+        self.assertFalse(ask(b"GET / HTTP/1.1\r\nHost: x\r\nX-Upgrade: websocket"))
+        self.assertFalse(ask(b"GET /?Upgrade:websocket HTTP/1.1\r\nHost: x"))
+        self.assertFalse(ask(b"GET / HTTP/1.1\r\nHost: websocket"))
+
+    def test_upgrade_stays_with_the_websocket_protocol(self):
+        """
+        An upgrade is answered by the protocol the port built, and no
+        twisted.web channel is left on the transport (as its producer).
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(_UPGRADE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value())
+        self.assertIs(transport.protocol, protocol)
+        self.assertIsNone(transport.producer)
+        self.assertEqual(self.factory.connections, {protocol})
+        self.assertEqual(self.factory.countConnections, 1)
+
+    def test_upgrade_split_over_many_reads(self):
+        """The request head may arrive a byte at a time."""
+        protocol, transport = self.connect()
+        for i in range(len(_UPGRADE)):
+            protocol.dataReceived(_UPGRADE[i : i + 1])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value())
+
+    def test_plain_request_goes_to_the_site(self):
+        """
+        A GET without an upgrade is answered by the site: the connection
+        now belongs to its channel, the WebSocket protocol is done (no
+        handshake timer left), and the health check answers.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertIsInstance(transport.protocol, type(self.factory.web.buildProtocol(None)))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nOK\n"), transport.value())
+        self.assertIsNone(protocol.transport)
+        self.assertIsNone(protocol.openHandshakeTimeoutCall)
+        self.assertEqual(self.factory.countConnections, 0)
+        self.assertEqual(self.factory.connections, set())
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if "Handshake" in repr(c)], []
+        )
+
+    def test_upgrade_after_a_plain_request_on_the_same_connection(self):
+        """
+        An upgrade that follows a plain request on a kept-alive connection
+        is handed back from the site to a WebSocket protocol.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        transport.clear()
+        transport.protocol.dataReceived(_UPGRADE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value())
+        [opened] = self.factory.connections
+        self.assertIsNot(opened, protocol)
+        self.assertIs(transport.protocol, opened)
+
+    def test_request_and_more_in_one_read(self):
+        """Bytes after the head in the same read reach the site too (a body)."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"POST /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nabcd"
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
+        responses = transport.value().count(b"HTTP/1.1 ")
+        self.assertEqual(responses, 2, transport.value())
+
+    def test_endless_request_head_is_refused_with_431(self):
+        """A head that never ends is not buffered beyond the limit."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        while not transport.disconnecting:
+            protocol.dataReceived(filler)
+            self.assertLess(len(protocol.data), 2 * web_protocol.MAX_REQUEST_HEAD)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value())
+
+    def test_oversized_upgrade_head_is_refused_with_431(self):
+        """An upgrade whose complete head is over the limit is refused."""
+        protocol, transport = self.connect()
+        big = _UPGRADE[:-2] + b"X-Filler: " + b"a" * web_protocol.MAX_REQUEST_HEAD + b"\r\n\r\n"
+        protocol.dataReceived(big)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.factory.connections, set())
+
+    def test_without_pages_a_plain_request_gets_426(self):
+        """A factory with no site refuses plain requests: Upgrade Required."""
+        self.factory = SignallingServerFactory(None, Registry(), self.clock)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 426 "), transport.value())
