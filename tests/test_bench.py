@@ -317,6 +317,32 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(json.loads(line)["scenario"], "rooms")
         self.assertIn("rooms: 1 rooms x 2 members", stderr)
 
+    async def test_uvloop_client_processes_over_tls(self):
+        """
+        --loop uvloop (what auto picks: the bench and test extras install it)
+        runs the client processes on uvloop, TLS included, and says so.
+        """
+        if importlib.util.find_spec("uvloop") is None:
+            message = "uvloop is not installed (the test and bench extras)"
+            if os.environ.get("CI"):
+                self.fail(message)
+            raise unittest.SkipTest(message)
+        server = await RealServer.start(self, tls=True)
+        ca_file = self.mktemp()
+        with open(ca_file, "wb") as f:
+            f.write(server._pem)
+        status, stdout, stderr = await run_cli(
+            server.url(), "--ca-file", ca_file, "--scenarios", "setup,rooms",
+            "--setup-workers", "2", "--duration", "0.5", "--rooms", "1", "--members", "3",
+            "--processes", "1", "--loop", "uvloop", "--json", "-",
+        )  # fmt: skip
+        self.assertEqual(status, cli.EXIT_OK, stderr)
+        self.assertIn("client processes run the uvloop event loop", stderr)
+        runs = [json.loads(line) for line in stdout.splitlines()]
+        self.assertEqual([r["scenario"] for r in runs], ["setup", "rooms"])
+        self.assertTrue(all(r["ok"] for r in runs), runs)
+        self.assertGreater(runs[0]["calls"], 0)
+
     async def test_failed_check_gives_status_1(self):
         """A run whose checks fail (nothing listens there) ends with status 1."""
         with socket.socket() as sock:
