@@ -796,3 +796,86 @@ class BytesLevelTests(unittest.TestCase):
         self.assertEqual(net.registry.peer_count, 1)
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(net.registry.is_empty())
+
+
+def masked_frame(payload, opcode=0x1):
+    """:returns: one unfragmented client frame (masked) carrying ``payload``."""
+    mask = os.urandom(4)
+    masked = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+    if len(payload) < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload))
+    else:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, len(payload))
+    return header + mask + masked
+
+
+class _CountingTransport(StringTransport):
+    """A StringTransport that keeps every write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+class RelayBatchingTests(unittest.TestCase):
+    """Frames read together are relayed to the partner in one write."""
+
+    def setUp(self):
+        self.net = Loopback(self)
+        self.peers = {}
+        for uid in ("alice", "bob"):
+            proto = self.net.factory.buildProtocol(None)
+            transport = _CountingTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(
+                b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            proto.dataReceived(masked_frame(f"HELLO {uid}".encode()))
+            self.peers[uid] = (proto, transport)
+            self.addCleanup(proto.connectionLost, Failure(ConnectionDone()))
+        alice, _ = self.peers["alice"]
+        alice.dataReceived(masked_frame(b"SESSION bob"))
+        for _, transport in self.peers.values():
+            transport.clear()
+            del transport.writes[:]
+
+    def test_a_burst_is_one_write_in_order(self):
+        """
+        Text and binary frames of one read reach the partner in order, in
+        one write, each counted once.
+        """
+        alice, _ = self.peers["alice"]
+        bob, bob_transport = self.peers["bob"]
+        before = self.net.factory.stats.session_messages
+        frames_before = bob.trafficStats.outgoingWebSocketFrames
+        big = b"x" * 300
+        alice.dataReceived(
+            masked_frame(b"one") + masked_frame(b"\x00\x01", opcode=0x2) + masked_frame(big)
+        )
+        self.assertEqual(
+            bob_transport.writes,
+            [b"\x81\x03one" + b"\x82\x02\x00\x01" + b"\x81\x7e\x01\x2c" + big],
+        )
+        self.assertEqual(self.net.factory.stats.session_messages - before, 3)
+        self.assertEqual(bob.trafficStats.outgoingWebSocketFrames - frames_before, 3)
+
+    def test_a_frame_left_to_autobahn_ends_the_batch_first(self):
+        """
+        A ping in the middle of a burst: what came before it is written to
+        the partner before Autobahn handles the ping, and order holds.
+        """
+        alice, alice_transport = self.peers["alice"]
+        bob, bob_transport = self.peers["bob"]
+        alice.dataReceived(
+            masked_frame(b"a") + masked_frame(b"b") + masked_frame(b"p", opcode=0x9)
+            + masked_frame(b"c")
+        )  # fmt: skip
+        self.assertEqual(bob_transport.value(), b"\x81\x01a\x81\x01b\x81\x01c")
+        self.assertEqual(bob_transport.writes[0], b"\x81\x01a\x81\x01b")
+        self.assertIn(b"\x8a\x01p", alice_transport.value())
