@@ -435,6 +435,8 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         traffic = self.trafficStats
         # Frames for the session partner, written to it together when the
         # loop ends: one write (over TLS, one record) instead of one each.
+        # Only while onMessage is ours: a subclass's sees every message.
+        can_batch = type(self).onMessage is _ON_MESSAGE
         batch = None
         batch_for = None
         try:
@@ -475,7 +477,8 @@ class SignallingServerProtocol(WebSocketServerProtocol):
                     self._cancelAutoPingTimeoutCall()
                 link = self._link
                 if (
-                    link is not None
+                    can_batch
+                    and link is not None
                     and self._held is None
                     and self._listeners is None
                     and getattr(link, "__func__", None) is _SEND_FRAME
@@ -845,6 +848,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 #: What a session link is when the registry hands over a partner's own
 #: ``send_frame``: then frames can be batched for it (``send_frames``).
 _SEND_FRAME = SignallingServerProtocol.send_frame
+_ON_MESSAGE = SignallingServerProtocol.onMessage
 
 for _name in WebSocketServerProtocol.CONFIG_ATTRS:
     setattr(SignallingServerProtocol, _name, _FactoryOption(_name))
