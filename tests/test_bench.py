@@ -18,7 +18,7 @@ import socket
 import struct
 import sys
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads, utils
 from twisted.trial import unittest
 
 from signalling.bench import cli, report, wsclient
@@ -378,6 +378,33 @@ class CommandLineTests(unittest.TestCase):
         for name in ("relay-throughput.png", "relay-latency.png", "relay-latency-throughput.png"):
             with open(os.path.join(directory, name), "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class OpenSSLCostTests(unittest.TestCase):
+    """benchmarks/openssl-cost: OpenSSL's own share of a TLS connection."""
+
+    def test_reports_handshake_cpu_and_heap_per_connection(self):
+        """It completes real TLS 1.3 handshakes and reports what they cost."""
+        script = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "benchmarks",
+            "openssl-cost",
+        )
+        d = utils.getProcessOutputAndValue(
+            sys.executable, [script, "50"], env=dict(os.environ), reactor=reactor
+        )
+
+        def check(result):
+            out, err, code = result
+            self.assertEqual(code, 0, err)
+            report = json.loads(out)
+            self.assertEqual(report["handshakes"], 50)
+            self.assertEqual(report["protocol"], "TLSv1.3")
+            self.assertGreater(report["server_cpu_ms_per_handshake"], 0)
+            # An established server connection keeps some kilobytes of C heap.
+            self.assertGreater(report["server_heap_bytes_per_connection"], 1000)
+
+        return d.addCallback(check)
 
 
 class ReportTests(unittest.TestCase):
