@@ -30,11 +30,12 @@ import re
 import shutil
 import sys
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import FailTest, SkipTest
 
+from tests._realserver import Waiting
 from tests.helpers import write_certificate
 
 #: The checkout root.
@@ -212,7 +213,7 @@ class NetworkNamespace:
             self.created = False
 
 
-class OutputProcess(ProcessProtocol):
+class OutputProcess(Waiting, ProcessProtocol):
     """
     A child process whose output is kept, with event-driven bounded waits.
 
@@ -256,13 +257,6 @@ class OutputProcess(ProcessProtocol):
         err = self.stderr.decode("utf-8", "replace")[-tail:]
         return f"--- {self.name} stdout:\n{out}\n--- {self.name} stderr:\n{err}"
 
-    def _changed(self):
-        for waiter in list(self._waiters):
-            predicate, d = waiter
-            if predicate():
-                self._waiters.remove(waiter)
-                reactor.callLater(0, lambda d=d: d.called or d.callback(None))
-
     async def until(self, predicate, what, timeout):
         """
         Wait until ``predicate()`` holds, re-checked whenever the process
@@ -271,17 +265,10 @@ class OutputProcess(ProcessProtocol):
         :raises FailTest: when it does not hold within ``timeout`` seconds,
             or the process ended first.
         """
-        done = lambda: predicate() or not self.running  # noqa: E731
-        if not done():
-            d = defer.Deferred()
-            waiter = (done, d)
-            self._waiters.append(waiter)
-            d.addTimeout(timeout, reactor)
-            try:
-                await d
-            except defer.TimeoutError:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+        try:
+            await self._until(lambda: predicate() or not self.running, what, timeout)
+        except FailTest:
+            pass
         if not predicate():
             state = "running" if self.running else f"ended ({self.ended})"
             raise FailTest(

@@ -38,6 +38,39 @@ def pause(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+async def close_clients(clients, raw_clients, server_done=lambda: True):
+    """
+    Close every client (WebSocket ``clients`` with a close handshake, raw
+    TCP ``raw_clients`` by closing their transport) and wait until all of
+    them are lost and ``server_done()`` holds. After a failure whatever is
+    still there goes the hard way, so that one failing test does not leave a
+    dirty reactor behind.
+    """
+
+    def gone():
+        return (
+            all(c.is_lost for c in clients)
+            and all(r.is_lost for r in raw_clients)
+            and server_done()
+        )
+
+    for client in clients:
+        client.close()
+    for raw in raw_clients:
+        if not raw.is_lost:
+            raw.transport.loseConnection()
+    try:
+        await eventually(gone, "every connection to close")
+    finally:
+        for client in clients:
+            if not client.is_lost and client.transport is not None:
+                client.transport.abortConnection()
+        for raw in raw_clients:
+            if not raw.is_lost:
+                raw.transport.abortConnection()
+        await eventually(gone, "every connection to be gone after aborting")
+
+
 async def eventually(predicate, what, timeout=WAIT):
     """
     Poll ``predicate`` on the reactor until it holds.
@@ -55,7 +88,7 @@ async def eventually(predicate, what, timeout=WAIT):
     raise FailTest(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
 
 
-class _Waiting:
+class Waiting:
     """
     Event-driven waiting: :meth:`_until` returns once a condition on this
     connection holds, re-checked whenever something arrives or the connection
@@ -87,7 +120,7 @@ class _Waiting:
             ) from None
 
 
-class Client(_Waiting, WebSocketClientProtocol):
+class Client(Waiting, WebSocketClientProtocol):
     """
     A real Autobahn client that records every message it receives: text as
     ``str``, binary as ``bytes``. Tests read them in order with
@@ -276,7 +309,7 @@ def frame(opcode, payload, fin=True, mask=True):
     return head + key + masked
 
 
-class RawClient(_Waiting, Protocol):
+class RawClient(Waiting, Protocol):
     """
     A raw TCP (or TLS) client: writes whatever the test hands it and keeps
     every byte it receives. Used for plain HTTP and for hand-made WebSocket
@@ -555,33 +588,11 @@ class RealServer:
         check the registry.
         """
         try:
-            for client in self.clients:
-                client.close()
-            for raw in self.raw_clients:
-                if not raw.is_lost:
-                    raw.transport.loseConnection()
-            try:
-                await eventually(
-                    lambda: all(c.is_lost for c in self.clients)
-                    and all(r.is_lost for r in self.raw_clients)
-                    and self.factory.getConnectionCount() == 0,
-                    "every connection to close",
-                )
-            finally:
-                # Whatever is still there after a failure goes the hard way,
-                # so one failing test does not leave a dirty reactor behind.
-                for client in self.clients:
-                    if not client.is_lost and client.transport is not None:
-                        client.transport.abortConnection()
-                for raw in self.raw_clients:
-                    if not raw.is_lost:
-                        raw.transport.abortConnection()
-                await eventually(
-                    lambda: all(c.is_lost for c in self.clients)
-                    and all(r.is_lost for r in self.raw_clients)
-                    and self.factory.getConnectionCount() == 0,
-                    "every connection to be gone after aborting",
-                )
+            await close_clients(
+                self.clients,
+                self.raw_clients,
+                lambda: self.factory.getConnectionCount() == 0,
+            )
         finally:
             await self.port.stopListening()
         registry = self.registry

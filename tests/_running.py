@@ -24,7 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from signalling import tap
 from signalling.tls import ServerTLSFactory
-from tests._realserver import WAIT, Client, RawClient, eventually
+from tests._realserver import WAIT, Client, RawClient, close_clients, eventually
 from tests.test_tap import parse, websocket_factory
 from tests.test_tls import TLSClient
 
@@ -317,24 +317,7 @@ class RunningServer:
         left, and check the registry and the timers.
         """
         try:
-            for client in self.clients:
-                client.close()
-            for raw in self.raw_clients:
-                if not raw.is_lost:
-                    raw.transport.loseConnection()
-            try:
-                await eventually(
-                    lambda: all(c.is_lost for c in self.clients)
-                    and all(r.is_lost for r in self.raw_clients),
-                    "every client to close",
-                )
-            finally:
-                for client in self.clients:
-                    if not client.is_lost and client.transport is not None:
-                        client.transport.abortConnection()
-                for raw in self.raw_clients:
-                    if not raw.is_lost:
-                        raw.transport.abortConnection()
+            await close_clients(self.clients, self.raw_clients)
         finally:
             if self.service.running:
                 await defer.Deferred.addTimeout(

@@ -716,6 +716,7 @@ class LoggingTests(ProtocolTestCase):
             self.net.flush()
             a.sendClose(1000)
             self.net.flush()
+        self.assertEqual(b.close_code, 1000)
         ours = [
             formatEvent(e) for e in events if e.get("log_namespace", "").startswith("signalling")
         ]
