@@ -293,6 +293,11 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         ``web`` factory (twisted.web's HTTP channel); this protocol is done.
         """
         transport = self.transport
+        channel = web.buildProtocol(transport.getPeer())
+        if channel is None:
+            # The site refuses the connection (a factory may).
+            self.dropConnection(abort=True)
+            return
         if self.openHandshakeTimeoutCall is not None:
             self.openHandshakeTimeoutCall.cancel()
             self.openHandshakeTimeoutCall = None
@@ -300,7 +305,6 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         self.state = _CLOSED
         self.factory.countConnections -= 1
         data, self.data = self.data, b""
-        channel = web.buildProtocol(transport.getPeer())
         if isinstance(transport, ProtocolWrapper):
             # TLS: the transport is the TLS layer, which wraps this protocol.
             transport.wrappedProtocol = channel

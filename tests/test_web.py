@@ -436,3 +436,12 @@ class PortRoutingTests(unittest.SynchronousTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 426 "), transport.value())
+
+    def test_a_site_that_refuses_the_connection_gets_it_dropped(self):
+        """A web factory that builds no protocol: the connection is dropped."""
+        self.patch(self.factory.web, "buildProtocol", lambda addr: None)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertIs(transport.protocol, protocol)
+        self.assertEqual(transport.value(), b"")
