@@ -176,6 +176,9 @@ def _frame_header(opcode_byte, length):
         return bytes((opcode_byte, 126)) + length.to_bytes(2, "big")
     return bytes((opcode_byte, 127)) + length.to_bytes(8, "big")
 
+#: The frame size limit when neither Autobahn limit is set.
+_NO_LIMIT = 1 << 63
+
 #: Largest HTTP request head (request line and headers) an opening handshake
 #: may send; a longer one is refused with 431 rather than buffered.
 MAX_REQUEST_HEAD = 16 * 1024
@@ -273,17 +276,14 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         behind as the transport's producer for the life of the connection.
         """
         data = self.data
-        end = data.find(b"\r\n\r\n")
+        end = data.find(b"\r\n\r\n", 0, MAX_REQUEST_HEAD + 4)
         if end < 0:
-            if len(data) > MAX_REQUEST_HEAD:
+            if len(data) >= MAX_REQUEST_HEAD + 4:
                 self.failHandshake("Request header fields too large", 431)
             return
         web = self.factory.web
         if web is not None and not asks_for_websocket(data[:end]):
             self._hand_over_to_web(web)
-            return
-        if end > MAX_REQUEST_HEAD:
-            self.failHandshake("Request header fields too large", 431)
             return
         WebSocketServerProtocol.processHandshake(self)
 
@@ -431,18 +431,16 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         data = self.data
         end_of_data = len(data)
         pos = 0
-        limit = min(
-            (x for x in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if x > 0),
-            default=1 << 63,
-        )
+        limit = self.maxMessagePayloadSize
+        frame_limit = self.maxFramePayloadSize
+        if limit <= 0 or 0 < frame_limit < limit:
+            limit = frame_limit if frame_limit > 0 else _NO_LIMIT
         validate = self.utf8validateIncoming
         traffic = self.trafficStats
         # Frames for the session partner, written to it together when the
         # loop ends: one write (over TLS, one record) instead of one each.
-        # Only while onMessage is ours: a subclass's sees every message.
-        can_batch = type(self).onMessage is _ON_MESSAGE
-        batch = None
-        batch_for = None
+        partner = self._batch_partner()
+        batch = []
         try:
             while end_of_data - pos >= 6:
                 first = data[pos]
@@ -479,37 +477,44 @@ class SignallingServerProtocol(WebSocketServerProtocol):
                 traffic.incomingWebSocketMessages += 1
                 if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
                     self._cancelAutoPingTimeoutCall()
-                link = self._link
-                if (
-                    can_batch
-                    and link is not None
-                    and self._held is None
-                    and self._listeners is None
-                    and getattr(link, "__func__", None) is _SEND_FRAME
-                ):
-                    partner = link.__self__
-                    if partner is not batch_for:
-                        if batch:
-                            batch_for.send_frames(batch)
-                        batch, batch_for = [], partner
+                if partner is not None and self._held is None:
                     batch.append((first, payload))
                     continue
                 if batch:
-                    batch_for.send_frames(batch)
-                    batch = batch_for = None
+                    partner.send_frames(batch)
+                    batch = []
                 self.onMessage(payload, first == _FIN_BINARY)
                 if self._listeners is not None:
                     self._fire_message(payload, first == _FIN_BINARY)
                 if self.state != _OPEN:
                     break
+                # A command may have started or ended a session.
+                partner = self._batch_partner()
         finally:
             if pos:
                 self.data = data[pos:]
             if batch:
-                batch_for.send_frames(batch)
+                partner.send_frames(batch)
         if not pos:
             return WebSocketServerProtocol.processData(self)
         return len(self.data) > 0
+
+    def _batch_partner(self):
+        """
+        :returns: the session partner, when our link is its own
+            ``send_frame`` and frames for it may be batched (``send_frames``);
+            else None. Not while ``onMessage`` is a subclass's, which must see
+            every message, nor while ``on("message")`` has observers.
+        """
+        link = self._link
+        if (
+            link is None
+            or getattr(link, "__func__", None) is not _SEND_FRAME
+            or self._listeners is not None
+            or type(self).onMessage is not _ON_MESSAGE
+        ):
+            return None
+        return link.__self__
 
     def _fire_message(self, payload, is_binary):
         """Tell ``on("message")`` observers, as Autobahn's ``onMessageEnd`` does."""
@@ -534,39 +539,18 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def send_frame(self, payload, is_binary):
         """Relay one message to this connection, unless it is closing."""
-        if self.state == _OPEN:
-            stats = self.factory.stats
-            stats.session_messages += 1
-            stats.session_bytes += len(payload)
-            self._write_frame(_FIN_BINARY if is_binary else _FIN_TEXT, payload)
+        self.send_frames(((_FIN_BINARY if is_binary else _FIN_TEXT, payload),))
 
     def send_frames(self, frames):
         """
-        Relay several messages, ``(first header byte, payload)`` each, in
-        one write, unless this connection is closing.
+        Relay messages, ``(first header byte, payload)`` each, in one write,
+        unless this connection is closing.
         """
-        if self.state != _OPEN:
-            return
-        stats = self.factory.stats
-        stats.session_messages += len(frames)
-        if self.send_queue.items or not self._plain_writes:
-            for first, payload in frames:
-                stats.session_bytes += len(payload)
-                self.sendFrame(first & 0x0F, payload)
-            return
-        parts = []
-        size = 0
-        for first, payload in frames:
-            n = len(payload)
-            size += n
-            parts.append(_frame_header(first, n))
-            parts.append(payload)
-        stats.session_bytes += size
-        data = b"".join(parts)
-        self.transport.write(data)
-        traffic = self.trafficStats
-        traffic.outgoingWebSocketFrames += len(frames)
-        traffic.outgoingOctetsWireLevel += len(data)
+        if self.state == _OPEN:
+            stats = self.factory.stats
+            stats.session_messages += len(frames)
+            stats.session_bytes += sum(len(payload) for _, payload in frames)
+            self._write_frames(frames)
 
     def session_started(self, partner_uid, link, caller):
         """Start relaying to ``partner_uid``; the caller is told ``SESSION_OK``."""
@@ -783,26 +767,32 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         # A frame, not sendMessage: the incoming size limit must not apply
         # to what we send (a relayed room message carries a prefix).
         if self.state == _OPEN:
-            self._write_frame(_FIN_TEXT, text.encode("utf-8"))
+            self._write_frames(((_FIN_TEXT, text.encode("utf-8")),))
 
-    def _write_frame(self, first_byte, payload):
+    def _write_frames(self, frames):
         """
-        Send one unfragmented data frame; the caller checked the state.
+        Send unfragmented data frames, ``(first header byte, payload)`` each,
+        in one write; the caller checked the state.
 
-        What Autobahn's ``sendFrame`` and ``sendData`` do for such a frame,
-        without their generality: the header is built here and the frame
-        goes to the transport in one write, with Autobahn's traffic counts
-        kept. Whatever needs Autobahn's own path (a queued or chopped write
+        What Autobahn's ``sendFrame`` and ``sendData`` do for such frames,
+        without their generality: the headers are built here and the frames
+        go to the transport together, with Autobahn's traffic counts kept.
+        Whatever needs Autobahn's own path (a queued or chopped write
         pending, frame or octet logging, masking) still takes it.
         """
         if self.send_queue.items or not self._plain_writes:
-            self.sendFrame(first_byte & 0x0F, payload)
+            for first, payload in frames:
+                self.sendFrame(first & 0x0F, payload)
             return
-        frame = _frame_header(first_byte, len(payload)) + payload
-        self.transport.write(frame)
+        parts = []
+        for first, payload in frames:
+            parts.append(_frame_header(first, len(payload)))
+            parts.append(payload)
+        data = b"".join(parts)
+        self.transport.write(data)
         traffic = self.trafficStats
-        traffic.outgoingWebSocketFrames += 1
-        traffic.outgoingOctetsWireLevel += len(frame)
+        traffic.outgoingWebSocketFrames += len(frames)
+        traffic.outgoingOctetsWireLevel += len(data)
 
     def _send_error(self, reason, kind):
         self.factory.stats.error_sent(kind)

@@ -430,6 +430,15 @@ class PortRoutingTests(unittest.SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.factory.connections, set())
 
+    def test_oversized_plain_request_head_is_refused_with_431(self):
+        """The limit holds for requests meant for the pages too."""
+        protocol, transport = self.connect()
+        big = b"GET /health HTTP/1.1\r\nX-Filler: " + b"a" * web_protocol.MAX_REQUEST_HEAD
+        protocol.dataReceived(big + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value())
+        self.assertIs(transport.protocol, protocol)
+        self.assertTrue(transport.disconnecting)
+
     def test_without_pages_a_plain_request_gets_426(self):
         """A factory with no site refuses plain requests: Upgrade Required."""
         self.factory = SignallingServerFactory(None, Registry(), self.clock)
