@@ -53,6 +53,9 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param web: the protocol factory (a twisted.web ``Site``) that gets every
         connection whose first request asks for no WebSocket upgrade, or
         None to refuse those with 426.
+    :param close_timeout: seconds a closing connection may take: for the
+        peer to answer our close frame, and for the transport to close
+        (TLS waits for the peer's ``close_notify``) before it is aborted.
     """
 
     protocol = SignallingServerProtocol
@@ -69,6 +72,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         trust_proxy=0,
         log_payloads=False,
         web=None,
+        close_timeout=CLOSE_HANDSHAKE_TIMEOUT,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -79,6 +83,9 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.stats = Stats() if stats is None else stats
         self.log_payloads = log_payloads
         self.web = web
+        self.close_timeout = close_timeout
+        #: True once :meth:`close_all` ran: the server is shutting down.
+        self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.
         self.connections = set()
         self.setProtocolOptions(
@@ -93,7 +100,7 @@ class SignallingServerFactory(WebSocketServerFactory):
             autoPingInterval=keepalive,
             autoPingTimeout=keepalive + TIMER_ROUNDING,
             openHandshakeTimeout=OPEN_HANDSHAKE_TIMEOUT,
-            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            closeHandshakeTimeout=close_timeout,
             perMessageCompressionAccept=_refuse_compression,
             trustXForwardedFor=trust_proxy,
         )
@@ -108,7 +115,16 @@ class SignallingServerFactory(WebSocketServerFactory):
         """
         return [b"http/1.1"]
 
+    def begin_shutdown(self):
+        """
+        The server is stopping: a session or room partner that goes from
+        now on is closed for that reason (1001), not as if its partner had
+        left. Every factory of a server is told before any closes.
+        """
+        self.shutting_down = True
+
     def close_all(self):
         """Close every open connection with 1001 (going away)."""
+        self.begin_shutdown()
         for protocol in list(self.connections):
             protocol.going_away()

@@ -14,6 +14,7 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -21,6 +22,7 @@ from zope.interface import implementer
 
 from signalling import wire
 from signalling.interfaces import IPeer, SignallingError, UidTaken
+from signalling.tls import tls_failure_reason
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -200,6 +202,8 @@ def asks_for_websocket(head):
 
 #: Close code and reason when no HELLO arrives in time (policy violation).
 CLOSE_HELLO_TIMEOUT = 1008
+#: What the log says of a connection closed because the server stops.
+SHUTDOWN_CAUSE = "the server is shutting down"
 #: Close code after an unexpected error in the server (internal error).
 CLOSE_INTERNAL_ERROR = 1011
 
@@ -237,7 +241,16 @@ class SignallingServerProtocol(WebSocketServerProtocol):
     #: True once we stop handling input (close sent or connection lost).
     _closing = False
     _closed = False
+    #: True once the registry was told to let go of our uid, session and room.
+    _released = False
     _hello_call = None
+    #: Aborts the transport if a closing connection outlives its bound.
+    _drop_call = None
+    #: True when why the connection ended was logged already (TLS failures).
+    _close_logged = False
+    #: Why the server closed this connection, for the log, when the close
+    #: frame's reason does not say it.
+    _cause = None
 
     # Autobahn callbacks.
 
@@ -314,9 +327,91 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         channel.makeConnection(transport)
         channel.dataReceived(data)
 
+    def connectionLost(self, reason):
+        """
+        Log a failed TLS handshake once, at info level and in plain words,
+        instead of Autobahn's error line; then tear the connection down.
+        """
+        if isinstance(reason.value, SSL.Error):
+            if not self._close_logged:
+                self._log.info(
+                    "TLS with {peer_addr} failed: {reason}",
+                    peer_addr=self.peer,
+                    reason=tls_failure_reason(reason.value),
+                )
+            self._close_logged = True
+            self._connectionLost(reason)
+            return
+        WebSocketServerProtocol.connectionLost(self, reason)
+
+    def quiet_close(self):
+        """The TLS layer logged why this connection ends; onClose need not."""
+        self._close_logged = True
+
     def _connectionLost(self, reason):
+        if self._drop_call is not None:
+            if self._drop_call.active():
+                self._drop_call.cancel()
+            self._drop_call = None
         WebSocketProtocol._connectionLost(self, reason)
         self.factory.countConnections -= 1
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
+        """
+        Send a close frame (ours, or the reply to the peer's); from then on
+        the connection holds nothing in the registry: its partner and room
+        are told now, not when the peer gets round to closing its side.
+        """
+        WebSocketServerProtocol.sendCloseFrame(self, code, reasonUtf8, isReply)
+        if self.state != _OPEN:
+            self._let_go()
+
+    def dropConnection(self, abort=False):
+        """
+        Close the transport, gracefully after a complete close handshake.
+        A graceful close is bounded too: TLS waits for the peer's
+        ``close_notify``, which a peer that stopped reading never sends, so
+        the transport is aborted after ``close_timeout``.
+        """
+        if abort and self.wasClean:
+            # The close handshake is complete; what we wrote last (our close
+            # frame, when both sides closed at once) must still reach the
+            # peer, which an abort would throw away.
+            abort = False
+        was_closed = self.state == _CLOSED
+        WebSocketServerProtocol.dropConnection(self, abort)
+        self._let_go()
+        if (
+            not abort
+            and not was_closed
+            and self.transport is not None
+            and self._drop_call is None
+        ):
+            self._drop_call = self.factory.clock.callLater(
+                self.factory.close_timeout, self._abort
+            )
+
+    def _abort(self):
+        self._drop_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _let_go(self):
+        """
+        Stop handling input and release our uid, session and room, once,
+        whatever the reason the connection ends.
+        """
+        if self._released:
+            return
+        self._released = self._closing = True
+        self._link = None
+        self._held = None
+        if self._hello_call is not None:
+            if self._hello_call.active():
+                self._hello_call.cancel()
+            self._hello_call = None
+        if self._uid is not None:
+            self._release(self._uid)
 
     def _compact(self):
         """
@@ -350,29 +445,28 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         self._receive(payload, isBinary)
 
     def onClose(self, wasClean, code, reason):
-        """Cancel timers and release everything this connection held."""
-        self._closed = self._closing = True
-        self._link = None
-        self._held = None
+        """Cancel timers, release everything this connection held, log why."""
+        self._closed = True
+        self._let_go()
         self.factory.connections.discard(self)
-        if self._hello_call is not None:
-            if self._hello_call.active():
-                self._hello_call.cancel()
-            self._hello_call = None
         # Autobahn leaves this timer running when the TCP connection ends
         # before the peer answered our close frame; it would hold this
         # connection for the whole close-handshake timeout.
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        code, cause = self._close_cause(code)
         uid, self._uid = self._uid, None
         if uid is None:
             ended = self._ended
-            if ended is None:
+            if self._close_logged:
+                pass
+            elif ended is None:
                 self._log.info(
-                    "connection from {peer_addr} closed (code {code})",
+                    "connection from {peer_addr} closed (code {code}, {cause})",
                     peer_addr=self.peer,
                     code=code,
+                    cause=cause,
                 )
             else:
                 self._log.info(
@@ -382,25 +476,47 @@ class SignallingServerProtocol(WebSocketServerProtocol):
                     partner_uid=ended[1],
                     peer_addr=self.peer,
                     code=code,
+                    cause=cause,
                 )
             return
         if self._room_id is None:
             self._log.info(
-                "peer {uid} at {peer_addr} disconnected (code {code})",
+                "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
                 uid=uid,
                 peer_addr=self.peer,
                 code=code,
+                cause=cause,
                 partner_uid=self._partner_uid,
             )
         else:
             self._log.info(
-                "peer {uid} at {peer_addr} disconnected (code {code}), leaving room {room_id}",
+                "peer {uid} at {peer_addr} disconnected (code {code}, {cause}), "
+                "leaving room {room_id}",
                 uid=uid,
                 peer_addr=self.peer,
                 code=code,
+                cause=cause,
                 room_id=self._room_id,
             )
-        self._release(uid)
+
+    def _close_cause(self, code):
+        """
+        :param code: the close code Autobahn reports (the peer's, or 1006).
+        :returns: ``(code, cause)`` for the log: the code of the close frame
+            that started the close, and who started it and why.
+        """
+        if self._cause is not None:
+            return (self.localCloseCode or code), self._cause
+        if self.closedByMe and self.localCloseCode is not None:
+            reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+            return self.localCloseCode, f"closed by the server: {reason}" if reason else (
+                "closed by the server"
+            )
+        if self.remoteCloseCode is not None:
+            return self.remoteCloseCode, "closed by the peer"
+        if self.wasNotCleanReason:
+            return code, self.wasNotCleanReason
+        return code, "connection lost"
 
     def processData(self):
         """
@@ -532,10 +648,13 @@ class SignallingServerProtocol(WebSocketServerProtocol):
 
     def going_away(self):
         """Close for a server shutdown: code 1001, no message."""
+        self._cause = SHUTDOWN_CAUSE
         self._closing = True
         self._link = None
         if self.state == _OPEN:
             self.sendCloseFrame(code=1001, reasonUtf8=b"going away")
+        else:
+            self._let_go()
 
     def send_frame(self, payload, is_binary):
         """Relay one message to this connection, unless it is closing."""
@@ -571,10 +690,14 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         line logged when it has closed names both.
         """
         # The registry has already released our uid.
-        self._ended = (self._uid, partner_uid)
-        self._uid = None
+        uid, self._uid = self._uid, None
         self._link = None
         self._closing = True
+        if self.factory.shutting_down:
+            # Every connection is being closed: this one for that reason.
+            self.going_away()
+            return
+        self._ended = (uid, partner_uid)
         if self.state == _OPEN:
             self.sendClose(1000)
 
@@ -591,8 +714,10 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         self._send_text(wire.room_peer_joined(uid))
 
     def room_peer_left(self, room_id, uid):
-        """Tell this member that ``uid`` left."""
-        self._send_text(wire.room_peer_left(uid))
+        """Tell this member that ``uid`` left (not while every member is
+        being closed for a shutdown)."""
+        if not self.factory.shutting_down:
+            self._send_text(wire.room_peer_left(uid))
 
     def room_message(self, sender_uid, payload):
         """Hand over a room member's message."""
@@ -719,7 +844,7 @@ class SignallingServerProtocol(WebSocketServerProtocol):
         return d
 
     def _registered(self, _, uid):
-        if self._closed:
+        if self._released:
             # The connection went away while the registry worked.
             self._release(uid)
             return

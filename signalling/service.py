@@ -15,6 +15,8 @@ from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from signalling.listening import FamilyUnavailable, StartupError, cannot_listen
+
 def raise_file_limit(log=None):
     """
     Raise the soft limit on open files to the hard limit: every peer is a
@@ -49,7 +51,11 @@ class SignallingService(Service):
     """
     :param reactor: the reactor (time, and thread-safe calls from signal
         handlers).
-    :param ports: ``[(description, endpoint, factory)]`` to listen on.
+    :param ports: ``[(description, endpoint, factory)]`` to listen on; a
+        fourth item names the option the port came from (``--port`` by
+        default), for errors. An endpoint that fails with
+        :class:`signalling.listening.FamilyUnavailable` (IPv6 on a machine
+        without it) is left out with a warning.
     :param ws_factories: the WebSocket factories to close on shutdown.
     :param notifier: a :class:`signalling.systemd.Notifier`, or None.
     :param shutdown_timeout: seconds to wait for close handshakes on shutdown.
@@ -117,41 +123,50 @@ class SignallingService(Service):
         failures = []
         attempts = []
         bound = []
-        for description, endpoint, factory in self._ports:
+        for description, endpoint, factory, *option in self._ports:
+            option = option[0] if option else "--port"
             d = endpoint.listen(factory)
-            d.addCallback(lambda port: bound.append(port) or port)
-            d.addErrback(self._listen_failed, description, failures)
+            d.addCallback(lambda port, d=description: bound.append(port) or (d, port))
+            d.addErrback(self._listen_failed, description, option, failures)
             attempts.append(d)
         if failures:
             for port in bound:
                 port.stopListening()
             # A port that cannot be bound at start-up stops twistd with one
             # line for the operator instead of a traceback.
-            raise SystemExit(failures[0])
+            raise StartupError(failures[0])
         self._listening = defer.gatherResults(attempts)
         self._listening.addCallback(self._ready, failures)
 
-    @staticmethod
-    def _listen_failed(failure, description, failures):
+    def _listen_failed(self, failure, description, option, failures):
+        if failure.check(FamilyUnavailable):
+            self._log.warn(
+                "not listening on {endpoint}: {reason}",
+                endpoint=description,
+                reason=f"no IPv6 on this machine ({failure.value})",
+            )
+            return None
         if failure.check(CannotListenError):
-            e = failure.value
-            where = f"{e.interface}:{e.port}" if e.interface else f"port {e.port}"
-            failures.append(f"signalling: cannot listen on {where}: {e.socketError}")
+            failures.append(cannot_listen(failure.value, description, option))
         else:
-            failures.append(f"signalling: cannot listen on {description}: {failure.value}")
+            failures.append(
+                f"signalling: cannot listen on {description} ({option}): {failure.value}"
+            )
+        return None
 
-    def _ready(self, ports, failures):
+    def _ready(self, results, failures):
         if failures:
             # An endpoint that failed later than at start-up (none of
             # Twisted's stream endpoints do).
             self._log.critical("{reason}", reason=failures[0])
             self._reactor.stop()
             return None
-        return self._started(ports)
+        return self._started([r for r in results if r is not None])
 
-    def _started(self, ports):
+    def _started(self, listening):
+        ports = [port for _, port in listening]
         self._listening_ports = ports
-        for (description, _, _), port in zip(self._ports, ports):
+        for description, port in listening:
             self._log.info(
                 "listening on {endpoint} ({address})",
                 endpoint=description,
@@ -234,6 +249,8 @@ class SignallingService(Service):
         return sum(f.getConnectionCount() for f in self._ws_factories)
 
     def _close_connections(self):
+        for factory in self._ws_factories:
+            factory.begin_shutdown()
         for factory in self._ws_factories:
             factory.close_all()
         if self._open_connections() == 0:

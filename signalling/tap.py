@@ -3,14 +3,15 @@ The twistd plugin's options and service: ``twistd -n signalling``.
 """
 
 import math
+import os
 
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+import signalling
 from signalling import factory as _factory
-from signalling import logs, tls
+from signalling import listening, logs, tls
 from signalling.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.registry import Registry
 from signalling.service import SignallingService, raise_file_limit
@@ -21,6 +22,8 @@ _log = Logger()
 
 DEFAULT_PORT = "ssl:8443"
 DEFAULT_PLAIN_PORT = "tcp:8443"
+#: The only --cert-path created without asking, with a self-signed pair.
+DEFAULT_CERT_PATH = "certs"
 
 
 def _positive(kind, minimum=None):
@@ -79,10 +82,13 @@ class Options(usage.Options):
          "by default, e.g. behind a TLS-terminating proxy."],
         ["log-payloads", None, "Log every relayed message (SDP, ICE) at info "
          "level. For debugging only: it slows the relay and logs private data."],
+        ["create-cert-path", None, "Create a --cert-path that does not exist, with "
+         "a self-signed certificate in it (done without asking only for the "
+         "default, certs)."],
     ]
 
     optParameters = [
-        ["cert-path", None, "certs",
+        ["cert-path", None, DEFAULT_CERT_PATH,
          "Directory with cert.pem and key.pem (or Let's Encrypt's files), used "
          "by ssl: endpoints that name no privateKey=/certKey=.", str],
         ["keepalive-timeout", None, _factory.DEFAULT_KEEPALIVE,
@@ -136,9 +142,16 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--ice-server: {e}")
 
+    def opt_version(self):
+        """Print the version of the signalling server and exit."""
+        print(f"signalling {signalling.__version__}")
+        raise SystemExit(0)
+
     def postOptions(self):
         if self["disable-ssl"] and any(p.startswith("ssl:") for p in self["port"]):
             raise usage.UsageError("--disable-ssl conflicts with an ssl: --port")
+        #: The default port listens on IPv6 too; a --port exactly as given.
+        self["default-port"] = not self["port"]
         if not self["port"]:
             self["port"] = [DEFAULT_PLAIN_PORT if self["disable-ssl"] else DEFAULT_PORT]
         health = self["health"]
@@ -174,27 +187,47 @@ def makeService(config, reactor=None):
         if description.startswith("tls:"):
             endpoint = description[len("tls:"):]
             if not endpoint:
-                _check_endpoint(reactor, description, endpoint)
+                listening.parse(reactor, description, endpoint)
         elif tls.is_bare_ssl(description):
             endpoint = tls.tcp_description(description)
         else:
             endpoint = None
         wrap = endpoint is not None
         endpoint = with_backlog(endpoint or description, config["backlog"])
-        ports.append((description, _check_endpoint(reactor, description, endpoint), wrap))
+        parsed = listening.parse(reactor, description, endpoint)
+        ports.append((description, parsed, wrap))
+        if config.get("default-port"):
+            # The default listens on every IPv6 address as well, on a
+            # socket of its own (IPv4 peers keep their IPv4 addresses).
+            ports.append(
+                (description + ":interface=\\:\\:", listening.ipv6_twin(reactor, parsed), wrap)
+            )
     metrics_endpoint = None
     if config["metrics-port"] is not None:
-        metrics_endpoint = _check_endpoint(
+        metrics_endpoint = listening.parse(
             reactor,
             config["metrics-port"],
             with_backlog(config["metrics-port"], config["backlog"]),
             "--metrics-port",
         )
+    if handle_signals:
+        # Under twistd: a busy port is reported now, before a daemon forks
+        # and could only write it to its log file.
+        for description, endpoint, _ in ports:
+            listening.check_can_listen(endpoint, description)
+        if metrics_endpoint is not None:
+            listening.check_can_listen(
+                metrics_endpoint, config["metrics-port"], "--metrics-port"
+            )
     # Only once every description is known to be good: this may create files.
     server_tls = None
     if any(wrap for _, _, wrap in ports):
         try:
-            server_tls = tls.server_tls(config["cert-path"])
+            server_tls = tls.server_tls(
+                config["cert-path"],
+                create_dir=config["create-cert-path"]
+                or os.path.abspath(config["cert-path"]) == os.path.abspath(DEFAULT_CERT_PATH),
+            )
         except tls.TLSConfigError as e:
             raise SystemExit(f"signalling: {e}")
     listen, ws_factories = [], []
@@ -218,7 +251,7 @@ def makeService(config, reactor=None):
         collector = SignallingCollector(stats, registry, ws_factories)
         metrics_site = Site(metrics_resource(collector))
         metrics_site.noisy = False
-        listen.append((config["metrics-port"], metrics_endpoint, metrics_site))
+        listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))
     if handle_signals:
         raise_file_limit(_log)
     if config["log-payloads"]:
@@ -248,20 +281,3 @@ def with_backlog(description, backlog):
     if not description.startswith(_LISTENING_TYPES) or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
-
-
-def _check_endpoint(reactor, description, listen_on, option="--port"):
-    """
-    Parse an endpoint description (nothing binds yet).
-
-    :returns: the endpoint.
-    :raises SystemExit: one line naming the option and the description given,
-        when it is wrong.
-    """
-    try:
-        if not listen_on:
-            raise ValueError("no endpoint description")
-        return serverFromString(reactor, listen_on)
-    except Exception as e:
-        text = " ".join((str(e) or type(e).__name__).split())
-        raise SystemExit(f"signalling: cannot use {option} {description!r}: {text}")

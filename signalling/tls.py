@@ -265,7 +265,69 @@ class ServerTLS:
         return SSL.Connection(self._context, None)
 
 
+#: OpenSSL's words for the usual client-side failures, and ours for the log.
+_TLS_FAILURES = (
+    ("unknown ca", "the client does not trust the certificate (alert: unknown ca)"),
+    ("bad certificate", "the client refused the certificate (alert: bad certificate)"),
+    ("certificate unknown", "the client refused the certificate (alert: certificate unknown)"),
+    ("certificate expired", "the client says the certificate has expired"),
+    ("http request", "plain HTTP on a TLS port (use https:// or wss://)"),
+    ("wrong version number", "the client does not speak TLS, or no version we accept"),
+    ("unsupported protocol", "the client offers no TLS version we accept"),
+    ("version too low", "the client offers no TLS version we accept"),
+    ("no shared cipher", "the client offers no cipher we accept"),
+    ("no application protocol", "the client offers no application protocol (ALPN) we speak"),
+    ("unexpected eof", "the client closed the connection during the TLS handshake"),
+)
+
+
+def tls_failure_reason(error):
+    """
+    :param error: an ``OpenSSL.SSL.Error`` from a server connection.
+    :returns: what went wrong, in plain words, for one log line.
+    """
+    texts = []
+    for entry in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+        if isinstance(entry, tuple) and entry:
+            texts.append(str(entry[-1]))
+    text = "; ".join(texts) or str(error) or type(error).__name__
+    lowered = text.lower()
+    for marker, plain in _TLS_FAILURES:
+        if marker in lowered:
+            return plain
+    return text
+
+
+#: What a plain HTTP request on a TLS port is answered with, before closing.
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 59\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"This port speaks TLS: use https:// or wss://, not http://.\n"
+)
+
+#: First bytes of the HTTP methods a browser or curl sends.
+_HTTP_METHODS = (b"GET ", b"HEAD", b"POST", b"PUT ", b"OPTI", b"DELE", b"PATC", b"CONN")
+
+
 class _CountingTLSProtocol(TLSMemoryBIOProtocol):
+    _first = True
+
+    def dataReceived(self, data):
+        if self._first:
+            self._first = False
+            # A TLS handshake starts with a record of type 22; plain HTTP
+            # with a method name. Answer that in HTTP, cheaply, and close.
+            if data[:4] in _HTTP_METHODS:
+                quiet = getattr(self.wrappedProtocol, "quiet_close", None)
+                if quiet is not None:
+                    quiet()
+                self.factory.plain_http(self.transport)
+                return
+        TLSMemoryBIOProtocol.dataReceived(self, data)
+
     def connectionLost(self, reason):
         # The peer's Finished message: in TLS 1.3 the server sends its own
         # before the client has checked the certificate.
@@ -295,6 +357,23 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         if self._stats is not None:
             self._stats.tls_handshake_failures += 1
 
+    def plain_http(self, transport):
+        """
+        Answer a plain HTTP request on this TLS port with a 400 that says to
+        use TLS, and close (what a TLS error would otherwise leave as an
+        empty reply).
+        """
+        peer = transport.getPeer()
+        _log.info(
+            "TLS with {peer_addr} failed: {reason}; answered with 400",
+            peer_addr=f"{peer.type.lower()}:{peer.host}:{peer.port}"
+            if hasattr(peer, "host")
+            else str(peer),
+            reason="plain HTTP on a TLS port",
+        )
+        transport.write(PLAIN_HTTP_ANSWER)
+        transport.loseConnection()
+
 
 def fingerprint(cert):
     """:returns: the SHA-256 fingerprint of ``cert`` as colon-separated hex."""
@@ -321,15 +400,24 @@ def is_bare_ssl(description):
     return all("=" in argument for argument in arguments)
 
 
-def server_tls(cert_dir):
+def server_tls(cert_dir, create_dir=True):
     """
     The TLS layer for bare ``ssl:`` ports: the pair found in ``cert_dir``, or
     a self-signed pair created there on first use (logged with its path and
     fingerprint, and how to trust it).
 
+    :param create_dir: whether a missing ``cert_dir`` may be created (with
+        a self-signed pair); when False, a missing one is an error, for a
+        mistyped path must not quietly get a certificate of its own.
     :returns: a :class:`ServerTLS`.
     :raises TLSConfigError: when no usable pair can be found or made.
     """
+    if not create_dir and not os.path.isdir(cert_dir):
+        raise TLSConfigError(
+            f"--cert-path {cert_dir} does not exist: create it and put cert.pem and "
+            "key.pem (or Let's Encrypt's files) there, or add --create-cert-path "
+            "to create it with a self-signed certificate"
+        )
     files = find_certificate(cert_dir)
     if files is None:
         files = create_self_signed(cert_dir)

@@ -19,6 +19,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import FailTest
 
+from OpenSSL import SSL, crypto
+
+from signalling import tls as _tls
 from signalling.factory import SignallingServerFactory
 from signalling.registry import Registry
 from signalling.web import with_pages
@@ -333,6 +336,18 @@ class RawClient(Waiting, Protocol):
     def abort(self):
         self.transport.abortConnection()
 
+    async def dropped(self, timeout=WAIT):
+        """Wait until the server has dropped the connection."""
+        await self._until(lambda: self.is_lost, "the server to drop the connection", timeout)
+
+    async def hello(self, uid):
+        """Upgrade, send ``HELLO uid`` and read the ``HELLO`` reply."""
+        await self.upgrade()
+        self.send_frame(1, f"HELLO {uid}".encode("utf-8"))
+        frames = await self.next_frames(1)
+        if frames != [(1, b"HELLO")]:
+            raise FailTest(f"HELLO {uid} was answered {frames!r}")
+
     async def response(self):
         """:returns: everything received once the server closes the connection."""
         await self._until(lambda: self.is_lost, "the server to close the connection")
@@ -409,6 +424,111 @@ class RawClient(Waiting, Protocol):
         raise FailTest(f"connection lost without a close frame; frames: {frames!r}")
 
 
+class StubbornTLSClient(RawClient):
+    """
+    A raw client that does TLS by hand (pyOpenSSL over memory BIOs) and
+    never answers the server's TLS ``close_notify``, nor closes its side: a
+    client that has gone quiet. What the server's own TLS layer must not
+    wait on forever.
+
+    :ivar close_notified: True once the server's ``close_notify`` arrived.
+    """
+
+    def __init__(self, trust_pem):
+        super().__init__()
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.get_cert_store().add_cert(
+            crypto.load_certificate(crypto.FILETYPE_PEM, trust_pem)
+        )
+        context.set_verify(SSL.VERIFY_PEER, lambda *args: args[-1])
+        self._tls = SSL.Connection(context, None)
+        self._tls.set_tlsext_host_name(b"localhost")
+        self._tls.set_connect_state()
+        self._pending = []
+        self._handshaken = False
+        self.close_notified = False
+
+    def makeConnection(self, transport):
+        self._tcp = transport
+        super().makeConnection(_TLSTransport(self, transport))
+
+    def connectionMade(self):
+        self._step()
+
+    def _flush(self):
+        while True:
+            try:
+                data = self._tls.bio_read(65536)
+            except SSL.WantReadError:
+                return
+            if not data:
+                return
+            self._tcp.write(data)
+
+    def _step(self):
+        if self._handshaken:
+            return True
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return False
+        self._handshaken = True
+        self._flush()
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.write(data)
+        return True
+
+    def write(self, data):
+        """Send ``data`` through TLS (held until the handshake is done)."""
+        if not self._handshaken:
+            self._pending.append(data)
+            return
+        self._tls.sendall(data)
+        self._flush()
+
+    def dataReceived(self, data):
+        self._tls.bio_write(data)
+        if not self._step():
+            return
+        while True:
+            try:
+                plain = self._tls.recv(65536)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # The server's close_notify: seen, and never answered.
+                self.close_notified = True
+                self._changed()
+                break
+            RawClient.dataReceived(self, plain)
+        self._flush()
+
+
+class _TLSTransport:
+    """The transport a :class:`StubbornTLSClient` writes to: TLS over TCP."""
+
+    def __init__(self, client, tcp):
+        self._client = client
+        self._tcp = tcp
+
+    def write(self, data):
+        self._client.write(data)
+
+    def loseConnection(self):
+        self._tcp.loseConnection()
+
+    def abortConnection(self):
+        self._tcp.abortConnection()
+
+    def getPeer(self):
+        return self._tcp.getPeer()
+
+    def getHost(self):
+        return self._tcp.getHost()
+
+
 class RealServer:
     """
     A signalling server listening on ``127.0.0.1``, built the way
@@ -439,17 +559,14 @@ class RealServer:
     async def start(cls, testcase, tls, **factory_kwargs):
         """:returns: a listening :class:`RealServer`, cleaned up after the test."""
         server = cls(testcase, tls, **factory_kwargs)
+        factory = server.factory
         if tls:
+            # The project's own TLS layer, as for a bare ssl: port.
             files = write_certificate(testcase.mktemp())
             server._pem = files.pem
-            description = "ssl:0:interface=127.0.0.1:privateKey={}:certKey={}".format(
-                endpoints.quoteStringArgument(files.key),
-                endpoints.quoteStringArgument(files.cert),
-            )
-        else:
-            description = "tcp:0:interface=127.0.0.1"
-        endpoint = endpoints.serverFromString(reactor, description)
-        server.port = await endpoint.listen(server.factory)
+            factory = _tls.ServerTLSFactory(_tls.ServerTLS(files), server.factory)
+        endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        server.port = await endpoint.listen(factory)
         testcase.addCleanup(server.stop)
         return server
 
@@ -529,6 +646,19 @@ class RealServer:
     async def raw(self):
         """:returns: a connected :class:`RawClient` (nothing sent yet)."""
         client = await self._endpoint().connect(Factory.forProtocol(RawClient))
+        self.raw_clients.append(client)
+        return client
+
+    async def stubborn(self):
+        """
+        :returns: a connected raw client that never answers a close: over
+            TLS a :class:`StubbornTLSClient`, which ignores ``close_notify``
+            too; over plaintext a :class:`RawClient`.
+        """
+        if not self.tls:
+            return await self.raw()
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number, timeout=5)
+        client = await tcp.connect(Factory.forProtocol(lambda: StubbornTLSClient(self._pem)))
         self.raw_clients.append(client)
         return client
 

@@ -27,6 +27,14 @@ MIN_KEEPALIVE = 1.0
 
 INVALID_UTF8 = b"HELLO caf\xc3\x28 \xff\xfe"
 
+#: The close timeout of the servers that test closing: how long a closing
+#: connection may take before the server aborts it.
+CLOSE_TIMEOUT = 2.5
+#: How soon a failed connection's partner or room must be told: well within
+#: the close timeout (which Autobahn's timers may shorten by up to a second),
+#: so before a silent peer's connection is gone.
+RELEASED_AT_ONCE = 1.0
+
 
 class IntegrationTestsMixin:
     """
@@ -915,6 +923,141 @@ class IntegrationTestsMixin:
         raw.send_frame(8, struct.pack("!H", 1000))
         await raw.response()
         await self.assert_closed_by_partner(callee)
+
+    # A failed connection lets go at once, and its transport in bounded time.
+
+    async def closing_server(self, **factory_kwargs):
+        """:returns: a server whose closing connections are aborted after ``CLOSE_TIMEOUT``."""
+        return await self.start_server(close_timeout=CLOSE_TIMEOUT, **factory_kwargs)
+
+    async def assert_dropped_in_time(self, stubborn, code):
+        """
+        ``stubborn`` got a close frame with ``code`` and, though it answers
+        neither the close frame nor TLS's ``close_notify``, the server drops
+        its connection within the close timeout.
+        """
+        (got, _), _ = await stubborn.close_frame()
+        self.assertEqual(got, code)
+        await stubborn.dropped(timeout=CLOSE_TIMEOUT + 1.5)
+
+    async def assert_told_at_once(self, client, message):
+        """``client``'s next message is ``message``, within ``RELEASED_AT_ONCE``."""
+        self.assertEqual(await client.take(1, timeout=RELEASED_AT_ONCE), [message])
+
+    async def stubborn_in_session(self, server, callee_uid="partner"):
+        """:returns: ``(stubborn, partner)``: a stubborn caller in a session with a client."""
+        partner = await server.hello(callee_uid)
+        stubborn = await server.stubborn()
+        await stubborn.hello("stubborn")
+        stubborn.send_frame(1, f"SESSION {callee_uid}".encode("utf-8"))
+        self.assertEqual(await stubborn.next_frames(2), [(1, b"HELLO"), (1, b"SESSION_OK")])
+        return stubborn, partner
+
+    async def stubborn_in_room(self, server):
+        """:returns: ``(stubborn, [a, b])``: a stubborn member of room ``r`` with two clients."""
+        a, b = await server.room("r", "a", "b")
+        stubborn = await server.stubborn()
+        await stubborn.hello("stubborn")
+        stubborn.send_frame(1, b"ROOM r")
+        self.assertEqual(await stubborn.next_frames(2), [(1, b"HELLO"), (1, b"ROOM_OK a b")])
+        await a.expect("ROOM_PEER_JOINED stubborn")
+        await b.expect("ROOM_PEER_JOINED stubborn")
+        return stubborn, [a, b]
+
+    async def test_invalid_utf8_releases_the_partner_at_once_and_drops_a_silent_peer(self):
+        """
+        1007: a peer in a session that sends invalid UTF-8 and then answers
+        nothing (no close frame, no TLS close_notify) has its partner closed
+        at once, and its own connection dropped within the close timeout.
+        """
+        server = await self.closing_server()
+        stubborn, partner = await self.stubborn_in_session(server)
+        stubborn.send_frame(1, b"caf\xc3\x28")
+        code, _ = await partner.closed(timeout=RELEASED_AT_ONCE)
+        self.assertEqual(code, 1000)
+        await self.assert_dropped_in_time(stubborn, 1007)
+
+    async def test_message_too_big_tells_the_room_at_once_and_drops_a_silent_peer(self):
+        """1009: the room hears ``ROOM_PEER_LEFT`` at once; the sender is dropped in time."""
+        server = await self.closing_server(max_message=64)
+        stubborn, (a, b) = await self.stubborn_in_room(server)
+        stubborn.send_frame(1, b"ROOM_PEER_MSG a " + b"x" * 100)
+        await self.assert_told_at_once(a, "ROOM_PEER_LEFT stubborn")
+        await self.assert_told_at_once(b, "ROOM_PEER_LEFT stubborn")
+        await self.assert_dropped_in_time(stubborn, 1009)
+        await self.assert_in_room(a, "b")
+
+    async def test_protocol_violation_releases_the_partner_at_once_and_drops_a_silent_peer(self):
+        """1002 (an unmasked frame): the partner is closed at once; the violator dropped in time."""
+        server = await self.closing_server()
+        stubborn, partner = await self.stubborn_in_session(server)
+        stubborn.send_frame(1, b"not masked", mask=False)
+        code, _ = await partner.closed(timeout=RELEASED_AT_ONCE)
+        self.assertEqual(code, 1000)
+        await self.assert_dropped_in_time(stubborn, 1002)
+
+    async def test_refused_hello_drops_a_silent_peer_in_time(self):
+        """1002 (an invalid uid): a refused peer that never answers is dropped in time."""
+        server = await self.closing_server()
+        stubborn = await server.stubborn()
+        await stubborn.upgrade()
+        stubborn.send_frame(1, b"HELLO bad\x01uid")
+        await self.assert_dropped_in_time(stubborn, 1002)
+        self.assertEqual(server.factory.getConnectionCount(), 0)
+
+    async def test_hello_timeout_drops_a_silent_peer_in_time(self):
+        """1008 (no HELLO in time): a peer that never answers is dropped in time."""
+        server = await self.closing_server(hello_timeout=0.5)
+        stubborn = await server.stubborn()
+        await stubborn.upgrade()
+        await self.assert_dropped_in_time(stubborn, 1008)
+        self.assertEqual(server.factory.getConnectionCount(), 0)
+
+    async def test_session_ended_by_the_partner_frees_the_uid_of_a_silent_peer_at_once(self):
+        """
+        1000: when its partner leaves, a silent peer's uid is free at once
+        (another client registers it while the silent one is still being
+        closed), and the silent peer is dropped in time.
+        """
+        server = await self.closing_server()
+        caller = await server.hello("caller")
+        stubborn = await server.stubborn()
+        await stubborn.hello("stubborn")
+        caller.send_text("SESSION stubborn")
+        await caller.expect("SESSION_OK")
+        caller.close()
+        await caller.closed(timeout=RELEASED_AT_ONCE)
+        again = await server.hello("stubborn")
+        await self.assert_registered_and_idle(again)
+        await self.assert_dropped_in_time(stubborn, 1000)
+
+    async def test_shutdown_closes_with_1001_and_drops_a_silent_peer_in_time(self):
+        """
+        1001 (shutdown): every peer gets 1001, the partner of a silent peer
+        included (never a 1000 for a partner that "left"), and the silent
+        peer is dropped in time.
+        """
+        server = await self.closing_server()
+        stubborn, partner = await self.stubborn_in_session(server)
+        server.factory.close_all()
+        code, _ = await partner.closed(timeout=RELEASED_AT_ONCE)
+        self.assertEqual(code, 1001)
+        await self.assert_dropped_in_time(stubborn, 1001)
+
+    async def test_internal_error_tells_the_room_at_once_and_drops_a_silent_peer(self):
+        """1011 (an unexpected error): the room is told at once; the peer dropped in time."""
+        server = await self.closing_server()
+        stubborn, (a, b) = await self.stubborn_in_room(server)
+
+        def broken(uid):
+            raise RuntimeError("a broken registry")
+
+        server.registry.room_members = broken
+        stubborn.send_frame(1, b"ROOM_PEER_LIST")
+        await self.assert_told_at_once(a, "ROOM_PEER_LEFT stubborn")
+        await self.assert_told_at_once(b, "ROOM_PEER_LEFT stubborn")
+        await self.assert_dropped_in_time(stubborn, 1011)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     # Drops without a close frame, in every state.
 

@@ -187,6 +187,36 @@ class ProcessMixin:
         self.addCleanup(self._kill, server)
         return server
 
+    def spawn_daemon(self, *args):
+        """
+        Start ``twistd --pidfile=P --logfile=L signalling ARGS``: twistd
+        puts the server in the background and returns.
+
+        :returns: ``(process, pid_file)``: the command twistd runs in the
+            foreground, and its pid file's path.
+        """
+        pid_file = os.path.join(self.workdir, "twistd.pid")
+        log_file = os.path.join(self.workdir, "twistd.log")
+        server = ServerProcess()
+        argv = twistd_command() + [
+            f"--pidfile={pid_file}", f"--logfile={log_file}", "signalling", *args
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        reactor.spawnProcess(server, argv[0], argv, env=env, path=self.workdir)
+        self.addCleanup(self._kill, server)
+        self.addCleanup(self._kill_daemon, pid_file)
+        return server, pid_file
+
+    def _kill_daemon(self, pid_file):
+        try:
+            with open(pid_file) as f:
+                os.kill(int(f.read().strip()), 9)
+        except (OSError, ValueError):
+            pass
+
     @inlineCallbacks
     def _kill(self, server):
         if server.running:
@@ -480,4 +510,60 @@ class StartupFailureTests(ProcessMixin, unittest.TestCase):
         self.addCleanup(holder.stopListening)
         port = holder.getHost().port
         server = self.spawn("--port", f"tcp:{port}:interface=127.0.0.1")
-        yield self.assertFailsWithOneLine(server, f"127.0.0.1:{port}")
+        line = yield self.assertFailsWithOneLine(server, f"127.0.0.1:{port}", "--port")
+        self.assertIn("in use", line)
+
+    def busy_port(self):
+        """:returns: a loopback port another listener holds for the test."""
+        holder = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(holder.stopListening)
+        return holder.getHost().port
+
+    @inlineCallbacks
+    def test_daemon_with_a_port_in_use_exits_with_the_same_line_and_no_pid_file(self):
+        """
+        Without -n (twistd daemonizes), a --port in use ends the command at
+        once with exit status 1 and the same one line as with -n; no pid
+        file is left behind.
+        """
+        port = self.busy_port()
+        description = f"tcp:{port}:interface=127.0.0.1"
+        foreground = self.spawn("--port", description)
+        expected = yield self.assertFailsWithOneLine(foreground, f"127.0.0.1:{port}")
+        daemon, pid_file = self.spawn_daemon("--port", description)
+        line = yield self.assertFailsWithOneLine(daemon, f"127.0.0.1:{port}", "--port")
+        self.assertEqual(line, expected)
+        self.assertFalse(os.path.exists(pid_file))
+
+    @inlineCallbacks
+    def test_daemon_with_a_metrics_port_in_use_exits_with_one_line_naming_it(self):
+        """
+        Without -n, a --metrics-port in use ends the command at once with
+        exit status 1 and one line naming --metrics-port; no pid file.
+        """
+        busy = self.busy_port()
+        daemon, pid_file = self.spawn_daemon(
+            "--port", f"tcp:{free_port()}:interface=127.0.0.1",
+            "--metrics-port", f"tcp:{busy}:interface=127.0.0.1",
+        )
+        line = yield self.assertFailsWithOneLine(daemon, f"127.0.0.1:{busy}", "--metrics-port")
+        self.assertIn("in use", line)
+        self.assertFalse(os.path.exists(pid_file))
+
+    @inlineCallbacks
+    def test_daemon_starts_and_writes_its_pid_file_when_the_port_is_free(self):
+        """
+        The check that makes a busy port fail at once does not stop a
+        daemon whose port is free: twistd returns 0, the daemon serves, and
+        its pid file names it.
+        """
+        port = free_port()
+        daemon, pid_file = self.spawn_daemon("--port", f"tcp:{port}:interface=127.0.0.1")
+        reason = yield daemon.wait(START_TIMEOUT)
+        self.assertEqual(reason.exitCode, 0, daemon.output)
+        self.assertTrue(os.path.exists(pid_file))
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2)
+        probe = yield endpoint.connect(Factory.forProtocol(Protocol))
+        probe.transport.abortConnection()
+        with open(pid_file) as f:
+            os.kill(int(f.read().strip()), 15)

@@ -33,7 +33,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from signalling import tap, tls
+from signalling import listening, tap, tls
 from signalling.factory import DEFAULT_KEEPALIVE
 from tests.helpers import write_certificate
 from tests.test_process import (
@@ -173,7 +173,9 @@ class ProductionMixin(ProcessMixin):
     #: The address clients connect to.
     loopback = "127.0.0.1"
 
-    def spawn_process(self, args, env=None, inherit=None, own_pid=(), prefix=()):
+    def spawn_process(
+        self, args, env=None, inherit=None, own_pid=(), prefix=(), fd_names=True
+    ):
         """
         Start ``twistd -n --pidfile= signalling ARGS``; it is killed on
         cleanup if still running.
@@ -184,6 +186,9 @@ class ProductionMixin(ProcessMixin):
         :param own_pid: further variables to set to the child's own pid
             (``WATCHDOG_PID``).
         :param prefix: argv of a program that execs the rest.
+        :param fd_names: set ``LISTEN_FDNAMES`` for the inherited socket, as
+            systemd does (``systemd-socket-activate`` does not, unless given
+            ``--fdname``).
         :returns: its :class:`OutputProcess`.
         """
         server = OutputProcess()
@@ -199,8 +204,9 @@ class ProductionMixin(ProcessMixin):
         if inherit is not None:
             fds[3] = inherit.fileno()
             child_env["LISTEN_FDS"] = "1"
-            # systemd (227 and later) names every socket; Twisted insists.
-            child_env["LISTEN_FDNAMES"] = "signalling.socket"
+            if fd_names:
+                # systemd (227 and later) names every socket.
+                child_env["LISTEN_FDNAMES"] = "signalling.socket"
             pid_names.append("LISTEN_PID")
         if pid_names:
             # The pid is known only in the child: a shell exports its own pid
@@ -404,6 +410,44 @@ class PlaintextSocketActivationTests(SocketActivationMixin, unittest.TestCase):
     """``--port systemd:domain=INET:index=0`` (plaintext)."""
 
     port_description = "systemd:domain=INET:index=0"
+
+    @inlineCallbacks
+    def test_socket_passed_without_names_is_found_by_index(self):
+        """
+        A socket handed over without ``LISTEN_FDNAMES`` (as
+        ``systemd-socket-activate`` does unless given ``--fdname``) is served
+        with ``index=0``.
+        """
+        sock = self.listening_socket()
+        port = sock.getsockname()[1]
+        path, recorder = self.notify_socket()
+        server = self.spawn_process(
+            ["--port", self.port_description],
+            env={"NOTIFY_SOCKET": path},
+            inherit=sock,
+            fd_names=False,
+        )
+        yield self.poll(lambda: recorder.times("READY=1"), "READY=1", START_TIMEOUT, server)
+        yield self.hello(port, "unnamed")
+        elapsed, reason = yield self.terminate(server)
+        self.assertStoppedCleanly(server, reason)
+
+    @inlineCallbacks
+    def test_no_socket_passed_in_is_one_line_saying_what_is_missing(self):
+        """
+        ``--port systemd:...`` started without a socket (no ``LISTEN_FDS``)
+        exits with status 1 and one line that says no socket was passed in,
+        not ``list index out of range``.
+        """
+        server = self.spawn_process(["--port", self.port_description])
+        reason = yield server.wait(START_TIMEOUT)
+        output = server.output
+        self.assertEqual(reason.exitCode, 1, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("out of range", output)
+        [line] = [l for l in output.splitlines() if l.startswith("signalling: ")]
+        self.assertIn("no socket was passed in", line)
+        self.assertIn("LISTEN_FDS", line)
 
     @inlineCallbacks
     def test_watchdog_pings_at_half_the_interval(self):
@@ -999,7 +1043,7 @@ class SystemdUnitTests(unittest.TestCase):
                     description = tls.tcp_description(description)
                 if description.startswith("systemd:"):
                     continue  # needs an inherited descriptor to parse
-                tap._check_endpoint(MemoryReactor(), description, description)
+                listening.parse(MemoryReactor(), description)
 
     def test_socket_unit_matches_the_service_port(self):
         """

@@ -694,7 +694,7 @@ class LoggingTests(ProtocolTestCase):
         formats = [e["log_format"] for e in ours]
         self.assertIn("peer {uid} registered from {peer_addr}", formats)
         self.assertIn("session from {uid} to {callee}", formats)
-        self.assertIn("peer {uid} at {peer_addr} disconnected (code {code})", formats)
+        self.assertIn("peer {uid} at {peer_addr} disconnected (code {code}, {cause})", formats)
         registered = [e for e in ours if e["log_format"].startswith("peer {uid} registered")]
         self.assertEqual([e["uid"] for e in registered], ["alice", "bob"])
         self.assertTrue(all(e["log_level"] >= LogLevel.info for e in ours))
@@ -724,7 +724,7 @@ class LoggingTests(ProtocolTestCase):
         self.assertTrue(ours[0].startswith("peer alice registered from "), ours)
         self.assertTrue(ours[1].startswith("peer bob registered from "), ours)
         self.assertEqual(ours[2], "session from alice to bob")
-        self.assertRegex(ours[3], r"^peer alice at \S+ disconnected \(code 1000\)$")
+        self.assertRegex(ours[3], r"^peer alice at \S+ disconnected \(code 1000, closed by the peer\)$")
         self.assertRegex(
             ours[4], r"^peer bob at \S+ disconnected \(code 1000\): alice ended the session$"
         )
@@ -747,10 +747,10 @@ class LoggingTests(ProtocolTestCase):
         ]
         closed = [line for line in ours if line.startswith("connection from ")]
         self.assertEqual(len(closed), 1, ours)
-        self.assertRegex(closed[0], r"^connection from \S+ closed \(code 1000\)$")
+        self.assertRegex(closed[0], r"^connection from \S+ closed \(code 1000, closed by the peer\)$")
         self.assertTrue(
             any(
-                re.match(r"^peer carol at \S+ disconnected \(code 1000\), leaving room r1$", line)
+                re.match(r"^peer carol at \S+ disconnected \(code 1000, closed by the peer\), leaving room r1$", line)
                 for line in ours
             ),
             ours,

@@ -215,7 +215,8 @@ class ReadinessTests(unittest.TestCase):
         [critical] = [e for e in events if e["log_level"] == LogLevel.critical]
         self.assertEqual(
             formatEvent(critical),
-            "signalling: cannot listen on 127.0.0.1:8443: [Errno 98] Address in use",
+            "signalling: cannot listen on 127.0.0.1:8443: [Errno 98] Address in use "
+            "(--port port-1: stop what holds it, or choose another port with --port)",
         )
 
     def test_without_a_service_manager_nothing_is_sent(self):
@@ -434,13 +435,22 @@ class ShutdownTests(unittest.TestCase):
         self.notify.datagrams()
 
         started = reactor.seconds()
-        stopped = server.service.stopService()
-        self.assertEqual(self.notify.datagrams(), [STOPPING])
-        await defer.Deferred.addTimeout(stopped, WAIT, reactor)
+        with capturedLogs() as events:
+            stopped = server.service.stopService()
+            self.assertEqual(self.notify.datagrams(), [STOPPING])
+            await defer.Deferred.addTimeout(stopped, WAIT, reactor)
         self.assertLess(reactor.seconds() - started, WAIT)
         for client in clients:
             self.assertEqual(await client.closed(), (1001, "going away"), client)
             self.assertEqual(client.unread(), [], client)
+        # Each close is logged with the code the server sent and the real
+        # cause; no session end is put down to the partner.
+        closes = [e for e in events if "code" in e and "cause" in e]
+        self.assertEqual(len(closes), len(clients), [formatEvent(e) for e in closes])
+        for event in closes:
+            self.assertEqual(event["code"], 1001, formatEvent(event))
+            self.assertEqual(event["cause"], "the server is shutting down")
+            self.assertNotIn("ended the session", event["log_format"])
         self.assertTrue(server.registry.is_empty())
         for index in (0, 1):
             self.assertEqual(server.ws_factory(index).getConnectionCount(), 0)

@@ -348,7 +348,8 @@ class ServiceTests(unittest.TestCase):
     def start(self, *argv):
         """:returns: the started service for ``argv`` (stopped on cleanup)."""
         service = tap.makeService(
-            parse("--cert-path", self.cert_dir, *argv), reactor=self.reactor
+            parse("--cert-path", self.cert_dir, "--create-cert-path", *argv),
+            reactor=self.reactor,
         )
         service.startService()
         self.addCleanup(service.stopService)
@@ -417,7 +418,8 @@ class ServiceTests(unittest.TestCase):
         """
         service = tap.makeService(
             parse(
-                "--port", "tcp:8080", "--port", "ssl:8443", "--cert-path", self.cert_dir
+                "--port", "tcp:8080", "--port", "ssl:8443", "--cert-path", self.cert_dir,
+                "--create-cert-path",
             ),
             reactor=self.reactor,
         )
@@ -576,8 +578,8 @@ class ServiceTests(unittest.TestCase):
         """
         made = []
 
-        def server_tls(cert_dir):
-            made.append(real_server_tls(cert_dir))
+        def server_tls(cert_dir, **kwargs):
+            made.append(real_server_tls(cert_dir, **kwargs))
             return made[-1]
 
         real_server_tls = tls.server_tls
@@ -761,7 +763,7 @@ class ServiceTests(unittest.TestCase):
         made = []
         real_server_tls = tls.server_tls
         self.patch(
-            tls, "server_tls", lambda cert_dir: made.append(real_server_tls(cert_dir)) or made[-1]
+            tls, "server_tls", lambda cert_dir, **kwargs: made.append(real_server_tls(cert_dir, **kwargs)) or made[-1]
         )
         self.start("--port", "tls:tcp:8444", "--port", "ssl:8443")
         self.assertEqual(len(self.tls_ports()), 2)
