@@ -81,6 +81,9 @@ BARS = (
     (16, 128, 128),
 )
 
+#: The remote peer's offer or answer could not be used: the call cannot go on.
+EXIT_NEGOTIATION = 8
+
 EXIT_STATUSES = (
     (EXIT_OK, "done: --frames arrived, --duration passed, the session ended, or Ctrl-C"),
     (EXIT_INTERNAL, "internal error (with a traceback), or aiortc is not installed"),
@@ -90,6 +93,7 @@ EXIT_STATUSES = (
     (EXIT_SERVER_ERROR, "the server answered ERROR (uid taken, peer not found or busy, ...)"),
     (EXIT_CLOSED, "the connection closed unexpectedly"),
     (EXIT_GAVE_UP, "gave up: --timeout passed before --frames arrived"),
+    (EXIT_NEGOTIATION, "the remote peer's offer or answer could not be used"),
 )
 
 
@@ -695,13 +699,24 @@ class PeerRun:
             if call is not None:
                 await call.close()
             call = self.calls[key] = Call(self, remote, send, False)
-            await call.remote_description("offer", sdp.get("sdp", ""))
+            await self._apply(call, "offer", sdp.get("sdp", ""))
         elif isinstance(sdp, dict) and sdp.get("type") == "answer" and call is not None:
-            await call.remote_description("answer", sdp.get("sdp", ""))
+            await self._apply(call, "answer", sdp.get("sdp", ""))
         elif isinstance(ice, dict) and call is not None:
             await call.remote_candidate(ice)
         else:
             self.out("error", message=f"ignored an unexpected message: {payload[:80]!r}")
+
+    async def _apply(self, call, kind, sdp):
+        """
+        Apply the remote ``offer`` or ``answer``. One that cannot be used
+        ends the run at once: without it the call can never connect.
+        """
+        try:
+            await call.remote_description(kind, sdp)
+        except Exception as e:
+            who = f"{call.remote!r}" if call.remote is not None else "the caller"
+            self.finish(EXIT_NEGOTIATION, f"cannot use the {kind} from {who}: {e}")
 
     async def _send_session(self, message):
         if self.state == "session":

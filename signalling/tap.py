@@ -252,6 +252,7 @@ def makeService(config, reactor=None):
         metrics_site = Site(metrics_resource(collector))
         metrics_site.noisy = False
         listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))
+    _log.info("signalling {version}", version=signalling.__version__)
     if handle_signals:
         raise_file_limit(_log)
     if config["log-payloads"]:

@@ -12,9 +12,14 @@ no peer, session or room (see :meth:`tests._realserver.RealServer.stop`).
 import json
 import struct
 
+from twisted.internet import endpoints, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import TestCase
 
-from tests._realserver import WAIT, RealServer, eventually
+from tests._realserver import WAIT, RawClient, RealServer, eventually
+from tests.helpers import write_certificate
 
 MiB = 1024 * 1024
 
@@ -1344,6 +1349,59 @@ class PlaintextTests(IntegrationTestsMixin, TestCase):
 
 
 class TLSTests(IntegrationTestsMixin, TestCase):
-    """The suite over TLS (``wss://``, an ``ssl:`` endpoint, a run-time certificate)."""
+    """
+    The suite over TLS (``wss://``, our TLS layer as on a bare ``ssl:`` port,
+    a run-time certificate), and what only TLS has.
+    """
 
     tls = True
+
+    def tls_events(self, events):
+        """:returns: our events about failed TLS, and every error-level event."""
+        failed = [e for e in events if "TLS with" in (e.get("log_format") or "")]
+        errors = [e for e in events if e["log_level"] >= LogLevel.error]
+        return failed, errors
+
+    async def test_a_client_that_does_not_trust_the_certificate_is_logged_once_at_info(self):
+        """
+        A client that refuses the certificate is one info line with its
+        address and a plain reason; no error is logged.
+        """
+        other = write_certificate(self.mktemp())
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(other.pem))
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port_number)
+        with capturedLogs() as events:
+            client = await endpoints.wrapClientTLS(options, tcp).connect(
+                Factory.forProtocol(Protocol)
+            )
+            await eventually(
+                lambda: not client.transport.connected, "the handshake to fail"
+            )
+            await self.server.wait_for_connections(0)
+        failed, errors = self.tls_events(events)
+        self.assertEqual(errors, [])
+        [event] = failed
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertTrue(event["peer_addr"].startswith("tcp4:127.0.0.1:"), event)
+        self.assertIn("does not trust the certificate", event["reason"])
+
+    async def test_plain_http_on_the_tls_port_gets_400_saying_to_use_https(self):
+        """
+        A plain HTTP request on the TLS port is answered with a short 400
+        that says to use https:// or wss://, and logged once at info.
+        """
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port_number)
+        with capturedLogs() as events:
+            raw = await tcp.connect(Factory.forProtocol(RawClient))
+            raw.transport.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = await raw.response()
+            await self.server.wait_for_connections(0)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        self.assertIn(b"https://", body)
+        self.assertIn(b"wss://", body)
+        failed, errors = self.tls_events(events)
+        self.assertEqual(errors, [])
+        [event] = failed
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertIn("plain HTTP", event["reason"])

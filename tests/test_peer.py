@@ -1,14 +1,16 @@
 """
 The pure parts of the peer programs: ``signalling-peer``'s command line,
 SDP candidate splitting and output, and ``contrib/gst_peer.py``'s SDP
-reading. No network, no WebRTC stack (the calls themselves are in
-``tests/test_interop.py``).
+reading; and ``signalling-peer`` failing at once on an unusable answer,
+against a real loopback server (it never gets as far as sending media; the
+calls themselves are in ``tests/test_interop.py``).
 """
 
 import importlib.util
 import io
 import json
 import os
+import sys
 
 from twisted.trial import unittest
 
@@ -158,3 +160,46 @@ class GstPeerTests(unittest.TestCase):
         with self.assertRaises(SystemExit) as caught:
             gst_peer.parse_args(["--offer-request"])
         self.assertEqual(caught.exception.code, 2)
+
+
+class UnusableAnswerTests(unittest.TestCase):
+    """
+    ``signalling-peer`` against a real server, calling a peer whose answer
+    cannot be used: it fails at once with its own status.
+    """
+
+    timeout = 60
+
+    async def test_an_unusable_answer_fails_at_once_with_its_own_status(self):
+        """
+        ``--call bob`` where bob answers the offer with SDP that is no SDP:
+        the peer exits with status 8 (not 7, "gave up") long before its
+        ``--timeout``, with one line naming the answer.
+        """
+        from twisted.internet import reactor
+
+        from tests._realserver import RealServer
+        from tests.test_client import ClientProcess
+
+        server = await RealServer.start(self, False)
+        bob = await server.hello("bob")
+        argv = [
+            sys.executable, "-m", "signalling.peer", "--url",
+            f"ws://127.0.0.1:{server.port_number}", "--call", "bob", "--timeout", "30",
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        process = ClientProcess(argv)
+        transport = reactor.spawnProcess(process, sys.executable, argv, env=env)
+        self.addCleanup(lambda: process.ended.called or transport.signalProcess("KILL"))
+        started = reactor.seconds()
+        offer = json.loads(await bob.next(timeout=20))
+        self.assertEqual(offer["sdp"]["type"], "offer")
+        bob.send_text(json.dumps({"sdp": {"type": "answer", "sdp": "this is no SDP"}}))
+        await process.ended
+        self.assertEqual(process.status, peer.EXIT_NEGOTIATION, process.report())
+        self.assertLess(reactor.seconds() - started, 20)
+        self.assertIn(b"cannot use the answer from 'bob'", process.err + process.out)
+        await bob.closed()

@@ -7,6 +7,7 @@ port serves, through real TLS handshakes on loopback ports).
 import io
 import json
 import os
+import socket
 import sys
 
 from autobahn.twisted.resource import WebSocketResource
@@ -29,7 +30,8 @@ from twisted.trial import unittest
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from signalling import tap, tls
+import signalling
+from signalling import listening, tap, tls
 from signalling.factory import (
     MIN_KEEPALIVE,
     TIMER_ROUNDING,
@@ -879,6 +881,26 @@ class ServiceTests(unittest.TestCase):
         self.assertFalse(websocket_factory(self.the_site()).log_payloads)
 
 
+class VersionTests(unittest.SynchronousTestCase):
+    """The project's version, on request and in the start-up log."""
+
+    def test_version_option_prints_the_version_and_exits_0(self):
+        """``twistd signalling --version`` prints ``signalling VERSION`` and exits 0."""
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        e = self.assertRaises(SystemExit, parse, "--version")
+        self.assertEqual(e.code, 0)
+        self.assertEqual(out.getvalue(), f"signalling {signalling.__version__}\n")
+
+    def test_the_start_is_logged_with_the_version(self):
+        """makeService logs the version once, at info."""
+        hide_service_manager(self)
+        with capturedLogs() as events:
+            tap.makeService(parse("--port", "tcp:0"), reactor=MemoryReactor())
+        [event] = [e for e in events if e.get("version") == signalling.__version__]
+        self.assertEqual(event["log_level"], LogLevel.info)
+
+
 class StartupErrorTests(unittest.SynchronousTestCase):
     """
     What the operator must fix is one line starting with ``signalling: ``
@@ -1100,3 +1122,283 @@ class StartupErrorTests(unittest.SynchronousTestCase):
             self.assertIn("--metrics-port", message)
             self.assertNotIn("--port '", message)
             self.assertFalse(os.path.exists(self.cert_dir), description)
+
+    def test_bare_port_number_suggests_an_ssl_or_tcp_endpoint(self):
+        """
+        ``--port 8444`` (a number, not an endpoint) is one line suggesting
+        ``ssl:8444`` and ``tcp:8444``, not Twisted's "Unknown endpoint type".
+        """
+        message = self.assertStartupError("--port", "8444")
+        self.assertIn("ssl:8444", message)
+        self.assertIn("tcp:8444", message)
+        self.assertNotIn("Unknown endpoint type", message)
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    def test_cert_path_that_does_not_exist_is_not_created(self):
+        """
+        A --cert-path other than the default that does not exist (a typo)
+        is one line saying so and naming --create-cert-path; no directory
+        and no certificate is created.
+        """
+        message = self.assertStartupError("--port", "ssl:8443")
+        self.assertIn(f"--cert-path {self.cert_dir} does not exist", message)
+        self.assertIn("--create-cert-path", message)
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    def test_create_cert_path_creates_a_missing_one_with_a_certificate(self):
+        """With --create-cert-path, a missing --cert-path gets a self-signed pair."""
+        config = parse("--cert-path", self.cert_dir, "--create-cert-path")
+        tap.makeService(config, reactor=self.reactor)
+        self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
+
+    def test_an_existing_empty_cert_path_gets_a_certificate(self):
+        """A --cert-path that exists but is empty is filled, as before."""
+        os.makedirs(self.cert_dir)
+        tap.makeService(parse("--cert-path", self.cert_dir), reactor=self.reactor)
+        self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
+
+    def test_the_default_cert_path_is_created_in_the_working_directory(self):
+        """Without --cert-path, ./certs is created with a self-signed pair."""
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(workdir)
+        tap.makeService(parse(), reactor=self.reactor)
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(workdir, "certs"))), ["cert.pem", "key.pem"]
+        )
+
+
+class FakeListeningSocket:
+    """What :func:`signalling.listening.ipv6_only_socket` returns, for a memory reactor."""
+
+    def __init__(self, interface, port, backlog):
+        self.address = (interface, port, backlog)
+        self.closed = False
+
+    def fileno(self):
+        return 99
+
+    def close(self):
+        self.closed = True
+
+
+class DefaultPortTests(unittest.TestCase):
+    """
+    The default port listens on IPv4 and IPv6 (as GStreamer's example
+    server does); an explicit --port exactly as given.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.cert_dir = os.path.abspath(self.mktemp())
+        self.sockets = []
+        hide_service_manager(self)
+
+        def ipv6_only_socket(interface, port, backlog):
+            self.sockets.append(FakeListeningSocket(interface, port, backlog))
+            return self.sockets[-1]
+
+        self.patch(listening, "ipv6_only_socket", ipv6_only_socket)
+
+    def start(self, *argv):
+        service = tap.makeService(
+            parse("--cert-path", self.cert_dir, "--create-cert-path", *argv),
+            reactor=self.reactor,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def test_default_listens_on_every_ipv4_and_ipv6_address_with_tls(self):
+        """
+        Without --port: TLS on port 8443 of every IPv4 address, and on an
+        IPv6-only socket for every IPv6 address, both through our TLS layer
+        with the same certificate.
+        """
+        service = self.start()
+        [(port, v4, backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (8443, ""))
+        [(fileno, family, v6)] = self.reactor.adoptedPorts
+        self.assertEqual(family, socket.AF_INET6)
+        [sock] = self.sockets
+        self.assertEqual(sock.address, ("::", 8443, 4096))
+        self.assertTrue(sock.closed, "the reactor keeps its own copy")
+        for factory in (v4, v6):
+            self.assertIsInstance(factory, tls.ServerTLSFactory)
+            websocket_factory(factory.wrappedFactory)
+        self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
+        self.assertEqual(len(service.listening_ports), 2)
+
+    def test_disable_ssl_default_listens_on_both_families_in_plaintext(self):
+        """--disable-ssl without --port: plaintext 8443 on IPv4 and IPv6."""
+        self.start("--disable-ssl")
+        [(port, v4, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (8443, ""))
+        [(_, family, v6)] = self.reactor.adoptedPorts
+        self.assertEqual(family, socket.AF_INET6)
+        for factory in (v4, v6):
+            self.assertIsInstance(factory, SignallingServerFactory)
+        self.assertFalse(os.path.exists(self.cert_dir))
+
+    def test_an_explicit_port_is_exactly_as_given(self):
+        """--port ssl:8443 listens on IPv4 only, as the description says."""
+        self.start("--port", "ssl:8443")
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.assertEqual(self.reactor.adoptedPorts, [])
+        self.assertEqual(self.sockets, [])
+
+    def test_without_ipv6_the_default_listens_on_ipv4_with_a_warning(self):
+        """
+        On a machine without IPv6 the default port still starts, on IPv4,
+        with one warning.
+        """
+
+        def no_ipv6(interface, port, backlog):
+            raise listening.FamilyUnavailable("[Errno 97] Address family not supported")
+
+        self.patch(listening, "ipv6_only_socket", no_ipv6)
+        with capturedLogs() as events:
+            service = self.start()
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.assertEqual(len(self.successResultOf(service.ready)), 1)
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn
+                     and e.get("log_namespace", "").startswith("signalling.service")]
+        self.assertIn("no IPv6", warning["reason"])
+
+
+class SystemdEndpointTests(unittest.SynchronousTestCase):
+    """
+    ``--port systemd:...``: sockets handed over by systemd, found by index
+    or name, and errors that say what is missing.
+    """
+
+    def endpoint(self, description, descriptors=(), names=(), listening_fds=()):
+        return listening.systemd_endpoint(
+            MemoryReactor(),
+            description,
+            inherited=(list(descriptors), list(names)),
+            is_listening=lambda fd: fd in listening_fds,
+        )
+
+    def error(self, *args, **kwargs):
+        e = self.assertRaises(ValueError, self.endpoint, *args, **kwargs)
+        return str(e)
+
+    def test_named_sockets_are_found_by_index_and_by_name(self):
+        """With names (systemd's own way), index= and name= both work."""
+        by_index = self.endpoint("systemd:domain=INET6:index=1", [3, 4], ["a", "b"])
+        self.assertEqual((by_index.fileno, by_index.addressFamily), (4, socket.AF_INET6))
+        by_name = self.endpoint("systemd:domain=INET:name=b", [3, 4], ["a", "b"])
+        self.assertEqual((by_name.fileno, by_name.addressFamily), (4, socket.AF_INET))
+
+    def test_sockets_passed_without_names_are_found_by_index(self):
+        """
+        Without LISTEN_FDNAMES (``systemd-socket-activate`` without
+        ``--fdname``), Twisted sees nothing; a listening socket at 3 + index
+        is used all the same.
+        """
+        endpoint = self.endpoint("systemd:domain=INET:index=0", listening_fds={3})
+        self.assertEqual(endpoint.fileno, 3)
+
+    def test_no_socket_passed_in_says_so(self):
+        """Nothing passed in: the error says so and how to start it instead."""
+        message = self.error("systemd:domain=INET:index=0")
+        self.assertIn("no socket was passed in", message)
+        self.assertIn("LISTEN_FDS", message)
+        self.assertIn("ssl:8443", message)
+        self.assertIn("no socket was passed in", self.error("systemd:domain=INET:name=x"))
+
+    def test_index_beyond_the_sockets_passed_in_says_how_many_there_are(self):
+        """index=2 with two sockets: the error counts them."""
+        message = self.error("systemd:domain=INET:index=2", [3, 4], ["a", "b"])
+        self.assertIn("systemd passed 2 sockets", message)
+        self.assertIn("index=2", message)
+        unnamed = self.error("systemd:domain=INET:index=1", listening_fds={3})
+        self.assertIn("file descriptor 4", unnamed)
+
+    def test_name_without_names_or_unknown_name_says_what_is_missing(self):
+        """name= needs LISTEN_FDNAMES; an unknown name lists the names there are."""
+        message = self.error("systemd:domain=INET:name=web", listening_fds={3})
+        self.assertIn("LISTEN_FDNAMES is not set", message)
+        self.assertIn("--fdname=web", message)
+        message = self.error("systemd:domain=INET:name=web", [3], ["signalling.socket"])
+        self.assertIn("no socket named 'web'", message)
+        self.assertIn("signalling.socket", message)
+
+    def test_malformed_descriptions(self):
+        """A missing or unknown domain, or both or neither of index= and name=."""
+        self.assertIn("domain=", self.error("systemd:index=0", [3], ["a"]))
+        self.assertIn("unknown domain", self.error("systemd:domain=FOO:index=0", [3], ["a"]))
+        self.assertIn("exactly one", self.error("systemd:domain=INET", [3], ["a"]))
+        self.assertIn(
+            "exactly one", self.error("systemd:domain=INET:index=0:name=a", [3], ["a"])
+        )
+
+    def test_through_make_service_the_error_is_one_line_naming_the_option(self):
+        """Through makeService, a systemd port with nothing passed in is one line."""
+        hide_service_manager(self)
+        self.patch(listening, "_inherited", lambda: ([], []))
+        self.patch(listening, "listening_socket_at", lambda fd: False)
+        e = self.assertRaises(
+            SystemExit,
+            tap.makeService,
+            parse("--port", "tls:systemd:domain=INET6:index=0"),
+            reactor=MemoryReactor(),
+        )
+        self.assertTrue(
+            e.code.startswith(
+                "signalling: cannot use --port 'tls:systemd:domain=INET6:index=0': "
+                "no socket was passed in"
+            ),
+            e.code,
+        )
+
+
+class ListenCheckTests(unittest.TestCase):
+    """
+    Under twistd, a busy port is found before the process forks into the
+    background, with the line the start would give.
+    """
+
+    def setUp(self):
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        self.busy = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(self.busy.stopListening)
+        self.port = self.busy.getHost().port
+
+    def test_a_busy_port_is_one_line_naming_the_option(self):
+        """A port in use: a StartupError (a SystemExit) naming the address and the option."""
+        from twisted.internet import reactor
+
+        endpoint = listening.parse(reactor, f"tcp:{self.port}:interface=127.0.0.1")
+        for option in ("--port", "--metrics-port"):
+            e = self.assertRaises(
+                SystemExit, listening.check_can_listen, endpoint, "tcp:x", option
+            )
+            self.assertIsInstance(e, Exception)
+            self.assertIn(f"127.0.0.1:{self.port}", e.code)
+            self.assertIn(f"choose another port with {option}", e.code)
+
+    def test_a_free_port_passes_and_stays_free(self):
+        """A free port passes the check, and is free again afterwards."""
+        from twisted.internet import reactor
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        endpoint = listening.parse(reactor, f"tcp:{port}:interface=127.0.0.1")
+        listening.check_can_listen(endpoint, "tcp:x")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+    def test_endpoints_without_a_port_of_their_own_are_not_checked(self):
+        """unix: and port 0 need no check."""
+        from twisted.internet import reactor
+
+        listening.check_can_listen(listening.parse(reactor, "tcp:0"), "tcp:0")
+        path = os.path.abspath(self.mktemp())
+        listening.check_can_listen(listening.parse(reactor, f"unix:{path}"), "unix:")
+        self.assertFalse(os.path.exists(path))
