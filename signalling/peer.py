@@ -19,7 +19,7 @@ as ``ice`` messages, which is what browsers and ``webrtcbin`` do.
 
 aiortc runs on asyncio, so this tool does too, with the ``websockets``
 library for the signalling connection (install with the ``peer`` extra:
-``pip install 'gst-signalling[peer]'``). ICE gathers host candidates only
+``pip install 'webrtcbin-signalling[peer]'``). ICE gathers host candidates only
 unless ``--stun``/``--turn`` are given.
 
 With ``--json`` every line on stdout is a JSON object with the same events
@@ -846,7 +846,7 @@ def main(argv=None):
         import aiortc  # noqa: F401
         import websockets  # noqa: F401
     except ImportError as e:
-        out("error", message=f"{e}; install the peer extra: pip install 'gst-signalling[peer]'")
+        out("error", message=f"{e}; install the peer extra: pip install 'webrtcbin-signalling[peer]'")
         raise SystemExit(EXIT_INTERNAL)
     done = asyncio.run(PeerRun(options, out).run())
     if done.message:

@@ -132,7 +132,7 @@ async def _find_missing():
         import aiortc  # noqa: F401
         import websockets  # noqa: F401
     except ImportError as e:
-        return f"{e}; install the test extra: pip install -e '.[test]'"
+        return f"{e}; install the test extra: pip install '.[test]'"
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         return f"{SYSTEM_PYTHON}; install the Debian packages {DEBIAN_PACKAGES}"
     out, err, code = await _run(SYSTEM_PYTHON, GST_PEER, "--check", timeout=60)

@@ -241,6 +241,21 @@ class InstalledPackageTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.venv.site_packages, "tests")))
 
     @inlineCallbacks
+    def test_the_distribution_has_a_name_of_its_own(self):
+        """
+        The project installs as ``webrtcbin-signalling`` with the package's
+        version (``gst-signalling`` on PyPI is an unrelated project).
+        """
+        script = (
+            "import importlib.metadata as m, signalling; "
+            "print(m.version('webrtcbin-signalling'), signalling.__version__)"
+        )
+        out, err, code = yield self.run_in_venv("python", "-c", script)
+        self.assertEqual(code, 0, err)
+        installed, package = out.split()
+        self.assertEqual(installed, package)
+
+    @inlineCallbacks
     def test_twistd_help_lists_signalling(self):
         """``twistd --help`` lists the signalling command, without errors."""
         out, err, code = yield self.run_in_venv("twistd", "--help")

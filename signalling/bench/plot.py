@@ -14,7 +14,7 @@ def _pyplot():
         import matplotlib
     except ImportError:
         raise SystemExit(
-            "signalling-bench: --plot needs matplotlib: pip install 'gst-signalling[bench]'"
+            "signalling-bench: --plot needs matplotlib: pip install 'webrtcbin-signalling[bench]'"
         ) from None
     matplotlib.use("Agg")
     from matplotlib import pyplot
