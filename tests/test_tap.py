@@ -1201,14 +1201,7 @@ class DefaultPortTests(unittest.TestCase):
 
         self.patch(listening, "ipv6_only_socket", ipv6_only_socket)
 
-    def start(self, *argv):
-        service = tap.makeService(
-            parse("--cert-path", self.cert_dir, "--create-cert-path", *argv),
-            reactor=self.reactor,
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+    start = ServiceTests.start
 
     def test_default_listens_on_every_ipv4_and_ipv6_address_with_tls(self):
         """
