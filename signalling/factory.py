@@ -7,7 +7,7 @@ from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
 from signalling.metrics import Stats
-from signalling.protocol import SignallingServerProtocol
+from signalling.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
 
 #: Largest message accepted by default (the example server's limit).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -53,6 +53,9 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param web: the protocol factory (a twisted.web ``Site``) that gets every
         connection whose first request asks for no WebSocket upgrade, or
         None to refuse those with 426.
+    :param fast_path: use the fast WebSocket layer
+        (:class:`signalling.websocket.FastServerProtocol`); False runs every
+        frame through Autobahn's own paths, for comparison and diagnosis.
     :param close_timeout: seconds a closing connection may take: for the
         peer to answer our close frame, and for the transport to close
         (TLS waits for the peer's ``close_notify``) before it is aborted.
@@ -73,10 +76,13 @@ class SignallingServerFactory(WebSocketServerFactory):
         log_payloads=False,
         web=None,
         close_timeout=CLOSE_HANDSHAKE_TIMEOUT,
+        fast_path=True,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
         super().__init__(url)
+        if not fast_path:
+            self.protocol = PlainSignallingServerProtocol
         self.registry = registry
         self.clock = clock
         self.hello_timeout = hello_timeout

@@ -1,11 +1,66 @@
 """
-The seams of the server: what the registry may do to a peer (:class:`IPeer`),
-what the protocol may ask of a registry (:class:`IRegistry`), and the domain
-exceptions a registry raises.
+The seams of the server: what a registry backend may do to a peer
+(:class:`IPeer`), what a connection may ask of a backend (:class:`IRegistry`),
+how messages travel between session partners (:class:`ILink`), what the
+per-connection logic writes to its wire (:class:`IConnectionOutput`), and
+the domain exceptions a backend raises.
 
-A registry may complete its work later (a cluster backend answers over the
-network): the protocol calls every :class:`IRegistry` method through
-``defer.maybeDeferred``, so a method may return a plain value or a Deferred.
+The contract between a backend and the connections
+==================================================
+
+A backend is the in-memory :class:`signalling.registry.Registry`, or one that
+answers over the network (a cluster). Connections call every
+:class:`IRegistry` method through ``defer.maybeDeferred``: a method may
+return its result at once or as a Deferred, and raise or fail it with a
+:class:`SignallingError`.
+
+What a backend must do:
+
+1. **Decide at once, atomically.** Each command takes effect completely or
+   not at all, and competing commands resolve as "first one wins" (two
+   HELLOs for one uid, crossed calls, a leave during a join).
+2. **Tell each affected peer once.** A successful ``start_session`` calls
+   :meth:`IPeer.session_started` once on each partner; ``join_room`` calls
+   :meth:`IPeer.room_joined` once on the joiner and
+   :meth:`IPeer.room_peer_joined` once on every member already there;
+   ``remove`` calls :meth:`IPeer.session_ended` once on the partner and
+   :meth:`IPeer.room_peer_left` once on every remaining member. A member is
+   told of another's join either in its ``room_joined`` list or by
+   ``room_peer_joined``, never both, and of a leave only for a peer it was
+   told about. A command refused with :class:`AlreadyEngaged` because a
+   crossed call made the peer a callee is followed by that call's
+   ``session_started`` (the connection then relays the refused line).
+3. **Keep each sender's order.** Everything one peer causes at another
+   (the notifications of its commands and the messages it relays through
+   its :class:`ILink`) reaches that other peer in the order it was caused.
+
+What a backend may do, and every connection copes with:
+
+4. **Answer and notify in any order.** A command's result (the Deferred's
+   callback or errback) and the notifications it causes, to this peer and
+   to others, on this node or another, may arrive in any order relative to
+   each other. A uid may be visible to other peers (and be called) before
+   the peer's own ``register`` has answered.
+5. **Interleave senders.** What different peers cause at one peer may
+   arrive interleaved in any way; in particular a partner's relayed messages
+   may arrive before the ``session_started`` of the peer that asked for the
+   session.
+6. **Link locally or remotely.** The :class:`ILink` handed over with
+   ``session_started`` may write straight to the partner's connection (on
+   this node; it may take several messages at once) or carry messages
+   through the backend.
+
+What the connection side guarantees under every such order (see
+``docs/protocol.md``): no notification or relayed message before the reply
+it must follow (``HELLO``, ``SESSION_OK``, ``ROOM_OK``); input that arrives
+while a command is pending is handled, in order, once the command is
+complete (a ``SESSION`` or ``ROOM`` command is complete when its
+notification has arrived, not merely its result); once in a session nothing
+is treated as a command; a request that fails because a crossed call made
+this peer a callee meanwhile is relayed to the new partner, as the protocol
+says of crossed calls; each sender's order is kept; ``ROOM_PEER_JOINED`` and
+``ROOM_PEER_LEFT`` are sent exactly once per member, each ``LEFT`` after its
+``JOINED``.
 """
 
 from zope.interface import Attribute, Interface
@@ -47,26 +102,45 @@ class PeerNotInRoom(SignallingError):
     """The addressed peer is registered but not in the sender's room."""
 
 
+#: First header byte of an unfragmented text and binary WebSocket frame
+#: (FIN set, no RSV bits, opcode 1 or 2): how relayed messages are tagged.
+TEXT_FRAME = 0x81
+BINARY_FRAME = 0x82
+
+
+class ILink(Interface):
+    """
+    The way to a session partner: messages given to it reach the partner
+    verbatim, in order. A local link writes to the partner's connection
+    directly; a remote one carries them through the backend.
+    """
+
+    def send_frames(frames):
+        """
+        Relay messages to the partner, in order, in one write where it can.
+
+        :param frames: a sequence of ``(first_byte, payload)``: the first
+            header byte (:data:`TEXT_FRAME` or :data:`BINARY_FRAME`) and the
+            payload bytes of each message.
+        """
+
+
 class IPeer(Interface):
     """
     A registered connection as the registry sees it. Every method is called
     by the registry, and none may call back into the registry synchronously.
     """
 
-    def send_frame(payload, is_binary):
-        """
-        Relay one message to this peer as it is: the session link.
-
-        :param payload: the message bytes.
-        :param is_binary: send a binary frame rather than a text frame.
-        """
+    receiver = Attribute(
+        "An ILink that relays messages to this peer: what its session "
+        "partner is handed."
+    )
 
     def session_started(partner_uid, link, caller):
         """
         This peer is now in a session with ``partner_uid``.
 
-        :param link: a callable ``(payload, is_binary)`` that relays one
-            message to the partner.
+        :param link: the :class:`ILink` to the partner.
         :param caller: True for the peer that asked for the session (it is
             answered ``SESSION_OK``), False for the callee (told nothing).
         """
@@ -159,3 +233,30 @@ class IRegistry(Interface):
     session_count = Attribute("How many sessions are in progress.")
     room_count = Attribute("How many rooms have at least one member.")
     room_member_count = Attribute("How many peers are in a room.")
+
+
+class IConnectionOutput(Interface):
+    """
+    What the per-connection logic (:class:`signalling.connection.Connection`)
+    writes to its wire; the WebSocket protocol provides it.
+    """
+
+    peer_addr = Attribute("The peer's address, for logs (e.g. tcp4:127.0.0.1:5555).")
+
+    def send_text(text):
+        """Send one protocol line (a text message), unless the connection is closing."""
+
+    def send_frames(frames):
+        """
+        Send relayed messages verbatim, in one write, unless the connection
+        is closing.
+
+        :param frames: ``(first_byte, payload)`` pairs, as for :class:`ILink`.
+        """
+
+    def close(code, reason=None):
+        """
+        Close the connection with ``code`` (1000, 1001, 1002, 1008, 1011)
+        and the ``reason`` text, if any. The connection then tells the
+        logic :meth:`~signalling.connection.Connection.closing`.
+        """

@@ -98,8 +98,8 @@ class Registry:
             raise PeerBusy(callee_uid)
         self._partners[caller_uid] = callee_uid
         self._partners[callee_uid] = caller_uid
-        caller.session_started(callee_uid, callee.send_frame, True)
-        callee.session_started(caller_uid, caller.send_frame, False)
+        caller.session_started(callee_uid, callee.receiver, True)
+        callee.session_started(caller_uid, caller.receiver, False)
 
     def join_room(self, uid, room_id):
         peer = self._peers.get(uid)

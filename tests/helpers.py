@@ -12,25 +12,36 @@ import txaio
 
 from signalling import tls
 from signalling.factory import SignallingServerFactory
-from signalling.interfaces import IPeer
+from signalling.interfaces import BINARY_FRAME, TEXT_FRAME, ILink, IPeer
 from signalling.registry import Registry
 
 
-@implementer(IPeer)
+@implementer(IPeer, ILink)
 class FakePeer:
-    """An :class:`IPeer` that records every call the registry makes on it."""
+    """
+    An :class:`IPeer` that records every call the registry makes on it, and
+    (as its own :attr:`receiver`) every message relayed to it, as
+    ``(payload, is_binary)`` in :attr:`frames`. :meth:`send` relays through
+    the link it was handed.
+    """
 
     def __init__(self, name="peer"):
         self.name = name
         self.calls = []
         self.frames = []
         self.link = None
+        self.receiver = self
 
     def __repr__(self):
         return f"<FakePeer {self.name}>"
 
-    def send_frame(self, payload, is_binary):
-        self.frames.append((payload, is_binary))
+    def send_frames(self, frames):
+        for first, payload in frames:
+            self.frames.append((payload, first == BINARY_FRAME))
+
+    def send(self, payload, is_binary):
+        """Relay one message to the partner through the link handed over."""
+        self.link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))
 
     def session_started(self, partner_uid, link, caller):
         self.link = link
@@ -104,12 +115,16 @@ class Loopback:
     follow it through ``txaio.config.loop``).
 
     :param testcase: the ``TestCase``; used to patch txaio's loop.
+    :param registry: the registry; else ``backend(clock, seed)`` (see
+        ``tests/backends.py``); else a new in-memory one.
     """
 
-    def __init__(self, testcase, registry=None, **factory_kwargs):
+    def __init__(self, testcase, registry=None, backend=None, seed=0, **factory_kwargs):
         self.clock = Clock()
         testcase.patch(txaio.config, "loop", self.clock)
-        self.registry = registry if registry is not None else Registry()
+        if registry is None:
+            registry = backend(self.clock, seed) if backend is not None else Registry()
+        self.registry = registry
         factory_kwargs.setdefault("keepalive", 5)
         self.factory = SignallingServerFactory(
             "ws://localhost", self.registry, self.clock, **factory_kwargs
@@ -138,10 +153,28 @@ class Loopback:
         self.pumps.append(pump)
         return client
 
-    def flush(self):
-        """Deliver every pending byte in every direction, until quiet."""
+    def deliver_bytes(self):
+        """
+        Deliver every pending byte in every direction, without moving the
+        clock: what the backend has in flight stays in flight.
+        """
         while any(pump.pump() for pump in self.pumps):
             pass
+
+    def flush(self):
+        """
+        Deliver every pending byte in every direction, and everything the
+        backend has in flight (moving the clock on as far as that takes),
+        until quiet.
+        """
+        next_delivery = getattr(self.registry, "next_delivery", None)
+        while True:
+            while any(pump.pump() for pump in self.pumps):
+                pass
+            wait = next_delivery() if next_delivery is not None else None
+            if wait is None:
+                return
+            self.clock.advance(wait)
 
     def hello(self, uid, protocol=None):
         """:returns: a client registered as ``uid``."""

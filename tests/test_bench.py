@@ -23,6 +23,7 @@ from twisted.trial import unittest
 
 from signalling.bench import cli, report, wsclient
 from signalling.bench.runner import Pool, ServerProbe, run_scenario
+from signalling.connection import Connection
 from signalling.protocol import SignallingServerProtocol
 from tests._realserver import RealServer
 
@@ -140,16 +141,21 @@ class ScenarioTests(unittest.TestCase):
 class BrokenServerTests(unittest.TestCase):
     """The checks of the scenarios catch a server that loses something."""
 
-    async def broken_server(self, protocol):
-        """:returns: our server, its connections built from ``protocol``."""
+    async def broken_server(self, protocol=SignallingServerProtocol, connection=None):
+        """
+        :returns: our server, its connections built from ``protocol``, with
+            their logic in ``connection`` (a :class:`Connection` subclass).
+        """
         server = await RealServer.start(self, tls=False)
+        if connection is not None:
+            protocol = type("Broken", (protocol,), {"connection_class": connection})
         server.factory.protocol = protocol
         return server
 
     async def test_rooms_reports_a_dropped_join_notice(self):
         """A server that drops one ROOM_PEER_JOINED fails the room scenario."""
 
-        class DropsOneNotice(SignallingServerProtocol):
+        class DropsOneNotice(Connection):
             dropped = False
 
             def room_peer_joined(self, room_id, uid):
@@ -158,7 +164,7 @@ class BrokenServerTests(unittest.TestCase):
                     return
                 super().room_peer_joined(room_id, uid)
 
-        server = await self.broken_server(DropsOneNotice)
+        server = await self.broken_server(connection=DropsOneNotice)
         result = await bench("rooms", server.url(), timeout=SHORT_TIMEOUT)
         self.assertTrue(DropsOneNotice.dropped)
         self.assertFalse(result["ok"])
@@ -169,7 +175,7 @@ class BrokenServerTests(unittest.TestCase):
     async def test_rooms_reports_a_duplicated_message(self):
         """A server that delivers one room message twice fails the room scenario."""
 
-        class DuplicatesOneMessage(SignallingServerProtocol):
+        class DuplicatesOneMessage(Connection):
             doubled = False
 
             def room_message(self, sender_uid, payload):
@@ -178,7 +184,7 @@ class BrokenServerTests(unittest.TestCase):
                     DuplicatesOneMessage.doubled = True
                     super().room_message(sender_uid, payload)
 
-        server = await self.broken_server(DuplicatesOneMessage)
+        server = await self.broken_server(connection=DuplicatesOneMessage)
         result = await bench("rooms", server.url(), timeout=SHORT_TIMEOUT)
         self.assertTrue(DuplicatesOneMessage.doubled)
         self.assertFalse(result["ok"])
@@ -210,7 +216,7 @@ class BrokenServerTests(unittest.TestCase):
             lost = False
 
             def onMessage(self, payload, isBinary):
-                if self._link is not None and not LosesOneMessage.lost:
+                if self.connection.link is not None and not LosesOneMessage.lost:
                     LosesOneMessage.lost = True
                     return
                 super().onMessage(payload, isBinary)

@@ -17,19 +17,41 @@ from twisted.trial import unittest
 
 from signalling.registry import Registry
 
+from tests import backends
 from tests.helpers import DeafClientProtocol, Loopback, RecordingClientProtocol
 
 OFFER = '{"sdp": {"type": "offer", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\n"}}'
 
 
 class ProtocolTestCase(unittest.TestCase):
-    """A loopback server with a fresh registry; nothing may be left behind."""
+    """
+    A loopback server with a fresh registry; nothing may be left behind.
+
+    The behaviour classes run once as written (the in-memory registry, the
+    fast WebSocket layer) and again, at the end of this module, over
+    Autobahn's own paths and over adversarial backends (``tests/backends.py``).
+    """
 
     factory_kwargs = {}
+    backend = staticmethod(backends.memory)
+    seed = 0
+    fast_path = True
 
     def setUp(self):
-        self.net = Loopback(self, **self.factory_kwargs)
+        self.net = Loopback(
+            self,
+            backend=self.backend,
+            seed=self.seed,
+            fast_path=self.fast_path,
+            **self.factory_kwargs,
+        )
         self.registry = self.net.registry
+
+    def registry_says(self, method, *args):
+        """:returns: what the registry answers, once everything in flight has arrived."""
+        d = defer.maybeDeferred(method, *args)
+        self.net.flush()
+        return self.successResultOf(d)
 
     def close_all(self, *clients):
         for client in clients:
@@ -281,6 +303,60 @@ class SessionTests(ProtocolTestCase):
                     self.net.flush()
                 self.assertTrue(self.registry.is_empty())
 
+    def test_offer_sent_right_behind_session_follows_session_ok(self):
+        """
+        ``SESSION bob`` and the offer in one go: the caller gets
+        ``SESSION_OK`` (never an ERROR for the offer), and the offer reaches
+        the callee, whatever order the backend answers and notifies in.
+        """
+        a, b = self.net.hello("alice"), self.net.hello("bob")
+        a.send_text("SESSION bob")
+        a.send_text(OFFER)
+        a.send_text("second")
+        self.net.flush()
+        self.assertEqual(a.take(), ["SESSION_OK"])
+        self.assertEqual(b.take(), [OFFER, "second"])
+        self.close_all(a, b)
+
+    def test_a_peer_called_while_its_hello_is_answered_hears_hello_first(self):
+        """
+        bob's uid may be called before bob's HELLO is answered: bob still
+        gets ``HELLO`` first, then the caller's offer; alice ``SESSION_OK``.
+        """
+        a = self.net.hello("alice")
+        b = self.net.client()
+        b.send_text("HELLO bob")
+        self.net.deliver_bytes()
+        a.send_text("SESSION bob")
+        a.send_text(OFFER)
+        self.net.flush()
+        self.assertEqual(a.take(), ["SESSION_OK"])
+        self.assertEqual(b.take(), ["HELLO", OFFER])
+        b.send_text("answer")
+        self.net.flush()
+        self.assertEqual(a.take(), ["answer"])
+        self.close_all(a, b)
+
+    def test_what_the_callee_sends_at_once_follows_the_callers_session_ok(self):
+        """
+        The callee sends the moment the server has made it a callee: the
+        caller sees ``SESSION_OK`` before that message, even when it
+        overtakes the caller's own notification on its way.
+        """
+        a, b = self.net.hello("alice"), self.net.hello("bob")
+        a.send_text("SESSION bob")
+        self.net.deliver_bytes()
+        for _ in range(1000):
+            if b.server.connection.link is not None:
+                break
+            self.net.clock.advance(0.0005)
+            self.net.deliver_bytes()
+        b.send_text("from bob at once")
+        self.net.flush()
+        self.assertEqual(a.take(), ["SESSION_OK", "from bob at once"])
+        self.assertEqual(b.take(), [])
+        self.close_all(a, b)
+
     def test_messages_of_the_evicted_partner_go_nowhere(self):
         """Once told its partner left, a peer's further input is dropped."""
         a, b = self.call()
@@ -322,6 +398,59 @@ class RoomTests(ProtocolTestCase):
         self.assertEqual(c.take(), ["ROOM_PEER_LEFT b"])
         self.close_all(a, b, c)
 
+    def test_leaving_while_another_joins_is_told_exactly_once_or_not_at_all(self):
+        """
+        a leaves as b joins: b's ``ROOM_OK`` lists a and then b hears
+        ``ROOM_PEER_LEFT a`` once, or it does not list a and b hears nothing
+        of a; the room is consistent after.
+        """
+        a = self.join("a")
+        c = self.join("c")
+        a.take(), c.take()
+        b = self.net.hello("b")
+        b.send_text("ROOM r")
+        a.sendClose(1000)
+        self.net.flush()
+        got = b.take()
+        self.assertTrue(got[0].startswith("ROOM_OK "), got)
+        listed = got[0][len("ROOM_OK "):].split()
+        if "a" in listed:
+            self.assertEqual(got, ["ROOM_OK a c", "ROOM_PEER_LEFT a"])
+        else:
+            self.assertEqual(got, ["ROOM_OK c"])
+        self.assertEqual(sorted(c.take()), ["ROOM_PEER_JOINED b", "ROOM_PEER_LEFT a"])
+        b.send_text("ROOM_PEER_LIST")
+        self.net.flush()
+        self.assertEqual(b.take(), ["ROOM_PEER_LIST c"])
+        self.close_all(b, c)
+
+    def test_peers_joining_at_once_each_hear_of_every_other_once(self):
+        """
+        Four peers join one room at the same moment: each hears of each of
+        the others exactly once, in its ``ROOM_OK`` or as a join, always
+        after its own ``ROOM_OK``; and a message sent right behind ``ROOM``
+        follows the join it needs.
+        """
+        clients = {uid: self.net.hello(uid) for uid in "abcd"}
+        for uid, client in clients.items():
+            client.send_text("ROOM r")
+        self.net.flush()
+        for uid, client in clients.items():
+            got = client.take()
+            self.assertTrue(got[0].startswith("ROOM_OK"), got)
+            heard = got[0].split()[1:] + [
+                line.split()[1] for line in got[1:] if line.startswith("ROOM_PEER_JOINED ")
+            ]
+            self.assertEqual(sorted(heard), sorted(set("abcd") - {uid}), (uid, got))
+            self.assertEqual(len(got), 1 + 3 - len(got[0].split()[1:]), got)
+        clients["a"].send_text("ROOM_PEER_MSG b first")
+        clients["a"].send_text("ROOM_PEER_MSG b second")
+        self.net.flush()
+        self.assertEqual(
+            clients["b"].take(), ["ROOM_PEER_MSG a first", "ROOM_PEER_MSG a second"]
+        )
+        self.close_all(*clients.values())
+
     def test_room_errors(self):
         """Every room error keeps the peer in its room."""
         a = self.join("a")
@@ -347,7 +476,7 @@ class RoomTests(ProtocolTestCase):
         self.assertEqual(
             a.take(), ["ERROR binary messages are only relayed inside a session"]
         )
-        self.assertEqual(self.registry.room_members("a"), [])
+        self.assertEqual(self.registry_says(self.registry.room_members, "a"), [])
         self.close_all(a, b, loner)
 
     def test_invalid_room_ids(self):
@@ -880,3 +1009,37 @@ class RelayBatchingTests(unittest.TestCase):
         self.assertEqual(bob_transport.value(), b"\x81\x01a\x81\x01b\x81\x01c")
         self.assertEqual(bob_transport.writes[0], b"\x81\x01a\x81\x01b")
         self.assertIn(b"\x8a\x01p", alice_transport.value())
+
+
+def _variants():
+    """
+    Run every behaviour class again: over Autobahn's own WebSocket paths
+    (``fast_path=False``), and over the reordering backend with
+    :data:`tests.backends.SEEDS` seeds.
+    """
+    behaviour = [
+        RegistrationTests,
+        SessionTests,
+        RoomTests,
+        LimitsTests,
+        KeepaliveTests,
+        HelloTimeoutTests,
+        LoggingTests,
+    ]
+    made = {}
+    for base in behaviour:
+        name = f"{base.__name__}_PlainAutobahn"
+        made[name] = type(name, (base,), {"fast_path": False, "__module__": __name__})
+        for label, backend, seed in backends.backends():
+            if label == "memory":
+                continue
+            name = f"{base.__name__}_Reordering{seed}"
+            made[name] = type(
+                name,
+                (base,),
+                {"backend": staticmethod(backend), "seed": seed, "__module__": __name__},
+            )
+    return made
+
+
+globals().update(_variants())

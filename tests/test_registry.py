@@ -99,14 +99,14 @@ class SessionTests(RegistryTestCase):
     """start_session() and the end of a session."""
 
     def test_session_links_both_peers_caller_first(self):
-        """The caller is told first, then the callee; each gets the other's link."""
+        """The caller is told first, then the callee; each gets the other's receiver as its link."""
         a, b = self.register("a", "b")
         order = []
         a.session_started = lambda uid, link, caller: order.append(("a", uid, link, caller))
         b.session_started = lambda uid, link, caller: order.append(("b", uid, link, caller))
         self.registry.start_session("a", "b")
         self.assertEqual(
-            order, [("a", "b", b.send_frame, True), ("b", "a", a.send_frame, False)]
+            order, [("a", "b", b.receiver, True), ("b", "a", a.receiver, False)]
         )
         self.assertEqual(self.registry.session_count, 1)
         self.remove_all_and_check_empty()
@@ -115,8 +115,8 @@ class SessionTests(RegistryTestCase):
         """What a peer sends through its link reaches the partner unchanged."""
         a, b = self.register("a", "b")
         self.registry.start_session("a", "b")
-        a.link(b"offer", False)
-        b.link(b"\x00bin", True)
+        a.send(b"offer", False)
+        b.send(b"\x00bin", True)
         self.assertEqual(b.frames, [(b"offer", False)])
         self.assertEqual(a.frames, [(b"\x00bin", True)])
         self.remove_all_and_check_empty()

@@ -1,0 +1,636 @@
+"""
+The signalling logic of one connection, without Autobahn or sockets.
+
+A :class:`Connection` takes each message as it arrives (:meth:`received`),
+asks the registry, and writes through an
+:class:`signalling.interfaces.IConnectionOutput`; the registry reaches it as
+an :class:`signalling.interfaces.IPeer`, and its session partner through
+:attr:`Connection.receiver` (an :class:`signalling.interfaces.ILink`). The
+WebSocket protocol (``signalling.protocol``) only adapts Autobahn to it.
+
+It keeps the protocol's ordering rules under every order of answers and
+notifications the registry contract allows (``signalling.interfaces``):
+
+- While a command is pending, further input is held, and handled in order
+  once the command is complete. ``SESSION`` and ``ROOM`` are complete when
+  their notification (``session_started`` for the caller, ``room_joined``)
+  has arrived, or they failed; ``HELLO`` when its result has.
+- While a reply is owed (``HELLO``, ``SESSION_OK``, ``ROOM_OK``), what
+  others cause here (relayed messages, room notices and messages, the close
+  that ends a session) waits, in arrival order, and follows the reply.
+- A request that fails because a crossed call made this peer a callee
+  meanwhile is relayed to the new partner, like any input in a session.
+"""
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from signalling import wire
+from signalling.interfaces import (
+    BINARY_FRAME,
+    AlreadyEngaged,
+    TEXT_FRAME,
+    ILink,
+    IPeer,
+    SignallingError,
+)
+
+#: Close codes the connection asks for.
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+#: No HELLO in time (policy violation).
+CLOSE_HELLO_TIMEOUT = 1008
+#: An unexpected error in the server (internal error).
+CLOSE_INTERNAL_ERROR = 1011
+
+#: What the log says of a connection closed because the server stops.
+SHUTDOWN_CAUSE = "the server is shutting down"
+
+# Kinds of pending command.
+_HELLO = "hello"
+_SESSION = "session"
+_ROOM = "room"
+_LIST = "list"
+_OTHER = "other"
+#: Commands that owe a reply which what others cause here must follow.
+_GATED = (_HELLO, _SESSION, _ROOM)
+
+
+class _Pending:
+    """
+    A command in progress: what it is, the message it came from, its uid;
+    whether its result (``answered``) and, for ``SESSION`` and ``ROOM``, its
+    notification (``notified``) have arrived.
+    """
+
+    __slots__ = ("kind", "payload", "is_binary", "uid", "answered", "notified", "engaged")
+
+    def __init__(self, kind, payload, is_binary, uid=None):
+        self.kind = kind
+        self.payload = payload
+        self.is_binary = is_binary
+        self.uid = uid
+        self.answered = False
+        self.notified = False
+        #: Refused because a crossed call engaged this peer; its
+        #: ``session_started`` is on the way.
+        self.engaged = False
+
+
+@implementer(ILink)
+class _LoggingLink:
+    """A session link that logs each payload (``--log-payloads`` only)."""
+
+    _log = Logger(namespace="signalling.connection")
+
+    def __init__(self, link, uid, partner_uid):
+        self._link = link
+        self._uid = uid
+        self._partner_uid = partner_uid
+
+    def send_frames(self, frames):
+        for first, payload in frames:
+            self._log.info(
+                "relay from {uid} to {partner_uid}: {payload}",
+                uid=self._uid,
+                partner_uid=self._partner_uid,
+                payload=payload if first == BINARY_FRAME else payload.decode("utf-8", "replace"),
+            )
+        self._link.send_frames(frames)
+
+
+@implementer(IPeer, ILink)
+class Connection:
+    """
+    One signalling connection's state and logic.
+
+    :param server: what the connections of a server share: ``registry``
+        (an :class:`signalling.interfaces.IRegistry`), ``clock`` (an
+        ``IReactorTime``), ``hello_timeout`` (seconds), ``stats`` (a
+        :class:`signalling.metrics.Stats`), ``log_payloads`` and
+        ``shutting_down`` (booleans). The WebSocket factory is one.
+    :param output: the :class:`signalling.interfaces.IConnectionOutput`.
+
+    :ivar uid: the registered uid, or None.
+    :ivar partner_uid: the session partner's uid, or None.
+    :ivar room_id: the room's id, or None.
+    :ivar link: the :class:`signalling.interfaces.ILink` to the session
+        partner, or None.
+    """
+
+    _log = Logger()
+
+    uid = None
+    partner_uid = None
+    room_id = None
+    link = None
+    #: ``(uid, partner_uid)`` once the partner ended our session.
+    _ended = None
+    #: Why the server closed this connection, for the log, when the close
+    #: frame's reason does not say it.
+    cause = None
+    #: The command in progress (a _Pending), else None.
+    _pending = None
+    #: Input held while a command is pending (a deque), else None.
+    _held = None
+    #: ``(method, *args)`` held while a reply is owed, else None.
+    _queued = None
+    #: True once we stop handling input (closing, or the session ended).
+    _closing = False
+    #: True once the registry was told to let go of our uid, session and room.
+    _released = False
+    _resuming = False
+    _hello_call = None
+
+    def __init__(self, server, output):
+        self._server = server
+        self._output = output
+        self._stats = server.stats
+        #: What the registry hands our session partner.
+        self.receiver = self
+
+    def __repr__(self):
+        return f"<Connection {self.uid or '?'} at {self._output.peer_addr}>"
+
+    # What happens on the wire.
+
+    def opened(self):
+        """The WebSocket is open: start the deadline for ``HELLO``."""
+        self._hello_call = self._server.clock.callLater(
+            self._server.hello_timeout, self._hello_timed_out
+        )
+
+    def received(self, payload, is_binary):
+        """
+        One message arrived: relay it in a session, else handle it as a
+        command (or hold it while a command is pending).
+        """
+        if self._closing:
+            return
+        if self._pending is not None:
+            if self._held is None:
+                self._held = deque()
+            self._held.append((payload, is_binary))
+            return
+        link = self.link
+        if link is not None:
+            link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))
+            return
+        with self._log.failuresHandled(
+            "while handling a message from {uid} at {peer_addr}",
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+        ) as op:
+            self._command(payload, is_binary)
+        if op.failed:
+            self._fail()
+
+    @property
+    def relay_link(self):
+        """
+        The link every message goes to as it arrives (in a session, with no
+        command pending and nothing held), for the fast path; else None.
+        """
+        if self._pending is None and self._held is None and not self._closing:
+            return self.link
+        return None
+
+    def closing(self):
+        """
+        The connection is ending, for whatever reason: stop handling input
+        and release our uid, session and room, once.
+        """
+        if self._released:
+            return
+        self._released = self._closing = True
+        self.link = None
+        self._held = None
+        self._queued = None
+        self._cancel_hello_call()
+        if self.uid is not None:
+            self._release(self.uid)
+
+    def lost(self, code, cause, log=True):
+        """
+        The connection is gone: let go (if not done yet) and log it.
+
+        :param code: the close code the server sent, else the peer's.
+        :param cause: who closed it and why.
+        :param log: False when why it ended was logged already.
+        """
+        self.closing()
+        cause = self.cause or cause
+        uid, self.uid = self.uid, None
+        peer_addr = self._output.peer_addr
+        if not log:
+            return
+        if uid is None:
+            ended = self._ended
+            if ended is None:
+                self._log.info(
+                    "connection from {peer_addr} closed (code {code}, {cause})",
+                    peer_addr=peer_addr,
+                    code=code,
+                    cause=cause,
+                )
+            else:
+                self._log.info(
+                    "peer {uid} at {peer_addr} disconnected (code {code}): "
+                    "{partner_uid} ended the session",
+                    uid=ended[0],
+                    partner_uid=ended[1],
+                    peer_addr=peer_addr,
+                    code=code,
+                    cause=cause,
+                )
+        elif self.room_id is None:
+            self._log.info(
+                "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
+                uid=uid,
+                peer_addr=peer_addr,
+                code=code,
+                cause=cause,
+                partner_uid=self.partner_uid,
+            )
+        else:
+            self._log.info(
+                "peer {uid} at {peer_addr} disconnected (code {code}, {cause}), "
+                "leaving room {room_id}",
+                uid=uid,
+                peer_addr=peer_addr,
+                code=code,
+                cause=cause,
+                room_id=self.room_id,
+            )
+
+    def going_away(self):
+        """Close for a server shutdown: code 1001."""
+        self.cause = SHUTDOWN_CAUSE
+        self._closing = True
+        self.link = None
+        self._output.close(CLOSE_GOING_AWAY, "going away")
+
+    # IPeer and ILink: what the registry and the partner do to this connection.
+
+    def send_frames(self, frames):
+        """Relay messages from the session partner to this connection."""
+        if self._queued is not None:
+            self._queued.append((self.send_frames, frames))
+            return
+        stats = self._stats
+        stats.session_messages += len(frames)
+        stats.session_bytes += sum(len(payload) for _, payload in frames)
+        self._output.send_frames(frames)
+
+    def session_started(self, partner_uid, link, caller):
+        """Start relaying to ``partner_uid``; the caller is told ``SESSION_OK``."""
+        self.partner_uid = partner_uid
+        if self._server.log_payloads:
+            link = _LoggingLink(link, self.uid or self._hello_uid(), partner_uid)
+        self.link = link
+        if not caller:
+            pending = self._pending
+            if pending is not None and pending.engaged:
+                # The request that crossed this call is relayed now.
+                self._relay_pending(pending)
+            return
+        self._stats.sessions_started += 1
+        self._send_text(wire.SESSION_OK)
+        self._log.info("session from {uid} to {callee}", uid=self.uid, callee=partner_uid)
+        self._notified(_SESSION)
+
+    def session_ended(self, partner_uid):
+        """
+        The partner left, and the registry removed this peer too: close this
+        connection (1000, no message), or 1001 while the server stops.
+        """
+        uid = self.uid if self.uid is not None else self._hello_uid()
+        self.uid = None
+        self.link = None
+        self._closing = True
+        if self._server.shutting_down:
+            # Every connection is being closed: this one for that reason.
+            self.going_away()
+            return
+        self._ended = (uid, partner_uid)
+        self._close_normally()
+
+    def _close_normally(self):
+        if self._queued is not None:
+            self._queued.append((self._close_normally,))
+            return
+        self._output.close(CLOSE_NORMAL)
+
+    def room_joined(self, room_id, members):
+        """Answer ``ROOM_OK`` with the members already there."""
+        self.room_id = room_id
+        self._send_text(wire.room_ok(members))
+        self._log.info("peer {uid} joined room {room_id}", uid=self.uid, room_id=room_id)
+        self._notified(_ROOM)
+
+    def _notified(self, kind):
+        """
+        The notification a ``SESSION`` or ``ROOM`` command waits for came,
+        and its reply went out: what waited for the reply follows. The
+        command is complete once its result has come too (held input is
+        never handled inside a registry call).
+        """
+        pending = self._pending
+        if pending is None or pending.kind != kind:
+            return
+        pending.notified = True
+        self._open_gate()
+        if pending.answered:
+            self._complete(pending)
+
+    def room_peer_joined(self, room_id, uid):
+        """Tell this member that ``uid`` joined."""
+        if self._queued is not None:
+            self._queued.append((self.room_peer_joined, room_id, uid))
+            return
+        self._send_text(wire.room_peer_joined(uid))
+
+    def room_peer_left(self, room_id, uid):
+        """
+        Tell this member that ``uid`` left (not while every member is being
+        closed for a shutdown).
+        """
+        if self._queued is not None:
+            self._queued.append((self.room_peer_left, room_id, uid))
+            return
+        if not self._server.shutting_down:
+            self._send_text(wire.room_peer_left(uid))
+
+    def room_message(self, sender_uid, payload):
+        """Hand over a room member's message."""
+        if self._queued is not None:
+            self._queued.append((self.room_message, sender_uid, payload))
+            return
+        stats = self._stats
+        stats.room_messages += 1
+        stats.room_bytes += len(payload.encode("utf-8"))
+        if self._server.log_payloads:
+            self._log.info(
+                "room message from {sender_uid} to {uid}: {payload}",
+                sender_uid=sender_uid,
+                uid=self.uid,
+                payload=payload,
+            )
+        self._send_text(wire.room_peer_msg(sender_uid, payload))
+
+    # Commands.
+
+    def _command(self, payload, is_binary):
+        """Handle one message outside a session."""
+        if self.uid is None:
+            self._hello(payload, is_binary)
+            return
+        if is_binary:
+            self._send_error(wire.BINARY_OUTSIDE_SESSION, "binary_outside_session")
+            return
+        command, rest = wire.split_command(payload.decode("utf-8"))
+        registry = self._server.registry
+        if self.room_id is not None:
+            if command == wire.ROOM_PEER_MSG:
+                try:
+                    target, message = wire.parse_room_peer_msg(rest)
+                except wire.WireError as e:
+                    self._send_error(e.reason, e.kind)
+                    return
+                self._start(_OTHER, payload, is_binary, registry.room_message, self.uid, target, message)
+            elif command == wire.ROOM_PEER_LIST:
+                self._start(_LIST, payload, is_binary, registry.room_members, self.uid)
+            else:
+                self._send_error(wire.ALREADY_IN_ROOM, "already_in_room")
+            return
+        if command == wire.SESSION:
+            if not rest:
+                self._send_error(wire.SESSION_NEEDS_UID, "missing_arguments")
+                return
+            self._start(_SESSION, payload, is_binary, registry.start_session, self.uid, rest)
+        elif command == wire.ROOM:
+            try:
+                wire.check_room_id(rest)
+            except wire.WireError as e:
+                self._send_error(e.reason, e.kind)
+                return
+            self._start(_ROOM, payload, is_binary, registry.join_room, self.uid, rest)
+        elif command in (wire.ROOM_PEER_MSG, wire.ROOM_PEER_LIST):
+            self._send_error(wire.NOT_IN_ROOM, "not_in_room")
+        elif command == wire.HELLO:
+            self._send_error(wire.ALREADY_REGISTERED, "already_registered")
+        elif not command:
+            self._send_error(wire.EMPTY_MESSAGE, "empty_message")
+        else:
+            self._send_error(wire.unknown_command(command), "unknown_command")
+
+    def _hello(self, payload, is_binary):
+        if is_binary:
+            self._refuse(
+                wire.BINARY_OUTSIDE_SESSION, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol"
+            )
+            return
+        command, uid = wire.split_command(payload.decode("utf-8"))
+        if command != wire.HELLO:
+            self._refuse(wire.EXPECTED_HELLO, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol")
+            return
+        try:
+            wire.check_uid(uid)
+        except wire.WireError as e:
+            self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
+            return
+        self._start(_HELLO, payload, is_binary, self._server.registry.register, uid, self, uid=uid)
+
+    def _hello_uid(self):
+        pending = self._pending
+        return pending.uid if pending is not None and pending.kind == _HELLO else None
+
+    def _start(self, kind, payload, is_binary, method, *args, uid=None):
+        """
+        Ask the registry; the command is pending until :meth:`_complete`.
+        What others cause here waits until a gated command's reply is out.
+        """
+        pending = self._pending = _Pending(kind, payload, is_binary, uid)
+        if kind in _GATED and self._queued is None:
+            self._queued = []
+        d = defer.maybeDeferred(method, *args)
+        d.addCallbacks(
+            self._answered, self._refused, callbackArgs=(pending,), errbackArgs=(pending,)
+        )
+        d.addErrback(self._unexpected)
+
+    def _answered(self, result, pending):
+        if pending.kind == _HELLO and self._released:
+            # The connection went away while the registry worked.
+            self._release(pending.uid)
+            return
+        if pending is not self._pending or self._released:
+            return  # completed by its notification already
+        kind = pending.kind
+        if kind == _HELLO:
+            self._registered(pending)
+        elif kind == _LIST:
+            if result is not None:
+                self._send_text(wire.room_peer_list(result))
+            self._complete(pending)
+        elif kind == _OTHER:
+            self._complete(pending)
+        else:
+            # SESSION and ROOM: complete once their notification came too.
+            pending.answered = True
+            if pending.notified:
+                self._complete(pending)
+
+    def _refused(self, failure, pending):
+        if not failure.check(SignallingError):
+            return failure
+        if pending is not self._pending or self._released:
+            return None
+        error = failure.value
+        if pending.notified:
+            # Its notification came, so it did take effect.
+            self._complete(pending)
+            return None
+        if pending.kind == _HELLO:
+            self._refuse(wire.reason_for(error), wire.CLOSE_INVALID_UID, wire.kind_for(error))
+            return None
+        if self.link is not None:
+            # A crossed call made this peer a callee while its request was on
+            # its way: in a session, every message is relayed, this one too.
+            self._relay_pending(pending)
+            return None
+        if isinstance(error, AlreadyEngaged) and self.room_id is None:
+            # Engaged, though no session_started came yet: a crossed call's
+            # is on its way (the contract says every peer hears of its
+            # session). The request is relayed once it comes.
+            pending.engaged = True
+            return None
+        self._send_error(wire.reason_for(error), wire.kind_for(error))
+        self._complete(pending)
+        return None
+
+    def _relay_pending(self, pending):
+        self.link.send_frames(
+            ((BINARY_FRAME if pending.is_binary else TEXT_FRAME, pending.payload),)
+        )
+        self._complete(pending)
+
+    def _registered(self, pending):
+        if self._ended is None:
+            # Unless a partner ended a session this uid was called into
+            # before our answer came: then the registry has let it go.
+            self.uid = pending.uid
+        self._cancel_hello_call()
+        self._send_text(wire.HELLO)
+        self._log.info(
+            "peer {uid} registered from {peer_addr}",
+            uid=pending.uid,
+            peer_addr=self._output.peer_addr,
+        )
+        self._complete(pending)
+
+    def _open_gate(self):
+        """The reply owed went out: what others caused here meanwhile follows, in order."""
+        queued, self._queued = self._queued, None
+        if queued:
+            for method, *args in queued:
+                method(*args)
+
+    def _complete(self, pending):
+        """The command is done: what waited for its reply follows, then held input."""
+        if pending is not self._pending:
+            return
+        self._pending = None
+        self._open_gate()
+        self._resume()
+
+    def _resume(self):
+        """Handle the input that arrived while a command was pending."""
+        if self._resuming:
+            return  # the loop below goes on
+        self._resuming = True
+        try:
+            held = self._held
+            while held and self._pending is None and not self._closing:
+                payload, is_binary = held.popleft()
+                if self.link is not None:
+                    self.link.send_frames(
+                        ((BINARY_FRAME if is_binary else TEXT_FRAME, payload),)
+                    )
+                    continue
+                with self._log.failuresHandled(
+                    "while handling a message from {uid} at {peer_addr}",
+                    uid=self.uid,
+                    peer_addr=self._output.peer_addr,
+                ) as op:
+                    self._command(payload, is_binary)
+                if op.failed:
+                    self._fail()
+            if self._held is not None and not self._held:
+                self._held = None
+        finally:
+            self._resuming = False
+
+    # Output and closing.
+
+    def _send_text(self, text):
+        self._output.send_text(text)
+
+    def _send_error(self, reason, kind):
+        self._stats.error_sent(kind)
+        self._log.info(
+            "refused a request from {uid} at {peer_addr}: {reason}",
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+            reason=reason,
+        )
+        self._send_text(wire.error(reason))
+
+    def _refuse(self, reason, close_reason, kind):
+        """Refuse the first message: ``ERROR``, then close with 1002."""
+        self._stats.hello_rejected(kind)
+        self._log.info(
+            "refused HELLO from {peer_addr}: {reason}",
+            peer_addr=self._output.peer_addr,
+            reason=reason,
+        )
+        self._closing = True
+        self._send_text(wire.error(reason))
+        self._output.close(CLOSE_PROTOCOL_ERROR, close_reason)
+
+    def _hello_timed_out(self):
+        self._hello_call = None
+        if self.uid is None and not self._closing:
+            self._log.info("no HELLO from {peer_addr} in time", peer_addr=self._output.peer_addr)
+            self._stats.hello_rejected("hello_timeout")
+            self._closing = True
+            self._output.close(CLOSE_HELLO_TIMEOUT, "no HELLO in time")
+
+    def _cancel_hello_call(self):
+        if self._hello_call is not None:
+            if self._hello_call.active():
+                self._hello_call.cancel()
+            self._hello_call = None
+
+    def _unexpected(self, failure):
+        self._log.failure(
+            "unexpected error for {uid} at {peer_addr}",
+            failure,
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+        )
+        self._fail()
+
+    def _fail(self):
+        """Close this one connection after an unexpected error."""
+        self._closing = True
+        self.link = None
+        self._output.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _release(self, uid):
+        d = defer.maybeDeferred(self._server.registry.remove, uid, self)
+        d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))

@@ -1,0 +1,616 @@
+"""
+The WebSocket layer under the signalling protocol: every Autobahn override
+and every use of an Autobahn or Twisted private name lives here, so that an
+upgrade that changes one shows in this module and in
+``tests/test_websocket_assumptions.py``, which checks each of them by name.
+
+:class:`ServerProtocol` is Autobahn's server protocol with what the server
+needs whatever the speed: plain HTTP requests handed over to the pages'
+site, request heads bounded, closes that release the connection at once and
+end within a bounded time (TLS included), and failed TLS handshakes logged
+once in plain words. :class:`FastServerProtocol` adds the fast paths:
+complete, unfragmented data frames read and written without Autobahn's
+per-frame objects, frames for the session partner written in one write,
+and a small per-connection footprint. A factory chooses one or the other
+(``fast_path``); both behave the same on the wire.
+
+What a subclass provides: :meth:`ServerProtocol.closing` (the connection
+lets go of its state), :meth:`ServerProtocol.batch_link` (the link to batch
+relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
+``onClose``.
+"""
+
+from collections import deque
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
+from autobahn.websocket.xormasker import create_xor_masker
+from OpenSSL import SSL
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+
+from signalling.tls import tls_failure_reason
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSED = WebSocketProtocol.STATE_CLOSED
+_TEXT = 1
+_BINARY = 2
+
+#: First header byte of an unfragmented text and binary frame (FIN set, no
+#: RSV bits): the only frames the fast receive path takes.
+_FIN_TEXT = 0x80 | _TEXT
+_FIN_BINARY = 0x80 | _BINARY
+#: Payloads up to this size are unmasked with Python's big integers, which
+#: beat Autobahn's masker (a cffi object per frame) below a couple of KiB.
+_SMALL_UNMASK = 2048
+
+_from_bytes = int.from_bytes
+
+
+def _unmask(payload, mask):
+    """:returns: ``payload`` XORed with the 4-byte ``mask`` (RFC 6455 5.3)."""
+    n = len(payload)
+    if n > _SMALL_UNMASK:
+        return create_xor_masker(mask, n).process(payload)
+    key = mask * ((n >> 2) + 1)
+    return (_from_bytes(payload, "little") ^ _from_bytes(key[:n], "little")).to_bytes(
+        n, "little"
+    )
+
+
+class _FactoryOption:
+    """
+    An Autobahn protocol option read from the factory, where Autobahn would
+    copy every option onto each connection (29 entries in each instance's
+    dictionary). A non-data descriptor: an option set on one connection
+    still lands in its own dictionary and wins.
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        self._name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return getattr(instance.factory, self._name)
+
+
+class _CreatedOnUse:
+    """
+    A per-connection object made on first use and then kept in the
+    instance's dictionary; until then the connection does not pay for it.
+    """
+
+    __slots__ = ("_name", "_make")
+
+    def __init__(self, name, make):
+        self._name = name
+        self._make = make
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self._name] = self._make()
+        return value
+
+
+class _SendQueue:
+    """
+    Autobahn's queue of chopped or synchronous writes, which this server never
+    makes: a ``deque`` (over 700 bytes) only once something is queued.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self):
+        self.items = None
+
+    def __len__(self):
+        return len(self.items) if self.items else 0
+
+    def append(self, item):
+        if self.items is None:
+            self.items = deque()
+        self.items.append(item)
+
+    def popleft(self):
+        if not self.items:
+            raise IndexError("pop from an empty queue")
+        return self.items.popleft()
+
+
+#: Attributes of Autobahn's server handshake that nothing reads once the
+#: connection is open; dropped then (several hundred bytes of request text
+#: and headers per connection).
+_HANDSHAKE_LEFTOVERS = frozenset(
+    (
+        "http_request_data",
+        "http_response_data",
+        "http_status_line",
+        "http_headers",
+        "http_headers_cnt",
+        "http_request_uri",
+        "http_request_path",
+        "http_request_params",
+        "http_request_host",
+        "websocket_origin",
+        "websocket_protocols",
+        "websocket_extensions",
+        "_wskey",
+    )
+)
+
+#: Autobahn's per-connection flags and timers whose value is the same on
+#: every new connection; as class attributes they cost nothing until one
+#: changes (Autobahn then sets it on the instance, as before).
+_AUTOBAHN_DEFAULTS = {
+    "_perMessageCompress": None,
+    "trackedTimings": None,
+    "send_state": WebSocketProtocol.SEND_STATE_GROUND,
+    "triggered": False,
+    "wasMaxFramePayloadSizeExceeded": False,
+    "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False,
+    "failedByMe": False,
+    "droppedByMe": False,
+    "wasClean": False,
+    "wasNotCleanReason": None,
+    "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False,
+    "localCloseCode": None,
+    "localCloseReason": None,
+    "remoteCloseCode": None,
+    "remoteCloseReason": None,
+    "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None,
+    "autoPingTimeoutCall": None,
+    "autoPingPending": None,
+    "autoPingPendingSeq": 0,
+    "autoPingPendingSent": None,
+    "inside_message": False,
+    "current_frame": None,
+    "websocket_protocol_in_use": None,
+    "data": b"",
+}
+
+
+def _frame_header(opcode_byte, length):
+    """:returns: the header of an unmasked server frame of ``length`` bytes."""
+    if length < 126:
+        return bytes((opcode_byte, length))
+    if length < 0x10000:
+        return bytes((opcode_byte, 126)) + length.to_bytes(2, "big")
+    return bytes((opcode_byte, 127)) + length.to_bytes(8, "big")
+
+#: The frame size limit when neither Autobahn limit is set.
+_NO_LIMIT = 1 << 63
+
+#: Largest HTTP request head (request line and headers) an opening handshake
+#: may send; a longer one is refused with 431 rather than buffered.
+MAX_REQUEST_HEAD = 16 * 1024
+
+
+def asks_for_websocket(head):
+    """
+    :param head: an HTTP request head, without the blank line that ends it.
+    :returns: whether it asks for a WebSocket upgrade (an ``Upgrade`` header
+        naming ``websocket``), which is all it takes to go to the WebSocket
+        side rather than the web pages.
+    """
+    for line in head.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+
+
+class ServerProtocol(WebSocketServerProtocol):
+    """
+    Autobahn's server protocol, with the hand-over of plain HTTP requests,
+    bounded request heads, bounded closes and quiet TLS failures.
+    """
+
+    _log = Logger()
+
+    #: Aborts the transport if a closing connection outlives its bound.
+    _drop_call = None
+    #: True when why the connection ended was logged already (TLS failures).
+    _close_logged = False
+
+    # What a subclass provides.
+
+    def closing(self):
+        """
+        The connection is ending: a close frame went out or came in, or the
+        transport is being dropped or is gone. Called at least once, maybe
+        more often.
+        """
+
+    def batch_link(self):
+        """
+        :returns: the :class:`signalling.interfaces.ILink` that relayed
+            frames may go to together (the fast path batches them), or None.
+        """
+        return None
+
+    # Sending.
+
+    def write_frames(self, frames):
+        """
+        Send data frames, ``(first header byte, payload)`` each, through
+        Autobahn; the caller checked that the connection is open.
+        """
+        for first, payload in frames:
+            self.sendFrame(first & 0x0F, payload)
+
+    def close_with(self, code, reason=None):
+        """
+        Start the close handshake with ``code`` (any code, 1002 and 1011
+        included, which ``sendClose`` refuses) and ``reason``; or, when the
+        connection is no longer open, let go of it.
+        """
+        if self.state == _OPEN:
+            self.sendCloseFrame(
+                code=code, reasonUtf8=reason.encode("utf-8") if reason else None
+            )
+        else:
+            self.closing()
+
+    # The opening handshake.
+
+    def onConnect(self, request):
+        """Accept every upgrade, with no subprotocol."""
+        return None
+
+    def processHandshake(self):
+        """
+        Parse the opening handshake once the request head is complete; hand a
+        plain HTTP request (no WebSocket upgrade) to the factory's web site.
+
+        WebSocket upgrades are parsed once, by Autobahn, rather than by
+        twisted.web first and Autobahn again; and no twisted.web channel stays
+        behind as the transport's producer for the life of the connection.
+        """
+        data = self.data
+        end = data.find(b"\r\n\r\n", 0, MAX_REQUEST_HEAD + 4)
+        if end < 0:
+            if len(data) >= MAX_REQUEST_HEAD + 4:
+                self.failHandshake("Request header fields too large", 431)
+            return
+        web = self.factory.web
+        if web is not None and not asks_for_websocket(data[:end]):
+            self._hand_over_to_web(web)
+            return
+        WebSocketServerProtocol.processHandshake(self)
+
+    def _hand_over_to_web(self, web):
+        """
+        Give the connection, and the bytes read so far, to a protocol of the
+        ``web`` factory (twisted.web's HTTP channel); this protocol is done.
+        """
+        transport = self.transport
+        channel = web.buildProtocol(transport.getPeer())
+        if channel is None:
+            # The site refuses the connection (a factory may).
+            self.dropConnection(abort=True)
+            return
+        if self.openHandshakeTimeoutCall is not None:
+            self.openHandshakeTimeoutCall.cancel()
+            self.openHandshakeTimeoutCall = None
+        # What _connectionLost would do: this connection never was a WebSocket.
+        self.state = _CLOSED
+        self.factory.countConnections -= 1
+        data, self.data = self.data, b""
+        if isinstance(transport, ProtocolWrapper):
+            # TLS: the transport is the TLS layer, which wraps this protocol.
+            transport.wrappedProtocol = channel
+        else:
+            transport.protocol = channel
+        self.transport = None
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+
+    # Closing.
+
+    def connectionLost(self, reason):
+        """
+        Log a failed TLS handshake once, at info level and in plain words,
+        instead of Autobahn's error line; then tear the connection down.
+        """
+        if isinstance(reason.value, SSL.Error):
+            if not self._close_logged:
+                self._log.info(
+                    "TLS with {peer_addr} failed: {reason}",
+                    peer_addr=self.peer,
+                    reason=tls_failure_reason(reason.value),
+                )
+            self._close_logged = True
+            self._connectionLost(reason)
+            return
+        WebSocketServerProtocol.connectionLost(self, reason)
+
+    def quiet_close(self):
+        """The TLS layer logged why this connection ends; onClose need not."""
+        self._close_logged = True
+
+    def _connectionLost(self, reason):
+        if self._drop_call is not None:
+            if self._drop_call.active():
+                self._drop_call.cancel()
+            self._drop_call = None
+        WebSocketServerProtocol._connectionLost(self, reason)
+        self.closing()
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
+        """
+        Send a close frame (ours, or the reply to the peer's); from then on
+        the connection holds nothing: its partner and room are told now, not
+        when the peer gets round to closing its side.
+        """
+        WebSocketServerProtocol.sendCloseFrame(self, code, reasonUtf8, isReply)
+        if self.state != _OPEN:
+            self.closing()
+
+    def dropConnection(self, abort=False):
+        """
+        Close the transport, gracefully after a complete close handshake.
+        A graceful close is bounded too: TLS waits for the peer's
+        ``close_notify``, which a peer that stopped reading never sends, so
+        the transport is aborted after the factory's ``close_timeout``.
+        """
+        if abort and self.wasClean:
+            # The close handshake is complete; what we wrote last (our close
+            # frame, when both sides closed at once) must still reach the
+            # peer, which an abort would throw away.
+            abort = False
+        was_closed = self.state == _CLOSED
+        WebSocketServerProtocol.dropConnection(self, abort)
+        self.closing()
+        if (
+            not abort
+            and not was_closed
+            and self.transport is not None
+            and self._drop_call is None
+        ):
+            self._drop_call = self.factory.clock.callLater(
+                self.factory.close_timeout, self._abort
+            )
+
+    def _abort(self):
+        self._drop_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def close_cause(self, code):
+        """
+        :param code: the close code Autobahn reports to ``onClose`` (the
+            peer's, or 1006).
+        :returns: ``(code, cause)`` for the log: the code of the close frame
+            that started the close, and who started it and why.
+        """
+        if self.closedByMe and self.localCloseCode is not None:
+            reason = (self.localCloseReason or b"").decode("utf-8", "replace")
+            return self.localCloseCode, f"closed by the server: {reason}" if reason else (
+                "closed by the server"
+            )
+        if self.remoteCloseCode is not None:
+            return self.remoteCloseCode, "closed by the peer"
+        if self.wasNotCleanReason:
+            return code, self.wasNotCleanReason
+        return code, "connection lost"
+
+    @property
+    def close_logged(self):
+        """Whether why the connection ended was logged already (a failed TLS handshake)."""
+        return self._close_logged
+
+
+
+class FastServerProtocol(ServerProtocol):
+    """
+    :class:`ServerProtocol` with the fast receive and send paths for data
+    frames and a small per-connection footprint. Class-level defaults keep
+    an idle connection small.
+    """
+
+    # Per-connection memory: Autobahn's options come from the factory (see
+    # _FactoryOption), so there is nothing for _connectionMade to copy (and
+    # pretty-print for a debug line, a tenth of the CPU of a call set-up).
+    # The options themselves and _AUTOBAHN_DEFAULTS are set on the class
+    # below it.
+    CONFIG_ATTRS = ()
+    utf8validator = _CreatedOnUse("utf8validator", Utf8Validator)
+
+    #: False where frame or octet logging, or masking, needs Autobahn's own
+    #: send path; decided once per connection, not per relayed message.
+    _plain_writes = True
+
+    # Autobahn's entry points below build the arguments of debug log lines
+    # (type names, highlighted values) on every call, whether or not debug
+    # logging is on: about 4 % of the CPU of a call set-up, and part of every
+    # read on the relay path. These overrides do the same work without them.
+
+    def dataReceived(self, data):
+        self._dataReceived(data)
+
+    def _connectionMade(self):
+        WebSocketProtocol._connectionMade(self)
+        self.factory.countConnections += 1
+        self.send_queue = _SendQueue()
+        if self.logFrames or self.logOctets or self.maskServerFrames:
+            self._plain_writes = False
+        # Made on first use (a cffi object), and never by the fast path.
+        self.__dict__.pop("utf8validator", None)
+
+    def _connectionLost(self, reason):
+        if self._drop_call is not None:
+            if self._drop_call.active():
+                self._drop_call.cancel()
+            self._drop_call = None
+        WebSocketProtocol._connectionLost(self, reason)
+        self.factory.countConnections -= 1
+        self.closing()
+
+    def compact(self):
+        """
+        Rebuild this connection's attribute dictionary without what the class
+        already provides (a dictionary never shrinks by itself). Call it once
+        the handshake is done (``onOpen``).
+        """
+        d = self.__dict__
+        defaults = _AUTOBAHN_DEFAULTS
+        self.__dict__ = {
+            k: v
+            for k, v in d.items()
+            if k not in _HANDSHAKE_LEFTOVERS and not (k in defaults and v is defaults[k])
+        }
+
+    def processData(self):
+        """
+        Take every complete, unfragmented, masked text or binary frame at the
+        front of the input in one loop, and hand each to :meth:`onMessage`.
+
+        This is what Autobahn's ``processData``, ``onFrameBegin``,
+        ``onFrameData``, ``onFrameEnd`` and ``onMessageEnd`` do for such a
+        frame, with a frame and message object and half a dozen calls fewer
+        per frame. Everything else goes to Autobahn unchanged, and so does any
+        frame this loop does not accept as it stands: a control frame, a
+        fragment, a frame not yet complete, one over the size limit (Autobahn
+        closes with 1009), and a text frame that is not valid UTF-8 (Autobahn
+        finds the same error and closes with 1007). Frames are handled in
+        order, and each one once: the loop stops at the first frame it leaves
+        to Autobahn.
+        """
+        if (
+            self.state != _OPEN
+            or self.current_frame is not None
+            or self.inside_message
+            or self._perMessageCompress is not None
+            or self.logFrames
+            or not self.requireMaskedClientFrames
+            or self.failedByMe
+        ):
+            return WebSocketServerProtocol.processData(self)
+        data = self.data
+        end_of_data = len(data)
+        pos = 0
+        limit = self.maxMessagePayloadSize
+        frame_limit = self.maxFramePayloadSize
+        if limit <= 0 or 0 < frame_limit < limit:
+            limit = frame_limit if frame_limit > 0 else _NO_LIMIT
+        validate = self.utf8validateIncoming
+        traffic = self.trafficStats
+        # Frames for the session partner, written to it together when the
+        # loop ends: one write (over TLS, one record) instead of one each.
+        link = self._batch_link()
+        batch = []
+        try:
+            while end_of_data - pos >= 6:
+                first = data[pos]
+                second = data[pos + 1]
+                if (first != _FIN_TEXT and first != _FIN_BINARY) or second < 0x80:
+                    break
+                length = second & 0x7F
+                if length < 126:
+                    start = pos + 6
+                elif length == 126:
+                    if end_of_data - pos < 8:
+                        break
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    if length < 126:
+                        break
+                    start = pos + 8
+                else:
+                    break
+                end = start + length
+                if end > end_of_data or length > limit:
+                    break
+                payload = data[start:end]
+                if length:
+                    payload = _unmask(payload, data[start - 4 : start])
+                if first == _FIN_TEXT and validate and not payload.isascii():
+                    try:
+                        payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        break
+                pos = end
+                traffic.incomingOctetsWebSocketLevel += length
+                traffic.incomingOctetsAppLevel += length
+                traffic.incomingWebSocketFrames += 1
+                traffic.incomingWebSocketMessages += 1
+                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                    self._cancelAutoPingTimeoutCall()
+                if link is not None:
+                    batch.append((first, payload))
+                    continue
+                self.onMessage(payload, first == _FIN_BINARY)
+                if self._listeners is not None:
+                    self._fire_message(payload, first == _FIN_BINARY)
+                if self.state != _OPEN:
+                    break
+                # A command may have started or ended a session.
+                link = self._batch_link()
+        finally:
+            if pos:
+                self.data = data[pos:]
+            if batch:
+                link.send_frames(batch)
+        if not pos:
+            return WebSocketServerProtocol.processData(self)
+        return len(self.data) > 0
+
+    def _batch_link(self):
+        """
+        :returns: the link relayed frames are batched for, unless
+            ``on("message")`` has observers (Autobahn's ``onMessageEnd``
+            tells them of every message).
+        """
+        if self._listeners is not None:
+            return None
+        return self.batch_link()
+
+    def _fire_message(self, payload, is_binary):
+        """Tell ``on("message")`` observers, as Autobahn's ``onMessageEnd`` does."""
+        d = self.fire("message", payload, is_binary=is_binary)
+        d.addErrback(
+            lambda f: self.log.error("Firing signal 'message' failed: {fail}", fail=f)
+        )
+
+    def write_frames(self, frames):
+        """
+        Send unfragmented data frames, ``(first header byte, payload)`` each,
+        in one write; the caller checked that the connection is open.
+
+        What Autobahn's ``sendFrame`` and ``sendData`` do for such frames,
+        without their generality: the headers are built here and the frames
+        go to the transport together, with Autobahn's traffic counts kept.
+        Whatever needs Autobahn's own path (a queued or chopped write
+        pending, frame or octet logging, masking) still takes it.
+        """
+        if self.send_queue.items or not self._plain_writes:
+            for first, payload in frames:
+                self.sendFrame(first & 0x0F, payload)
+            return
+        parts = []
+        for first, payload in frames:
+            parts.append(_frame_header(first, len(payload)))
+            parts.append(payload)
+        data = b"".join(parts)
+        self.transport.write(data)
+        traffic = self.trafficStats
+        traffic.outgoingWebSocketFrames += len(frames)
+        traffic.outgoingOctetsWireLevel += len(data)
+
+
+
+for _name in WebSocketServerProtocol.CONFIG_ATTRS:
+    setattr(FastServerProtocol, _name, _FactoryOption(_name))
+for _name, _value in _AUTOBAHN_DEFAULTS.items():
+    setattr(FastServerProtocol, _name, _value)
+del _name, _value

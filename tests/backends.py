@@ -1,0 +1,261 @@
+"""
+Backends for the conformance suites (``tests/test_backends.py`` at the
+registry level, ``tests/test_protocol.py`` at the connection level): the
+in-memory registry, and an adversarial wrapper around it that delivers each
+command's result and the notifications it causes in any order the registry
+contract (``signalling.interfaces``) allows, with seeded random delays on a
+fake clock.
+
+Every backend here is built by a *backend factory*: ``make(clock, seed)``
+returning an :class:`signalling.interfaces.IRegistry` with ``is_empty()``
+and the counts, and ``settled()`` / ``next_delivery()`` for the test
+harness to run its clock until nothing is in flight.
+"""
+
+import random
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from signalling.interfaces import ILink, IPeer, IRegistry
+from signalling.registry import Registry
+
+
+class Memory(Registry):
+    """The in-memory registry, with nothing ever in flight."""
+
+    def settled(self):
+        return True
+
+    def next_delivery(self):
+        return None
+
+
+def memory(clock, seed):
+    """:returns: the in-memory registry (``clock`` and ``seed`` are unused)."""
+    return Memory()
+
+
+@implementer(IRegistry)
+class Reordering:
+    """
+    The in-memory registry behind a network that reorders what the contract
+    lets it reorder.
+
+    Each command takes effect at once in the wrapped registry (so races
+    still resolve as "first one wins"), but:
+
+    - its result reaches the connection after a random delay, or at once;
+    - every notification it causes, and every message relayed through a
+      link, reaches its peer after a random delay; what one peer causes at
+      another keeps its order (one channel per sender and receiver), while
+      channels interleave freely. So a result may come before or after its
+      notifications, a uid can be called before its ``register`` answered,
+      and a partner's messages may overtake the caller's
+      ``session_started``.
+
+    :param inner: the wrapped :class:`Registry`.
+    :param clock: the ``task.Clock`` deliveries are scheduled on.
+    :param seed: the seed of the random choices.
+    :param max_delay: the longest delay, in seconds.
+    :param at_once: the share of results given back at once.
+    """
+
+    def __init__(self, inner, clock, seed, max_delay=0.01, at_once=0.25):
+        self._inner = inner
+        self._clock = clock
+        self._random = random.Random(seed)
+        self._max_delay = max_delay
+        self._at_once = at_once
+        #: real peer -> the proxy the wrapped registry knows it as
+        self._proxies = {}
+        #: (cause, id(peer)) -> time of that channel's last delivery
+        self._channels = {}
+        self._cause = None
+        self._in_flight = 0
+        #: How many deliveries (results and notifications) were delayed.
+        self.delayed = 0
+
+    # What the tests read.
+
+    @property
+    def peer_count(self):
+        return self._inner.peer_count
+
+    @property
+    def session_count(self):
+        return self._inner.session_count
+
+    @property
+    def room_count(self):
+        return self._inner.room_count
+
+    @property
+    def room_member_count(self):
+        return self._inner.room_member_count
+
+    def is_empty(self):
+        return self._inner.is_empty()
+
+    def settled(self):
+        """:returns: whether nothing is in flight."""
+        return self._in_flight == 0
+
+    def next_delivery(self):
+        """:returns: seconds until the next delivery, or None."""
+        if self._in_flight == 0:
+            return None
+        now = self._clock.seconds()
+        times = [call.getTime() for call in self._clock.getDelayedCalls() if call.active()]
+        return max(0.0, min(times) - now) if times else None
+
+    # IRegistry.
+
+    def register(self, uid, peer):
+        proxy = self._proxies.get(peer)
+        if proxy is None:
+            proxy = self._proxies[peer] = _PeerProxy(self, peer)
+        proxy.uid = uid
+        return self._run(uid, self._inner.register, uid, proxy)
+
+    def remove(self, uid, peer):
+        proxy = self._proxies.get(peer)
+        if proxy is None:
+            return self._run(uid, lambda: None)
+        return self._run(uid, self._inner.remove, uid, proxy)
+
+    def start_session(self, caller_uid, callee_uid):
+        return self._run(caller_uid, self._inner.start_session, caller_uid, callee_uid)
+
+    def join_room(self, uid, room_id):
+        return self._run(uid, self._inner.join_room, uid, room_id)
+
+    def room_message(self, sender_uid, target_uid, payload):
+        return self._run(
+            sender_uid, self._inner.room_message, sender_uid, target_uid, payload
+        )
+
+    def room_members(self, uid):
+        return self._run(uid, self._inner.room_members, uid)
+
+    # In flight.
+
+    def _run(self, cause, method, *args):
+        """Run a command now; give its result back at once or later."""
+        self._cause = cause
+        try:
+            result = method(*args)
+        except Exception:
+            outcome = Failure()
+        else:
+            outcome = result
+        finally:
+            self._cause = None
+        if self._random.random() < self._at_once:
+            if isinstance(outcome, Failure):
+                outcome.raiseException()
+            return outcome
+        d = defer.Deferred()
+        fire = d.errback if isinstance(outcome, Failure) else d.callback
+        self._schedule(self._delay(), fire, outcome)
+        return d
+
+    def _delay(self):
+        return self._random.uniform(0, self._max_delay)
+
+    def _schedule(self, delay, function, *args):
+        self._in_flight += 1
+        self.delayed += 1
+
+        def deliver():
+            self._in_flight -= 1
+            function(*args)
+
+        self._clock.callLater(delay, deliver)
+
+    def deliver(self, cause, peer, function, *args):
+        """
+        Call ``function(*args)`` on ``peer``'s behalf later, after whatever
+        ``cause`` sent ``peer`` before.
+        """
+        now = self._clock.seconds()
+        key = (cause, id(peer))
+        at = max(now + self._delay(), self._channels.get(key, now))
+        self._channels[key] = at
+        self._schedule(at - now, function, *args)
+
+    @property
+    def cause(self):
+        """The uid whose command is running, if any."""
+        return self._cause
+
+
+@implementer(IPeer)
+class _PeerProxy:
+    """A peer as the wrapped registry sees it: its notifications go through the network."""
+
+    def __init__(self, network, peer):
+        self._network = network
+        self._peer = peer
+        self.uid = None
+        #: What the partner is handed: the way to this peer.
+        self.receiver = self
+
+    def _later(self, function, *args):
+        self._network.deliver(self._network.cause, self._peer, function, *args)
+
+    def session_started(self, partner_uid, link, caller):
+        # ``link`` is the partner's proxy: what this peer sends through it
+        # travels on this peer's channel to the partner.
+        remote = _RemoteLink(self._network, self.uid, link._peer)
+        self._later(self._peer.session_started, partner_uid, remote, caller)
+
+    def session_ended(self, partner_uid):
+        self._later(self._peer.session_ended, partner_uid)
+
+    def room_joined(self, room_id, members):
+        self._later(self._peer.room_joined, room_id, list(members))
+
+    def room_peer_joined(self, room_id, uid):
+        self._later(self._peer.room_peer_joined, room_id, uid)
+
+    def room_peer_left(self, room_id, uid):
+        self._later(self._peer.room_peer_left, room_id, uid)
+
+    def room_message(self, sender_uid, payload):
+        self._later(self._peer.room_message, sender_uid, payload)
+
+
+@implementer(ILink)
+class _RemoteLink:
+    """A session link through the network: messages arrive later, in order."""
+
+    def __init__(self, network, sender_uid, peer):
+        self._network = network
+        self._sender_uid = sender_uid
+        self._peer = peer
+
+    def send_frames(self, frames):
+        self._network.deliver(
+            self._sender_uid, self._peer, self._peer.receiver.send_frames, list(frames)
+        )
+
+
+def reordering(clock, seed):
+    """:returns: the in-memory registry behind a reordering network."""
+    return Reordering(Registry(), clock, seed)
+
+
+#: How many seeds each adversarial run tries.
+SEEDS = 25
+
+
+def backends(seeds=SEEDS):
+    """
+    :returns: ``[(name, factory, seed)]``: the in-memory registry once, and
+        the reordering network with ``seeds`` seeds.
+    """
+    return [("memory", memory, 0)] + [
+        (f"reordering-{seed}", reordering, seed) for seed in range(seeds)
+    ]
