@@ -124,34 +124,57 @@ class Connection:
 
     _log = Logger()
 
-    uid = None
-    partner_uid = None
-    room_id = None
-    link = None
-    #: ``(uid, partner_uid)`` once the partner ended our session.
-    _ended = None
-    #: Why the server closed this connection, for the log, when the close
-    #: frame's reason does not say it.
-    cause = None
-    #: The command in progress (a _Pending), else None.
-    _pending = None
-    #: Input held while a command is pending (a deque), else None.
-    _held = None
-    #: ``(method, *args)`` held while a reply is owed, else None.
-    _queued = None
-    #: True once we stop handling input (closing, or the session ended).
-    _closing = False
-    #: True once the registry was told to let go of our uid, session and room.
-    _released = False
-    _resuming = False
-    _hello_call = None
+    __slots__ = (
+        "_server",
+        "_output",
+        "_stats",
+        "uid",
+        "partner_uid",
+        "room_id",
+        "link",
+        "cause",
+        "_ended",
+        "_pending",
+        "_held",
+        "_queued",
+        "_closing",
+        "_released",
+        "_resuming",
+        "_hello_call",
+        "__weakref__",
+    )
 
     def __init__(self, server, output):
         self._server = server
         self._output = output
         self._stats = server.stats
-        #: What the registry hands our session partner.
-        self.receiver = self
+        self.uid = None
+        self.partner_uid = None
+        self.room_id = None
+        self.link = None
+        #: Why the server closed this connection, for the log, when the
+        #: close frame's reason does not say it.
+        self.cause = None
+        #: ``(uid, partner_uid)`` once the partner ended our session.
+        self._ended = None
+        #: The command in progress (a _Pending), else None.
+        self._pending = None
+        #: Input held while a command is pending (a deque), else None.
+        self._held = None
+        #: ``(method, *args)`` held while a reply is owed, else None.
+        self._queued = None
+        #: True once we stop handling input (closing, or the session ended).
+        self._closing = False
+        #: True once the registry was told to let go of our uid, session
+        #: and room.
+        self._released = False
+        self._resuming = False
+        self._hello_call = None
+
+    @property
+    def receiver(self):
+        """What the registry hands our session partner: this connection (an ILink)."""
+        return self
 
     def __repr__(self):
         return f"<Connection {self.uid or '?'} at {self._output.peer_addr}>"

@@ -1,0 +1,357 @@
+"""
+The registry contract (``signalling.interfaces``), checked at the registry
+level on every backend: the in-memory registry as it is, and behind the
+adversarial network of ``tests/backends.py`` with many seeds, so that
+results and notifications arrive in every order the contract allows. A new
+backend (the cluster's) joins by adding its factory to
+:func:`tests.backends.backends`.
+
+The peers are :class:`tests.helpers.FakePeer`: they record every
+notification and every relayed message. Each test issues its commands,
+lets everything in flight arrive (:meth:`BackendTestCase.settle`), and then
+checks results and notifications; the races issue their commands without
+settling in between.
+"""
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from signalling.interfaces import (
+    AlreadyEngaged,
+    NotInRoom,
+    PeerBusy,
+    PeerNotFound,
+    PeerNotInRoom,
+    SessionWithSelf,
+    UidTaken,
+)
+from tests import backends
+from tests.helpers import FakePeer
+
+
+class BackendTestCase(unittest.TestCase):
+    """A backend on a fake clock, and fake peers."""
+
+    backend = staticmethod(backends.memory)
+    seed = 0
+
+    def setUp(self):
+        self.clock = Clock()
+        self.registry = self.backend(self.clock, self.seed)
+
+    def settle(self):
+        """Move the clock on until nothing is in flight."""
+        while True:
+            wait = self.registry.next_delivery()
+            if wait is None:
+                return
+            self.clock.advance(wait)
+
+    def call(self, method, *args):
+        """:returns: the Deferred result of a registry command (not yet settled)."""
+        return defer.maybeDeferred(method, *args)
+
+    def ok(self, method, *args):
+        """Run a command, let everything arrive, and return its result."""
+        d = self.call(method, *args)
+        self.settle()
+        return self.successResultOf(d)
+
+    def refused(self, error, method, *args):
+        """Run a command, let everything arrive; it fails with ``error``."""
+        d = self.call(method, *args)
+        self.settle()
+        return self.failureResultOf(d, error).value
+
+    def peers(self, *uids):
+        """:returns: a registered :class:`FakePeer` for each uid."""
+        made = []
+        for uid in uids:
+            peer = FakePeer(uid)
+            self.ok(self.registry.register, uid, peer)
+            made.append(peer)
+        return made
+
+    def session(self, caller="a", callee="b"):
+        a, b = self.peers(caller, callee)
+        self.ok(self.registry.start_session, caller, callee)
+        return a, b
+
+    def room(self, *uids, room_id="r"):
+        members = self.peers(*uids)
+        for uid in uids:
+            self.ok(self.registry.join_room, uid, room_id)
+        for member in members:
+            del member.calls[:]
+        return members
+
+    def remove_all(self, *peers):
+        for peer in peers:
+            self.ok(self.registry.remove, peer.name, peer)
+        self.assertTrue(self.registry.is_empty())
+
+    def assertNothingHappened(self, *peers):
+        for peer in peers:
+            self.assertEqual((peer.calls, peer.frames), ([], []), peer)
+
+
+class RegistrationConformance(BackendTestCase):
+    """register() and remove()."""
+
+    def test_a_uid_is_held_by_one_peer_and_free_again_after_remove(self):
+        """The second peer with a uid is refused; once removed, the uid is free."""
+        (a,) = self.peers("a")
+        other = FakePeer("a")
+        error = self.refused(UidTaken, self.registry.register, "a", other)
+        self.assertEqual(error.uid, "a")
+        self.assertNothingHappened(a, other)
+        self.ok(self.registry.remove, "a", a)
+        self.ok(self.registry.register, "a", other)
+        self.remove_all(other)
+
+    def test_remove_is_idempotent_and_only_by_the_holder(self):
+        """Removing twice, or by a peer that does not hold the uid, changes nothing."""
+        (a,) = self.peers("a")
+        self.ok(self.registry.remove, "a", FakePeer("a"))
+        self.assertEqual(self.registry.peer_count, 1)
+        self.ok(self.registry.remove, "a", a)
+        self.ok(self.registry.remove, "a", a)
+        self.assertTrue(self.registry.is_empty())
+
+    def test_two_registrations_of_one_uid_at_once_register_exactly_one(self):
+        """Two peers offer one uid at the same moment: exactly one holds it."""
+        first, second = FakePeer("x"), FakePeer("x")
+        results = [
+            self.call(self.registry.register, "x", first),
+            self.call(self.registry.register, "x", second),
+        ]
+        self.settle()
+        outcomes = []
+        for d in results:
+            d.addCallbacks(lambda _: outcomes.append("ok"), lambda f: outcomes.append(f.trap(UidTaken)))
+        self.assertEqual(sorted(map(str, outcomes)), sorted(["ok", str(UidTaken)]))
+        self.assertEqual(self.registry.peer_count, 1)
+        holder = first if outcomes[0] == "ok" else second
+        self.remove_all(holder)
+
+
+class SessionConformance(BackendTestCase):
+    """start_session(), links, and the end of a session."""
+
+    def test_each_partner_is_told_once_and_links_relay_in_order(self):
+        """
+        Both partners get session_started once (the caller with caller=True),
+        and every message sent through a link reaches the partner, in order.
+        """
+        a, b = self.session()
+        self.assertEqual(a.calls, [("session_started", "b", True)])
+        self.assertEqual(b.calls, [("session_started", "a", False)])
+        for i in range(20):
+            a.send(f"a{i}".encode(), False)
+            b.send(bytes([i]), True)
+        self.settle()
+        self.assertEqual(b.frames, [(f"a{i}".encode(), False) for i in range(20)])
+        self.assertEqual(a.frames, [(bytes([i]), True) for i in range(20)])
+        self.assertEqual(self.registry.session_count, 1)
+        self.remove_all(a)
+
+    def test_removing_one_partner_ends_the_session_for_the_other_once(self):
+        """The other partner is removed too, and told once, after every message sent before."""
+        a, b = self.session()
+        for i in range(5):
+            a.send(f"m{i}".encode(), False)
+        self.ok(self.registry.remove, "a", a)
+        self.assertEqual(b.calls[-1], ("session_ended", "a"))
+        self.assertEqual([c for c in b.calls if c[0] == "session_ended"], [("session_ended", "a")])
+        self.assertEqual(b.frames, [(f"m{i}".encode(), False) for i in range(5)])
+        self.assertTrue(self.registry.is_empty())
+
+    def test_errors_change_nothing(self):
+        """Not found, busy, yourself, already engaged: refused, and nobody is told."""
+        a, b = self.session()
+        c, d = self.peers("c", "d")
+        self.ok(self.registry.join_room, "d", "r")
+        del d.calls[:]
+        self.assertEqual(self.refused(PeerNotFound, self.registry.start_session, "c", "zz").uid, "zz")
+        self.assertEqual(self.refused(PeerBusy, self.registry.start_session, "c", "a").uid, "a")
+        self.assertEqual(self.refused(PeerBusy, self.registry.start_session, "c", "d").uid, "d")
+        self.refused(SessionWithSelf, self.registry.start_session, "c", "c")
+        self.assertEqual(self.refused(AlreadyEngaged, self.registry.start_session, "a", "c").uid, "a")
+        self.refused(AlreadyEngaged, self.registry.join_room, "a", "r")
+        self.assertNothingHappened(c, d)
+        self.assertEqual(len(a.calls), 1)
+        self.remove_all(a, c, d)
+
+    def test_crossed_calls_end_in_one_session_each_partner_told_once(self):
+        """
+        a calls b while b calls a: exactly one call succeeds, the other is
+        refused as engaged or busy, and each peer hears of the one session
+        exactly once.
+        """
+        a, b = self.peers("a", "b")
+        ab = self.call(self.registry.start_session, "a", "b")
+        ba = self.call(self.registry.start_session, "b", "a")
+        self.settle()
+        outcomes = []
+        for d in (ab, ba):
+            d.addCallbacks(
+                lambda _: outcomes.append(None),
+                lambda f: outcomes.append(f.trap(AlreadyEngaged, PeerBusy)),
+            )
+        self.assertEqual(outcomes.count(None), 1, outcomes)
+        self.assertEqual(self.registry.session_count, 1)
+        started = [call for peer in (a, b) for call in peer.calls]
+        self.assertEqual(len(started), 2, started)
+        self.assertEqual(sorted(call[2] for call in started), [False, True])
+        self.remove_all(a)
+
+    def test_callee_leaving_during_set_up_ends_cleanly_either_way(self):
+        """
+        The callee is removed as it is called: either the call fails (not
+        found) and the caller is untouched, or it succeeds and the caller
+        hears of the session and then of its end, once each.
+        """
+        a, b = self.peers("a", "b")
+        call = self.call(self.registry.start_session, "a", "b")
+        self.call(self.registry.remove, "b", b)
+        self.settle()
+        outcome = []
+        call.addCallbacks(lambda _: outcome.append("ok"), lambda f: outcome.append(f.trap(PeerNotFound)))
+        if outcome == ["ok"]:
+            # Caused by different peers: they may come in either order here
+            # (the connection puts them in order).
+            self.assertEqual(sorted(a.calls), [("session_ended", "b"), ("session_started", "b", True)])
+            self.assertTrue(self.registry.is_empty())
+        else:
+            self.assertEqual(outcome, [PeerNotFound])
+            self.assertEqual(a.calls, [])
+            self.remove_all(a)
+
+
+class RoomConformance(BackendTestCase):
+    """join_room(), room messages, members, and leaving."""
+
+    def test_joins_are_told_once_to_the_joiner_and_to_every_member(self):
+        """The joiner's list holds the members already there; each member hears of the join once."""
+        a, b, c = self.peers("a", "b", "c")
+        for peer in (a, b, c):
+            self.ok(self.registry.join_room, peer.name, "r")
+        self.assertEqual(a.calls, [("room_joined", "r", []), ("room_peer_joined", "r", "b"), ("room_peer_joined", "r", "c")])
+        self.assertEqual(b.calls, [("room_joined", "r", ["a"]), ("room_peer_joined", "r", "c")])
+        self.assertEqual(c.calls, [("room_joined", "r", ["a", "b"])])
+        self.assertEqual(self.ok(self.registry.room_members, "a"), ["b", "c"])
+        self.remove_all(a, b, c)
+
+    def test_messages_reach_their_member_in_order_and_errors_change_nothing(self):
+        """ROOM_PEER_MSG reaches the member in order; each error is refused and nobody is told."""
+        a, b = self.room("a", "b")
+        (outsider,) = self.peers("outsider")
+        for i in range(10):
+            self.call(self.registry.room_message, "a", "b", f"hello {i}")
+        self.settle()
+        self.assertEqual(b.calls, [("room_message", "a", f"hello {i}") for i in range(10)])
+        del b.calls[:]
+        self.refused(PeerNotFound, self.registry.room_message, "a", "zz", "x")
+        self.refused(PeerNotInRoom, self.registry.room_message, "a", "outsider", "x")
+        self.refused(NotInRoom, self.registry.room_message, "outsider", "a", "x")
+        self.refused(NotInRoom, self.registry.room_members, "outsider")
+        self.assertNothingHappened(a, b, outsider)
+        self.remove_all(a, b, outsider)
+
+    def test_a_leave_is_told_once_to_every_remaining_member_and_an_empty_room_goes(self):
+        """Remaining members hear of a leave once; the last one out takes the room with it."""
+        a, b, c = self.room("a", "b", "c")
+        self.ok(self.registry.remove, "b", b)
+        self.assertEqual(a.calls, [("room_peer_left", "r", "b")])
+        self.assertEqual(c.calls, [("room_peer_left", "r", "b")])
+        self.remove_all(a, c)
+        self.assertEqual(self.registry.room_count, 0)
+
+    def test_leaving_while_another_joins_is_told_consistently(self):
+        """
+        a leaves as b joins: b's list holds a and b then hears of a's leave
+        once, or it does not hold a and b hears nothing of a; c hears of
+        both once.
+        """
+        a, c = self.room("a", "c")
+        (b,) = self.peers("b")
+        self.call(self.registry.join_room, "b", "r")
+        self.call(self.registry.remove, "a", a)
+        self.settle()
+        [joined] = [call for call in b.calls if call[0] == "room_joined"]
+        # b's join and a's leave are caused by different peers: here they may
+        # come in either order (the connection puts them in order).
+        if "a" in joined[2]:
+            self.assertEqual(sorted(b.calls), [("room_joined", "r", ["a", "c"]), ("room_peer_left", "r", "a")])
+        else:
+            self.assertEqual(b.calls, [("room_joined", "r", ["c"])])
+        self.assertEqual(sorted(c.calls), [("room_peer_joined", "r", "b"), ("room_peer_left", "r", "a")])
+        self.remove_all(b, c)
+
+    def test_peers_joining_at_once_each_hear_of_every_other_once(self):
+        """Five joins at one moment: each peer hears of each other exactly once."""
+        peers = self.peers(*"abcde")
+        for peer in peers:
+            self.call(self.registry.join_room, peer.name, "r")
+        self.settle()
+        for peer in peers:
+            [joined] = [call for call in peer.calls if call[0] == "room_joined"]
+            heard = list(joined[2])
+            heard += [call[2] for call in peer.calls if call[0] == "room_peer_joined"]
+            self.assertEqual(sorted(heard), sorted(set("abcde") - {peer.name}), peer.calls)
+        self.remove_all(*peers)
+
+
+class AdversaryTests(unittest.TestCase):
+    """The reordering network really produces the orders the suites are about."""
+
+    def test_results_come_before_and_after_their_notifications_across_seeds(self):
+        """
+        Over the seeds, a start_session's result arrives sometimes before
+        and sometimes after the caller's session_started, and the callee's
+        relayed messages sometimes overtake the caller's notification.
+        """
+        orders = set()
+        overtaken = 0
+        for seed in range(backends.SEEDS):
+            clock = Clock()
+            registry = backends.reordering(clock, seed)
+            a, b = FakePeer("a"), FakePeer("b")
+            events = []
+            a.session_started = lambda uid, link, caller, a=a: (
+                events.append("notified"), setattr(a, "link", link)
+            )
+            b.session_started = lambda uid, link, caller, b=b: (
+                setattr(b, "link", link), b.send(b"at once", False)
+            )
+            a.send_frames = lambda frames: events.append("frame")
+            for peer in (a, b):
+                defer.maybeDeferred(registry.register, peer.name, peer)
+            while registry.next_delivery() is not None:
+                clock.advance(registry.next_delivery())
+            d = defer.maybeDeferred(registry.start_session, "a", "b")
+            d.addCallback(lambda _: events.append("result"))
+            while registry.next_delivery() is not None:
+                clock.advance(registry.next_delivery())
+            orders.add(events.index("result") < events.index("notified"))
+            overtaken += events.index("frame") < events.index("notified")
+        self.assertEqual(orders, {True, False})
+        self.assertGreater(overtaken, 0)
+
+
+def _variants():
+    """Each conformance class over every backend of :func:`tests.backends.backends`."""
+    made = {}
+    for base in (RegistrationConformance, SessionConformance, RoomConformance):
+        for label, backend, seed in backends.backends():
+            if label == "memory":
+                continue
+            name = f"{base.__name__}_Reordering{seed}"
+            made[name] = type(
+                name, (base,), {"backend": staticmethod(backend), "seed": seed, "__module__": __name__}
+            )
+    return made
+
+
+globals().update(_variants())
