@@ -15,8 +15,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     _SystemdParser,
-    TCP4ServerEndpoint,
-    TCP6ServerEndpoint,
     serverFromString,
 )
 from twisted.internet.error import CannotListenError
@@ -107,12 +105,50 @@ class IPv6OnlyServerEndpoint:
             sock.close()
 
 
-def ipv6_twin(reactor, endpoint):
+def ipv6_twin(reactor, description):
     """
-    :param endpoint: the IPv4 endpoint of a default port (every interface).
+    :param description: the IPv4 description of a default port (every
+        interface), such as ``tcp:8443:backlog=4096``.
     :returns: the IPv6 endpoint that listens beside it on the same number.
     """
-    return IPv6OnlyServerEndpoint(reactor, endpoint._port, endpoint._backlog)
+    address = listen_address(description)
+    return IPv6OnlyServerEndpoint(reactor, address.port, address.backlog)
+
+
+class ListenAddress:
+    """Where a ``tcp:``, ``tcp6:`` or ``ssl:`` description listens."""
+
+    def __init__(self, family, interface, port, backlog):
+        self.family = family
+        self.interface = interface
+        self.port = port
+        self.backlog = backlog
+
+
+def listen_address(description):
+    """
+    :returns: the :class:`ListenAddress` of a ``tcp:``, ``tcp6:`` or
+        ``ssl:`` endpoint description, or None for any other kind (or one
+        that does not parse; parsing the endpoint says what is wrong).
+    """
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    positional = [p for p in parts[1:] if "=" not in p]
+    named = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    try:
+        port = int(named.get("port", positional[0] if positional else ""))
+        backlog = int(named.get("backlog", 50))
+    except ValueError:
+        return None
+    interface = named.get("interface", "").replace("\\:", ":")
+    ipv6 = kind == "tcp6" or ":" in interface
+    if ipv6 and not interface:
+        interface = "::"
+    return ListenAddress(
+        socket.AF_INET6 if ipv6 else socket.AF_INET, interface, port, backlog
+    )
 
 
 def parse(reactor, description, listen_on=None, option="--port"):
@@ -261,10 +297,6 @@ def systemd_endpoint(reactor, description, inherited=None, is_listening=None):
     return AdoptedStreamServerEndpoint(reactor, descriptors[names.index(name)], family)
 
 
-#: Endpoint types whose port can be checked before the real start.
-_TCP_ENDPOINTS = (TCP4ServerEndpoint, TCP6ServerEndpoint)
-
-
 def _where(interface, port):
     if not interface:
         return f"port {port}"
@@ -293,38 +325,43 @@ def cannot_listen(error, description, option="--port"):
     return f"signalling: cannot listen on {where}: {reason} ({option} {description}: {hint})"
 
 
-def check_can_listen(endpoint, description, option="--port"):
+def check_can_listen(listen_on, description, option="--port"):
     """
     Bind the port of a TCP endpoint once and let it go, so that a busy port
     is reported before twistd forks into the background (where the error
     could only reach the log file). The real listening comes later.
 
+    :param listen_on: the endpoint description to listen on (a ``tcp:``,
+        ``tcp6:`` or ``ssl:`` one is checked; others are not), or an
+        :class:`IPv6OnlyServerEndpoint`.
+    :param description: what the operator wrote, for the error.
     :raises StartupError: with the same line the start itself would give.
     """
-    if isinstance(endpoint, IPv6OnlyServerEndpoint):
-        family, interface = socket.AF_INET6, endpoint._interface
-    elif isinstance(endpoint, _TCP_ENDPOINTS):
-        interface = endpoint._interface
-        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    v6_only = isinstance(listen_on, IPv6OnlyServerEndpoint)
+    if v6_only:
+        address = ListenAddress(
+            socket.AF_INET6, listen_on._interface, listen_on._port, listen_on._backlog
+        )
     else:
-        return
-    port = endpoint._port
-    if port == 0:
+        address = listen_address(listen_on)
+    if address is None or address.port == 0:
         return
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(address.family, socket.SOCK_STREAM)
     except OSError:
         return  # no such family here: the real start says so
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if isinstance(endpoint, IPv6OnlyServerEndpoint):
+        if v6_only:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
+        sock.bind((address.interface, address.port))
     except OSError as e:
-        if isinstance(endpoint, IPv6OnlyServerEndpoint) and e.errno in _NO_FAMILY:
+        if v6_only and e.errno in _NO_FAMILY:
             return
         raise StartupError(
-            cannot_listen(CannotListenError(interface, port, e), description, option)
+            cannot_listen(
+                CannotListenError(address.interface, address.port, e), description, option
+            )
         ) from None
     finally:
         sock.close()

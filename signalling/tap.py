@@ -194,14 +194,12 @@ def makeService(config, reactor=None):
             endpoint = None
         wrap = endpoint is not None
         endpoint = with_backlog(endpoint or description, config["backlog"])
-        parsed = listening.parse(reactor, description, endpoint)
-        ports.append((description, parsed, wrap))
+        ports.append((description, endpoint, listening.parse(reactor, description, endpoint), wrap))
         if config.get("default-port"):
             # The default listens on every IPv6 address as well, on a
             # socket of its own (IPv4 peers keep their IPv4 addresses).
-            ports.append(
-                (description + ":interface=\\:\\:", listening.ipv6_twin(reactor, parsed), wrap)
-            )
+            twin = listening.ipv6_twin(reactor, endpoint)
+            ports.append((description + ":interface=\\:\\:", twin, twin, wrap))
     metrics_endpoint = None
     if config["metrics-port"] is not None:
         metrics_endpoint = listening.parse(
@@ -213,15 +211,17 @@ def makeService(config, reactor=None):
     if handle_signals:
         # Under twistd: a busy port is reported now, before a daemon forks
         # and could only write it to its log file.
-        for description, endpoint, _ in ports:
-            listening.check_can_listen(endpoint, description)
+        for description, listen_on, _, _ in ports:
+            listening.check_can_listen(listen_on, description)
         if metrics_endpoint is not None:
             listening.check_can_listen(
-                metrics_endpoint, config["metrics-port"], "--metrics-port"
+                with_backlog(config["metrics-port"], config["backlog"]),
+                config["metrics-port"],
+                "--metrics-port",
             )
     # Only once every description is known to be good: this may create files.
     server_tls = None
-    if any(wrap for _, _, wrap in ports):
+    if any(wrap for _, _, _, wrap in ports):
         try:
             server_tls = tls.server_tls(
                 config["cert-path"],
@@ -231,7 +231,7 @@ def makeService(config, reactor=None):
         except tls.TLSConfigError as e:
             raise SystemExit(f"signalling: {e}")
     listen, ws_factories = [], []
-    for description, endpoint, wrap in ports:
+    for description, _, endpoint, wrap in ports:
         ws_factory = _factory.SignallingServerFactory(
             None,
             registry,

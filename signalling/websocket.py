@@ -131,7 +131,6 @@ _HANDSHAKE_LEFTOVERS = frozenset(
         "http_response_data",
         "http_status_line",
         "http_headers",
-        "http_headers_cnt",
         "http_request_uri",
         "http_request_path",
         "http_request_params",

@@ -1366,7 +1366,7 @@ class ListenCheckTests(unittest.TestCase):
         """A port in use: a StartupError (a SystemExit) naming the address and the option."""
         from twisted.internet import reactor
 
-        endpoint = listening.parse(reactor, f"tcp:{self.port}:interface=127.0.0.1")
+        endpoint = f"tcp:{self.port}:interface=127.0.0.1"
         for option in ("--port", "--metrics-port"):
             e = self.assertRaises(
                 SystemExit, listening.check_can_listen, endpoint, "tcp:x", option
@@ -1382,8 +1382,7 @@ class ListenCheckTests(unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        endpoint = listening.parse(reactor, f"tcp:{port}:interface=127.0.0.1")
-        listening.check_can_listen(endpoint, "tcp:x")
+        listening.check_can_listen(f"tcp:{port}:interface=127.0.0.1", "tcp:x")
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
 
@@ -1391,7 +1390,26 @@ class ListenCheckTests(unittest.TestCase):
         """unix: and port 0 need no check."""
         from twisted.internet import reactor
 
-        listening.check_can_listen(listening.parse(reactor, "tcp:0"), "tcp:0")
+        listening.check_can_listen("tcp:0", "tcp:0")
         path = os.path.abspath(self.mktemp())
-        listening.check_can_listen(listening.parse(reactor, f"unix:{path}"), "unix:")
+        listening.check_can_listen(f"unix:{path}", "unix:")
         self.assertFalse(os.path.exists(path))
+
+    def test_listen_addresses_are_read_from_descriptions(self):
+        """tcp:, tcp6: and ssl: descriptions give their family, interface, port and backlog."""
+        cases = {
+            "tcp:8443": (socket.AF_INET, "", 8443, 50),
+            "tcp:8080:interface=127.0.0.1:backlog=9": (socket.AF_INET, "127.0.0.1", 8080, 9),
+            "tcp:port=7:interface=\\:\\:1": (socket.AF_INET6, "::1", 7, 50),
+            "tcp6:9000": (socket.AF_INET6, "::", 9000, 50),
+            "ssl:443:key.pem:interface=10.0.0.1": (socket.AF_INET, "10.0.0.1", 443, 50),
+        }
+        for description, expected in cases.items():
+            address = listening.listen_address(description)
+            self.assertEqual(
+                (address.family, address.interface, address.port, address.backlog),
+                expected,
+                description,
+            )
+        for other in ("unix:/x", "systemd:domain=INET:index=0", "tcp:notaport"):
+            self.assertIsNone(listening.listen_address(other), other)

@@ -1,0 +1,272 @@
+"""
+What the server assumes about Autobahn's and Twisted's internals, checked
+by name: every override and private name of ``signalling/websocket.py``
+(the WebSocket layer) and the one private name of
+``signalling/listening.py`` (Twisted's reading of systemd's sockets). An
+upgrade that changes one of them fails the test that names it, here,
+rather than a call in production.
+
+``setup.cfg`` caps Twisted and Autobahn below the next major version; when
+raising the cap, this module is the first thing to run.
+"""
+
+import inspect
+import os
+
+import txaio
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet import endpoints
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python import systemd
+from twisted.scripts import _twistd_unix
+from twisted.trial import unittest
+
+from signalling import websocket
+
+
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def fresh_connection(testcase, upgraded=False):
+    """
+    :returns: an Autobahn server protocol after ``_connectionMade`` (and the
+        opening handshake, if ``upgraded``), on a StringTransport, its timers
+        on a fake clock.
+    """
+    testcase.patch(txaio.config, "loop", Clock())
+    factory = WebSocketServerFactory("ws://localhost")
+    proto = WebSocketServerProtocol()
+    proto.factory = factory
+    proto.makeConnection(StringTransport())
+    if upgraded:
+        proto.dataReceived(UPGRADE)
+    return proto
+
+
+def source(function):
+    return inspect.getsource(function)
+
+
+class AutobahnProtocolTests(unittest.TestCase):
+    """Autobahn's server protocol, as the WebSocket layer uses it."""
+
+    def test_config_attrs_name_every_protocol_option(self):
+        """
+        ``CONFIG_ATTRS`` lists the options ``_connectionMade`` copies from the
+        factory; the fast layer reads them from the factory instead.
+        """
+        attrs = WebSocketServerProtocol.CONFIG_ATTRS
+        for name in (
+            "maxMessagePayloadSize",
+            "maxFramePayloadSize",
+            "utf8validateIncoming",
+            "autoPingInterval",
+            "autoPingTimeout",
+            "closeHandshakeTimeout",
+            "openHandshakeTimeout",
+            "logFrames",
+            "logOctets",
+            "maskServerFrames",
+            "requireMaskedClientFrames",
+            "autoPingRestartOnAnyTraffic",
+            "trustXForwardedFor",
+        ):
+            self.assertIn(name, attrs)
+        factory = WebSocketServerFactory("ws://localhost")
+        for name in attrs:
+            self.assertTrue(hasattr(factory, name), name)
+
+    def test_connection_made_sets_the_defaults_the_fast_layer_keeps_on_the_class(self):
+        """
+        After the opening handshake every attribute the fast layer provides
+        as a class-level default exists, with that default's value.
+        """
+        proto = fresh_connection(self, upgraded=True)
+        for name, value in websocket._AUTOBAHN_DEFAULTS.items():
+            self.assertTrue(hasattr(proto, name), name)
+            if name not in ("data", "openHandshakeTimeoutCall"):
+                self.assertEqual(getattr(proto, name), value, name)
+        self.assertEqual(proto.data, b"")
+
+    def test_handshake_leftovers_exist_after_an_opening_handshake(self):
+        """The attributes dropped once the connection is open are Autobahn's handshake state."""
+        proto = fresh_connection(self, upgraded=True)
+        self.assertEqual(proto.state, WebSocketProtocol.STATE_OPEN)
+        for name in websocket._HANDSHAKE_LEFTOVERS:
+            self.assertIn(name, proto.__dict__, name)
+
+    def test_states_and_send_state(self):
+        """The state constants the layer compares against."""
+        self.assertEqual(
+            (WebSocketProtocol.STATE_CLOSED, WebSocketProtocol.STATE_OPEN),
+            (websocket._CLOSED, websocket._OPEN),
+        )
+        self.assertTrue(hasattr(WebSocketProtocol, "SEND_STATE_GROUND"))
+
+    def test_entry_points_the_layer_overrides_or_calls(self):
+        """Each private method the layer overrides or calls exists, with the arguments it passes."""
+        for name, params in (
+            ("_connectionMade", ["self"]),
+            ("_connectionLost", ["self", "reason"]),
+            ("_dataReceived", ["self", "data"]),
+            ("processData", ["self"]),
+            ("processHandshake", ["self"]),
+            ("_cancelAutoPingTimeoutCall", ["self"]),
+            ("failHandshake", None),
+            ("sendFrame", None),
+            ("sendCloseFrame", ["self", "code", "reasonUtf8", "isReply"]),
+            ("dropConnection", ["self", "abort"]),
+            ("_fail_connection", None),
+        ):
+            method = getattr(WebSocketServerProtocol, name, None)
+            self.assertIsNotNone(method, name)
+            if params is not None:
+                self.assertEqual(
+                    list(inspect.signature(method).parameters)[: len(params)], params, name
+                )
+
+    def test_frame_and_message_bookkeeping_attributes(self):
+        """The receive path's state: the buffer, the current frame, fragments, compression."""
+        proto = fresh_connection(self, upgraded=True)
+        for name in ("data", "current_frame", "inside_message", "_perMessageCompress", "failedByMe"):
+            self.assertTrue(hasattr(proto, name), name)
+
+    def test_traffic_stats_fields(self):
+        """The counters the fast paths keep up to date."""
+        stats = fresh_connection(self).trafficStats
+        for name in (
+            "incomingOctetsWebSocketLevel",
+            "incomingOctetsAppLevel",
+            "incomingWebSocketFrames",
+            "incomingWebSocketMessages",
+            "outgoingWebSocketFrames",
+            "outgoingOctetsWireLevel",
+        ):
+            self.assertIsInstance(getattr(stats, name), int, name)
+
+    def test_send_queue_is_a_queue_of_chopped_writes(self):
+        """``send_queue`` exists after ``_connectionMade`` and is what ``sendData`` appends to."""
+        proto = fresh_connection(self)
+        self.assertEqual(len(proto.send_queue), 0)
+        self.assertIn("send_queue", source(WebSocketProtocol.sendData))
+
+    def test_close_bookkeeping(self):
+        """Who closed, with what, and why not cleanly: read by close_cause."""
+        proto = fresh_connection(self)
+        for name in (
+            "closedByMe",
+            "localCloseCode",
+            "localCloseReason",
+            "remoteCloseCode",
+            "wasClean",
+            "wasNotCleanReason",
+            "openHandshakeTimeoutCall",
+            "closeHandshakeTimeoutCall",
+            "autoPingTimeoutCall",
+        ):
+            self.assertTrue(hasattr(proto, name), name)
+
+    def test_a_server_aborts_after_the_peer_answers_its_close(self):
+        """
+        Autobahn's server drops the TCP connection with ``abort=True`` once
+        the close handshake completes; the layer turns that into a graceful
+        close so that a close frame written last is not thrown away.
+        """
+        text = source(WebSocketProtocol.onCloseFrame)
+        self.assertIn("self.dropConnection(abort=True)", text)
+        self.assertIn("self.dropConnection(abort=False)", text)
+
+    def test_a_failed_connection_ends_with_a_graceful_drop(self):
+        """
+        A protocol violation sends a close frame and may then drop
+        gracefully (``abort=False``), which over TLS waits for the peer: the
+        layer bounds that wait.
+        """
+        self.assertIn("self.dropConnection(abort=False)", source(WebSocketProtocol._fail_connection))
+
+    def test_observers_of_message_are_in_listeners(self):
+        """``on("message")`` observers live in txaio's ``_listeners`` (None when there are none)."""
+        proto = fresh_connection(self)
+        self.assertIsNone(proto._listeners)
+        proto.on("message", lambda *args, **kwargs: None)
+        self.assertIsNotNone(proto._listeners)
+        self.assertTrue(callable(proto.fire))
+
+    def test_batched_timer_is_on_the_factory(self):
+        """Autobahn's timers go through the factory's batched timer (the tests look for leftovers)."""
+        factory = WebSocketServerFactory("ws://localhost")
+        self.assertTrue(hasattr(factory, "_batched_timer"))
+        self.assertIn("_batched_timer", source(WebSocketProtocol.sendCloseFrame))
+
+    def test_connection_count_is_kept_by_the_server_protocol(self):
+        """``countConnections`` goes up in ``_connectionMade`` and down in ``_connectionLost``."""
+        self.assertIn("countConnections += 1", source(WebSocketServerProtocol._connectionMade))
+        self.assertIn("countConnections -= 1", source(WebSocketServerProtocol._connectionLost))
+
+    def test_xor_masker(self):
+        """``create_xor_masker(mask, length).process(payload)`` unmasks a payload."""
+        masked = create_xor_masker(b"\x01\x02\x03\x04", 4).process(b"\x01\x02\x03\x04")
+        self.assertEqual(masked, b"\x00\x00\x00\x00")
+        self.assertEqual(
+            websocket._unmask(b"\x01\x02\x03\x04" * 1000, b"\x01\x02\x03\x04"), bytes(4000)
+        )
+
+    def test_tls_reasons_are_made_by_autobahn_util(self):
+        """The log line the layer replaces is Autobahn's ``_maybe_tls_reason``."""
+        from autobahn import util
+
+        self.assertTrue(callable(util._maybe_tls_reason))
+        self.assertIn("_maybe_tls_reason", source(autobahn_protocol))
+
+
+class TwistedTests(unittest.TestCase):
+    """Twisted, as the WebSocket layer, the TLS layer and listening use it."""
+
+    def test_tls_layer_is_a_protocol_wrapper(self):
+        """The hand-over to the pages swaps ``wrappedProtocol`` of the TLS layer."""
+        self.assertTrue(issubclass(TLSMemoryBIOProtocol, ProtocolWrapper))
+        self.assertIn("wrappedProtocol", source(ProtocolWrapper.__init__))
+
+    def test_tcp_transport_protocol_is_swappable(self):
+        """A TCP transport delivers to its ``protocol`` attribute, which the hand-over replaces."""
+        from twisted.internet import tcp
+
+        self.assertIn("self.protocol", source(tcp.Connection.doRead))
+
+    def test_systemd_parser_keeps_the_descriptors_it_read(self):
+        """
+        Twisted reads (and removes from the environment) LISTEN_FDS when its
+        endpoints module is imported, into ``_SystemdParser._sddaemon``; the
+        server looks there for the sockets systemd passed.
+        """
+        listen_fds = endpoints._SystemdParser._sddaemon
+        self.assertIsInstance(listen_fds, systemd.ListenFDs)
+        self.assertIsInstance(listen_fds.inheritedDescriptors(), list)
+        self.assertIsInstance(listen_fds.inheritedNamedDescriptors(), dict)
+
+    def test_listen_fds_without_names_are_dropped(self):
+        """
+        Without LISTEN_FDNAMES Twisted sees no sockets at all (why the
+        server finds unnamed ones by index itself).
+        """
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
+        self.assertEqual(systemd.ListenFDs.fromEnvironment(environ=env).inheritedDescriptors(), [])
+
+    def test_twistd_daemon_reports_exceptions_but_not_system_exit(self):
+        """
+        twistd's daemon start tells the waiting parent of an ``Exception``,
+        not of a bare ``SystemExit`` (why start-up errors are both).
+        """
+        text = source(_twistd_unix.UnixApplicationRunner.postApplication)
+        self.assertIn("except Exception", text)
+        self.assertIn("statusPipe", text)
