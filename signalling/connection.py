@@ -26,6 +26,7 @@ from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from signalling import wire
@@ -480,11 +481,22 @@ class Connection:
         pending = self._pending = _Pending(kind, payload, is_binary, uid)
         if kind in _GATED and self._queued is None:
             self._queued = []
-        d = defer.maybeDeferred(method, *args)
-        d.addCallbacks(
-            self._answered, self._refused, callbackArgs=(pending,), errbackArgs=(pending,)
-        )
-        d.addErrback(self._unexpected)
+        try:
+            result = method(*args)
+        except SignallingError:
+            # Answered at once (the in-memory registry): no Deferred needed.
+            self._refused(Failure(), pending)
+            return
+        except Exception:
+            self._unexpected(Failure())
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(
+                self._answered, self._refused, callbackArgs=(pending,), errbackArgs=(pending,)
+            )
+            result.addErrback(self._unexpected)
+        else:
+            self._answered(result, pending)
 
     def _answered(self, result, pending):
         if pending.kind == _HELLO and self._released:
@@ -568,8 +580,10 @@ class Connection:
         if pending is not self._pending:
             return
         self._pending = None
-        self._open_gate()
-        self._resume()
+        if self._queued is not None:
+            self._open_gate()
+        if self._held:
+            self._resume()
 
     def _resume(self):
         """Handle the input that arrived while a command was pending."""

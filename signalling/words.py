@@ -1,0 +1,140 @@
+"""
+The words of the signalling protocol (``docs/protocol.md``), written once for
+both sides: the commands and replies, a parser for what the server sends,
+and the exit statuses of the client tools.
+
+Standard library only and no imports from the rest of the package: the
+server (through ``signalling.core.wire``), the tools in ``signalling.tools``
+and ``contrib/gst_peer.py`` (which runs under the system Python with
+GStreamer's bindings and nothing else) all read it.
+"""
+
+# Commands a client sends.
+HELLO = "HELLO"
+SESSION = "SESSION"
+ROOM = "ROOM"
+ROOM_PEER_MSG = "ROOM_PEER_MSG"
+ROOM_PEER_LIST = "ROOM_PEER_LIST"
+#: Not a command: a payload some clients relay to ask the partner for an offer.
+OFFER_REQUEST = "OFFER_REQUEST"
+
+# Replies and notices the server sends.
+SESSION_OK = "SESSION_OK"
+ROOM_OK = "ROOM_OK"
+ROOM_PEER_JOINED = "ROOM_PEER_JOINED"
+ROOM_PEER_LEFT = "ROOM_PEER_LEFT"
+ERROR = "ERROR"
+
+
+def hello(uid):
+    """:returns: the line that registers ``uid``."""
+    return f"{HELLO} {uid}"
+
+
+def session(uid):
+    """:returns: the line that starts a session with ``uid``."""
+    return f"{SESSION} {uid}"
+
+
+def room(room_id):
+    """:returns: the line that joins ``room_id``."""
+    return f"{ROOM} {room_id}"
+
+
+def room_peer_msg(uid, payload):
+    """:returns: the line that sends ``payload`` to room member ``uid`` (and
+    what that member receives, with the sender's uid)."""
+    return f"{ROOM_PEER_MSG} {uid} {payload}"
+
+
+class Reply:
+    """
+    One line from the server, read.
+
+    :ivar word: :data:`HELLO`, :data:`SESSION_OK`, :data:`ROOM_OK`,
+        :data:`ROOM_PEER_LIST`, :data:`ROOM_PEER_JOINED`,
+        :data:`ROOM_PEER_LEFT`, :data:`ROOM_PEER_MSG` or :data:`ERROR`; None
+        for anything else (in a session: the partner's message).
+    :ivar uids: the members of ``ROOM_OK`` and ``ROOM_PEER_LIST``; the one
+        uid of ``ROOM_PEER_JOINED``, ``ROOM_PEER_LEFT`` and ``ROOM_PEER_MSG``.
+    :ivar payload: the message of ``ROOM_PEER_MSG``, kept as sent.
+    :ivar reason: the text after ``ERROR``.
+    :ivar text: the whole line.
+    """
+
+    __slots__ = ("word", "uids", "payload", "reason", "text")
+
+    def __init__(self, word, text, uids=(), payload=None, reason=None):
+        self.word = word
+        self.text = text
+        self.uids = list(uids)
+        self.payload = payload
+        self.reason = reason
+
+    @property
+    def uid(self):
+        """The one uid of a notice or room message, else None."""
+        return self.uids[0] if len(self.uids) == 1 else None
+
+    def __repr__(self):
+        return f"<Reply {self.word} {self.text[:60]!r}>"
+
+
+def parse_reply(text):
+    """
+    Read a line from the server as the protocol defines it, exactly: a word
+    must stand alone or be followed by one space (``ROOM_OK`` always is).
+
+    :returns: a :class:`Reply`; its ``word`` is None when the line is none
+        of the server's (a relayed message in a session).
+    """
+    if text == HELLO or text == SESSION_OK:
+        return Reply(text, text)
+    if text == ERROR:
+        return Reply(ERROR, text, reason="")
+    word, space, rest = text.partition(" ")
+    if not space:
+        return Reply(None, text)
+    if word == ERROR:
+        return Reply(ERROR, text, reason=rest)
+    if word in (ROOM_OK, ROOM_PEER_LIST):
+        return Reply(word, text, uids=rest.split())
+    if word in (ROOM_PEER_JOINED, ROOM_PEER_LEFT):
+        if rest and len(rest.split()) == 1 and rest == rest.strip():
+            return Reply(word, text, uids=[rest])
+        return Reply(None, text)
+    if word == ROOM_PEER_MSG:
+        uid, space, payload = rest.partition(" ")
+        if uid and space:
+            return Reply(word, text, uids=[uid], payload=payload)
+    return Reply(None, text)
+
+
+# How the client tools end (signalling-client, signalling-peer,
+# contrib/gst_peer.py): one table for all of them.
+EXIT_OK = 0
+#: A bug in the tool (it prints a traceback), or a missing package.
+EXIT_INTERNAL = 1
+#: Bad command line (argparse's own status).
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_TLS = 4
+EXIT_SERVER_ERROR = 5
+EXIT_CLOSED = 6
+EXIT_GAVE_UP = 7
+#: The other peer's offer or answer could not be used (WebRTC peers).
+EXIT_NEGOTIATION = 8
+
+#: What each exit status means, in a few words (the tools' ``--help``
+#: says it at length).
+EXIT_MEANINGS = {
+    EXIT_OK: "done",
+    EXIT_INTERNAL: "internal error or missing package",
+    EXIT_USAGE: "bad command line",
+    EXIT_CONNECT: "cannot connect",
+    EXIT_TLS: "TLS failure",
+    EXIT_SERVER_ERROR: "the server answered ERROR",
+    EXIT_CLOSED: "the connection closed unexpectedly",
+    EXIT_GAVE_UP: "gave up (--timeout)",
+    EXIT_NEGOTIATION: "the other peer's offer or answer could not be used",
+}
