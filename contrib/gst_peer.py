@@ -65,7 +65,8 @@ second while more arrive: ``frames`` counts decoded frames (or audio buffers),
 Exit statuses (as ``signalling-client``): 0 done (the session ended,
 ``--duration`` passed, SIGINT or SIGTERM), 1 internal error or missing
 package, 2 bad command line, 3 cannot connect, 4 TLS failure, 5 the server
-answered ``ERROR``, 6 the connection closed unexpectedly.
+answered ``ERROR``, 6 the connection closed unexpectedly, 8 the other peer's
+offer or answer could not be used (``signalling.core.words`` has the table).
 """
 
 import argparse
@@ -76,13 +77,21 @@ import secrets
 import signal
 import sys
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_TLS = 4
-EXIT_SERVER_ERROR = 5
-EXIT_CLOSED = 6
+# The protocol's words and the tools' exit statuses, shared with the server
+# and signalling-client: a standard-library module of the checkout this file
+# belongs to (the system Python has nothing else of the project).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from signalling.core import words  # noqa: E402
+from signalling.core.words import (  # noqa: E402
+    EXIT_CLOSED,
+    EXIT_CONNECT,
+    EXIT_INTERNAL,
+    EXIT_NEGOTIATION,
+    EXIT_OK,
+    EXIT_SERVER_ERROR,
+    EXIT_TLS,
+    EXIT_USAGE,
+)
 
 #: The Debian packages this program needs, for the error message.
 DEBIAN_PACKAGES = (
@@ -305,7 +314,9 @@ class Call:
         GstSdp, GstWebRTC = self.peer.GstSdp, self.peer.GstWebRTC
         result, message = GstSdp.SDPMessage.new_from_text(text)
         if result != GstSdp.SDPResult.OK:
-            self.peer.error(f"unparsable SDP {kind} from {self.remote!r}")
+            # Without it the call can never connect: fail at once.
+            self.peer.error(f"cannot use the {kind} from {self.remote!r}: unparsable SDP")
+            self.peer.quit(EXIT_NEGOTIATION)
             return
         sdp_type = (
             GstWebRTC.WebRTCSDPType.OFFER if kind == "offer" else GstWebRTC.WebRTCSDPType.ANSWER
@@ -548,7 +559,7 @@ class Peer:
         self.connection.connect("message", self._on_message)
         self.connection.connect("closed", self._on_closed)
         self.state = "registering"
-        self.send_text(f"HELLO {self.uid}")
+        self.send_text(words.hello(self.uid))
 
     def send_text(self, text):
         self.connection.send_text(text)
@@ -580,27 +591,28 @@ class Peer:
         state = self.state
         if state == "leaving":
             return
-        if text.startswith("ERROR") and state != "session":
+        reply = words.parse_reply(text)
+        if reply.word == words.ERROR and state != "session":
             emit("error", message=text)
             if state in ("registering", "calling", "joining"):
                 self.quit(EXIT_SERVER_ERROR)
             return
         if state == "registering":
-            if text != "HELLO":
+            if reply.word != words.HELLO:
                 self.error(f"expected HELLO, got {text[:80]!r}")
                 self.quit(EXIT_CLOSED)
                 return
             emit("registered", uid=self.uid)
             if self.options.call:
                 self.state = "calling"
-                self.send_text(f"SESSION {self.options.call}")
+                self.send_text(words.session(self.options.call))
             elif self.options.room:
                 self.state = "joining"
-                self.send_text(f"ROOM {self.options.room}")
+                self.send_text(words.room(self.options.room))
             else:
                 self.state = "waiting"
         elif state == "calling":
-            if text != "SESSION_OK":
+            if reply.word != words.SESSION_OK:
                 self.error(f"expected SESSION_OK, got {text[:80]!r}")
                 self.quit(EXIT_CLOSED)
                 return
@@ -608,7 +620,7 @@ class Peer:
             remote = self.options.call
             emit("session", peer=remote)
             if self.options.offer_request:
-                self.send_text("OFFER_REQUEST")
+                self.send_text(words.OFFER_REQUEST)
                 emit("offer-request-sent", peer=remote)
             else:
                 self.calls[None] = self._new_call(remote, self._send_session, offerer=True)
@@ -621,13 +633,12 @@ class Peer:
             if call is not None:
                 self.calls[None] = call
         elif state == "joining":
-            words = text.split(" ")
-            if words[0] != "ROOM_OK":
+            if reply.word != words.ROOM_OK:
                 self.error(f"expected ROOM_OK, got {text[:80]!r}")
                 self.quit(EXIT_CLOSED)
                 return
             self.state = "room"
-            members = [w for w in words[1:] if w]
+            members = reply.uids
             emit("room", room=self.options.room, members=members)
             # By convention the newcomer makes the offers.
             for uid in members:
@@ -636,24 +647,23 @@ class Peer:
             self._handle_room(text)
 
     def _handle_room(self, text):
-        parts = text.split(None, 2)
-        command = parts[0] if parts else ""
-        if command == "ROOM_PEER_JOINED" and len(parts) == 2:
-            emit("peer-joined", peer=parts[1])
-        elif command == "ROOM_PEER_LEFT" and len(parts) == 2:
-            uid = parts[1]
+        reply = words.parse_reply(text)
+        if reply.word == words.ROOM_PEER_JOINED:
+            emit("peer-joined", peer=reply.uid)
+        elif reply.word == words.ROOM_PEER_LEFT:
+            uid = reply.uid
             emit("peer-left", peer=uid)
             call = self.calls.pop(uid, None)
             if call is not None:
                 call.close()
-        elif command == "ROOM_PEER_MSG" and len(parts) == 3:
-            uid = parts[1]
-            call = self._negotiate(self.calls.get(uid), uid, self._room_sender(uid), parts[2])
+        elif reply.word == words.ROOM_PEER_MSG:
+            uid = reply.uid
+            call = self._negotiate(self.calls.get(uid), uid, self._room_sender(uid), reply.payload)
             if call is not None:
                 self.calls[uid] = call
-        elif command == "ROOM_PEER_LIST":
+        elif reply.word == words.ROOM_PEER_LIST:
             pass
-        elif command == "ERROR":
+        elif reply.word == words.ERROR:
             emit("error", message=text)
         else:
             self.error(f"unexpected message in the room: {text[:80]!r}")
@@ -665,7 +675,7 @@ class Peer:
 
         :returns: the call, new or existing (or None).
         """
-        if payload.strip() == "OFFER_REQUEST":
+        if payload.strip() == words.OFFER_REQUEST:
             emit("offer-request-received", peer=remote)
             if call is not None:
                 call.close()
@@ -703,7 +713,7 @@ class Peer:
     def _room_sender(self, uid):
         def send(message):
             if self.state == "room" and uid in self.calls:
-                self.send_text(f"ROOM_PEER_MSG {uid} {json.dumps(message)}")
+                self.send_text(words.room_peer_msg(uid, json.dumps(message)))
 
         return send
 
@@ -719,7 +729,8 @@ def parse_args(argv=None):
         epilog=(
             "Exit statuses: 0 done, 1 internal error or missing package, 2 bad "
             "command line, 3 cannot connect, 4 TLS failure, 5 the server answered "
-            "ERROR, 6 the connection closed unexpectedly."
+            "ERROR, 6 the connection closed unexpectedly, 8 the other peer's offer "
+            "or answer could not be used."
         ),
     )
     parser.add_argument(

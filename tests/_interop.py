@@ -452,7 +452,7 @@ class InteropMixin:
     def start_aiortc(self, uid, *args):
         """Start ``signalling-peer --json`` (aiortc) as ``uid`` with ``args``."""
         peer = PeerProcess(uid, "aiortc")
-        argv = [sys.executable, "-m", "signalling.peer", "--json", "--url", self.server.url,
+        argv = [sys.executable, "-m", "signalling.tools.peer", "--json", "--url", self.server.url,
                 "--id", uid]
         env = child_env(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
         return self._spawn(peer, argv + self._tls_args() + list(args), env)

@@ -21,10 +21,10 @@ from twisted.trial.unittest import FailTest
 
 from OpenSSL import SSL, crypto
 
-from signalling import tls as _tls
-from signalling.factory import SignallingServerFactory
-from signalling.registry import Registry
-from signalling.web import with_pages
+from signalling.server import tls as _tls
+from signalling.server.factory import SignallingServerFactory
+from signalling.core.registry import Registry
+from signalling.server.web import with_pages
 from tests.helpers import write_certificate
 
 #: Longest time, in seconds, any one expected event may take.
@@ -532,7 +532,7 @@ class _TLSTransport:
 class RealServer:
     """
     A signalling server listening on ``127.0.0.1``, built the way
-    ``signalling.tap.makeService`` builds it, with its clients.
+    ``signalling.server.tap.makeService`` builds it, with its clients.
 
     Create it with :meth:`start`; it registers its own cleanup on the test:
     close every client, wait until the server has no connection left, stop

@@ -1,5 +1,5 @@
 """
-Support for tests of the whole server as ``signalling.tap.makeService``
+Support for tests of the whole server as ``signalling.server.tap.makeService``
 builds it, running on the real reactor and real loopback ports: start it,
 connect real clients (WebSocket, raw TCP, TLS handshakes, HTTP) to any of its
 ports, read ``sd_notify`` datagrams, and clean up.
@@ -22,8 +22,8 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial.unittest import FailTest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from signalling import tap
-from signalling.tls import ServerTLSFactory
+from signalling.server import tap
+from signalling.server.tls import ServerTLSFactory
 from tests._realserver import WAIT, Client, RawClient, close_clients, eventually
 from tests.test_tap import parse, websocket_factory
 from tests.test_tls import TLSClient
@@ -150,7 +150,7 @@ class RunningServer:
     A server built by ``makeService`` on the real reactor, started, with its
     clients. Create it with :meth:`start`; it cleans up after the test.
 
-    :ivar service: the :class:`signalling.service.SignallingService`.
+    :ivar service: the :class:`signalling.server.service.SignallingService`.
     :ivar pem: the certificate clients of TLS ports trust (set by the test
         that wrote it), or None.
     """

@@ -3,11 +3,11 @@ Backends for the conformance suites (``tests/test_backends.py`` at the
 registry level, ``tests/test_protocol.py`` at the connection level): the
 in-memory registry, and an adversarial wrapper around it that delivers each
 command's result and the notifications it causes in any order the registry
-contract (``signalling.interfaces``) allows, with seeded random delays on a
+contract (``signalling.core.interfaces``) allows, with seeded random delays on a
 fake clock.
 
 Every backend here is built by a *backend factory*: ``make(clock, seed)``
-returning an :class:`signalling.interfaces.IRegistry` with ``is_empty()``
+returning an :class:`signalling.core.interfaces.IRegistry` with ``is_empty()``
 and the counts, and ``settled()`` / ``next_delivery()`` for the test
 harness to run its clock until nothing is in flight.
 """
@@ -18,8 +18,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from signalling.interfaces import ILink, IPeer, IRegistry
-from signalling.registry import Registry
+from signalling.core.interfaces import ILink, IPeer, IRegistry
+from signalling.core.registry import Registry
 
 
 class Memory(Registry):

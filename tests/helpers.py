@@ -10,10 +10,10 @@ from twisted.test import iosim
 from zope.interface import implementer
 import txaio
 
-from signalling import tls
-from signalling.factory import SignallingServerFactory
-from signalling.interfaces import BINARY_FRAME, TEXT_FRAME, ILink, IPeer
-from signalling.registry import Registry
+from signalling.server import tls
+from signalling.server.factory import SignallingServerFactory
+from signalling.core.interfaces import BINARY_FRAME, TEXT_FRAME, ILink, IPeer
+from signalling.core.registry import Registry
 
 
 @implementer(IPeer, ILink)
@@ -191,7 +191,7 @@ def write_certificate(directory):
     """
     Write a self-signed certificate for ``localhost`` into ``directory``.
 
-    :returns: a :class:`signalling.tls.CertificateFiles`, with ``pem`` (the
+    :returns: a :class:`signalling.server.tls.CertificateFiles`, with ``pem`` (the
         certificate's PEM bytes) added for clients to trust.
     """
     files = tls.create_self_signed(directory)

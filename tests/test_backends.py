@@ -1,5 +1,5 @@
 """
-The registry contract (``signalling.interfaces``), checked at the registry
+The registry contract (``signalling.core.interfaces``), checked at the registry
 level on every backend: the in-memory registry as it is, and behind the
 adversarial network of ``tests/backends.py`` with many seeds, so that
 results and notifications arrive in every order the contract allows. A new
@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from signalling.interfaces import (
+from signalling.core.interfaces import (
     AlreadyEngaged,
     NotInRoom,
     PeerBusy,

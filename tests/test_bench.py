@@ -1,5 +1,5 @@
 """
-Tests of the load generator ``signalling-bench`` (:mod:`signalling.bench`).
+Tests of the load generator ``signalling-bench`` (:mod:`signalling.tools.bench`).
 
 Each scenario runs for real, with tiny sizes, in client processes of its
 own against our server listening on a loopback port in this process; the
@@ -21,10 +21,10 @@ import sys
 from twisted.internet import reactor, threads, utils
 from twisted.trial import unittest
 
-from signalling.bench import cli, report, wsclient
-from signalling.bench.runner import Pool, ServerProbe, run_scenario
-from signalling.connection import Connection
-from signalling.protocol import SignallingServerProtocol
+from signalling.tools.bench import cli, report, wsclient
+from signalling.tools.bench.runner import Pool, ServerProbe, run_scenario
+from signalling.core.connection import Connection
+from signalling.server.protocol import SignallingServerProtocol
 from tests._realserver import RealServer
 
 #: Bound for one expected message in the scenarios that should pass.

@@ -1,5 +1,5 @@
 """
-Tests of the ``signalling-client`` tool (:mod:`signalling.client`).
+Tests of the ``signalling-client`` tool (:mod:`signalling.tools.client`).
 
 From fast to slow: the command line; the :class:`ClientSession` state machine
 with a fake connection; a :class:`ClientRun` talking to the real server
@@ -20,8 +20,8 @@ from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from signalling import client
-from signalling.client import (
+from signalling.tools import client
+from signalling.tools.client import (
     CALL,
     EXIT_CLOSED,
     EXIT_CONNECT,
@@ -35,9 +35,9 @@ from signalling.client import (
     ClientSession,
     Outcome,
 )
-from signalling.factory import SignallingServerFactory
-from signalling.registry import Registry
-from signalling.web import with_pages
+from signalling.server.factory import SignallingServerFactory
+from signalling.core.registry import Registry
+from signalling.server.web import with_pages
 from tests.helpers import write_certificate
 
 #: The directory that holds the ``signalling`` package, for the subprocesses.
@@ -845,7 +845,7 @@ class RealServerMixin:
 
         :returns: a :class:`ClientProcess`.
         """
-        argv = [sys.executable, "-m", "signalling.client", "--url", url or self.url]
+        argv = [sys.executable, "-m", "signalling.tools.client", "--url", url or self.url]
         if tls_args is None:
             tls_args = ["--ca-file", self.certificate.cert] if self.tls else []
         argv += tls_args

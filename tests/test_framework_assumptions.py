@@ -1,8 +1,8 @@
 """
 What the server assumes about Autobahn's and Twisted's internals, checked
-by name: every override and private name of ``signalling/websocket.py``
+by name: every override and private name of ``signalling/server/websocket.py``
 (the WebSocket layer) and the one private name of
-``signalling/listening.py`` (Twisted's reading of systemd's sockets). An
+``signalling/server/listening.py`` (Twisted's reading of systemd's sockets). An
 upgrade that changes one of them fails the test that names it, here,
 rather than a call in production.
 
@@ -27,7 +27,7 @@ from twisted.python import systemd
 from twisted.scripts import _twistd_unix
 from twisted.trial import unittest
 
-from signalling import websocket
+from signalling.server import websocket
 
 
 UPGRADE = (

@@ -1,5 +1,5 @@
 """
-Tests for signalling.logs, the JSON lines observer of ``--log-format json``,
+Tests for signalling.server.logs, the JSON lines observer of ``--log-format json``,
 and for what the server logs: events with stable fields (uid, peer_addr,
 room_id, callee, code, reason), captured from real sessions on real
 loopback ports; payloads never logged without ``--log-payloads``, and
@@ -22,7 +22,7 @@ from twisted.logger._legacy import publishToNewObserver
 from twisted.python.log import textFromEventDict
 from twisted.trial import unittest
 
-from signalling import logs
+from signalling.server import logs
 from tests._running import RunningServer
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -50,7 +50,7 @@ class JSONObserverTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.out = io.StringIO()
         self.observer = logs.json_observer(self.out)
-        self.log = Logger(namespace="signalling.protocol", observer=self.observer)
+        self.log = Logger(namespace="signalling.server.protocol", observer=self.observer)
 
     def records(self):
         """:returns: every line written so far, each parsed as strict JSON."""
@@ -68,7 +68,7 @@ class JSONObserverTests(unittest.SynchronousTestCase):
             {
                 "log_time": 1700000000.25,
                 "log_level": LogLevel.info,
-                "log_namespace": "signalling.protocol",
+                "log_namespace": "signalling.server.protocol",
                 "log_format": "peer {uid} registered from {peer_addr}",
                 "uid": "alice",
                 "peer_addr": "tcp4:127.0.0.1:5555",
@@ -80,7 +80,7 @@ class JSONObserverTests(unittest.SynchronousTestCase):
             {
                 "time": 1700000000.25,
                 "level": "info",
-                "namespace": "signalling.protocol",
+                "namespace": "signalling.server.protocol",
                 "message": "peer alice registered from tcp4:127.0.0.1:5555",
                 "uid": "alice",
                 "peer_addr": "tcp4:127.0.0.1:5555",
@@ -294,7 +294,7 @@ class SessionLogTests(unittest.TestCase):
             e for e in events
             if e["log_level"] == LogLevel.warn and "--log-payloads" in formatEvent(e)
         ]
-        self.assertEqual(warning["log_namespace"], "signalling.tap")
+        self.assertEqual(warning["log_namespace"], "signalling.server.tap")
         [session] = self.mentions(events, "SDP-SECRET-7131")
         self.assertEqual(session["log_level"], LogLevel.info)
         self.assertEqual((session["uid"], session["partner_uid"]), ("alice", "bob"))

@@ -1,5 +1,5 @@
 """
-Tests for signalling.metrics: Prometheus metrics scraped over real HTTP
+Tests for signalling.server.metrics: Prometheus metrics scraped over real HTTP
 (twisted.web's Agent) from a server built by makeService with
 ``--metrics-port``, while real clients make a call, use a room, get
 ERRORs, are refused at HELLO, fail a TLS handshake and miss a keepalive

@@ -289,10 +289,10 @@ class InstalledPackageTests(unittest.TestCase):
     @inlineCallbacks
     def test_the_call_page_is_installed(self):
         """
-        The wheel carries the call page's files (``signalling/static/``), where
+        The wheel carries the call page's files (``signalling/server/static/``), where
         the installed server reads them from.
         """
-        script = "import os, signalling.web as w; print(*sorted(os.listdir(w.STATIC_DIR)))"
+        script = "import os, signalling.server.web as w; print(*sorted(os.listdir(w.STATIC_DIR)))"
         out, err, code = yield self.run_in_venv("python", "-c", script)
         self.assertEqual(code, 0, err)
         self.assertEqual(out.split(), ["call.js", "index.html", "style.css"])

@@ -14,7 +14,7 @@ import sys
 
 from twisted.trial import unittest
 
-from signalling import peer
+from signalling.tools import peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +184,7 @@ class UnusableAnswerTests(unittest.TestCase):
         server = await RealServer.start(self, False)
         bob = await server.hello("bob")
         argv = [
-            sys.executable, "-m", "signalling.peer", "--url",
+            sys.executable, "-m", "signalling.tools.peer", "--url",
             f"ws://127.0.0.1:{server.port_number}", "--call", "bob", "--timeout", "30",
         ]
         env = dict(os.environ)

@@ -22,7 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from signalling import tls
+from signalling.server import tls
 from tests.helpers import write_certificate
 
 #: The checkout root: PYTHONPATH for the child, so that it finds

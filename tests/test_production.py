@@ -33,8 +33,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from signalling import listening, tap, tls
-from signalling.factory import DEFAULT_KEEPALIVE
+from signalling.server import listening, tap, tls
+from signalling.server.factory import DEFAULT_KEEPALIVE
 from tests.helpers import write_certificate
 from tests.test_process import (
     REPLY_TIMEOUT,

@@ -1,5 +1,5 @@
 """
-Tests for signalling.protocol: the connection state machine, through real
+Tests for signalling.server.protocol: the connection state machine, through real
 Autobahn clients connected in memory (iosim) on one fake clock.
 """
 
@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
-from signalling.registry import Registry
+from signalling.core.registry import Registry
 
 from tests import backends
 from tests.helpers import DeafClientProtocol, Loopback, RecordingClientProtocol

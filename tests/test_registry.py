@@ -1,9 +1,9 @@
-"""Tests for signalling.registry: peers, sessions and rooms without I/O."""
+"""Tests for signalling.core.registry: peers, sessions and rooms without I/O."""
 
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from signalling.interfaces import (
+from signalling.core.interfaces import (
     AlreadyEngaged,
     IPeer,
     IRegistry,
@@ -14,7 +14,7 @@ from signalling.interfaces import (
     SessionWithSelf,
     UidTaken,
 )
-from signalling.registry import Registry
+from signalling.core.registry import Registry
 
 from tests.helpers import FakePeer
 

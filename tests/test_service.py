@@ -1,5 +1,5 @@
 """
-Tests for signalling.service: the running server as a Twisted service.
+Tests for signalling.server.service: the running server as a Twisted service.
 
 It listens on every port itself and tells the service manager it is ready
 (``READY=1``) only once every port listens; a port that cannot be bound
@@ -42,14 +42,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from signalling import tls
-from signalling.factory import SignallingServerFactory
-from signalling.metrics import Stats
-from signalling.registry import Registry
-from signalling import service as service_module
-from signalling.service import SignallingService
-from signalling.systemd import Notifier
-from signalling.web import with_pages
+from signalling.server import tls
+from signalling.server.factory import SignallingServerFactory
+from signalling.server.metrics import Stats
+from signalling.core.registry import Registry
+from signalling.server import service as service_module
+from signalling.server.service import SignallingService
+from signalling.server.systemd import Notifier
+from signalling.server.web import with_pages
 from tests._realserver import WAIT, eventually
 from tests._running import (
     NotifySocket,

@@ -1,5 +1,5 @@
 """
-Tests for signalling.systemd: the Notifier speaking systemd's notification
+Tests for signalling.server.systemd: the Notifier speaking systemd's notification
 protocol (sd_notify) to a real Unix datagram socket the test binds and
 reads, by path and in the abstract namespace, and the watchdog interval read
 from WATCHDOG_USEC and WATCHDOG_PID.
@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
-from signalling.systemd import Notifier
+from signalling.server.systemd import Notifier
 from tests._running import NotifySocket
 
 
@@ -97,7 +97,7 @@ class NotifyTests(unittest.SynchronousTestCase):
         self.assertEqual(len(events), 1, events)
         [warning] = warnings
         self.assertEqual(warning["log_level"], LogLevel.warn)
-        self.assertEqual(warning["log_namespace"], "signalling.systemd")
+        self.assertEqual(warning["log_namespace"], "signalling.server.systemd")
         self.assertIn(address.lstrip("@\0"), warning["address"])
         self.assertTrue(warning["reason"])
 

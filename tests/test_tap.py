@@ -1,5 +1,5 @@
 """
-Tests for signalling.tap: the options of ``twistd signalling`` and the
+Tests for signalling.server.tap: the options of ``twistd signalling`` and the
 service built from them, on a memory reactor (and, for what a bare ``ssl:``
 port serves, through real TLS handshakes on loopback ports).
 """
@@ -31,15 +31,15 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 import signalling
-from signalling import listening, tap, tls
-from signalling.factory import (
+from signalling.server import listening, tap, tls
+from signalling.server.factory import (
     MIN_KEEPALIVE,
     TIMER_ROUNDING,
     SignallingServerFactory,
 )
-from signalling.metrics import Stats
-from signalling.registry import Registry
-from signalling.service import SignallingService
+from signalling.server.metrics import Stats
+from signalling.core.registry import Registry
+from signalling.server.service import SignallingService
 from tests.helpers import write_certificate
 from tests.test_tls import tls_exchange, write_lets_encrypt_layout
 
@@ -399,7 +399,7 @@ class ServiceTests(unittest.TestCase):
         :returns: the ``(port, factory, backlog, interface)`` of every TCP
             port with our TLS on top (the bare ``ssl:`` and ``tls:`` ports),
             asserting that each wraps a Site of its own in a
-            :class:`signalling.tls.ServerTLSFactory`.
+            :class:`signalling.server.tls.ServerTLSFactory`.
         """
         ports = [
             entry
@@ -596,7 +596,7 @@ class ServiceTests(unittest.TestCase):
         created = [
             e
             for e in events
-            if e.get("log_namespace") == "signalling.tls"
+            if e.get("log_namespace") == "signalling.server.tls"
             and e["log_level"] == LogLevel.warn
         ]
         self.assertEqual(len(created), 1, created)
@@ -865,7 +865,7 @@ class ServiceTests(unittest.TestCase):
         warnings = [
             e
             for e in events
-            if e["log_level"] == LogLevel.warn and e["log_namespace"] == "signalling.tap"
+            if e["log_level"] == LogLevel.warn and e["log_namespace"] == "signalling.server.tap"
         ]
         self.assertEqual(len(warnings), 1, warnings)
         self.assertIn("--log-payloads", warnings[0]["log_format"])
@@ -1170,7 +1170,7 @@ class StartupErrorTests(unittest.SynchronousTestCase):
 
 
 class FakeListeningSocket:
-    """What :func:`signalling.listening.ipv6_only_socket` returns, for a memory reactor."""
+    """What :func:`signalling.server.listening.ipv6_only_socket` returns, for a memory reactor."""
 
     def __init__(self, interface, port, backlog):
         self.address = (interface, port, backlog)
@@ -1256,7 +1256,7 @@ class DefaultPortTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.tcpServers), 1)
         self.assertEqual(len(self.successResultOf(service.ready)), 1)
         [warning] = [e for e in events if e["log_level"] == LogLevel.warn
-                     and e.get("log_namespace", "").startswith("signalling.service")]
+                     and e.get("log_namespace", "").startswith("signalling.server.service")]
         self.assertIn("no IPv6", warning["reason"])
 
 

@@ -1,5 +1,5 @@
 """
-Tests for signalling.tls: finding the certificate and key in ``--cert-path``,
+Tests for signalling.server.tls: finding the certificate and key in ``--cert-path``,
 creating a self-signed pair, checking a pair and its chain, serving it with
 our own TLS layer (checked through real handshakes on loopback ports), and
 telling a bare ``ssl:`` endpoint description from one that names its files.
@@ -37,7 +37,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from signalling import tls
+from signalling.server import tls
 from tests.helpers import write_certificate
 
 
@@ -770,7 +770,7 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
             tls.server_tls(self.cert_dir)
         cert_file = os.path.join(self.cert_dir, "cert.pem")
         cert = x509.load_pem_x509_certificate(_read(cert_file))
-        created = [e for e in events if e.get("log_namespace") == "signalling.tls"]
+        created = [e for e in events if e.get("log_namespace") == "signalling.server.tls"]
         self.assertEqual(len(created), 1, created)
         [event] = created
         self.assertEqual(event["log_level"], LogLevel.warn)
@@ -784,7 +784,7 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
         files = write_certificate(self.cert_dir)
         with capturedLogs() as events:
             tls.server_tls(self.cert_dir)
-        used = [e for e in events if e.get("log_namespace") == "signalling.tls"]
+        used = [e for e in events if e.get("log_namespace") == "signalling.server.tls"]
         self.assertEqual(len(used), 1, used)
         [event] = used
         self.assertEqual(event["log_level"], LogLevel.info)

@@ -1,7 +1,7 @@
 """
-Tests for signalling.web's call page: the page at ``/`` with its
+Tests for signalling.server.web's call page: the page at ``/`` with its
 configuration, the files under ``/static/``, the ICE server settings
-(``--ice-server`` and :func:`signalling.web.parse_ice_server`), over real
+(``--ice-server`` and :func:`signalling.server.web.parse_ice_server`), over real
 HTTP on a loopback port. What the page does in a browser is tested in
 ``tests/test_browser.py``.
 """
@@ -21,10 +21,10 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from signalling import protocol as web_protocol
-from signalling import tap, web
-from signalling.factory import SignallingServerFactory
-from signalling.registry import Registry
+from signalling.server import protocol as web_protocol
+from signalling.server import tap, web
+from signalling.server.factory import SignallingServerFactory
+from signalling.core.registry import Registry
 from tests.test_tap import http_get
 
 _CONFIG = re.compile(r'<script id="config" type="application/json">(.*?)</script>', re.S)
@@ -200,7 +200,7 @@ class IceServerPageTests(WebTestsMixin, unittest.TestCase):
 
 
 class ParseIceServerTests(unittest.SynchronousTestCase):
-    """:func:`signalling.web.parse_ice_server`."""
+    """:func:`signalling.server.web.parse_ice_server`."""
 
     def test_plain_urls_are_kept(self):
         """``stun:``, ``stuns:``, ``turn:`` and ``turns:`` URLs are kept as they are."""

@@ -1,8 +1,8 @@
-"""Tests for signalling.wire: parsing and formatting protocol lines."""
+"""Tests for signalling.core.wire: parsing and formatting protocol lines."""
 
 from twisted.trial import unittest
 
-from signalling import interfaces, wire
+from signalling.core import interfaces, wire
 
 
 class SplitCommandTests(unittest.TestCase):

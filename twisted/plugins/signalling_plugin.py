@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 signalling = ServiceMaker(
     "WebRTC signalling server",
-    "signalling.tap",
+    "signalling.server.tap",
     "A WebRTC signalling server for GStreamer webrtcbin and browsers.",
     "signalling",
 )

@@ -15,9 +15,9 @@ import math
 import os
 import sys
 
-from signalling.bench import report
-from signalling.bench.runner import BenchError, Pool, raise_nofile, run_scenario
-from signalling.bench.wsclient import Target
+from signalling.tools.bench import report
+from signalling.tools.bench.runner import BenchError, Pool, raise_nofile, run_scenario
+from signalling.tools.bench.wsclient import Target
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -269,7 +269,7 @@ def run(options, out):
     :returns: the exit status.
     """
     if options.plot:
-        from signalling.bench import plot
+        from signalling.tools.bench import plot
 
         plot.check_available()
     soft, hard = raise_nofile()
@@ -334,7 +334,7 @@ def run(options, out):
                     points.append(result)
                     out.emit(result)
             out.table(report.scenario_table(points))
-            from signalling.bench import plot
+            from signalling.tools.bench import plot
 
             for path in plot.plot_relay_sweep(points, options.plot):
                 out.progress(f"wrote {path}")

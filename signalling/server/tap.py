@@ -10,13 +10,13 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 import signalling
-from signalling import factory as _factory
-from signalling import listening, logs, tls
-from signalling.metrics import SignallingCollector, Stats, metrics_resource
-from signalling.registry import Registry
-from signalling.service import SignallingService, raise_file_limit
-from signalling.systemd import Notifier
-from signalling.web import parse_ice_server, with_pages
+from signalling.server import factory as _factory
+from signalling.server import listening, logs, tls
+from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
+from signalling.core.registry import Registry
+from signalling.server.service import SignallingService, raise_file_limit
+from signalling.server.systemd import Notifier
+from signalling.server.web import parse_ice_server, with_pages
 
 _log = Logger()
 
@@ -168,7 +168,7 @@ def makeService(config, reactor=None):
 
     :param reactor: the reactor to listen on and take time from; the global
         one when None.
-    :returns: a :class:`signalling.service.SignallingService`.
+    :returns: a :class:`signalling.server.service.SignallingService`.
     :raises SystemExit: with one line for the operator when the TLS material
         or an endpoint description cannot be used.
     """

@@ -6,8 +6,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
-from signalling.metrics import Stats
-from signalling.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
+from signalling.server.metrics import Stats
+from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
 
 #: Largest message accepted by default (the example server's limit).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -38,14 +38,14 @@ class SignallingServerFactory(WebSocketServerFactory):
     Builds one :class:`SignallingServerProtocol` per connection.
 
     :param url: the WebSocket URL clients use, or None.
-    :param registry: an :class:`signalling.interfaces.IRegistry`.
+    :param registry: an :class:`signalling.core.interfaces.IRegistry`.
     :param clock: an ``IReactorTime`` for our own timers.
     :param keepalive: seconds between pings, and how long a pong may take
         (at least :data:`MIN_KEEPALIVE`).
     :param max_message: largest message accepted, in bytes; a larger one
         closes the connection with 1009.
     :param hello_timeout: seconds a new connection has to send ``HELLO``.
-    :param stats: the :class:`signalling.metrics.Stats` to count into
+    :param stats: the :class:`signalling.server.metrics.Stats` to count into
         (shared by the factories of one server); a new one when None.
     :param trust_proxy: how many ``X-Forwarded-For`` hops to trust for the
         peer address (0: none).
@@ -54,7 +54,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         connection whose first request asks for no WebSocket upgrade, or
         None to refuse those with 426.
     :param fast_path: use the fast WebSocket layer
-        (:class:`signalling.websocket.FastServerProtocol`); False runs every
+        (:class:`signalling.server.websocket.FastServerProtocol`); False runs every
         frame through Autobahn's own paths, for comparison and diagnosis.
     :param close_timeout: seconds a closing connection may take: for the
         peer to answer our close frame, and for the transport to close

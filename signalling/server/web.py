@@ -150,7 +150,7 @@ class SignallingRoot(Resource):
     signalling factory, and plain requests to the health check, the call
     page and its files, or a 404.
 
-    :param ws_factory: the :class:`signalling.factory.SignallingServerFactory`.
+    :param ws_factory: the :class:`signalling.server.factory.SignallingServerFactory`.
     :param health_path: the path of the health check, as bytes (``b"/health"``).
     :param ice_servers: ``RTCIceServer`` dictionaries for the call page.
     """

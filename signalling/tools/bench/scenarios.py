@@ -25,7 +25,14 @@ import time
 from array import array
 from collections import deque
 
-from signalling.bench.wsclient import TEXT, ConnectionClosed, connect
+from signalling.core import words
+from signalling.tools.bench.wsclient import TEXT, ConnectionClosed, connect
+
+# What the server sends, as line prefixes (the protocol's words).
+_ERROR = words.ERROR + " "
+_ROOM_OK = words.ROOM_OK + " "
+_JOINED = words.ROOM_PEER_JOINED + " "
+_MESSAGE = words.ROOM_PEER_MSG + " "
 
 #: How many connections one process opens at once while setting up.
 SETUP_CONCURRENCY = 100
@@ -102,7 +109,7 @@ class Control:
     every connection opened (so that none outlives the scenario), and the
     synchronisation with the parent.
 
-    :param endpoint: the :class:`~signalling.bench.wsclient.Endpoint`.
+    :param endpoint: the :class:`~signalling.tools.bench.wsclient.Endpoint`.
     :param sync: ``async (step, info) -> answer``, given by the process.
     """
 
@@ -124,9 +131,9 @@ class Control:
     async def hello(self, uid, timeout, source_host=None):
         """:returns: a connection registered as ``uid``."""
         connection = await self.connect(timeout, source_host)
-        connection.send_text("HELLO " + uid)
+        connection.send_text(words.hello(uid))
         reply = await connection.recv_text(timeout)
-        if reply != "HELLO":
+        if reply != words.HELLO:
             connection.abort()
             raise ProtocolFailure(f"HELLO {uid} was answered {reply!r}")
         return connection
@@ -243,9 +250,9 @@ async def relay(spec, control):
         callee_uid = make_uid(spec, "r", index, "b")
         callee = await control.hello(callee_uid, timeout)
         caller = await control.hello(make_uid(spec, "r", index, "a"), timeout)
-        caller.send_text("SESSION " + callee_uid)
+        caller.send_text(words.session(callee_uid))
         reply = await caller.recv_text(timeout)
-        if reply != "SESSION_OK":
+        if reply != words.SESSION_OK:
             raise ProtocolFailure(f"SESSION {callee_uid} was answered {reply!r}")
         return caller, callee
 
@@ -348,8 +355,8 @@ async def _call(control, spec, caller_uid, callee_uid, timeout):
             raise result
     callee, caller = opened
     try:
-        caller.send_text("SESSION " + callee_uid)
-        await _expect(caller, "SESSION_OK", timeout, "SESSION")
+        caller.send_text(words.session(callee_uid))
+        await _expect(caller, words.SESSION_OK, timeout, "SESSION")
         caller.send_text(OFFER)
         await _expect(callee, OFFER, timeout, "the offer")
         callee.send_text(ANSWER)
@@ -473,7 +480,7 @@ async def idle(spec, control):
         "stormed", {"registered": len(peers), "last": last}
     )
 
-    question = "SESSION " + make_uid(spec, "nobody")
+    question = words.session(make_uid(spec, "nobody"))
 
     async def ask(connection):
         connection.send_text(question)
@@ -481,7 +488,7 @@ async def idle(spec, control):
             reply = await connection.recv_text(timeout)
         except (ConnectionClosed, TimeoutError) as e:
             return describe(e)
-        if isinstance(reply, str) and reply.startswith("ERROR "):
+        if isinstance(reply, str) and reply.startswith(_ERROR):
             return None
         return f"answered {reply[:60]!r}"
 
@@ -527,10 +534,10 @@ class _Member:
 
     def on_message(self, payload, opcode):
         text = payload.decode("utf-8", "replace")
-        if text.startswith("ROOM_PEER_JOINED "):
-            self.joined.append(text[17:])
-        elif text.startswith("ROOM_PEER_MSG "):
-            self.messages.append(text[14:])
+        if text.startswith(_JOINED):
+            self.joined.append(text[len(_JOINED):])
+        elif text.startswith(_MESSAGE):
+            self.messages.append(text[len(_MESSAGE):])
         else:
             self.other.append(text)
         self._check()
@@ -558,11 +565,11 @@ async def _room(control, spec, number, timeout, loop):
         for j, (uid, connection) in enumerate(zip(uids, connections))
     ]
     for j, member in enumerate(members):
-        member.connection.send_text("ROOM " + room_id)
+        member.connection.send_text(words.room(room_id))
         reply = await member.connection.recv_text(timeout)
-        if not isinstance(reply, str) or not reply.startswith("ROOM_OK "):
+        if not isinstance(reply, str) or not reply.startswith(_ROOM_OK):
             raise ProtocolFailure(f"ROOM {room_id} was answered {reply!r}")
-        if sorted(reply[8:].split()) != sorted(uids[:j]):
+        if sorted(reply[len(_ROOM_OK):].split()) != sorted(uids[:j]):
             errors.add(f"ROOM_OK of member {j} does not list the {j} members before it")
         member.listen()
     joined = now()
@@ -570,7 +577,7 @@ async def _room(control, spec, number, timeout, loop):
         for other in members:
             if other is not member:
                 member.connection.send_text(
-                    f"ROOM_PEER_MSG {other.uid} hi {member.uid} to {other.uid}"
+                    words.room_peer_msg(other.uid, f"hi {member.uid} to {other.uid}")
                 )
     done, _ = await asyncio.wait([m.complete for m in members], timeout=timeout)
     finished = now()

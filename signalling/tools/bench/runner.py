@@ -18,9 +18,9 @@ import secrets
 import time
 import traceback
 
-from signalling.bench import report
-from signalling.bench.scenarios import SCENARIOS, Control
-from signalling.bench.wsclient import Endpoint
+from signalling.tools.bench import report
+from signalling.tools.bench.scenarios import SCENARIOS, Control
+from signalling.tools.bench.wsclient import Endpoint
 
 #: Seconds between telling the processes when to start and the start.
 LEAD = 0.2

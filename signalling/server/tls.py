@@ -343,7 +343,7 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
 
     :param server_tls: the :class:`ServerTLS`.
     :param wrapped_factory: the factory of the protocol inside TLS.
-    :param stats: a :class:`signalling.metrics.Stats` to count into, or None.
+    :param stats: a :class:`signalling.server.metrics.Stats` to count into, or None.
     """
 
     protocol = _CountingTLSProtocol

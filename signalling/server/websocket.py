@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
-from signalling.tls import tls_failure_reason
+from signalling.server.tls import tls_failure_reason
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -233,7 +233,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def batch_link(self):
         """
-        :returns: the :class:`signalling.interfaces.ILink` that relayed
+        :returns: the :class:`signalling.core.interfaces.ILink` that relayed
             frames may go to together (the fast path batches them), or None.
         """
         return None

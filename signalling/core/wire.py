@@ -8,7 +8,21 @@ Unicode category Cc, and lengths are counted in code points.
 
 import re
 
-from signalling import interfaces
+from signalling.core import interfaces
+
+# The words themselves are written once, for the server and the tools.
+from signalling.core.words import (
+    ERROR,
+    HELLO,
+    ROOM,
+    ROOM_OK,
+    ROOM_PEER_JOINED,
+    ROOM_PEER_LEFT,
+    ROOM_PEER_LIST,
+    ROOM_PEER_MSG,
+    SESSION,
+    SESSION_OK,
+)
 
 #: Longest uid or room id accepted, in characters.
 MAX_ID_LENGTH = 256
@@ -22,12 +36,6 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 #: The room id upstream reserves for its own bookkeeping.
 RESERVED_ROOM_ID = "session"
 
-HELLO = "HELLO"
-SESSION = "SESSION"
-SESSION_OK = "SESSION_OK"
-ROOM = "ROOM"
-ROOM_PEER_MSG = "ROOM_PEER_MSG"
-ROOM_PEER_LIST = "ROOM_PEER_LIST"
 
 #: Close reasons the protocol mandates for a refused first message (code 1002).
 CLOSE_INVALID_PROTOCOL = "invalid protocol"
@@ -138,32 +146,32 @@ def parse_room_peer_msg(rest):
 
 def error(reason):
     """:returns: the ``ERROR`` line for ``reason``."""
-    return "ERROR " + reason
+    return ERROR + " " + reason
 
 
 def room_ok(members):
     """:returns: ``ROOM_OK`` and the members, always with one space after the word."""
-    return "ROOM_OK " + " ".join(members)
+    return ROOM_OK + " " + " ".join(members)
 
 
 def room_peer_list(members):
     """:returns: ``ROOM_PEER_LIST`` and the members, always with one space after the word."""
-    return "ROOM_PEER_LIST " + " ".join(members)
+    return ROOM_PEER_LIST + " " + " ".join(members)
 
 
 def room_peer_joined(uid):
     """:returns: the notice that ``uid`` joined the room."""
-    return "ROOM_PEER_JOINED " + uid
+    return ROOM_PEER_JOINED + " " + uid
 
 
 def room_peer_left(uid):
     """:returns: the notice that ``uid`` left the room."""
-    return "ROOM_PEER_LEFT " + uid
+    return ROOM_PEER_LEFT + " " + uid
 
 
 def room_peer_msg(sender_uid, payload):
     """:returns: the relayed room message as the recipient sees it."""
-    return "ROOM_PEER_MSG " + sender_uid + " " + payload
+    return ROOM_PEER_MSG + " " + sender_uid + " " + payload
 
 
 #: An unknown "command" may be a payload sent outside a session (compact

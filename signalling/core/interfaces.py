@@ -8,7 +8,7 @@ the domain exceptions a backend raises.
 The contract between a backend and the connections
 ==================================================
 
-A backend is the in-memory :class:`signalling.registry.Registry`, or one that
+A backend is the in-memory :class:`signalling.core.registry.Registry`, or one that
 answers over the network (a cluster). Connections call every
 :class:`IRegistry` method through ``defer.maybeDeferred``: a method may
 return its result at once or as a Deferred, and raise or fail it with a
@@ -237,7 +237,7 @@ class IRegistry(Interface):
 
 class IConnectionOutput(Interface):
     """
-    What the per-connection logic (:class:`signalling.connection.Connection`)
+    What the per-connection logic (:class:`signalling.core.connection.Connection`)
     writes to its wire; the WebSocket protocol provides it.
     """
 
@@ -258,5 +258,5 @@ class IConnectionOutput(Interface):
         """
         Close the connection with ``code`` (1000, 1001, 1002, 1008, 1011)
         and the ``reason`` text, if any. The connection then tells the
-        logic :meth:`~signalling.connection.Connection.closing`.
+        logic :meth:`~signalling.core.connection.Connection.closing`.
         """

@@ -8,7 +8,7 @@ the protocol's races become "first one wins".
 
 from zope.interface import implementer
 
-from signalling.interfaces import (
+from signalling.core.interfaces import (
     AlreadyEngaged,
     IRegistry,
     NotInRoom,

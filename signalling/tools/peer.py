@@ -40,11 +40,13 @@ import sys
 import textwrap
 from fractions import Fraction
 
-from signalling.client import (
+from signalling.core import words
+from signalling.core.words import (
     EXIT_CLOSED,
     EXIT_CONNECT,
     EXIT_GAVE_UP,
     EXIT_INTERNAL,
+    EXIT_NEGOTIATION,
     EXIT_OK,
     EXIT_SERVER_ERROR,
     EXIT_TLS,
@@ -80,9 +82,6 @@ BARS = (
     (41, 240, 110),
     (16, 128, 128),
 )
-
-#: The remote peer's offer or answer could not be used: the call cannot go on.
-EXIT_NEGOTIATION = 8
 
 EXIT_STATUSES = (
     (EXIT_OK, "done: --frames arrived, --duration passed, the session ended, or Ctrl-C"),
@@ -566,7 +565,7 @@ class PeerRun:
         reader = asyncio.ensure_future(self._read())
         try:
             self.state = "registering"
-            await self.ws.send(f"HELLO {self.uid}")
+            await self.ws.send(words.hello(self.uid))
             done = await self._finished
         finally:
             reader.cancel()
@@ -604,7 +603,8 @@ class PeerRun:
 
     async def _handle(self, text):
         state = self.state
-        if text.startswith("ERROR") and state != "session":
+        reply = words.parse_reply(text)
+        if reply.word == words.ERROR and state != "session":
             if state in ("registering", "calling", "joining"):
                 what = {
                     "registering": f"register as {self.uid!r}",
@@ -616,26 +616,26 @@ class PeerRun:
                 self.out("error", message=text)
             return
         if state == "registering":
-            if text != "HELLO":
+            if reply.word != words.HELLO:
                 self.finish(EXIT_CLOSED, f"expected HELLO, got {text[:80]!r}")
                 return
             self.out("registered", uid=self.uid)
             if self.options.call:
                 self.state = "calling"
-                await self.send_text(f"SESSION {self.options.call}")
+                await self.send_text(words.session(self.options.call))
             elif self.options.room:
                 self.state = "joining"
-                await self.send_text(f"ROOM {self.options.room}")
+                await self.send_text(words.room(self.options.room))
             else:
                 self.state = "waiting"
         elif state == "calling":
-            if text != "SESSION_OK":
+            if reply.word != words.SESSION_OK:
                 self.finish(EXIT_CLOSED, f"expected SESSION_OK, got {text[:80]!r}")
                 return
             self.state = "session"
             self.out("session", peer=self.options.call)
             if self.options.offer_request:
-                await self.send_text("OFFER_REQUEST")
+                await self.send_text(words.OFFER_REQUEST)
                 self.out("offer-request-sent", peer=self.options.call)
             else:
                 call = self.calls[None] = Call(self, self.options.call, self._send_session, True)
@@ -646,12 +646,11 @@ class PeerRun:
                 self.out("session", peer=None)
             await self._negotiate(None, self.options.call, self._send_session, text)
         elif state == "joining":
-            words = text.split(" ")
-            if words[0] != "ROOM_OK":
+            if reply.word != words.ROOM_OK:
                 self.finish(EXIT_CLOSED, f"expected ROOM_OK, got {text[:80]!r}")
                 return
             self.state = "room"
-            members = [w for w in words[1:] if w]
+            members = reply.uids
             self.out("room", room=self.options.room, members=members)
             # By convention the newcomer makes the offers.
             for uid in members:
@@ -661,27 +660,26 @@ class PeerRun:
             await self._handle_room(text)
 
     async def _handle_room(self, text):
-        parts = text.split(None, 2)
-        command = parts[0] if parts else ""
-        if command == "ROOM_PEER_JOINED" and len(parts) == 2:
-            self.out("peer-joined", peer=parts[1])
-        elif command == "ROOM_PEER_LEFT" and len(parts) == 2:
-            self.out("peer-left", peer=parts[1])
-            call = self.calls.pop(parts[1], None)
+        reply = words.parse_reply(text)
+        if reply.word == words.ROOM_PEER_JOINED:
+            self.out("peer-joined", peer=reply.uid)
+        elif reply.word == words.ROOM_PEER_LEFT:
+            self.out("peer-left", peer=reply.uid)
+            call = self.calls.pop(reply.uid, None)
             if call is not None:
                 await call.close()
-        elif command == "ROOM_PEER_MSG" and len(parts) == 3:
-            uid = parts[1]
-            await self._negotiate(uid, uid, self._room_sender(uid), parts[2])
-        elif command == "ERROR":
+        elif reply.word == words.ROOM_PEER_MSG:
+            uid = reply.uid
+            await self._negotiate(uid, uid, self._room_sender(uid), reply.payload)
+        elif reply.word == words.ERROR:
             self.out("error", message=text)
-        elif command != "ROOM_PEER_LIST":
+        elif reply.word != words.ROOM_PEER_LIST:
             self.out("error", message=f"unexpected message in the room: {text[:80]!r}")
 
     async def _negotiate(self, key, remote, send, payload):
         """Handle one negotiation message from ``remote``; ``key`` names its call."""
         call = self.calls.get(key)
-        if payload.strip() == "OFFER_REQUEST":
+        if payload.strip() == words.OFFER_REQUEST:
             self.out("offer-request-received", peer=remote)
             if call is not None:
                 await call.close()
@@ -725,7 +723,7 @@ class PeerRun:
     def _room_sender(self, uid):
         async def send(message):
             if self.state == "room" and uid in self.calls:
-                await self.send_text(f"ROOM_PEER_MSG {uid} {json.dumps(message)}")
+                await self.send_text(words.room_peer_msg(uid, json.dumps(message)))
 
         return send
 

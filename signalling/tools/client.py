@@ -40,7 +40,19 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 import signalling
-from signalling import wire
+from signalling.core import wire, words
+
+# The exit statuses, one table for every tool (signalling.core.words).
+from signalling.core.words import (
+    EXIT_CLOSED,
+    EXIT_CONNECT,
+    EXIT_GAVE_UP,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_SERVER_ERROR,
+    EXIT_TLS,
+    EXIT_USAGE,
+)
 
 PROG = "signalling-client"
 DEFAULT_URL = "wss://localhost:8443"
@@ -51,17 +63,6 @@ CONNECT_TIMEOUT = 10.0
 #: Seconds the WebSocket opening and closing handshakes may take.
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0
-
-EXIT_OK = 0
-#: A bug in the client (it prints a traceback).
-EXIT_INTERNAL = 1
-#: Bad command line (argparse's own status).
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_TLS = 4
-EXIT_SERVER_ERROR = 5
-EXIT_CLOSED = 6
-EXIT_GAVE_UP = 7
 
 #: Every exit status and what it means, as shown by ``--help``.
 EXIT_CODES = (
@@ -231,7 +232,7 @@ class ClientSession:
     def connection_opened(self):
         """The WebSocket is open: register."""
         self.state = "hello"
-        self._send(f"{wire.HELLO} {self.uid}")
+        self._send(words.hello(self.uid))
 
     def text_received(self, text):
         """Handle one text message from the server."""
@@ -320,18 +321,19 @@ class ClientSession:
     # Messages, by state.
 
     def _on_hello(self, text):
-        if text == wire.HELLO:
+        reply = words.parse_reply(text)
+        if reply.word == words.HELLO:
             self._output(f"Our uid is '{self.uid}'")
             if self.mode == CALL:
                 self.state = "calling"
-                self._send(f"{wire.SESSION} {self.target}")
+                self._send(words.session(self.target))
                 self._output(f"Calling '{self.target}'")
             elif self.mode == ROOM:
                 self.state = "joining"
-                self._send(f"{wire.ROOM} {self.target}")
+                self._send(words.room(self.target))
             else:
                 self.state = "waiting"
-        elif self._is_error(text):
+        elif reply.word == words.ERROR:
             self.finish(
                 EXIT_SERVER_ERROR, f"the server refused uid '{self.uid}': {text}"
             )
@@ -339,11 +341,12 @@ class ClientSession:
             self._unexpected(repr(text), "in reply to HELLO")
 
     def _on_calling(self, text):
-        if text == "SESSION_OK":
+        reply = words.parse_reply(text)
+        if reply.word == words.SESSION_OK:
             self.state = "in_session"
             self._output(f"Session with '{self.target}' started")
             self._send_sdp("offer")
-        elif self._is_error(text):
+        elif reply.word == words.ERROR:
             self.finish(EXIT_SERVER_ERROR, f"cannot call '{self.target}': {text}")
         else:
             self._unexpected(repr(text), "in reply to SESSION")
@@ -364,14 +367,14 @@ class ClientSession:
                 self.finish(EXIT_OK)
         elif kind == "offer":
             self._send_sdp("answer")
-        elif text == "OFFER_REQUEST":
+        elif text == words.OFFER_REQUEST:
             self._send_sdp("offer")
 
     def _on_joining(self, text):
-        command, rest = wire.split_command(text)
-        if command == "ROOM_OK" and text.startswith("ROOM_OK "):
+        reply = words.parse_reply(text)
+        if reply.word == words.ROOM_OK:
             self.state = "in_room"
-            members = rest.split()
+            members = reply.uids
             if members:
                 self._output(
                     f"Joined room '{self.target}'; members: {' '.join(members)}"
@@ -385,28 +388,23 @@ class ClientSession:
                     self.duration, self.time_is_up
                 )
             self._check_count()
-        elif self._is_error(text):
+        elif reply.word == words.ERROR:
             self.finish(EXIT_SERVER_ERROR, f"cannot join room '{self.target}': {text}")
         else:
             self._unexpected(repr(text), "in reply to ROOM")
 
     def _on_in_room(self, text):
-        command, rest = wire.split_command(text)
-        if command == "ROOM_PEER_JOINED" and rest and len(rest.split()) == 1:
-            self._output(f"Peer '{rest}' joined")
-            self._greet(rest)
-        elif command == "ROOM_PEER_LEFT" and rest and len(rest.split()) == 1:
-            self._output(f"Peer '{rest}' left")
-        elif command == "ROOM_PEER_MSG":
-            try:
-                sender, payload = wire.parse_room_peer_msg(rest)
-            except wire.WireError:
-                self._unexpected(repr(text))
-                return
+        reply = words.parse_reply(text)
+        if reply.word == words.ROOM_PEER_JOINED:
+            self._output(f"Peer '{reply.uid}' joined")
+            self._greet(reply.uid)
+        elif reply.word == words.ROOM_PEER_LEFT:
+            self._output(f"Peer '{reply.uid}' left")
+        elif reply.word == words.ROOM_PEER_MSG:
             self.received += 1
-            self._output(f"Message from '{sender}': {payload}")
+            self._output(f"Message from '{reply.uid}': {reply.payload}")
             self._check_count()
-        elif self._is_error(text):
+        elif reply.word == words.ERROR:
             # Only a ROOM_PEER_MSG is answered in a room, and only when it
             # fails: most likely its peer has just left. Not fatal.
             self._warn(f"warning: {text}")
@@ -425,17 +423,13 @@ class ClientSession:
 
     def _greet(self, member):
         greeting = room_greeting(self.uid)
-        self._send(f"{wire.ROOM_PEER_MSG} {member} {greeting}")
+        self._send(words.room_peer_msg(member, greeting))
         self._output(f"Sent to '{member}': {greeting}")
 
     def _check_count(self):
         if self.count is not None and self.received >= self.count:
             self._output(f"Leaving room '{self.target}'")
             self.finish(EXIT_OK)
-
-    @staticmethod
-    def _is_error(text):
-        return text.startswith("ERROR ") or text == "ERROR"
 
     def _unexpected(self, what, context=None):
         message = f"unexpected message from the server: {what}"

@@ -1,6 +1,6 @@
 """
 The signalling protocol on a WebSocket connection: Autobahn's callbacks
-adapted to the per-connection logic (:class:`signalling.connection.Connection`),
+adapted to the per-connection logic (:class:`signalling.core.connection.Connection`),
 which holds the protocol itself.
 
 :class:`SignallingServerProtocol` runs on the fast WebSocket layer,
@@ -10,17 +10,17 @@ chooses (``fast_path``). Both behave the same on the wire.
 
 from zope.interface import implementer
 
-from signalling.connection import Connection
-from signalling.interfaces import IConnectionOutput
-from signalling.websocket import FastServerProtocol, ServerProtocol, _OPEN
+from signalling.core.connection import Connection
+from signalling.core.interfaces import IConnectionOutput
+from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPEN
 
 # For tests and callers that used to find these here.
-from signalling.connection import (  # noqa: F401
+from signalling.core.connection import (  # noqa: F401
     CLOSE_HELLO_TIMEOUT,
     CLOSE_INTERNAL_ERROR,
     SHUTDOWN_CAUSE,
 )
-from signalling.websocket import MAX_REQUEST_HEAD, asks_for_websocket  # noqa: F401
+from signalling.server.websocket import MAX_REQUEST_HEAD, asks_for_websocket  # noqa: F401
 
 
 @implementer(IConnectionOutput)

@@ -3,13 +3,13 @@ The signalling logic of one connection, without Autobahn or sockets.
 
 A :class:`Connection` takes each message as it arrives (:meth:`received`),
 asks the registry, and writes through an
-:class:`signalling.interfaces.IConnectionOutput`; the registry reaches it as
-an :class:`signalling.interfaces.IPeer`, and its session partner through
-:attr:`Connection.receiver` (an :class:`signalling.interfaces.ILink`). The
-WebSocket protocol (``signalling.protocol``) only adapts Autobahn to it.
+:class:`signalling.core.interfaces.IConnectionOutput`; the registry reaches it as
+an :class:`signalling.core.interfaces.IPeer`, and its session partner through
+:attr:`Connection.receiver` (an :class:`signalling.core.interfaces.ILink`). The
+WebSocket protocol (``signalling.server.protocol``) only adapts Autobahn to it.
 
 It keeps the protocol's ordering rules under every order of answers and
-notifications the registry contract allows (``signalling.interfaces``):
+notifications the registry contract allows (``signalling.core.interfaces``):
 
 - While a command is pending, further input is held, and handled in order
   once the command is complete. ``SESSION`` and ``ROOM`` are complete when
@@ -29,8 +29,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from signalling import wire
-from signalling.interfaces import (
+from signalling.core import wire
+from signalling.core.interfaces import (
     BINARY_FRAME,
     AlreadyEngaged,
     TEXT_FRAME,
@@ -86,7 +86,7 @@ class _Pending:
 class _LoggingLink:
     """A session link that logs each payload (``--log-payloads`` only)."""
 
-    _log = Logger(namespace="signalling.connection")
+    _log = Logger(namespace="signalling.core.connection")
 
     def __init__(self, link, uid, partner_uid):
         self._link = link
@@ -110,16 +110,16 @@ class Connection:
     One signalling connection's state and logic.
 
     :param server: what the connections of a server share: ``registry``
-        (an :class:`signalling.interfaces.IRegistry`), ``clock`` (an
+        (an :class:`signalling.core.interfaces.IRegistry`), ``clock`` (an
         ``IReactorTime``), ``hello_timeout`` (seconds), ``stats`` (a
-        :class:`signalling.metrics.Stats`), ``log_payloads`` and
+        :class:`signalling.server.metrics.Stats`), ``log_payloads`` and
         ``shutting_down`` (booleans). The WebSocket factory is one.
-    :param output: the :class:`signalling.interfaces.IConnectionOutput`.
+    :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
 
     :ivar uid: the registered uid, or None.
     :ivar partner_uid: the session partner's uid, or None.
     :ivar room_id: the room's id, or None.
-    :ivar link: the :class:`signalling.interfaces.ILink` to the session
+    :ivar link: the :class:`signalling.core.interfaces.ILink` to the session
         partner, or None.
     """
 

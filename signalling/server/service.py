@@ -15,7 +15,7 @@ from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from signalling.listening import FamilyUnavailable, StartupError, cannot_listen
+from signalling.server.listening import FamilyUnavailable, StartupError, cannot_listen
 
 def raise_file_limit(log=None):
     """
@@ -54,12 +54,12 @@ class SignallingService(Service):
     :param ports: ``[(description, endpoint, factory)]`` to listen on; a
         fourth item names the option the port came from (``--port`` by
         default), for errors. An endpoint that fails with
-        :class:`signalling.listening.FamilyUnavailable` (IPv6 on a machine
+        :class:`signalling.server.listening.FamilyUnavailable` (IPv6 on a machine
         without it) is left out with a warning.
     :param ws_factories: the WebSocket factories to close on shutdown.
-    :param notifier: a :class:`signalling.systemd.Notifier`, or None.
+    :param notifier: a :class:`signalling.server.systemd.Notifier`, or None.
     :param shutdown_timeout: seconds to wait for close handshakes on shutdown.
-    :param server_tls: the :class:`signalling.tls.ServerTLS` to reload on
+    :param server_tls: the :class:`signalling.server.tls.ServerTLS` to reload on
         SIGHUP, or None.
     :param handle_signals: handle SIGHUP (reload) and SIGTERM/SIGINT (a
         graceful stop that exits with status 0); off in tests.
