@@ -34,9 +34,10 @@ from twisted.internet import reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import FailTest, SkipTest
+from tests.certificates import write_certificate
+from tests.clients import Waiting
+from tests.servers import twistd_command
 
-from tests._realserver import Waiting
-from tests.helpers import write_certificate
 
 #: The checkout root.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,14 +370,6 @@ class ServerInNamespace(OutputProcess):
         self.ca_file = None
 
 
-def twistd_argv():
-    """:returns: the argv prefix of this interpreter's ``twistd``."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [script]
-    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
-
-
 class InteropMixin:
     """
     Fixtures for a ``TestCase``: requirements, the namespace, the server and
@@ -429,7 +422,7 @@ class InteropMixin:
         else:
             args = ["--port", f"tcp:{SERVER_PORT}:interface=127.0.0.1"]
             server.url = f"ws://127.0.0.1:{SERVER_PORT}"
-        argv = twistd_argv() + ["-n", "--pidfile=", "signalling", *args]
+        argv = twistd_command() + ["-n", "--pidfile=", "signalling", *args]
         env = child_env(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
         self._spawn(server, argv, env)
         await server.until(

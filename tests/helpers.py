@@ -1,19 +1,27 @@
 """
-Shared test helpers: a fake peer for registry tests, a recording WebSocket
-client, an in-memory loopback between server and clients, and a certificate
-writer.
+Small shared test helpers: a fake peer for registry tests, the server's
+command line and its factories as tests look into them, and running
+commands (packaging, the README's commands) in a clean environment.
+
+The servers are in ``tests/servers.py``, the clients in ``tests/clients.py``,
+certificates in ``tests/certificates.py``, the backends of the conformance
+suites in ``tests/backends.py``.
 """
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet.task import Clock
-from twisted.test import iosim
-from zope.interface import implementer
-import txaio
+import os
+import shutil
 
-from signalling.server import tls
-from signalling.server.factory import SignallingServerFactory
+from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
+
 from signalling.core.interfaces import BINARY_FRAME, TEXT_FRAME, ILink, IPeer
-from signalling.core.registry import Registry
+from signalling.server import tap
+from signalling.server.factory import SignallingServerFactory
 
 
 @implementer(IPeer, ILink)
@@ -63,138 +71,115 @@ class FakePeer:
         self.calls.append(("room_message", sender_uid, payload))
 
 
-class RecordingClientProtocol(WebSocketClientProtocol):
+#: The checkout's root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+#: What is left out of the copy: local state that a fresh clone has not.
+JUNK = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "_trial_temp*",
+    "__pycache__",
+    "*.pyc",
+    "build",
+    "dist",
+    "*.egg-info",
+    "dropin.cache",
+    "twistd.pid",
+    "twistd.log*",
+)
+
+#: Seconds for one command run from the venv.
+COMMAND_TIMEOUT = 60
+
+def clean_environment():
     """
-    A real Autobahn client that records what it receives: ``messages`` holds
-    text as ``str`` and binary as ``bytes``; ``close`` is ``(wasClean, code,
-    reason)`` once the connection closed.
+    :returns: this process's environment without what would let the venv
+        see the checkout or another environment (PYTHONPATH and friends).
     """
-
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-        self.opened = False
-        self.close_info = None
-
-    def onOpen(self):
-        self.opened = True
-
-    def onMessage(self, payload, isBinary):
-        self.messages.append(payload if isBinary else payload.decode("utf-8"))
-
-    def onClose(self, wasClean, code, reason):
-        self.close_info = (wasClean, code, reason)
-
-    def send_text(self, text):
-        self.sendMessage(text.encode("utf-8"), isBinary=False)
-
-    def take(self):
-        """:returns: the messages received so far, and forgets them."""
-        messages, self.messages = self.messages, []
-        return messages
-
-    @property
-    def close_code(self):
-        """The close code the server sent, or None while open."""
-        if self.close_info is None:
-            return None
-        return self.remoteCloseCode
+    env = dict(os.environ)
+    for name in (
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "VIRTUAL_ENV",
+    ):
+        env.pop(name, None)
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
 
 
-class DeafClientProtocol(RecordingClientProtocol):
-    """A client that never answers pings, like a peer whose network died."""
-
-    def onPing(self, payload):
-        pass
-
-
-class Loopback:
+def run(executable, args, env=None, path=None, timeout=COMMAND_TIMEOUT):
     """
-    A signalling server factory and any number of real Autobahn clients
-    connected to it in memory, on one :class:`Clock` (Autobahn's own timers
-    follow it through ``txaio.config.loop``).
+    Run a command to completion on the reactor.
 
-    :param testcase: the ``TestCase``; used to patch txaio's loop.
-    :param registry: the registry; else ``backend(clock, seed)`` (see
-        ``tests/backends.py``); else a new in-memory one.
+    :returns: a Deferred firing with ``(stdout, stderr, exit code)`` as text.
     """
-
-    def __init__(self, testcase, registry=None, backend=None, seed=0, **factory_kwargs):
-        self.clock = Clock()
-        testcase.patch(txaio.config, "loop", self.clock)
-        if registry is None:
-            registry = backend(self.clock, seed) if backend is not None else Registry()
-        self.registry = registry
-        factory_kwargs.setdefault("keepalive", 5)
-        self.factory = SignallingServerFactory(
-            "ws://localhost", self.registry, self.clock, **factory_kwargs
-        )
-        self.pumps = []
-
-    def client(self, protocol=None):
-        """
-        :param protocol: the client protocol class; a
-            :class:`RecordingClientProtocol` by default.
-        :returns: a new connected (and opened) client.
-        """
-        client_factory = WebSocketClientFactory("ws://localhost")
-        client_factory.protocol = protocol or RecordingClientProtocol
-        server = self.factory.buildProtocol(None)
-        client = client_factory.buildProtocol(None)
-        pump = iosim.connect(
-            server,
-            iosim.makeFakeServer(server),
-            client,
-            iosim.makeFakeClient(client),
-            clock=self.clock,
-        )
-        client.server = server
-        client.pump = pump
-        self.pumps.append(pump)
-        return client
-
-    def deliver_bytes(self):
-        """
-        Deliver every pending byte in every direction, without moving the
-        clock: what the backend has in flight stays in flight.
-        """
-        while any(pump.pump() for pump in self.pumps):
-            pass
-
-    def flush(self):
-        """
-        Deliver every pending byte in every direction, and everything the
-        backend has in flight (moving the clock on as far as that takes),
-        until quiet.
-        """
-        next_delivery = getattr(self.registry, "next_delivery", None)
-        while True:
-            while any(pump.pump() for pump in self.pumps):
-                pass
-            wait = next_delivery() if next_delivery is not None else None
-            if wait is None:
-                return
-            self.clock.advance(wait)
-
-    def hello(self, uid, protocol=None):
-        """:returns: a client registered as ``uid``."""
-        client = self.client(protocol)
-        client.send_text(f"HELLO {uid}")
-        self.flush()
-        received = client.take()
-        if received != ["HELLO"]:
-            raise AssertionError(f"HELLO {uid} answered {received!r}")
-        return client
+    if env is None:
+        env = clean_environment()
+    d = getProcessOutputAndValue(executable, args, env=env, path=path)
+    d.addTimeout(timeout, reactor)
+    return d.addCallback(
+        lambda r: (r[0].decode(errors="replace"), r[1].decode(errors="replace"), r[2])
+    )
 
 
-def write_certificate(directory):
+def parse(*argv):
+    """:returns: ``tap.Options`` parsed from ``argv``."""
+    config = tap.Options()
+    config.parseOptions(list(argv))
+    return config
+
+
+def websocket_factory(factory):
     """
-    Write a self-signed certificate for ``localhost`` into ``directory``.
-
-    :returns: a :class:`signalling.server.tls.CertificateFiles`, with ``pem`` (the
-        certificate's PEM bytes) added for clients to trust.
+    :returns: the WebSocket factory a port listens with, ``factory`` itself,
+        after checking that its pages' site hands a WebSocket upgrade that
+        comes in over HTTP (after a plain request) back to it.
     """
-    files = tls.create_self_signed(directory)
-    with open(files.cert, "rb") as f:
-        files.pem = f.read()
-    return files
+    assert isinstance(factory, SignallingServerFactory), factory
+    assert isinstance(factory.web, Site), factory.web
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
+    request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
+    resource = factory.web.getResourceFor(request)
+    assert resource._factory is factory, resource._factory
+    return factory
+
+
+def http_get(factory, path):
+    """
+    Send a plain ``GET path`` to a port's factory over a string transport, as
+    a connection would: the WebSocket side hands it on to the pages.
+
+    :returns: the raw HTTP response bytes.
+    """
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    response = transport.value()
+    transport.protocol.connectionLost(None)
+    return response
+
+
+def unwrap(factory):
+    """:returns: the factory under a port's TLS layer, or ``factory`` itself."""
+    if isinstance(factory, TLSMemoryBIOFactory):
+        return factory.wrappedFactory
+    return factory
+
+
+def hide_service_manager(testcase):
+    """
+    Hide the systemd variables of the environment the tests run in from
+    makeService (its Notifier reads them), restoring them after the test.
+    """
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        if name in os.environ:
+            testcase.addCleanup(os.environ.__setitem__, name, os.environ.pop(name))
+
+

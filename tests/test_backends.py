@@ -26,8 +26,8 @@ from signalling.core.interfaces import (
     SessionWithSelf,
     UidTaken,
 )
-from tests import backends
 from tests.helpers import FakePeer
+from tests import backends
 
 
 class BackendTestCase(unittest.TestCase):

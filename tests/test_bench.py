@@ -25,7 +25,7 @@ from signalling.tools.bench import cli, report, wsclient
 from signalling.tools.bench.runner import Pool, ServerProbe, run_scenario
 from signalling.core.connection import Connection
 from signalling.server.protocol import SignallingServerProtocol
-from tests._realserver import RealServer
+from tests.servers import Server
 
 #: Bound for one expected message in the scenarios that should pass.
 TIMEOUT = 5.0
@@ -75,7 +75,7 @@ class ScenarioTests(unittest.TestCase):
 
     async def test_relay_reports_relayed_messages_and_round_trip_times(self):
         """Relay: messages flow both ways, with sane throughput and latency percentiles."""
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         result = await bench("relay", server.url())
         self.assertTrue(result["ok"], result)
         self.assertEqual(result["errors"], 0)
@@ -90,10 +90,10 @@ class ScenarioTests(unittest.TestCase):
 
     async def test_relay_over_tls_trusting_a_ca_file(self):
         """Relay over wss://, the server's certificate trusted through --ca-file."""
-        server = await RealServer.start(self, tls=True)
+        server = await Server.listening(self, tls=True)
         ca_file = self.mktemp()
         with open(ca_file, "wb") as f:
-            f.write(server._pem)
+            f.write(server.pem)
         result = await bench("relay", server.url(), ca_file=ca_file)
         self.assertTrue(result["ok"], result)
         self.assertGreater(result["round_trips"], 0)
@@ -101,7 +101,7 @@ class ScenarioTests(unittest.TestCase):
 
     async def test_setup_reports_calls_per_second_and_setup_times(self):
         """Setup: whole calls complete, and their set-up times are measured."""
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         result = await bench("setup", server.url())
         self.assertTrue(result["ok"], result)
         self.assertEqual(result["failures"], 0)
@@ -113,7 +113,7 @@ class ScenarioTests(unittest.TestCase):
 
     async def test_idle_registers_every_peer_and_every_peer_answers(self):
         """Idle: all peers register in the storm, memory is read, all answer afterwards."""
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         result = await bench("idle", server.url())
         self.assertTrue(result["ok"], result)
         self.assertEqual(result["registered"], 30)
@@ -127,7 +127,7 @@ class ScenarioTests(unittest.TestCase):
 
     async def test_rooms_sees_every_notice_and_message_arrive(self):
         """Rooms: every join notice and every member-to-member message is counted."""
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         result = await bench("rooms", server.url())
         self.assertTrue(result["ok"], result)
         self.assertEqual(result["notices_expected"], 2 * (4 * 3 // 2))
@@ -146,7 +146,7 @@ class BrokenServerTests(unittest.TestCase):
         :returns: our server, its connections built from ``protocol``, with
             their logic in ``connection`` (a :class:`Connection` subclass).
         """
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         if connection is not None:
             protocol = type("Broken", (protocol,), {"connection_class": connection})
         server.factory.protocol = protocol
@@ -278,8 +278,8 @@ class CommandLineTests(unittest.TestCase):
 
     async def test_compare_alternates_servers_and_reports_ratios(self):
         """--compare runs A, B, A, B, writes a JSON line per run and one comparison per scenario."""
-        ours = await RealServer.start(self, tls=False)
-        theirs = await RealServer.start(self, tls=False)
+        ours = await Server.listening(self, tls=False)
+        theirs = await Server.listening(self, tls=False)
         path = self.mktemp()
         status, stdout, stderr = await run_cli(
             ours.url(), "--server-pid", str(os.getpid()),
@@ -313,7 +313,7 @@ class CommandLineTests(unittest.TestCase):
 
     async def test_json_to_standard_output_moves_the_tables_to_standard_error(self):
         """--json - writes only JSON lines on standard output."""
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         status, stdout, stderr = await run_cli(
             server.url(), "--scenarios", "rooms", "--rooms", "1", "--members", "2",
             "--processes", "1", "--loop", "asyncio", "--json", "-",
@@ -333,10 +333,10 @@ class CommandLineTests(unittest.TestCase):
             if os.environ.get("CI"):
                 self.fail(message)
             raise unittest.SkipTest(message)
-        server = await RealServer.start(self, tls=True)
+        server = await Server.listening(self, tls=True)
         ca_file = self.mktemp()
         with open(ca_file, "wb") as f:
-            f.write(server._pem)
+            f.write(server.pem)
         status, stdout, stderr = await run_cli(
             server.url(), "--ca-file", ca_file, "--scenarios", "setup,rooms",
             "--setup-workers", "2", "--duration", "0.5", "--rooms", "1", "--members", "3",
@@ -368,7 +368,7 @@ class CommandLineTests(unittest.TestCase):
             if os.environ.get("CI") == "true":
                 self.fail(message)
             raise unittest.SkipTest(message)
-        server = await RealServer.start(self, tls=False)
+        server = await Server.listening(self, tls=False)
         directory = self.mktemp()
         path = self.mktemp()
         status, stdout, stderr = await run_cli(

@@ -38,7 +38,8 @@ from signalling.tools.client import (
 from signalling.server.factory import SignallingServerFactory
 from signalling.core.registry import Registry
 from signalling.server.web import with_pages
-from tests.helpers import write_certificate
+from tests.certificates import write_certificate
+from tests.clients import ClientProcess
 
 #: The directory that holds the ``signalling`` package, for the subprocesses.
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -710,80 +711,6 @@ class ClientRunTests(unittest.TestCase):
             "not valid for 'example.org'",
             client.describe_tls_failure(VerificationError([]), "example.org"),
         )
-
-
-class ClientProcess(protocol.ProcessProtocol):
-    """
-    A ``signalling-client`` subprocess: collects its output and tells when a
-    line appears and when it ends.
-
-    :ivar ended: fires with this object once the process has ended.
-    :ivar status: the exit status once ended (None if killed by a signal).
-    """
-
-    def __init__(self, argv):
-        self.argv = argv
-        self.out = b""
-        self.err = b""
-        self.status = None
-        self.ended = defer.Deferred()
-        self._waiting = []
-
-    def __repr__(self):
-        return f"<ClientProcess {' '.join(self.argv)}>"
-
-    def outReceived(self, data):
-        self.out += data
-        self._check()
-
-    def errReceived(self, data):
-        self.err += data
-
-    def processEnded(self, reason):
-        self.status = reason.value.exitCode
-        waiting, self._waiting = self._waiting, []
-        for line, d in waiting:
-            d.errback(
-                AssertionError(
-                    f"{self!r} ended without printing {line!r}:\n{self.report()}"
-                )
-            )
-        self.ended.callback(self)
-
-    @property
-    def lines(self):
-        """The complete lines printed to stdout so far."""
-        complete = self.out[: self.out.rfind(b"\n") + 1]
-        return complete.decode("utf-8").splitlines()
-
-    @property
-    def error_lines(self):
-        """The lines printed to stderr."""
-        return self.err.decode("utf-8").splitlines()
-
-    def report(self):
-        """:returns: the status and output, for failure messages."""
-        return (
-            f"status {self.status}\nstdout:\n{self.out.decode('utf-8', 'replace')}"
-            f"stderr:\n{self.err.decode('utf-8', 'replace')}"
-        )
-
-    def wait_for_line(self, line):
-        """:returns: a Deferred that fires once ``line`` has been printed."""
-        d = defer.Deferred()
-        self._waiting.append((line, d))
-        self._check()
-        return d
-
-    def _check(self):
-        lines = self.lines
-        still = []
-        for line, d in self._waiting:
-            if line in lines:
-                d.callback(None)
-            else:
-                still.append((line, d))
-        self._waiting = still
 
 
 class RealServerMixin:

@@ -17,9 +17,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import TestCase
+from tests.certificates import write_certificate
+from tests.clients import RawClient, WAIT, eventually
+from tests.servers import Server
 
-from tests._realserver import WAIT, RawClient, RealServer, eventually
-from tests.helpers import write_certificate
 
 MiB = 1024 * 1024
 
@@ -58,7 +59,7 @@ class IntegrationTestsMixin:
 
     async def start_server(self, **factory_kwargs):
         """:returns: another listening server, cleaned up after the test."""
-        return await RealServer.start(self, self.tls, **factory_kwargs)
+        return await Server.listening(self, self.tls, **factory_kwargs)
 
     # Checks shared by many tests.
 
@@ -1369,7 +1370,7 @@ class TLSTests(IntegrationTestsMixin, TestCase):
         """
         other = write_certificate(self.mktemp())
         options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(other.pem))
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port_number)
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port_number())
         with capturedLogs() as events:
             client = await endpoints.wrapClientTLS(options, tcp).connect(
                 Factory.forProtocol(Protocol)
@@ -1390,7 +1391,7 @@ class TLSTests(IntegrationTestsMixin, TestCase):
         A plain HTTP request on the TLS port is answered with a short 400
         that says to use https:// or wss://, and logged once at info.
         """
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port_number)
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.server.port_number())
         with capturedLogs() as events:
             raw = await tcp.connect(Factory.forProtocol(RawClient))
             raw.transport.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")

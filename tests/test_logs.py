@@ -23,7 +23,7 @@ from twisted.python.log import textFromEventDict
 from twisted.trial import unittest
 
 from signalling.server import logs
-from tests._running import RunningServer
+from tests.servers import Server
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -227,7 +227,7 @@ class SessionLogTests(unittest.TestCase):
         :returns: every event logged meanwhile (from the start of the server).
         """
         with capturedLogs() as events:
-            server = await RunningServer.start(self, "--port", LOOPBACK, *options)
+            server = await Server.start(self, "--port", LOOPBACK, *options)
             alice = await server.hello("alice")
             bob = await server.hello("bob")
             alice.send_text("SESSION bob")
@@ -356,7 +356,7 @@ class TrustProxyLogTests(unittest.TestCase):
 
         :returns: the server's "registered" event.
         """
-        server = await RunningServer.start(self, "--port", LOOPBACK, *options)
+        server = await Server.start(self, "--port", LOOPBACK, *options)
         with capturedLogs() as events:
             await server.hello(
                 "alice", headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}

@@ -9,10 +9,10 @@ public ports serve no metrics.
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
+from tests.certificates import write_certificate
+from tests.clients import eventually
+from tests.servers import Server, tls_handshake
 
-from tests._realserver import eventually
-from tests._running import RunningServer, tls_handshake
-from tests.helpers import write_certificate
 
 PLAIN = "tcp:0:interface=127.0.0.1"
 TLS = "ssl:0:interface=127.0.0.1"
@@ -74,7 +74,7 @@ class MetricsTests(unittest.TestCase):
         cert_dir = self.mktemp()
         self.files = write_certificate(cert_dir)
         self.other = write_certificate(self.mktemp())
-        self.server = await RunningServer.start(
+        self.server = await Server.start(
             self,
             "--port", PLAIN,
             "--port", TLS,
@@ -87,7 +87,8 @@ class MetricsTests(unittest.TestCase):
 
     async def scrape(self):
         """:returns: a :class:`Scrape` of ``/metrics`` on the metrics port."""
-        status, content_type, body = await self.server.get("/metrics", METRICS_PORT)
+        status, headers, body = await self.server.get("/metrics", METRICS_PORT)
+        content_type = headers[b"content-type"].decode("ascii")
         self.assertEqual(status, 200, body)
         self.assertTrue(content_type.startswith("text/plain"), content_type)
         return Scrape(body.decode("utf-8"))

@@ -16,34 +16,12 @@ import sys
 import sysconfig
 import tempfile
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
-
-#: The checkout root, copied (without local junk) for the install.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-#: What is left out of the copy: local state that a fresh clone has not.
-JUNK = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "_trial_temp*",
-    "__pycache__",
-    "*.pyc",
-    "build",
-    "dist",
-    "*.egg-info",
-    "dropin.cache",
-    "twistd.pid",
-    "twistd.log*",
-)
+from tests.helpers import COMMAND_TIMEOUT, JUNK, ROOT, clean_environment, run
 
 #: Seconds for building the venv and installing into it.
 INSTALL_TIMEOUT = 240
-#: Seconds for one command run from the venv.
-COMMAND_TIMEOUT = 60
-
 #: A wrapper that runs a command as root without the capabilities that let
 #: root write where permissions say it may not (CAP_DAC_OVERRIDE and
 #: CAP_DAC_READ_SEARCH), so that a read-only directory binds it like a user.
@@ -58,24 +36,6 @@ for capability in (1, 2):
         sys.exit("cannot drop capability %d: %s" % (capability, os.strerror(errno)))
 os.execv(sys.argv[1], sys.argv[1:])
 """
-
-
-def clean_environment():
-    """
-    :returns: this process's environment without what would let the venv
-        see the checkout or another environment (PYTHONPATH and friends).
-    """
-    env = dict(os.environ)
-    for name in (
-        "PYTHONPATH",
-        "PYTHONHOME",
-        "PYTHONSTARTUP",
-        "PYTHONUSERBASE",
-        "VIRTUAL_ENV",
-    ):
-        env.pop(name, None)
-    env["PYTHONNOUSERSITE"] = "1"
-    return env
 
 
 class Venv:
@@ -132,21 +92,6 @@ class Venv:
             raise RuntimeError(
                 f"{executable} {' '.join(args)} exited with {code}:\n{out}{err}"
             )
-
-
-def run(executable, args, env=None, path=None, timeout=COMMAND_TIMEOUT):
-    """
-    Run a command to completion on the reactor.
-
-    :returns: a Deferred firing with ``(stdout, stderr, exit code)`` as text.
-    """
-    if env is None:
-        env = clean_environment()
-    d = getProcessOutputAndValue(executable, args, env=env, path=path)
-    d.addTimeout(timeout, reactor)
-    return d.addCallback(
-        lambda r: (r[0].decode(errors="replace"), r[1].decode(errors="replace"), r[2])
-    )
 
 
 _venv = None

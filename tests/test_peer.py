@@ -15,6 +15,8 @@ import sys
 from twisted.trial import unittest
 
 from signalling.tools import peer
+from tests.clients import ClientProcess
+from tests.servers import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,14 +180,11 @@ class UnusableAnswerTests(unittest.TestCase):
         """
         from twisted.internet import reactor
 
-        from tests._realserver import RealServer
-        from tests.test_client import ClientProcess
-
-        server = await RealServer.start(self, False)
+        server = await Server.listening(self, False)
         bob = await server.hello("bob")
         argv = [
             sys.executable, "-m", "signalling.tools.peer", "--url",
-            f"ws://127.0.0.1:{server.port_number}", "--call", "bob", "--timeout", "30",
+            f"ws://127.0.0.1:{server.port_number()}", "--call", "bob", "--timeout", "30",
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(

@@ -7,288 +7,20 @@ These are slow (each starts a Python process); keep them few.
 """
 
 import os
-import socket
-import sys
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 from signalling.server import tls
-from tests.helpers import write_certificate
+from tests.certificates import write_certificate
+from tests.servers import ProcessMixin, REPLY_TIMEOUT, START_TIMEOUT, TrustOne, client_factory, free_port
 
-#: The checkout root: PYTHONPATH for the child, so that it finds
-#: twisted/plugins/signalling_plugin.py and the signalling package.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-#: How long the server may take to start or to stop.
-START_TIMEOUT = 15.0
-#: How long any one reply may take.
-REPLY_TIMEOUT = 5.0
-
-
-def twistd_command():
-    """
-    :returns: the argv prefix running this interpreter's ``twistd``: the
-        console script beside ``sys.executable`` (a venv's), else the same
-        entry point through ``-c``.
-    """
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(script, os.X_OK):
-        return [script]
-    entry = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
-    return [sys.executable, "-c", entry]
-
-
-def free_port():
-    """:returns: a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess(ProcessProtocol):
-    """
-    A running ``twistd`` child: collects its output and tells when it ends.
-
-    :ivar reason: the ``ProcessDone``/``ProcessTerminated`` it ended with,
-        or None while it runs.
-    """
-
-    def __init__(self):
-        self._chunks = []
-        self._waiting = []
-        self.reason = None
-
-    @property
-    def output(self):
-        """Everything it wrote to stdout and stderr so far, as text."""
-        return b"".join(self._chunks).decode("utf-8", "replace")
-
-    @property
-    def running(self):
-        return self.reason is None
-
-    def outReceived(self, data):
-        self._chunks.append(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.reason = reason.value
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(self.reason)
-
-    def wait(self, timeout=START_TIMEOUT):
-        """:returns: a Deferred firing with the end reason (or timing out)."""
-        d = Deferred()
-        if self.running:
-            self._waiting.append(d)
-            d.addTimeout(timeout, reactor)
-        else:
-            d.callback(self.reason)
-        return d
-
-
-class QueueClientProtocol(WebSocketClientProtocol):
-    """
-    A real Autobahn client whose received messages are taken one at a time
-    with :meth:`next_message` (text as ``str``, binary as ``bytes``).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.opened = Deferred()
-        self.lost = Deferred()
-        self._messages = DeferredQueue()
-
-    def onOpen(self):
-        self.opened.callback(self)
-
-    def onMessage(self, payload, isBinary):
-        self._messages.put(payload if isBinary else payload.decode("utf-8"))
-
-    def onClose(self, wasClean, code, reason):
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
-
-    def connectionLost(self, reason):
-        super().connectionLost(reason)
-        self.lost.callback(None)
-
-    def send_text(self, text):
-        self.sendMessage(text.encode("utf-8"), isBinary=False)
-
-    def next_message(self):
-        """:returns: a Deferred for the next message received."""
-        return self._messages.get().addTimeout(REPLY_TIMEOUT, reactor)
-
-
-def client_factory(url):
-    """
-    :returns: an Autobahn client factory for ``url`` building
-        :class:`QueueClientProtocol`.
-
-    Autobahn's handshake timers are off: every wait here has its own bound,
-    and Autobahn's batched timer leaves its pending DelayedCall behind after
-    a cancel, which trial reports as a dirty reactor.
-    """
-    factory = WebSocketClientFactory(url)
-    factory.protocol = QueueClientProtocol
-    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
-    return factory
-
-
-@implementer(IPolicyForHTTPS)
-class _TrustOne:
-    """An HTTPS policy that trusts one certificate, for the name ``localhost``."""
-
-    def __init__(self, pem):
-        self._pem = pem
-
-    def creatorForNetloc(self, hostname, port):
-        return optionsForClientTLS(
-            "localhost", trustRoot=Certificate.loadPEM(self._pem)
-        )
-
-
-class ProcessMixin:
-    """Start and stop ``twistd -n signalling`` children; always stop them."""
-
-    def setUp(self):
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.cert_dir = os.path.join(self.workdir, "certs")
-
-    def spawn(self, *args):
-        """
-        Start ``twistd -n --pidfile= signalling ARGS`` in the work directory;
-        it is killed on cleanup if still running.
-
-        :returns: its :class:`ServerProcess`.
-        """
-        server = ServerProcess()
-        argv = twistd_command() + ["-n", "--pidfile=", "signalling", *args]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        )
-        env["PYTHONUNBUFFERED"] = "1"
-        reactor.spawnProcess(server, argv[0], argv, env=env, path=self.workdir)
-        self.addCleanup(self._kill, server)
-        return server
-
-    def spawn_daemon(self, *args):
-        """
-        Start ``twistd --pidfile=P --logfile=L signalling ARGS``: twistd
-        puts the server in the background and returns.
-
-        :returns: ``(process, pid_file)``: the command twistd runs in the
-            foreground, and its pid file's path.
-        """
-        pid_file = os.path.join(self.workdir, "twistd.pid")
-        log_file = os.path.join(self.workdir, "twistd.log")
-        server = ServerProcess()
-        argv = twistd_command() + [
-            f"--pidfile={pid_file}", f"--logfile={log_file}", "signalling", *args
-        ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        )
-        reactor.spawnProcess(server, argv[0], argv, env=env, path=self.workdir)
-        self.addCleanup(self._kill, server)
-        self.addCleanup(self._kill_daemon, pid_file)
-        return server, pid_file
-
-    def _kill_daemon(self, pid_file):
-        try:
-            with open(pid_file) as f:
-                os.kill(int(f.read().strip()), 9)
-        except (OSError, ValueError):
-            pass
-
-    @inlineCallbacks
-    def _kill(self, server):
-        if server.running:
-            server.transport.signalProcess("TERM")
-            try:
-                yield server.wait(START_TIMEOUT)
-            except Exception:
-                if server.running:
-                    server.transport.signalProcess("KILL")
-                yield server.wait(START_TIMEOUT)
-                raise
-
-    @inlineCallbacks
-    def start_server(self, port_template, *args):
-        """
-        Start a server listening on ``port_template`` (with ``{port}`` for a
-        free port), retrying with another port if that one was taken
-        meanwhile.
-
-        :returns: ``(server, port)`` once the server accepts connections.
-        """
-        for attempt in range(3):
-            port = free_port()
-            server = self.spawn("--port", port_template.format(port=port), *args)
-            if (yield self.wait_until_listening(server, port)):
-                return server, port
-            if "Address already in use" not in server.output:
-                break
-        self.fail(f"the server did not start:\n{server.output}")
-
-    @inlineCallbacks
-    def wait_until_listening(self, server, port):
-        """
-        Poll (bounded) until ``server`` accepts a TCP connection on ``port``
-        and has logged that it listens there.
-
-        :returns: True once it does; False if it exited first.
-        """
-        started = reactor.seconds()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
-        while server.running:
-            if reactor.seconds() - started > START_TIMEOUT:
-                self.fail(f"the server is not listening on {port}:\n{server.output}")
-            if f"starting on {port}" in server.output:
-                try:
-                    probe = yield endpoint.connect(Factory.forProtocol(Protocol))
-                except ConnectError:
-                    pass
-                else:
-                    probe.transport.abortConnection()
-                    return True
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        return False
-
-    @inlineCallbacks
-    def stop_server(self, server, signal_name="TERM"):
-        """
-        Stop ``server`` with SIGTERM (or ``signal_name``) as an operator
-        would, and check that it shut down with exit status 0, without
-        logging a traceback or an unhandled error.
-        """
-        server.transport.signalProcess(signal_name)
-        reason = yield server.wait(START_TIMEOUT)
-        output = server.output
-        self.assertNotIn("Traceback", output)
-        self.assertNotIn("Unhandled", output)
-        self.assertIn("Server Shut Down", output)
-        self.assertIsNone(reason.signal, "ended by the signal, not by exiting")
-        self.assertEqual(reason.exitCode, 0)
-
-
-class RunningServerMixin(ProcessMixin):
+class RunningProcessMixin(ProcessMixin):
     """
     A conversation with a real server; subclasses say how to reach it:
     ``scheme`` (ws or wss), ``port_template`` and :meth:`client_endpoint`.
@@ -388,7 +120,7 @@ class RunningServerMixin(ProcessMixin):
         yield self.stop_server(self.server, "INT")
 
 
-class PlaintextProcessTests(RunningServerMixin, unittest.TestCase):
+class PlaintextProcessTests(RunningProcessMixin, unittest.TestCase):
     """``twistd -n signalling --port tcp:PORT:interface=127.0.0.1``."""
 
     scheme = "ws"
@@ -402,7 +134,7 @@ class PlaintextProcessTests(RunningServerMixin, unittest.TestCase):
         self.assertFalse(os.path.exists(self.cert_dir))
 
 
-class TLSProcessTests(RunningServerMixin, unittest.TestCase):
+class TLSProcessTests(RunningProcessMixin, unittest.TestCase):
     """
     ``twistd -n signalling --port ssl:PORT:interface=127.0.0.1`` with an
     empty ``--cert-path``: the server makes its own certificate, and the
@@ -423,7 +155,7 @@ class TLSProcessTests(RunningServerMixin, unittest.TestCase):
         )
 
     def http_policy(self):
-        return _TrustOne(self.pem())
+        return TrustOne(self.pem())
 
     def test_generated_certificate_is_written_and_logged(self):
         """

@@ -35,18 +35,9 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from signalling.server import listening, tap, tls
 from signalling.server.factory import DEFAULT_KEEPALIVE
-from tests.helpers import write_certificate
-from tests.test_process import (
-    REPLY_TIMEOUT,
-    ROOT,
-    START_TIMEOUT,
-    ProcessMixin,
-    ServerProcess,
-    _TrustOne,
-    client_factory,
-    free_port,
-    twistd_command,
-)
+from tests.certificates import write_certificate
+from tests.helpers import ROOT
+from tests.servers import ProcessMixin, REPLY_TIMEOUT, START_TIMEOUT, ServerProcess, TrustOne, client_factory, free_port, twistd_command
 
 CONTRIB = os.path.join(ROOT, "contrib")
 #: How much longer than its --shutdown-timeout a stopping server may take
@@ -870,17 +861,8 @@ class NginxTests(ProductionMixin, unittest.TestCase):
                 break
         self.fail(f"nginx did not start:\n{process.output}\n{log}")
 
-    @inlineCallbacks
     def _stop_nginx(self, process):
-        if process.running:
-            process.transport.signalProcess(signal.SIGQUIT)
-            try:
-                yield process.wait(START_TIMEOUT)
-            except Exception:
-                if process.running:
-                    process.transport.signalProcess("KILL")
-                yield process.wait(START_TIMEOUT)
-                raise
+        return self._kill(process, signal.SIGQUIT)
 
     def test_example_outlasts_the_keepalive_interval(self):
         """
@@ -920,7 +902,7 @@ class NginxTests(ProductionMixin, unittest.TestCase):
 
         pool = HTTPConnectionPool(reactor)
         self.addCleanup(pool.closeCachedConnections)
-        agent = Agent(reactor, contextFactory=_TrustOne(files.pem), pool=pool)
+        agent = Agent(reactor, contextFactory=TrustOne(files.pem), pool=pool)
         response = yield agent.request(
             b"GET", f"https://localhost:{port}/health".encode("ascii")
         ).addTimeout(REPLY_TIMEOUT, reactor)

@@ -16,9 +16,10 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.core.registry import Registry
+from tests.clients import Client
+from tests.servers import Loopback
 
 from tests import backends
-from tests.helpers import DeafClientProtocol, Loopback, RecordingClientProtocol
 
 OFFER = '{"sdp": {"type": "offer", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\n"}}'
 
@@ -79,7 +80,7 @@ class RegistrationTests(ProtocolTestCase):
         else:
             client.send_text(first)
         self.net.flush()
-        received = client.take()
+        received = client.drain()
         self.assertEqual(len(received), 1, received)
         self.assertTrue(received[0].startswith("ERROR "), received)
         self.assertEqual(client.remoteCloseCode, 1002)
@@ -112,7 +113,7 @@ class RegistrationTests(ProtocolTestCase):
         self.assertEqual(self.registry.peer_count, 1)
         alice.send_text("ROOM_PEER_LIST")
         self.net.flush()
-        self.assertEqual(alice.take(), ["ERROR not in a room"])
+        self.assertEqual(alice.drain(), ["ERROR not in a room"])
         self.close_all(alice)
 
     def test_two_hellos_with_one_uid_at_the_same_moment(self):
@@ -121,7 +122,7 @@ class RegistrationTests(ProtocolTestCase):
         first.send_text("HELLO same")
         second.send_text("HELLO same")
         self.net.flush()
-        replies = sorted([first.take(), second.take()])
+        replies = sorted([first.drain(), second.drain()])
         self.assertEqual(replies[0], ["ERROR peer uid 'same' is already taken"])
         self.assertEqual(replies[1], ["HELLO"])
         self.assertEqual(self.registry.peer_count, 1)
@@ -149,7 +150,7 @@ class RegistrationTests(ProtocolTestCase):
         alice = self.net.hello("alice")
         alice.send_text("HELLO bob")
         self.net.flush()
-        self.assertEqual(alice.take(), ["ERROR already registered"])
+        self.assertEqual(alice.drain(), ["ERROR already registered"])
         self.assertIsNone(alice.close_info)
         self.assertEqual(self.registry.peer_count, 1)
         self.close_all(alice)
@@ -165,11 +166,11 @@ class RegistrationTests(ProtocolTestCase):
         ]:
             alice.send_text(line)
             self.net.flush()
-            self.assertEqual(alice.take(), [reply])
+            self.assertEqual(alice.drain(), [reply])
         alice.sendMessage(b"\x00\x01", isBinary=True)
         self.net.flush()
         self.assertEqual(
-            alice.take(), ["ERROR binary messages are only relayed inside a session"]
+            alice.drain(), ["ERROR binary messages are only relayed inside a session"]
         )
         self.assertIsNone(alice.close_info)
         self.close_all(alice)
@@ -182,8 +183,8 @@ class SessionTests(ProtocolTestCase):
         a, b = self.net.hello(caller), self.net.hello(callee)
         a.send_text(f"SESSION {callee}")
         self.net.flush()
-        self.assertEqual(a.take(), ["SESSION_OK"])
-        self.assertEqual(b.take(), [], "the callee must be told nothing")
+        self.assertEqual(a.drain(), ["SESSION_OK"])
+        self.assertEqual(b.drain(), [], "the callee must be told nothing")
         return a, b
 
     def test_messages_are_relayed_verbatim_both_ways(self):
@@ -195,8 +196,8 @@ class SessionTests(ProtocolTestCase):
         b.send_text("HELLO x")
         b.sendMessage(b"\x00\xffbinary", isBinary=True)
         self.net.flush()
-        self.assertEqual(b.take(), [OFFER, "SESSION carol", ""])
-        self.assertEqual(a.take(), ["HELLO x", b"\x00\xffbinary"])
+        self.assertEqual(b.drain(), [OFFER, "SESSION carol", ""])
+        self.assertEqual(a.drain(), ["HELLO x", b"\x00\xffbinary"])
         self.close_all(a, b)
 
     def test_frame_logging_sends_through_autobahns_own_path(self):
@@ -215,7 +216,7 @@ class SessionTests(ProtocolTestCase):
         )
         a.send_text(OFFER)
         self.net.flush()
-        self.assertEqual(b.take(), [OFFER])
+        self.assertEqual(b.drain(), [OFFER])
         self.assertEqual(sent, [(1, OFFER.encode())])
         self.close_all(a, b)
 
@@ -225,7 +226,7 @@ class SessionTests(ProtocolTestCase):
         for i in range(1000):
             a.send_text(f"m{i}")
         self.net.flush()
-        self.assertEqual(b.take(), [f"m{i}" for i in range(1000)])
+        self.assertEqual(b.drain(), [f"m{i}" for i in range(1000)])
         self.close_all(a, b)
 
     def test_closing_one_side_closes_the_other_with_1000_and_no_message(self):
@@ -233,7 +234,7 @@ class SessionTests(ProtocolTestCase):
         a, b = self.call()
         a.sendClose(1000)
         self.net.flush()
-        self.assertEqual(b.take(), [])
+        self.assertEqual(b.drain(), [])
         self.assertEqual(b.remoteCloseCode, 1000)
         self.assertIsNotNone(b.close_info)
         self.assertTrue(self.registry.is_empty())
@@ -262,11 +263,11 @@ class SessionTests(ProtocolTestCase):
         ]:
             c.send_text(line)
             self.net.flush()
-            self.assertEqual(c.take(), [reply])
-        self.assertEqual(a.take() + b.take(), [])
+            self.assertEqual(c.drain(), [reply])
+        self.assertEqual(a.drain() + b.drain(), [])
         c.send_text("ROOM r")
         self.net.flush()
-        self.assertEqual(c.take(), ["ROOM_OK "])
+        self.assertEqual(c.drain(), ["ROOM_OK "])
         self.close_all(a, b, c)
 
     def test_crossed_calls_first_one_wins(self):
@@ -275,7 +276,7 @@ class SessionTests(ProtocolTestCase):
         a.send_text("SESSION bob")
         b.send_text("SESSION alice")
         self.net.flush()
-        got_a, got_b = a.take(), b.take()
+        got_a, got_b = a.drain(), b.drain()
         self.assertEqual(
             sorted([got_a, got_b]), sorted([["SESSION_OK", "SESSION alice"], []])
         )
@@ -294,7 +295,7 @@ class SessionTests(ProtocolTestCase):
                     a.send_text("SESSION bob")
                     b.sendClose(1000)
                 self.net.flush()
-                reply = a.take()
+                reply = a.drain()
                 if reply == ["SESSION_OK"]:
                     self.assertEqual(a.remoteCloseCode, 1000)
                 else:
@@ -314,8 +315,8 @@ class SessionTests(ProtocolTestCase):
         a.send_text(OFFER)
         a.send_text("second")
         self.net.flush()
-        self.assertEqual(a.take(), ["SESSION_OK"])
-        self.assertEqual(b.take(), [OFFER, "second"])
+        self.assertEqual(a.drain(), ["SESSION_OK"])
+        self.assertEqual(b.drain(), [OFFER, "second"])
         self.close_all(a, b)
 
     def test_a_peer_called_while_its_hello_is_answered_hears_hello_first(self):
@@ -330,11 +331,11 @@ class SessionTests(ProtocolTestCase):
         a.send_text("SESSION bob")
         a.send_text(OFFER)
         self.net.flush()
-        self.assertEqual(a.take(), ["SESSION_OK"])
-        self.assertEqual(b.take(), ["HELLO", OFFER])
+        self.assertEqual(a.drain(), ["SESSION_OK"])
+        self.assertEqual(b.drain(), ["HELLO", OFFER])
         b.send_text("answer")
         self.net.flush()
-        self.assertEqual(a.take(), ["answer"])
+        self.assertEqual(a.drain(), ["answer"])
         self.close_all(a, b)
 
     def test_what_the_callee_sends_at_once_follows_the_callers_session_ok(self):
@@ -353,8 +354,8 @@ class SessionTests(ProtocolTestCase):
             self.net.deliver_bytes()
         b.send_text("from bob at once")
         self.net.flush()
-        self.assertEqual(a.take(), ["SESSION_OK", "from bob at once"])
-        self.assertEqual(b.take(), [])
+        self.assertEqual(a.drain(), ["SESSION_OK", "from bob at once"])
+        self.assertEqual(b.drain(), [])
         self.close_all(a, b)
 
     def test_messages_of_the_evicted_partner_go_nowhere(self):
@@ -363,7 +364,7 @@ class SessionTests(ProtocolTestCase):
         a.sendClose(1000)
         b.send_text("late")
         self.net.flush()
-        self.assertEqual(a.take(), [])
+        self.assertEqual(a.drain(), [])
         self.assertTrue(self.registry.is_empty())
 
 
@@ -379,23 +380,23 @@ class RoomTests(ProtocolTestCase):
     def test_room_of_three(self):
         """ROOM_OK lists earlier members; members are told of joins, messages, leaves."""
         a = self.join("a")
-        self.assertEqual(a.take(), ["ROOM_OK "])
+        self.assertEqual(a.drain(), ["ROOM_OK "])
         b = self.join("b")
-        self.assertEqual(b.take(), ["ROOM_OK a"])
-        self.assertEqual(a.take(), ["ROOM_PEER_JOINED b"])
+        self.assertEqual(b.drain(), ["ROOM_OK a"])
+        self.assertEqual(a.drain(), ["ROOM_PEER_JOINED b"])
         c = self.join("c")
-        self.assertEqual(c.take(), ["ROOM_OK a b"])
-        self.assertEqual(a.take() + b.take(), ["ROOM_PEER_JOINED c"] * 2)
+        self.assertEqual(c.drain(), ["ROOM_OK a b"])
+        self.assertEqual(a.drain() + b.drain(), ["ROOM_PEER_JOINED c"] * 2)
         c.send_text('ROOM_PEER_MSG a {"ice":  {"candidate": "x"}}  ')
         c.send_text("ROOM_PEER_LIST")
         self.net.flush()
-        self.assertEqual(a.take(), ['ROOM_PEER_MSG c {"ice":  {"candidate": "x"}}  '])
-        self.assertEqual(c.take(), ["ROOM_PEER_LIST a b"])
-        self.assertEqual(b.take(), [])
+        self.assertEqual(a.drain(), ['ROOM_PEER_MSG c {"ice":  {"candidate": "x"}}  '])
+        self.assertEqual(c.drain(), ["ROOM_PEER_LIST a b"])
+        self.assertEqual(b.drain(), [])
         b.sendClose(1000)
         self.net.flush()
-        self.assertEqual(a.take(), ["ROOM_PEER_LEFT b"])
-        self.assertEqual(c.take(), ["ROOM_PEER_LEFT b"])
+        self.assertEqual(a.drain(), ["ROOM_PEER_LEFT b"])
+        self.assertEqual(c.drain(), ["ROOM_PEER_LEFT b"])
         self.close_all(a, b, c)
 
     def test_leaving_while_another_joins_is_told_exactly_once_or_not_at_all(self):
@@ -406,22 +407,22 @@ class RoomTests(ProtocolTestCase):
         """
         a = self.join("a")
         c = self.join("c")
-        a.take(), c.take()
+        a.drain(), c.drain()
         b = self.net.hello("b")
         b.send_text("ROOM r")
         a.sendClose(1000)
         self.net.flush()
-        got = b.take()
+        got = b.drain()
         self.assertTrue(got[0].startswith("ROOM_OK "), got)
         listed = got[0][len("ROOM_OK "):].split()
         if "a" in listed:
             self.assertEqual(got, ["ROOM_OK a c", "ROOM_PEER_LEFT a"])
         else:
             self.assertEqual(got, ["ROOM_OK c"])
-        self.assertEqual(sorted(c.take()), ["ROOM_PEER_JOINED b", "ROOM_PEER_LEFT a"])
+        self.assertEqual(sorted(c.drain()), ["ROOM_PEER_JOINED b", "ROOM_PEER_LEFT a"])
         b.send_text("ROOM_PEER_LIST")
         self.net.flush()
-        self.assertEqual(b.take(), ["ROOM_PEER_LIST c"])
+        self.assertEqual(b.drain(), ["ROOM_PEER_LIST c"])
         self.close_all(b, c)
 
     def test_peers_joining_at_once_each_hear_of_every_other_once(self):
@@ -436,7 +437,7 @@ class RoomTests(ProtocolTestCase):
             client.send_text("ROOM r")
         self.net.flush()
         for uid, client in clients.items():
-            got = client.take()
+            got = client.drain()
             self.assertTrue(got[0].startswith("ROOM_OK"), got)
             heard = got[0].split()[1:] + [
                 line.split()[1] for line in got[1:] if line.startswith("ROOM_PEER_JOINED ")
@@ -447,7 +448,7 @@ class RoomTests(ProtocolTestCase):
         clients["a"].send_text("ROOM_PEER_MSG b second")
         self.net.flush()
         self.assertEqual(
-            clients["b"].take(), ["ROOM_PEER_MSG a first", "ROOM_PEER_MSG a second"]
+            clients["b"].drain(), ["ROOM_PEER_MSG a first", "ROOM_PEER_MSG a second"]
         )
         self.close_all(*clients.values())
 
@@ -456,7 +457,7 @@ class RoomTests(ProtocolTestCase):
         a = self.join("a")
         b = self.join("b", room_id="other")
         loner = self.net.hello("loner")
-        a.take()
+        a.drain()
         for line, reply in [
             ("ROOM_PEER_MSG nobody hi", "ERROR peer 'nobody' not found"),
             ("ROOM_PEER_MSG b hi", "ERROR peer 'b' is not in the room"),
@@ -470,11 +471,11 @@ class RoomTests(ProtocolTestCase):
         ]:
             a.send_text(line)
             self.net.flush()
-            self.assertEqual(a.take(), [reply])
+            self.assertEqual(a.drain(), [reply])
         a.sendMessage(b"\x01", isBinary=True)
         self.net.flush()
         self.assertEqual(
-            a.take(), ["ERROR binary messages are only relayed inside a session"]
+            a.drain(), ["ERROR binary messages are only relayed inside a session"]
         )
         self.assertEqual(self.registry_says(self.registry.room_members, "a"), [])
         self.close_all(a, b, loner)
@@ -490,17 +491,17 @@ class RoomTests(ProtocolTestCase):
         ]:
             a.send_text(line)
             self.net.flush()
-            self.assertEqual(a.take(), [reply])
+            self.assertEqual(a.drain(), [reply])
         self.assertEqual(self.registry.room_count, 0)
         self.close_all(a)
 
     def test_room_message_to_yourself_is_delivered(self):
         """Upstream relays a member's message to itself; so do we."""
         a = self.join("a")
-        a.take()
+        a.drain()
         a.send_text("ROOM_PEER_MSG a echo")
         self.net.flush()
-        self.assertEqual(a.take(), ["ROOM_PEER_MSG a echo"])
+        self.assertEqual(a.drain(), ["ROOM_PEER_MSG a echo"])
         self.close_all(a)
 
 
@@ -515,14 +516,14 @@ class LimitsTests(ProtocolTestCase):
         c = self.net.hello("c")
         a.send_text("SESSION b")
         self.net.flush()
-        a.take()
+        a.drain()
         a.send_text("x" * 100)
         self.net.flush()
-        self.assertEqual(b.take(), ["x" * 100])
+        self.assertEqual(b.drain(), ["x" * 100])
         a.send_text("x" * 101)
         self.net.flush()
         self.assertEqual(a.remoteCloseCode, 1009)
-        self.assertEqual(b.take(), [])
+        self.assertEqual(b.drain(), [])
         self.assertEqual(b.remoteCloseCode, 1000)
         self.assertIsNone(c.close_info)
         self.assertEqual(self.registry.peer_count, 1)
@@ -534,12 +535,12 @@ class LimitsTests(ProtocolTestCase):
         a.send_text("ROOM r")
         b.send_text("ROOM r")
         self.net.flush()
-        a.take()
+        a.drain()
         line = "ROOM_PEER_MSG a " + "p" * 84
         self.assertEqual(len(line), 100)
         b.send_text(line)
         self.net.flush()
-        self.assertEqual(a.take(), ["ROOM_PEER_MSG b " + "p" * 84])
+        self.assertEqual(a.drain(), ["ROOM_PEER_MSG b " + "p" * 84])
         self.close_all(a, b)
 
     def test_invalid_utf8_closes_with_1007_and_tells_the_room(self):
@@ -548,11 +549,11 @@ class LimitsTests(ProtocolTestCase):
         a.send_text("ROOM r")
         b.send_text("ROOM r")
         self.net.flush()
-        a.take()
+        a.drain()
         b.sendMessage(b"ROOM_PEER_MSG a \xff\xfe", isBinary=False)
         self.net.flush()
         self.assertEqual(b.remoteCloseCode, 1007)
-        self.assertEqual(a.take(), ["ROOM_PEER_LEFT b"])
+        self.assertEqual(a.drain(), ["ROOM_PEER_LEFT b"])
         self.close_all(a, b)
 
 
@@ -576,7 +577,7 @@ class KeepaliveTests(ProtocolTestCase):
         """
         clock = self.net.clock
 
-        class SlowPong(RecordingClientProtocol):
+        class SlowPong(Client):
             def onPing(self, payload):
                 clock.callLater(4.9, self.sendPong, payload)
 
@@ -591,10 +592,10 @@ class KeepaliveTests(ProtocolTestCase):
     def test_peer_not_answering_is_dropped_and_its_partner_closed(self):
         """No pong within the timeout: dropped, partner closed, registry empty."""
         a = self.net.hello("a")
-        b = self.net.hello("b", protocol=DeafClientProtocol)
+        b = self.net.hello("b", answer_pings=False)
         a.send_text("SESSION b")
         self.net.flush()
-        a.take()
+        a.drain()
         self.net.clock.advance(5.1)
         self.net.flush()
         self.assertIsNone(b.close_info)
@@ -604,23 +605,23 @@ class KeepaliveTests(ProtocolTestCase):
         self.assertIsNotNone(b.close_info)
         self.assertEqual(b.remoteCloseCode, None, "dropped, not closed cleanly")
         self.assertEqual(a.remoteCloseCode, 1000)
-        self.assertEqual(a.take(), [])
+        self.assertEqual(a.drain(), [])
         self.assertTrue(self.registry.is_empty())
         self.assertEqual(self.net.factory.getConnectionCount(), 0)
 
     def test_room_members_are_told_when_a_dead_peer_is_dropped(self):
         """A member dropped by keepalive is announced with ROOM_PEER_LEFT."""
         a = self.net.hello("a")
-        b = self.net.hello("b", protocol=DeafClientProtocol)
+        b = self.net.hello("b", answer_pings=False)
         a.send_text("ROOM r")
         b.send_text("ROOM r")
         self.net.flush()
-        a.take()
+        a.drain()
         for _ in range(12):
             self.net.clock.advance(1)
             self.net.flush()
         self.assertIsNotNone(b.close_info)
-        self.assertEqual(a.take(), ["ROOM_PEER_LEFT b"])
+        self.assertEqual(a.drain(), ["ROOM_PEER_LEFT b"])
         self.assertIsNone(a.close_info)
         self.close_all(a)
 
@@ -640,7 +641,7 @@ class HelloTimeoutTests(ProtocolTestCase):
         self.net.clock.advance(0.2)
         self.net.flush()
         self.assertEqual(silent.remoteCloseCode, 1008)
-        self.assertEqual(silent.take(), [])
+        self.assertEqual(silent.drain(), [])
         self.net.clock.advance(10)
         self.net.flush()
         self.assertIsNone(registered.close_info)
@@ -705,14 +706,14 @@ class DelayedRegistryTests(unittest.TestCase):
         a.send_text("SESSION nobody")
         a.send_text("FROB")
         self.net.flush()
-        self.assertEqual(a.take(), [])
+        self.assertEqual(a.drain(), [])
         self.registry.release()
         self.net.flush()
-        self.assertEqual(a.take(), ["HELLO"])
+        self.assertEqual(a.drain(), ["HELLO"])
         self.registry.release()
         self.net.flush()
         self.assertEqual(
-            a.take(), ["ERROR peer 'nobody' not found", "ERROR unknown command 'FROB'"]
+            a.drain(), ["ERROR peer 'nobody' not found", "ERROR unknown command 'FROB'"]
         )
         a.sendClose(1000)
         self.net.flush()
@@ -727,15 +728,15 @@ class DelayedRegistryTests(unittest.TestCase):
         self.registry.release()
         self.registry.release()
         self.net.flush()
-        self.assertEqual(a.take() + b.take(), ["HELLO", "HELLO"])
+        self.assertEqual(a.drain() + b.drain(), ["HELLO", "HELLO"])
         a.send_text("SESSION b")
         a.send_text(OFFER)
         self.net.flush()
-        self.assertEqual(b.take(), [])
+        self.assertEqual(b.drain(), [])
         self.registry.release()
         self.net.flush()
-        self.assertEqual(a.take(), ["SESSION_OK"])
-        self.assertEqual(b.take(), [OFFER])
+        self.assertEqual(a.drain(), ["SESSION_OK"])
+        self.assertEqual(b.drain(), [OFFER])
         a.sendClose(1000)
         self.net.flush()
         self.assertEqual(b.remoteCloseCode, 1000)
@@ -799,7 +800,7 @@ class UnexpectedErrorTests(unittest.TestCase):
         self.assertEqual(a.remoteCloseCode, 1011)
         b.send_text("SESSION nobody")
         net.flush()
-        self.assertEqual(b.take(), ["ERROR peer 'nobody' not found"])
+        self.assertEqual(b.drain(), ["ERROR peer 'nobody' not found"])
         b.sendClose(1000)
         net.flush()
         self.assertTrue(net.registry.is_empty())

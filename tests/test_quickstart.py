@@ -23,8 +23,8 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
+from tests.helpers import JUNK, ROOT, clean_environment, run
 
-from tests.test_packaging import JUNK, ROOT, clean_environment, run
 
 #: The port the server listens on by default.
 DEFAULT_PORT = 8443

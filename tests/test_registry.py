@@ -15,8 +15,8 @@ from signalling.core.interfaces import (
     UidTaken,
 )
 from signalling.core.registry import Registry
-
 from tests.helpers import FakePeer
+
 
 
 class RegistryTestCase(unittest.TestCase):

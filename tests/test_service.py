@@ -50,16 +50,10 @@ from signalling.server import service as service_module
 from signalling.server.service import SignallingService
 from signalling.server.systemd import Notifier
 from signalling.server.web import with_pages
-from tests._realserver import WAIT, eventually
-from tests._running import (
-    NotifySocket,
-    RunningServer,
-    client_endpoint,
-    make_service,
-    tls_handshake,
-)
-from tests.helpers import write_certificate
-from tests.test_tap import hide_service_manager, websocket_factory
+from tests.certificates import write_certificate
+from tests.clients import WAIT, eventually
+from tests.helpers import hide_service_manager, websocket_factory
+from tests.servers import NotifySocket, Server, client_endpoint, make_service, tls_handshake
 
 READY = ["READY=1", "STATUS=accepting connections"]
 STOPPING = ["STOPPING=1", "STATUS=closing connections"]
@@ -235,7 +229,7 @@ class ReadinessTests(unittest.TestCase):
         loopback ports has sent READY=1 by the time its start returns, and
         at that time both ports accept WebSocket connections.
         """
-        server = await RunningServer.start(
+        server = await Server.start(
             self,
             "--port", LOOPBACK, "--port", LOOPBACK,
             environ=self.notify.environ(),
@@ -409,7 +403,7 @@ class ShutdownTests(unittest.TestCase):
         and completes once they are gone, long before the timeout; the
         registry is empty.
         """
-        server = await RunningServer.start(
+        server = await Server.start(
             self,
             "--port", LOOPBACK,
             "--port", "ssl:0:interface=127.0.0.1",
@@ -466,7 +460,7 @@ class ShutdownTests(unittest.TestCase):
         the timeout.
         """
         clock = Clock()
-        server = await RunningServer.attach(
+        server = await Server.attach(
             self, build_service(clock, shutdown_timeout=60)
         )
         clients = [await server.hello("alice"), await server.hello("bob")]
@@ -481,7 +475,7 @@ class ShutdownTests(unittest.TestCase):
     async def test_stop_without_connections_completes_at_once(self):
         """With no connection open, the stop completes once the ports are closed."""
         clock = Clock()
-        server = await RunningServer.attach(self, build_service(clock))
+        server = await Server.attach(self, build_service(clock))
         await defer.Deferred.addTimeout(server.service.stopService(), WAIT, reactor)
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -492,7 +486,7 @@ class ShutdownTests(unittest.TestCase):
         then the stop completes with a warning counting it.
         """
         clock = Clock()
-        server = await RunningServer.attach(
+        server = await Server.attach(
             self, build_service(clock, shutdown_timeout=2.0)
         )
         deaf = await server.raw()
@@ -564,7 +558,7 @@ class ReloadTests(unittest.TestCase):
         self.new = write_certificate(self.mktemp())
 
     async def start(self):
-        server = await RunningServer.start(
+        server = await Server.start(
             self,
             "--port", "ssl:0:interface=127.0.0.1",
             "--cert-path", self.cert_dir,
@@ -690,7 +684,7 @@ class ReloadTests(unittest.TestCase):
         SIGHUP handler that was there before is back.
         """
         before = signal.getsignal(signal.SIGHUP)
-        server = await RunningServer.start(
+        server = await Server.start(
             self,
             "--port", "ssl:0:interface=127.0.0.1",
             "--cert-path", self.cert_dir,
@@ -713,7 +707,7 @@ class ReloadTests(unittest.TestCase):
         there is nothing to reload, and still answers the service manager
         RELOADING=1 then READY=1.
         """
-        server = await RunningServer.start(
+        server = await Server.start(
             self, "--port", LOOPBACK, environ=self.notify.environ()
         )
         self.notify.datagrams()
@@ -734,7 +728,7 @@ class ReloadTests(unittest.TestCase):
         """
         previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
         self.addCleanup(signal.signal, signal.SIGHUP, previous)
-        await RunningServer.start(
+        await Server.start(
             self, "--port", LOOPBACK, environ=self.notify.environ(), under_twistd=True
         )
         self.assertIsNot(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
@@ -760,7 +754,7 @@ class SignalTests(unittest.TestCase):
         """
         signals = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
         before = {signum: signal.getsignal(signum) for signum in signals}
-        server = await RunningServer.start(self, "--port", LOOPBACK, under_twistd=True)
+        server = await Server.start(self, "--port", LOOPBACK, under_twistd=True)
         taken = {signum: signal.getsignal(signum) for signum in signals}
         self.assertNotEqual(taken, before)
         await server.stop()
@@ -772,7 +766,7 @@ class SignalTests(unittest.TestCase):
         """With a reactor given to makeService (tests), no signal handler changes."""
         signals = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
         before = {signum: signal.getsignal(signum) for signum in signals}
-        await RunningServer.start(self, "--port", LOOPBACK)
+        await Server.start(self, "--port", LOOPBACK)
         self.assertEqual({signum: signal.getsignal(signum) for signum in signals}, before)
 
 

@@ -15,7 +15,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
 from signalling.server.systemd import Notifier
-from tests._running import NotifySocket
+from tests.servers import NotifySocket
 
 
 class NotifyTests(unittest.SynchronousTestCase):

@@ -21,7 +21,6 @@ from twisted.internet.testing import (
     MemoryReactor,
     MemoryReactorClock,
     RaisingMemoryReactor,
-    StringTransport,
 )
 from twisted.logger import ILogObserver, Logger, LogLevel, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -40,67 +39,10 @@ from signalling.server.factory import (
 from signalling.server.metrics import Stats
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService
-from tests.helpers import write_certificate
-from tests.test_tls import tls_exchange, write_lets_encrypt_layout
+from tests.certificates import tls_exchange, write_certificate, write_lets_encrypt_layout
+from tests.helpers import hide_service_manager, http_get, parse, unwrap, websocket_factory
 
 MIB = 1024 * 1024
-
-
-def parse(*argv):
-    """:returns: ``tap.Options`` parsed from ``argv``."""
-    config = tap.Options()
-    config.parseOptions(list(argv))
-    return config
-
-
-def websocket_factory(factory):
-    """
-    :returns: the WebSocket factory a port listens with, ``factory`` itself,
-        after checking that its pages' site hands a WebSocket upgrade that
-        comes in over HTTP (after a plain request) back to it.
-    """
-    assert isinstance(factory, SignallingServerFactory), factory
-    assert isinstance(factory.web, Site), factory.web
-    request = DummyRequest([b""])
-    request.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
-    request.requestHeaders.setRawHeaders(b"connection", [b"Upgrade"])
-    resource = factory.web.getResourceFor(request)
-    assert resource._factory is factory, resource._factory
-    return factory
-
-
-def http_get(factory, path):
-    """
-    Send a plain ``GET path`` to a port's factory over a string transport, as
-    a connection would: the WebSocket side hands it on to the pages.
-
-    :returns: the raw HTTP response bytes.
-    """
-    protocol = factory.buildProtocol(None)
-    transport = StringTransport()
-    transport.protocol = protocol
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    response = transport.value()
-    transport.protocol.connectionLost(None)
-    return response
-
-
-def unwrap(factory):
-    """:returns: the factory under a port's TLS layer, or ``factory`` itself."""
-    if isinstance(factory, TLSMemoryBIOFactory):
-        return factory.wrappedFactory
-    return factory
-
-
-def hide_service_manager(testcase):
-    """
-    Hide the systemd variables of the environment the tests run in from
-    makeService (its Notifier reads them), restoring them after the test.
-    """
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        if name in os.environ:
-            testcase.addCleanup(os.environ.__setitem__, name, os.environ.pop(name))
 
 
 class OptionsTests(unittest.SynchronousTestCase):
@@ -1364,8 +1306,6 @@ class ListenCheckTests(unittest.TestCase):
 
     def test_a_busy_port_is_one_line_naming_the_option(self):
         """A port in use: a StartupError (a SystemExit) naming the address and the option."""
-        from twisted.internet import reactor
-
         endpoint = f"tcp:{self.port}:interface=127.0.0.1"
         for option in ("--port", "--metrics-port"):
             e = self.assertRaises(
@@ -1377,8 +1317,6 @@ class ListenCheckTests(unittest.TestCase):
 
     def test_a_free_port_passes_and_stays_free(self):
         """A free port passes the check, and is free again afterwards."""
-        from twisted.internet import reactor
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -1388,8 +1326,6 @@ class ListenCheckTests(unittest.TestCase):
 
     def test_endpoints_without_a_port_of_their_own_are_not_checked(self):
         """unix: and port 0 need no check."""
-        from twisted.internet import reactor
-
         listening.check_can_listen("tcp:0", "tcp:0")
         path = os.path.abspath(self.mktemp())
         listening.check_can_listen(f"unix:{path}", "unix:")

@@ -11,228 +11,19 @@ import ipaddress
 import os
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    quoteStringArgument,
-    serverFromString,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import (
-    IHandshakeListener,
-    IOpenSSLServerConnectionCreator,
-)
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, capturedLogs
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from signalling.server import tls
-from tests.helpers import write_certificate
-
-
-def _write(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _touch_all(directory, *names):
-    os.makedirs(directory, exist_ok=True)
-    for name in names:
-        _write(os.path.join(directory, name), b"")
-
-
-def _pem(cert):
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key):
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _public_der(key):
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER,
-        serialization.PublicFormat.SubjectPublicKeyInfo,
-    )
-
-
-def _certificate(subject, issuer, public_key, signing_key, ca):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def _ca_certificate(name):
-    """:returns: a new self-signed CA certificate called ``name``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    return _certificate(name, name, key.public_key(), key, True)
-
-
-def write_lets_encrypt_layout(directory, with_cert=True, with_chain=True):
-    """
-    Write what Let's Encrypt's ``live/<domain>/`` holds: ``privkey.pem``,
-    ``fullchain.pem`` and, unless told otherwise, ``cert.pem`` and
-    ``chain.pem``, for a leaf signed by an intermediate CA.
-
-    :returns: ``(leaf, intermediate)`` as ``cryptography`` certificates.
-    """
-    os.makedirs(directory, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    intermediate = _certificate("Test CA", "Test CA", ca_key.public_key(), ca_key, True)
-    leaf = _certificate("localhost", "Test CA", leaf_key.public_key(), ca_key, False)
-    _write(os.path.join(directory, "privkey.pem"), _key_pem(leaf_key))
-    _write(os.path.join(directory, "fullchain.pem"), _pem(leaf) + _pem(intermediate))
-    if with_cert:
-        _write(os.path.join(directory, "cert.pem"), _pem(leaf))
-    if with_chain:
-        _write(os.path.join(directory, "chain.pem"), _pem(intermediate))
-    return leaf, intermediate
-
-
-def listen_on(description):
-    """
-    Parse ``description`` as twistd would and listen on a memory reactor.
-
-    :returns: the ``CertificateOptions`` the TLS port was given.
-    """
-    reactor = MemoryReactor()
-    serverFromString(reactor, description).listen(Factory())
-    [(port, factory, context_factory, backlog, interface)] = reactor.sslServers
-    return context_factory
-
-
-@implementer(IHandshakeListener)
-class TLSClient(Protocol):
-    """
-    A TLS client that records the certificates the server sent, then sends
-    ``request`` (or closes at once when there is none) and keeps what comes
-    back until the connection is closed.
-
-    :ivar chain: the peer's certificate chain as sent, leaf first
-        (``cryptography`` certificates), or None if the handshake failed.
-    :ivar protocol: the protocol agreed on by ALPN, if any.
-    :ivar received: the bytes received after the handshake.
-    :ivar reason: why the connection was closed (a Failure), once it is.
-    :ivar closed: fires once the connection is closed.
-    """
-
-    def __init__(self, request=b""):
-        self.request = request
-        self.chain = None
-        self.protocol = None
-        self.received = b""
-        self.reason = None
-        self.closed = Deferred()
-
-    def handshakeCompleted(self):
-        connection = self.transport.getHandle()
-        self.chain = [c.to_cryptography() for c in connection.get_peer_cert_chain()]
-        self.protocol = self.transport.negotiatedProtocol
-        if self.request:
-            self.transport.write(self.request)
-        else:
-            self.transport.loseConnection()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.reason = reason
-        self.closed.callback(None)
-
-
-class _Tracked(ProtocolWrapper):
-    """Fires ``self.lost`` once the server side of a connection is closed."""
-
-    def connectionLost(self, reason):
-        ProtocolWrapper.connectionLost(self, reason)
-        self.lost.callback(None)
-
-
-class _TrackingFactory(WrappingFactory):
-    """Wraps a server factory; ``lost`` holds one Deferred per connection."""
-
-    protocol = _Tracked
-
-    def __init__(self, wrappedFactory):
-        super().__init__(wrappedFactory)
-        self.lost = []
-
-    def buildProtocol(self, addr):
-        protocol = super().buildProtocol(addr)
-        protocol.lost = Deferred()
-        self.lost.append(protocol.lost)
-        return protocol
-
-
-@inlineCallbacks
-def tls_exchange(server_factory, trust_pem, request=b"", alpn=None):
-    """
-    Listen with ``server_factory`` on a real loopback port, connect a
-    :class:`TLSClient` that trusts only ``trust_pem`` and checks the name
-    ``localhost`` (offering the ALPN protocols ``alpn``), and wait until both sides of the connection are closed and
-    the port no longer listens.
-
-    :returns: a Deferred firing with the :class:`TLSClient`.
-    """
-    tracking = _TrackingFactory(server_factory)
-    port = reactor.listenTCP(0, tracking, interface="127.0.0.1")
-    try:
-        client = TLSClient(request)
-        endpoint = wrapClientTLS(
-            optionsForClientTLS(
-                "localhost", trustRoot=Certificate.loadPEM(trust_pem), acceptableProtocols=alpn
-            ),
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
-        )
-        yield endpoint.connect(Factory.forProtocol(lambda: client))
-        yield client.closed
-        yield gatherResults(tracking.lost)
-    finally:
-        yield port.stopListening()
-    return client
-
-
-def serve_tls(server_tls):
-    """
-    :returns: a server factory that puts ``server_tls`` over plain TCP the
-        way ``makeService`` does for a bare ``ssl:`` port.
-    """
-    return TLSMemoryBIOFactory(server_tls, False, Factory.forProtocol(Protocol))
+from tests.certificates import ca_certificate, listen_on, pem_of, public_der, read_file, serve_tls, tls_exchange, touch_all, write_certificate, write_file, write_lets_encrypt_layout
 
 
 class FindCertificateTests(unittest.SynchronousTestCase):
@@ -247,7 +38,7 @@ class FindCertificateTests(unittest.SynchronousTestCase):
 
     def test_cert_pem_and_key_pem_are_found(self):
         """``cert.pem`` with ``key.pem`` is a pair without a chain."""
-        _touch_all(self.cert_dir, "cert.pem", "key.pem")
+        touch_all(self.cert_dir, "cert.pem", "key.pem")
         files = tls.find_certificate(self.cert_dir)
         self.assertEqual(
             (files.cert, files.key, files.chain),
@@ -260,7 +51,7 @@ class FindCertificateTests(unittest.SynchronousTestCase):
         ``privkey.pem`` and the chain ``chain.pem``, even though
         ``fullchain.pem`` is there too.
         """
-        _touch_all(
+        touch_all(
             self.cert_dir, "privkey.pem", "cert.pem", "chain.pem", "fullchain.pem"
         )
         files = tls.find_certificate(self.cert_dir)
@@ -271,7 +62,7 @@ class FindCertificateTests(unittest.SynchronousTestCase):
 
     def test_lets_encrypt_layout_without_chain_pem_has_no_chain(self):
         """``privkey.pem`` with ``cert.pem`` alone is a pair without a chain."""
-        _touch_all(self.cert_dir, "privkey.pem", "cert.pem")
+        touch_all(self.cert_dir, "privkey.pem", "cert.pem")
         files = tls.find_certificate(self.cert_dir)
         self.assertEqual(
             (files.cert, files.key, files.chain),
@@ -285,7 +76,7 @@ class FindCertificateTests(unittest.SynchronousTestCase):
         the rest its chain); no chain file is named, so that the leaf is not
         read a second time as part of its own chain.
         """
-        _touch_all(self.cert_dir, "privkey.pem", "fullchain.pem")
+        touch_all(self.cert_dir, "privkey.pem", "fullchain.pem")
         files = tls.find_certificate(self.cert_dir)
         self.assertEqual(
             (files.cert, files.key, files.chain),
@@ -294,7 +85,7 @@ class FindCertificateTests(unittest.SynchronousTestCase):
 
     def test_lets_encrypt_files_come_before_cert_and_key_pem(self):
         """When both layouts are present, Let's Encrypt's ``privkey.pem`` wins."""
-        _touch_all(self.cert_dir, "privkey.pem", "cert.pem", "key.pem")
+        touch_all(self.cert_dir, "privkey.pem", "cert.pem", "key.pem")
         files = tls.find_certificate(self.cert_dir)
         self.assertEqual(files.key, self.path("privkey.pem"))
 
@@ -305,7 +96,7 @@ class FindCertificateTests(unittest.SynchronousTestCase):
         """
         for name in ("cert.pem", "key.pem", "privkey.pem", "fullchain.pem"):
             cert_dir = os.path.join(self.cert_dir, name + ".only")
-            _touch_all(cert_dir, name)
+            touch_all(cert_dir, name)
             e = self.assertRaises(tls.TLSConfigError, tls.find_certificate, cert_dir)
             self.assertIn(name, str(e))
             self.assertIn(cert_dir, str(e))
@@ -329,7 +120,7 @@ class CreateSelfSignedTests(unittest.SynchronousTestCase):
         self.cert_dir = os.path.join(self.mktemp(), "nested", "certs")
         self.now = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
         self.files = tls.create_self_signed(self.cert_dir, now=self.now)
-        self.cert = x509.load_pem_x509_certificate(_read(self.files.cert))
+        self.cert = x509.load_pem_x509_certificate(read_file(self.files.cert))
 
     def test_files_are_cert_pem_and_key_pem_in_a_created_directory(self):
         """The pair is written as cert.pem and key.pem, creating the directory."""
@@ -387,7 +178,7 @@ class CreateSelfSignedTests(unittest.SynchronousTestCase):
         """
         cert, key, chain = tls.load_certificate(self.files)
         self.assertEqual(cert, self.cert)
-        self.assertEqual(_public_der(key), _public_der(self.cert))
+        self.assertEqual(public_der(key), public_der(self.cert))
         self.assertEqual(chain, [])
 
     def test_our_tls_layer_accepts_the_pair(self):
@@ -412,12 +203,12 @@ class CreateSelfSignedTests(unittest.SynchronousTestCase):
         other = tls.create_self_signed(self.mktemp())
         other_cert, other_key, _ = tls.load_certificate(other)
         self.assertNotEqual(tls.fingerprint(other_cert), tls.fingerprint(self.cert))
-        self.assertNotEqual(_public_der(other_key), _public_der(self.cert))
+        self.assertNotEqual(public_der(other_key), public_der(self.cert))
 
     def test_unwritable_directory_is_a_one_line_error(self):
         """A cert dir that cannot be created raises TLSConfigError naming it."""
         blocker = self.mktemp()
-        _write(blocker, b"a file, not a directory")
+        write_file(blocker, b"a file, not a directory")
         cert_dir = os.path.join(blocker, "certs")
         e = self.assertRaises(tls.TLSConfigError, tls.create_self_signed, cert_dir)
         self.assertIn(cert_dir, str(e))
@@ -498,12 +289,12 @@ class RefusalTestsMixin:
 
     def test_certificate_that_is_not_pem_is_refused(self):
         """A certificate file without a PEM certificate is refused."""
-        _write(self.files.cert, b"this is not a certificate\n")
+        write_file(self.files.cert, b"this is not a certificate\n")
         self.assertConfigError(self.files, "not a PEM certificate", self.files.cert)
 
     def test_empty_certificate_file_is_refused(self):
         """An empty certificate file is refused, naming it."""
-        _write(self.files.cert, b"")
+        write_file(self.files.cert, b"")
         self.assertConfigError(self.files, "not a PEM certificate", self.files.cert)
 
     def test_certificate_file_holding_a_key_is_refused(self):
@@ -517,7 +308,7 @@ class RefusalTestsMixin:
     def test_chain_that_is_not_pem_is_refused(self):
         """A chain file without PEM certificates is refused, naming it."""
         chain = self.files.cert + ".chain"
-        _write(chain, b"\x30\x82 DER or junk, not PEM")
+        write_file(chain, b"\x30\x82 DER or junk, not PEM")
         self.assertConfigError(
             tls.CertificateFiles(self.files.cert, self.files.key, chain),
             "chain",
@@ -527,13 +318,13 @@ class RefusalTestsMixin:
 
     def test_key_that_is_not_pem_is_refused(self):
         """A key file without a PEM private key is refused."""
-        _write(self.files.key, b"\x00\x01 binary junk")
+        write_file(self.files.key, b"\x00\x01 binary junk")
         self.assertConfigError(self.files, "private key", self.files.key)
 
     def test_encrypted_key_is_refused(self):
         """A passphrase-protected key cannot be used unattended, and says so."""
-        key = serialization.load_pem_private_key(_read(self.files.key), password=None)
-        _write(
+        key = serialization.load_pem_private_key(read_file(self.files.key), password=None)
+        write_file(
             self.files.key,
             key.private_bytes(
                 serialization.Encoding.PEM,
@@ -580,7 +371,7 @@ class LoadCertificateChainTests(unittest.SynchronousTestCase):
         leaf, intermediate = write_lets_encrypt_layout(self.cert_dir)
         cert, key, chain = tls.load_certificate(tls.find_certificate(self.cert_dir))
         self.assertEqual((cert, chain), (leaf, [intermediate]))
-        self.assertEqual(_public_der(key), _public_der(leaf))
+        self.assertEqual(public_der(key), public_der(leaf))
 
     def test_fullchain_alone_gives_the_leaf_once_and_its_chain(self):
         """
@@ -613,13 +404,13 @@ class LoadCertificateChainTests(unittest.SynchronousTestCase):
         in order, each certificate once.
         """
         leaf, intermediate = write_lets_encrypt_layout(self.cert_dir)
-        first, second = _ca_certificate("First"), _ca_certificate("Second")
-        _write(
-            self.path("cert.pem"), _pem(leaf) + _pem(first) + _pem(intermediate)
+        first, second = ca_certificate("First"), ca_certificate("Second")
+        write_file(
+            self.path("cert.pem"), pem_of(leaf) + pem_of(first) + pem_of(intermediate)
         )
-        _write(
+        write_file(
             self.path("chain.pem"),
-            _pem(intermediate) + _pem(second) + _pem(leaf) + _pem(second),
+            pem_of(intermediate) + pem_of(second) + pem_of(leaf) + pem_of(second),
         )
         cert, _, chain = tls.load_certificate(tls.find_certificate(self.cert_dir))
         self.assertEqual(cert, leaf)
@@ -677,7 +468,7 @@ class ServerTLSTests(unittest.TestCase):
         """With Let's Encrypt's files the leaf is served with chain.pem after it."""
         leaf, intermediate = write_lets_encrypt_layout(self.cert_dir)
         server_tls = tls.ServerTLS(tls.find_certificate(self.cert_dir))
-        client = yield tls_exchange(serve_tls(server_tls), _pem(intermediate))
+        client = yield tls_exchange(serve_tls(server_tls), pem_of(intermediate))
         self.assertEqual(client.chain, [leaf, intermediate])
 
     @inlineCallbacks
@@ -691,7 +482,7 @@ class ServerTLSTests(unittest.TestCase):
             self.cert_dir, with_cert=False, with_chain=False
         )
         server_tls = tls.ServerTLS(tls.find_certificate(self.cert_dir))
-        client = yield tls_exchange(serve_tls(server_tls), _pem(intermediate))
+        client = yield tls_exchange(serve_tls(server_tls), pem_of(intermediate))
         self.assertEqual(client.chain, [leaf, intermediate])
 
 
@@ -716,7 +507,7 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
         self.assertTrue(os.path.isfile(key))
         self.assertEqual(
             server_tls.serverConnectionForTLS(None).get_certificate().to_cryptography(),
-            x509.load_pem_x509_certificate(_read(cert)),
+            x509.load_pem_x509_certificate(read_file(cert)),
         )
 
     def test_existing_pair_is_served(self):
@@ -731,10 +522,10 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
     def test_existing_pair_is_used_and_left_alone(self):
         """An existing cert.pem/key.pem pair is used, not replaced."""
         files = write_certificate(self.cert_dir)
-        key_before = _read(files.key)
+        key_before = read_file(files.key)
         tls.server_tls(self.cert_dir)
-        self.assertEqual(_read(files.cert), files.pem)
-        self.assertEqual(_read(files.key), key_before)
+        self.assertEqual(read_file(files.cert), files.pem)
+        self.assertEqual(read_file(files.key), key_before)
         self.assertEqual(sorted(os.listdir(self.cert_dir)), ["cert.pem", "key.pem"])
 
     def test_paths_with_colons_spaces_and_backslashes_are_served(self):
@@ -769,7 +560,7 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
         with capturedLogs() as events:
             tls.server_tls(self.cert_dir)
         cert_file = os.path.join(self.cert_dir, "cert.pem")
-        cert = x509.load_pem_x509_certificate(_read(cert_file))
+        cert = x509.load_pem_x509_certificate(read_file(cert_file))
         created = [e for e in events if e.get("log_namespace") == "signalling.server.tls"]
         self.assertEqual(len(created), 1, created)
         [event] = created
@@ -799,7 +590,7 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
         """A cert dir whose key.pem belongs to another certificate is refused."""
         files = write_certificate(self.cert_dir)
         other = write_certificate(self.mktemp())
-        _write(files.key, _read(other.key))
+        write_file(files.key, read_file(other.key))
         e = self.assertRaises(tls.TLSConfigError, tls.server_tls, self.cert_dir)
         self.assertIn("does not match", str(e))
 
@@ -813,7 +604,7 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
         os.remove(files.key)
         e = self.assertRaises(tls.TLSConfigError, tls.server_tls, self.cert_dir)
         self.assertIn("key.pem", str(e))
-        self.assertEqual(_read(files.cert), files.pem)
+        self.assertEqual(read_file(files.cert), files.pem)
         self.assertFalse(os.path.exists(files.key))
 
     def test_lone_key_is_an_error_and_is_not_overwritten(self):
@@ -822,11 +613,11 @@ class ServerTLSForCertDirTests(unittest.SynchronousTestCase):
         error naming the missing cert.pem; the operator's key is not replaced.
         """
         files = write_certificate(self.cert_dir)
-        key = _read(files.key)
+        key = read_file(files.key)
         os.remove(files.cert)
         e = self.assertRaises(tls.TLSConfigError, tls.server_tls, self.cert_dir)
         self.assertIn("cert.pem", str(e))
-        self.assertEqual(_read(files.key), key)
+        self.assertEqual(read_file(files.key), key)
         self.assertFalse(os.path.exists(files.cert))
 
 

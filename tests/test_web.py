@@ -25,7 +25,7 @@ from signalling.server import protocol as web_protocol
 from signalling.server import tap, web
 from signalling.server.factory import SignallingServerFactory
 from signalling.core.registry import Registry
-from tests.test_tap import http_get
+from tests.helpers import http_get
 
 _CONFIG = re.compile(r'<script id="config" type="application/json">(.*?)</script>', re.S)
 

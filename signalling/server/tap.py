@@ -103,6 +103,10 @@ class Options(usage.Options):
         ["hello-timeout", None, _factory.DEFAULT_HELLO_TIMEOUT,
          "Seconds a new connection has to send HELLO before it is closed.",
          _positive(float)],
+        ["close-timeout", None, _factory.CLOSE_HANDSHAKE_TIMEOUT,
+         "Seconds a connection the server closes may take: for the peer to "
+         "answer the close, and for its TCP (and TLS) connection to end; then "
+         "it is dropped.", _positive(float)],
         ["shutdown-timeout", None, 5.0,
          "On SIGTERM/SIGINT: seconds to wait for connections to close after "
          "they were sent close code 1001.", _positive(float)],
@@ -242,6 +246,7 @@ def makeService(config, reactor=None):
             stats=stats,
             trust_proxy=config["trust-proxy"],
             log_payloads=config["log-payloads"],
+            close_timeout=config["close-timeout"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])

@@ -1,8 +1,10 @@
 """
-Support for the integration tests: a real signalling server listening on a
-loopback port (plaintext or TLS), real Autobahn WebSocket clients that record
-what they receive, a raw client that writes hand-made RFC 6455 frames or plain
-HTTP, and the cleanup every test ends with.
+The test clients: the one WebSocket client the tests talk to the server
+with (:class:`Client`, a real Autobahn client, over real sockets or over
+``twisted.test.iosim`` in memory), a raw client for hand-made frames and
+plain HTTP (:class:`RawClient`), one that never answers a close
+(:class:`StubbornTLSClient`), a TLS client that records the handshake
+(:class:`TLSClient`), and a tool run as a process (:class:`ClientProcess`).
 
 Everything waits on the real reactor with a bound: a wait that runs out fails
 the test with what was received so far, long before trial's own timeout.
@@ -14,18 +16,12 @@ import struct
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import defer, endpoints, reactor, task
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.trial.unittest import FailTest
-
 from OpenSSL import SSL, crypto
-
-from signalling.server import tls as _tls
-from signalling.server.factory import SignallingServerFactory
-from signalling.core.registry import Registry
-from signalling.server.web import with_pages
-from tests.helpers import write_certificate
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import FailTest
+from zope.interface import implementer
 
 #: Longest time, in seconds, any one expected event may take.
 WAIT = 5.0
@@ -148,6 +144,8 @@ class Client(Waiting, WebSocketClientProtocol):
         self.close_code = None
         self.close_reason = None
         self.unread_at_close = None
+        #: ``(wasClean, code, reason)`` as Autobahn reported the close, or None.
+        self.close_info = None
         self._waiters = []
 
     def __repr__(self):
@@ -167,6 +165,9 @@ class Client(Waiting, WebSocketClientProtocol):
         if self.answer_pings:
             super().onPing(payload)
         self._changed()
+
+    def onClose(self, wasClean, code, reason):
+        self.close_info = (wasClean, code, reason)
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
@@ -203,6 +204,19 @@ class Client(Waiting, WebSocketClientProtocol):
     def unread(self):
         """:returns: the messages received and not yet read, without reading them."""
         return self.messages[self._cursor:]
+
+    def drain(self):
+        """
+        :returns: the messages received and not yet read, and reads them
+            (for tests in memory, where everything has arrived already).
+        """
+        taken = self.messages[self._cursor:]
+        self._cursor = len(self.messages)
+        return taken
+
+    def next_message(self, timeout=WAIT):
+        """:returns: a Deferred for :meth:`next` (for ``inlineCallbacks`` tests)."""
+        return defer.ensureDeferred(self.next(timeout))
 
     async def next(self, timeout=WAIT):
         """:returns: the next message not yet read, waiting for it if needed."""
@@ -272,13 +286,16 @@ class Client(Waiting, WebSocketClientProtocol):
             self.transport.abortConnection()
 
 
-class _ClientFactory(WebSocketClientFactory):
-    """Hands every client it builds to the server fixture for cleanup."""
+class ClientFactory(WebSocketClientFactory):
+    """
+    Builds :class:`Client` s, handing each to ``on_build`` (the server
+    fixture, which closes them after the test).
+    """
 
     protocol = Client
 
-    def __init__(self, url, on_build):
-        super().__init__(url)
+    def __init__(self, url, on_build=lambda client: None, **kwargs):
+        super().__init__(url, **kwargs)
         self._on_build = on_build
 
     def buildProtocol(self, addr):
@@ -529,205 +546,119 @@ class _TLSTransport:
         return self._tcp.getHost()
 
 
-class RealServer:
+
+@implementer(IHandshakeListener)
+class TLSClient(Protocol):
     """
-    A signalling server listening on ``127.0.0.1``, built the way
-    ``signalling.server.tap.makeService`` builds it, with its clients.
+    A TLS client that records the certificates the server sent, then sends
+    ``request`` (or closes at once when there is none) and keeps what comes
+    back until the connection is closed.
 
-    Create it with :meth:`start`; it registers its own cleanup on the test:
-    close every client, wait until the server has no connection left, stop
-    listening, and check that the registry is empty.
-
-    :param testcase: the running ``TestCase``.
-    :param tls: listen with TLS (``ssl:``) rather than plaintext (``tcp:``).
-    :param factory_kwargs: ``keepalive``, ``max_message``, ``hello_timeout``.
+    :ivar chain: the peer's certificate chain as sent, leaf first
+        (``cryptography`` certificates), or None if the handshake failed.
+    :ivar protocol: the protocol agreed on by ALPN, if any.
+    :ivar received: the bytes received after the handshake.
+    :ivar reason: why the connection was closed (a Failure), once it is.
+    :ivar closed: fires once the connection is closed.
     """
 
-    def __init__(self, testcase, tls, **factory_kwargs):
-        self.testcase = testcase
-        self.tls = tls
-        self.registry = Registry()
-        self.factory = SignallingServerFactory(None, self.registry, reactor, **factory_kwargs)
-        with_pages(self.factory, b"/health")
-        self.clients = []
-        self.raw_clients = []
-        self.port = None
-        self._pem = None
-        self._count = 0
+    def __init__(self, request=b""):
+        self.request = request
+        self.chain = None
+        self.protocol = None
+        self.received = b""
+        self.reason = None
+        self.closed = defer.Deferred()
 
-    @classmethod
-    async def start(cls, testcase, tls, **factory_kwargs):
-        """:returns: a listening :class:`RealServer`, cleaned up after the test."""
-        server = cls(testcase, tls, **factory_kwargs)
-        factory = server.factory
-        if tls:
-            # The project's own TLS layer, as for a bare ssl: port.
-            files = write_certificate(testcase.mktemp())
-            server._pem = files.pem
-            factory = _tls.ServerTLSFactory(_tls.ServerTLS(files), server.factory)
-        endpoint = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
-        server.port = await endpoint.listen(factory)
-        testcase.addCleanup(server.stop)
-        return server
+    def handshakeCompleted(self):
+        connection = self.transport.getHandle()
+        self.chain = [c.to_cryptography() for c in connection.get_peer_cert_chain()]
+        self.protocol = self.transport.negotiatedProtocol
+        if self.request:
+            self.transport.write(self.request)
+        else:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        self.closed.callback(None)
+
+
+
+class ClientProcess(protocol.ProcessProtocol):
+    """
+    A ``signalling-client`` subprocess: collects its output and tells when a
+    line appears and when it ends.
+
+    :ivar ended: fires with this object once the process has ended.
+    :ivar status: the exit status once ended (None if killed by a signal).
+    """
+
+    def __init__(self, argv):
+        self.argv = argv
+        self.out = b""
+        self.err = b""
+        self.status = None
+        self.ended = defer.Deferred()
+        self._waiting = []
+
+    def __repr__(self):
+        return f"<ClientProcess {' '.join(self.argv)}>"
+
+    def outReceived(self, data):
+        self.out += data
+        self._check()
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.status = reason.value.exitCode
+        waiting, self._waiting = self._waiting, []
+        for line, d in waiting:
+            d.errback(
+                AssertionError(
+                    f"{self!r} ended without printing {line!r}:\n{self.report()}"
+                )
+            )
+        self.ended.callback(self)
 
     @property
-    def port_number(self):
-        return self.port.getHost().port
+    def lines(self):
+        """The complete lines printed to stdout so far."""
+        complete = self.out[: self.out.rfind(b"\n") + 1]
+        return complete.decode("utf-8").splitlines()
 
     @property
-    def scheme(self):
-        return "wss" if self.tls else "ws"
+    def error_lines(self):
+        """The lines printed to stderr."""
+        return self.err.decode("utf-8").splitlines()
 
-    def url(self, path="/"):
-        return f"{self.scheme}://localhost:{self.port_number}{path}"
-
-    def _endpoint(self):
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number, timeout=5)
-        if not self.tls:
-            return tcp
-        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(self._pem))
-        return endpoints.wrapClientTLS(options, tcp)
-
-    # Clients.
-
-    async def connect(self, path="/", name=None, answer_pings=True):
-        """:returns: a new open :class:`Client` (not yet registered)."""
-        self._count += 1
-        label = name or f"client-{self._count}"
-
-        def built(client):
-            client.name = label
-            client.answer_pings = answer_pings
-            self.clients.append(client)
-
-        client_factory = _ClientFactory(self.url(path), built)
-        client_factory.setProtocolOptions(
-            # Bound the closing handshake so cleanup never hangs.
-            closeHandshakeTimeout=2,
-            serverConnectionDropTimeout=2,
-            openHandshakeTimeout=5,
-        )
-        client = await self._endpoint().connect(client_factory)
-        await defer.Deferred.addTimeout(client.opened, WAIT, reactor)
-        return client
-
-    async def hello(self, uid, **kwargs):
-        """:returns: a new :class:`Client` registered as ``uid``."""
-        client = await self.connect(name=kwargs.pop("name", uid), **kwargs)
-        client.send_text(f"HELLO {uid}")
-        answer = await client.next()
-        if answer != "HELLO":
-            raise FailTest(f"HELLO {uid} was answered {answer!r}")
-        return client
-
-    async def session(self, caller_uid, callee_uid):
-        """:returns: ``(caller, callee)``, registered and in a session."""
-        callee = await self.hello(callee_uid)
-        caller = await self.hello(caller_uid)
-        caller.send_text(f"SESSION {callee_uid}")
-        await caller.expect("SESSION_OK")
-        return caller, callee
-
-    async def room(self, room_id, *uids):
-        """
-        :returns: clients registered as ``uids``, all in ``room_id``, joined
-            in order, with the notices of the joins already read.
-        """
-        members = []
-        for uid in uids:
-            client = await self.hello(uid)
-            client.send_text(f"ROOM {room_id}")
-            await client.expect("ROOM_OK " + " ".join(m.name for m in members))
-            for member in members:
-                await member.expect(f"ROOM_PEER_JOINED {uid}")
-            members.append(client)
-        return members
-
-    async def raw(self):
-        """:returns: a connected :class:`RawClient` (nothing sent yet)."""
-        client = await self._endpoint().connect(Factory.forProtocol(RawClient))
-        self.raw_clients.append(client)
-        return client
-
-    async def stubborn(self):
-        """
-        :returns: a connected raw client that never answers a close: over
-            TLS a :class:`StubbornTLSClient`, which ignores ``close_notify``
-            too; over plaintext a :class:`RawClient`.
-        """
-        if not self.tls:
-            return await self.raw()
-        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_number, timeout=5)
-        client = await tcp.connect(Factory.forProtocol(lambda: StubbornTLSClient(self._pem)))
-        self.raw_clients.append(client)
-        return client
-
-    async def http(self, request):
-        """
-        Send one raw HTTP request and read the answer.
-
-        :returns: ``(status, headers, body)``; ``headers`` maps lower-case
-            names to values.
-        """
-        client = await self.raw()
-        client.transport.write(request)
-        data = await client.response()
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers, body
-
-    async def get(self, path):
-        """:returns: ``(status, headers, body)`` of a plain ``GET``."""
-        return await self.http(
-            b"GET " + path.encode("ascii") + b" HTTP/1.1\r\n"
-            b"Host: localhost:" + str(self.port_number).encode("ascii") + b"\r\n"
-            b"Connection: close\r\n\r\n"
+    def report(self):
+        """:returns: the status and output, for failure messages."""
+        return (
+            f"status {self.status}\nstdout:\n{self.out.decode('utf-8', 'replace')}"
+            f"stderr:\n{self.err.decode('utf-8', 'replace')}"
         )
 
-    async def wait_for_connections(self, count, timeout=WAIT):
-        """Wait until the server holds exactly ``count`` WebSocket connections."""
-        await eventually(
-            lambda: self.factory.getConnectionCount() == count,
-            lambda: f"{count} connections (have {self.factory.getConnectionCount()})",
-            timeout,
-        )
+    def wait_for_line(self, line):
+        """:returns: a Deferred that fires once ``line`` has been printed."""
+        d = defer.Deferred()
+        self._waiting.append((line, d))
+        self._check()
+        return d
 
-    def leftover_timers(self):
-        """
-        :returns: the reactor's pending calls that belong to this server's
-            WebSocket factory (Autobahn's batched timers: handshake timeouts,
-            keepalive). Once no connection is left, there should be none.
-        """
-        timer = self.factory._batched_timer
-        return [
-            call
-            for call in reactor.getDelayedCalls()
-            if call.active() and getattr(call.func, "__self__", None) is timer
-        ]
+    def _check(self):
+        lines = self.lines
+        still = []
+        for line, d in self._waiting:
+            if line in lines:
+                d.callback(None)
+            else:
+                still.append((line, d))
+        self._waiting = still
 
-    # Cleanup.
 
-    async def stop(self):
-        """
-        Close every client, wait for the server to let go, stop listening,
-        check the registry.
-        """
-        try:
-            await close_clients(
-                self.clients,
-                self.raw_clients,
-                lambda: self.factory.getConnectionCount() == 0,
-            )
-        finally:
-            await self.port.stopListening()
-        registry = self.registry
-        if not registry.is_empty():
-            raise FailTest(
-                f"registry not empty after the test: {registry.peer_count} peers, "
-                f"{registry.session_count} sessions, {registry.room_count} rooms"
-            )
