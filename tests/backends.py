@@ -241,6 +241,9 @@ class _RemoteLink:
             self._sender_uid, self._peer, self._peer.receiver.send_frames, list(frames)
         )
 
+    def set_backpressure(self, active):
+        """A remote link does not hold its partner back (the contract allows it)."""
+
 
 def reordering(clock, seed):
     """:returns: the in-memory registry behind a reordering network."""

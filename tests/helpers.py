@@ -47,6 +47,9 @@ class FakePeer:
         for first, payload in frames:
             self.frames.append((payload, first == BINARY_FRAME))
 
+    def set_backpressure(self, active):
+        self.calls.append(("set_backpressure", active))
+
     def send(self, payload, is_binary):
         """Relay one message to the partner through the link handed over."""
         self.link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))

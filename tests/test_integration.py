@@ -930,6 +930,32 @@ class IntegrationTestsMixin:
         await raw.response()
         await self.assert_closed_by_partner(callee)
 
+    async def test_an_invalid_close_frame_is_answered_with_a_close_frame_naming_the_fault(self):
+        """
+        RFC 6455 7.1.7 and 7.4.1: a close frame with a 1-byte payload or a
+        code no endpoint may send (999, 1005, 5000) is answered with 1002; a
+        reason that is not UTF-8 with 1007. The connection is not just dropped.
+        """
+        cases = [
+            (b"\x03", 1002),
+            (struct.pack("!H", 999), 1002),
+            (struct.pack("!H", 1005), 1002),
+            (struct.pack("!H", 1006), 1002),
+            (struct.pack("!H", 5000), 1002),
+            (struct.pack("!H", 1000) + b"\xff\xfe", 1007),
+        ]
+        for payload, code in cases:
+            raw = await self.server.raw()
+            await raw.upgrade()
+            raw.send_frame(1, b"HELLO closer")
+            raw.send_frame(8, payload)
+            (got, _), frames = await raw.close_frame()
+            self.assertEqual((payload, got), (payload, code))
+            self.assertEqual(frames, [(1, b"HELLO")])
+            await raw.dropped()
+            await self.server.wait_for_connections(0)
+        self.assertTrue(self.server.registry.is_empty())
+
     # A failed connection lets go at once, and its transport in bounded time.
 
     async def closing_server(self, **factory_kwargs):

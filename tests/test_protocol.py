@@ -1044,3 +1044,98 @@ def _variants():
 
 
 globals().update(_variants())
+
+
+class BackpressureTests(unittest.TestCase):
+    """
+    A peer that does not read what is sent to it: its transport tells the
+    server (it pauses the connection's output guard), and the server stops
+    reading from it and from its session partner, or, when many send to it
+    (a room), closes it with 1008 past the output bound.
+    """
+
+    def connect(self, uid, fast_path=True):
+        proto = self.factory.buildProtocol(None)
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        proto.dataReceived(masked_frame(f"HELLO {uid}".encode()))
+        self.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
+        transport.clear()
+        return proto, transport
+
+    def setUp(self):
+        self.net = Loopback(self, max_output=10_000)
+        self.factory = self.net.factory
+
+    def test_a_partner_that_does_not_read_holds_the_sender_back_until_it_drains(self):
+        """
+        In a session, the receiver's full output pauses reading from the
+        receiver and from the sender; once it drains, both read again.
+        """
+        alice, alice_transport = self.connect("alice")
+        bob, bob_transport = self.connect("bob")
+        alice.dataReceived(masked_frame(b"SESSION bob"))
+        self.assertEqual(alice_transport.producerState, "producing")
+        bob_transport.producer.pauseProducing()
+        self.assertEqual(bob_transport.producerState, "paused")
+        self.assertEqual(alice_transport.producerState, "paused")
+        bob_transport.producer.resumeProducing()
+        self.assertEqual(bob_transport.producerState, "producing")
+        self.assertEqual(alice_transport.producerState, "producing")
+
+    def test_a_sender_held_back_by_two_reasons_reads_again_when_both_are_gone(self):
+        """The sender's own full output and its partner's each hold it; both must clear."""
+        alice, alice_transport = self.connect("alice")
+        bob, bob_transport = self.connect("bob")
+        alice.dataReceived(masked_frame(b"SESSION bob"))
+        bob_transport.producer.pauseProducing()
+        alice_transport.producer.pauseProducing()
+        bob_transport.producer.resumeProducing()
+        self.assertEqual(alice_transport.producerState, "paused")
+        alice_transport.producer.resumeProducing()
+        self.assertEqual(alice_transport.producerState, "producing")
+
+    def test_when_a_slow_reader_goes_its_partner_is_read_again(self):
+        """A connection that held its partner back lets go of it when it closes."""
+        alice, alice_transport = self.connect("alice")
+        bob, bob_transport = self.connect("bob")
+        alice.dataReceived(masked_frame(b"SESSION bob"))
+        bob_transport.producer.pauseProducing()
+        bob.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(alice_transport.producerState, "producing")
+
+    def test_a_room_member_that_does_not_read_is_closed_past_the_output_bound(self):
+        """
+        In a room, a member whose unread output passes ``max_output`` is
+        closed with 1008 and the others hear ``ROOM_PEER_LEFT``; the senders
+        are not held back.
+        """
+        members = {uid: self.connect(uid) for uid in ("a", "b", "c")}
+        for uid, (proto, _) in members.items():
+            proto.dataReceived(masked_frame(b"ROOM r"))
+        for _, transport in members.values():
+            transport.clear()
+        (a, a_transport), (b, b_transport), (c, c_transport) = members.values()
+        c_transport.producer.pauseProducing()
+        self.assertEqual(c_transport.producerState, "paused")
+        message = masked_frame(b"ROOM_PEER_MSG c " + b"x" * 1000)
+        for _ in range(12):
+            a.dataReceived(message)
+        self.assertEqual(a_transport.producerState, "producing")
+        self.assertIn(b"\x88", c_transport.value())
+        self.assertIn(struct.pack("!H", 1008) + b"too slow to read", c_transport.value())
+        self.assertIn(b"ROOM_PEER_LEFT c", b_transport.value())
+        self.assertEqual(self.net.registry.room_members("a"), ["b"])
+
+    def test_a_peer_not_reading_its_own_replies_is_not_read_either(self):
+        """A peer whose replies pile up is not read until it reads them."""
+        a, a_transport = self.connect("a")
+        a_transport.producer.pauseProducing()
+        self.assertEqual(a_transport.producerState, "paused")
+        a_transport.producer.resumeProducing()
+        self.assertEqual(a_transport.producerState, "producing")

@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
+from twisted.web.http import HTTPChannel
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -357,7 +358,7 @@ class PortRoutingTests(unittest.SynchronousTestCase):
         protocol.dataReceived(_UPGRADE)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value())
         self.assertIs(transport.protocol, protocol)
-        self.assertIsNone(transport.producer)
+        self.assertNotIsInstance(transport.producer, HTTPChannel)
         self.assertEqual(self.factory.connections, {protocol})
         self.assertEqual(self.factory.countConnections, 1)
 

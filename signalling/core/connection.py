@@ -43,13 +43,16 @@ from signalling.core.interfaces import (
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
-#: No HELLO in time (policy violation).
-CLOSE_HELLO_TIMEOUT = 1008
+#: A policy violation: no HELLO in time, a peer too slow to read.
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_HELLO_TIMEOUT = CLOSE_POLICY_VIOLATION
 #: An unexpected error in the server (internal error).
 CLOSE_INTERNAL_ERROR = 1011
 
 #: What the log says of a connection closed because the server stops.
 SHUTDOWN_CAUSE = "the server is shutting down"
+#: ... and of one whose peer did not read what was sent to it.
+TOO_SLOW_CAUSE = "too slow to read what is sent to it"
 
 # Kinds of pending command.
 _HELLO = "hello"
@@ -102,6 +105,9 @@ class _LoggingLink:
                 payload=payload if first == BINARY_FRAME else payload.decode("utf-8", "replace"),
             )
         self._link.send_frames(frames)
+
+    def set_backpressure(self, active):
+        self._link.set_backpressure(active)
 
 
 @implementer(IPeer, ILink)
@@ -231,6 +237,9 @@ class Connection:
         if self._released:
             return
         self._released = self._closing = True
+        if self.link is not None:
+            # Whatever this connection held back on its partner is let go.
+            self.link.set_backpressure(False)
         self.link = None
         self._held = None
         self._queued = None
@@ -290,6 +299,42 @@ class Connection:
                 cause=cause,
                 room_id=self.room_id,
             )
+
+    def output_changed(self, blocked):
+        """
+        The peer stopped reading what is sent to it (``blocked``), or caught
+        up. While it does not read, its own input is not read either (it
+        cannot pile up replies), and neither is its session partner's (the
+        session behaves like the TCP stream it stands for).
+        """
+        link = self.link
+        if blocked:
+            self._output.pause_reading("own output")
+        else:
+            self._output.resume_reading("own output")
+        if link is not None:
+            link.set_backpressure(blocked)
+
+    def too_slow(self):
+        """
+        More is waiting for the peer than the server keeps for one that does
+        not read (room messages from many senders): close it with 1008, and
+        its room is told as for any close.
+        """
+        if self._closing:
+            return
+        self._stats.error_sent("too_slow")
+        self.cause = TOO_SLOW_CAUSE
+        self._closing = True
+        self.link = None
+        self._output.close(CLOSE_POLICY_VIOLATION, "too slow to read")
+
+    def set_backpressure(self, active):
+        """ILink: our partner cannot keep up; stop (or resume) reading our input."""
+        if active:
+            self._output.pause_reading("partner")
+        else:
+            self._output.resume_reading("partner")
 
     def going_away(self):
         """Close for a server shutdown: code 1001."""

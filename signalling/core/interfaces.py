@@ -124,6 +124,15 @@ class ILink(Interface):
             payload bytes of each message.
         """
 
+    def set_backpressure(active):
+        """
+        The holder of this link is not keeping up with what the partner
+        sends (its own peer is not reading): while ``active``, stop reading
+        the partner's input, so that TCP pushes back on it, as it would on a
+        direct connection. A remote link may do nothing; the holder's output
+        bound applies then.
+        """
+
 
 class IPeer(Interface):
     """
@@ -253,6 +262,12 @@ class IConnectionOutput(Interface):
 
         :param frames: ``(first_byte, payload)`` pairs, as for :class:`ILink`.
         """
+
+    def pause_reading(reason):
+        """Stop reading from the peer until every reason is withdrawn."""
+
+    def resume_reading(reason):
+        """Withdraw a reason to stop reading from the peer."""
 
     def close(code, reason=None):
         """

@@ -13,6 +13,8 @@ from signalling.server.protocol import PlainSignallingServerProtocol, Signalling
 DEFAULT_MAX_MESSAGE = 1024 * 1024
 DEFAULT_KEEPALIVE = 30.0
 DEFAULT_HELLO_TIMEOUT = 30.0
+#: Bytes kept for a peer that does not read, by default, before it is closed.
+DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
 #: How long a close handshake may take before the TCP connection is dropped.
 #: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
@@ -56,6 +58,9 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param fast_path: use the fast WebSocket layer
         (:class:`signalling.server.websocket.FastServerProtocol`); False runs every
         frame through Autobahn's own paths, for comparison and diagnosis.
+    :param max_output: bytes the server keeps for a peer that does not read
+        (beyond what its transport buffers); past it, the peer is closed
+        with 1008. Session partners are held back long before (backpressure).
     :param close_timeout: seconds a closing connection may take: for the
         peer to answer our close frame, and for the transport to close
         (TLS waits for the peer's ``close_notify``) before it is aborted.
@@ -77,6 +82,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         web=None,
         close_timeout=CLOSE_HANDSHAKE_TIMEOUT,
         fast_path=True,
+        max_output=DEFAULT_MAX_OUTPUT,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -90,6 +96,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.log_payloads = log_payloads
         self.web = web
         self.close_timeout = close_timeout
+        self.max_output = max_output
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

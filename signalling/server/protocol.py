@@ -35,6 +35,8 @@ class _Signalling:
     connection = None
     #: What holds the protocol's logic for each connection.
     connection_class = Connection
+    #: Bytes written while the peer was not reading (output_blocked).
+    _unread = 0
 
     @property
     def peer_addr(self):
@@ -80,6 +82,17 @@ class _Signalling:
         if self.connection is not None:
             self.connection.closing()
 
+    def output_changed(self):
+        if not self.output_blocked:
+            self._unread = 0
+        if self.connection is not None:
+            self.connection.output_changed(self.output_blocked)
+
+    def _count_unread(self, size):
+        self._unread += size
+        if self._unread > self.factory.max_output and self.connection is not None:
+            self.connection.too_slow()
+
     def batch_link(self):
         # Not while onMessage is a subclass's, which must see every message.
         if type(self).onMessage is not _ON_MESSAGE or self.connection is None:
@@ -92,11 +105,16 @@ class _Signalling:
         # A frame, not sendMessage: the incoming size limit must not apply
         # to what we send (a relayed room message carries a prefix).
         if self.state == _OPEN:
-            self.write_frames(((0x81, text.encode("utf-8")),))
+            data = text.encode("utf-8")
+            self.write_frames(((0x81, data),))
+            if self.output_blocked:
+                self._count_unread(len(data))
 
     def send_frames(self, frames):
         if self.state == _OPEN:
             self.write_frames(frames)
+            if self.output_blocked:
+                self._count_unread(sum(len(payload) for _, payload in frames))
 
     def close(self, code, reason=None):
         if code == 1000 and reason is None and self.state == _OPEN:

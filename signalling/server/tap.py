@@ -103,6 +103,10 @@ class Options(usage.Options):
         ["hello-timeout", None, _factory.DEFAULT_HELLO_TIMEOUT,
          "Seconds a new connection has to send HELLO before it is closed.",
          _positive(float)],
+        ["max-output-buffer", None, _factory.DEFAULT_MAX_OUTPUT,
+         "Bytes kept for a peer that does not read what is sent to it; past "
+         "that it is closed with 1008. Session partners of a slow reader are "
+         "held back (TCP backpressure) long before.", _positive(int)],
         ["close-timeout", None, _factory.CLOSE_HANDSHAKE_TIMEOUT,
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
@@ -247,6 +251,7 @@ def makeService(config, reactor=None):
             trust_proxy=config["trust-proxy"],
             log_payloads=config["log-payloads"],
             close_timeout=config["close-timeout"],
+            max_output=config["max-output-buffer"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])

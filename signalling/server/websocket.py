@@ -27,8 +27,10 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
 from OpenSSL import SSL
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import implementer
 
 from signalling.server.tls import tls_failure_reason
 
@@ -209,6 +211,30 @@ def asks_for_websocket(head):
 
 
 
+@implementer(IPushProducer)
+class _OutputGuard:
+    """
+    The producer a connection registers with its own transport: the
+    transport pauses it when what waits to be sent to the peer passes the
+    transport's buffer size (the peer is not reading fast enough), and
+    resumes it once that is sent.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def pauseProducing(self):
+        self._protocol._output_paused()
+
+    def resumeProducing(self):
+        self._protocol._output_resumed()
+
+    def stopProducing(self):
+        pass
+
+
 class ServerProtocol(WebSocketServerProtocol):
     """
     Autobahn's server protocol, with the hand-over of plain HTTP requests,
@@ -221,6 +247,10 @@ class ServerProtocol(WebSocketServerProtocol):
     _drop_call = None
     #: True when why the connection ended was logged already (TLS failures).
     _close_logged = False
+    #: True while the transport holds more than its buffer size for the peer.
+    output_blocked = False
+    #: Why reading from the peer is paused (a frozenset of reasons).
+    _read_pauses = frozenset()
 
     # What a subclass provides.
 
@@ -237,6 +267,53 @@ class ServerProtocol(WebSocketServerProtocol):
             frames may go to together (the fast path batches them), or None.
         """
         return None
+
+    def output_changed(self):
+        """
+        :attr:`output_blocked` changed: the peer stopped reading what we
+        send (its unread output passed the transport's buffer size), or it
+        caught up again.
+        """
+
+    # Flow control.
+
+    def _watch_output(self):
+        """Be told when the peer stops reading (and when it caught up)."""
+        guard = _OutputGuard(self)
+        try:
+            self.transport.registerProducer(guard, True)
+        except RuntimeError:
+            # Handed over by twisted.web (an upgrade after a plain request
+            # on one connection): its channel is still the producer.
+            self.transport.unregisterProducer()
+            self.transport.registerProducer(guard, True)
+
+    def _output_paused(self):
+        self.output_blocked = True
+        self.output_changed()
+
+    def _output_resumed(self):
+        self.output_blocked = False
+        self.output_changed()
+
+    def pause_reading(self, reason):
+        """
+        Stop reading from the peer (TCP then pushes back on it) until every
+        reason given is withdrawn with :meth:`resume_reading`.
+        """
+        if reason in self._read_pauses or self.transport is None:
+            return
+        if not self._read_pauses:
+            self.transport.pauseProducing()
+        self._read_pauses = self._read_pauses | {reason}
+
+    def resume_reading(self, reason):
+        """Withdraw a reason to stop reading; read again when none is left."""
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses = self._read_pauses - {reason}
+        if not self._read_pauses and self.transport is not None:
+            self.transport.resumeProducing()
 
     # Sending.
 
@@ -266,6 +343,10 @@ class ServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request):
         """Accept every upgrade, with no subprotocol."""
         return None
+
+    def _connectionMade(self):
+        WebSocketServerProtocol._connectionMade(self)
+        self._watch_output()
 
     def processHandshake(self):
         """
@@ -303,6 +384,8 @@ class ServerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall.cancel()
             self.openHandshakeTimeoutCall = None
         # What _connectionLost would do: this connection never was a WebSocket.
+        # The web channel watches the transport itself.
+        transport.unregisterProducer()
         self.state = _CLOSED
         self.factory.countConnections -= 1
         data, self.data = self.data, b""
@@ -442,6 +525,7 @@ class FastServerProtocol(ServerProtocol):
         WebSocketProtocol._connectionMade(self)
         self.factory.countConnections += 1
         self.send_queue = _SendQueue()
+        self._watch_output()
         if self.logFrames or self.logOctets or self.maskServerFrames:
             self._plain_writes = False
         # Made on first use (a cffi object), and never by the fast path.

@@ -1,0 +1,201 @@
+"""
+A bad client must not cost the server or the others: the real ``twistd -n
+signalling`` process, real sockets, and clients that flood and never read.
+The server's memory is read from ``/proc`` and must stay bounded; an
+unrelated pair must still be served promptly.
+"""
+
+import os
+import time
+
+from twisted.internet import endpoints, reactor, task
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from tests.clients import RawClient, frame
+from tests.servers import ProcessMixin
+
+#: What the flooders try to push through a server that does not read them.
+FLOOD_BYTES = 200 * 1024 * 1024
+#: How long a flooder goes on trying at most, in seconds.
+FLOOD_SECONDS = 8.0
+#: How much the server's resident memory may grow while a flood is held back.
+RSS_GROWTH_LIMIT = 24 * 1024 * 1024
+#: One frame of the floods.
+CHUNK = 60 * 1024
+
+
+def rss(pid):
+    """:returns: the resident memory of process ``pid``, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@implementer(IPushProducer)
+class Flooder(RawClient):
+    """
+    A raw client that writes ``frames`` over and over as fast as its own
+    transport takes them (it registers as the transport's producer, so
+    what it pushes is what the server reads), until it has pushed
+    ``FLOOD_BYTES`` or ``FLOOD_SECONDS`` have passed.
+
+    :ivar pushed: bytes handed to the transport.
+    :ivar held_back: seconds it spent paused by its transport.
+    """
+
+    paused = False
+
+    def __init__(self):
+        super().__init__()
+        self.pushed = 0
+        self.held_back = 0.0
+        self._paused_at = None
+
+    def pauseProducing(self):
+        self.paused = True
+        self._paused_at = time.monotonic()
+
+    def resumeProducing(self):
+        self.paused = False
+        if self._paused_at is not None:
+            self.held_back += time.monotonic() - self._paused_at
+            self._paused_at = None
+
+    def stopProducing(self):
+        self.paused = True
+
+    async def flood(self, make_frame):
+        """Push frames from ``make_frame()`` until the budget or the time is out."""
+        self.transport.registerProducer(self, True)
+        deadline = time.monotonic() + FLOOD_SECONDS
+        while self.pushed < FLOOD_BYTES and time.monotonic() < deadline and not self.is_lost:
+            if not self.paused:
+                data = make_frame()
+                self.transport.write(data)
+                self.pushed += len(data)
+            else:
+                await task.deferLater(reactor, 0.01, lambda: None)
+                continue
+            if self.pushed % (16 * CHUNK) < CHUNK:
+                await task.deferLater(reactor, 0, lambda: None)
+        if self._paused_at is not None:
+            self.held_back += time.monotonic() - self._paused_at
+        self.transport.unregisterProducer()
+
+
+class AbuseMixin(ProcessMixin):
+    """Floods against a real server; subclasses choose plaintext or TLS."""
+
+    timeout = 120
+
+    async def setUp(self):
+        super().setUp()
+        self.server, self.port = await self.start_server(
+            self.port_template, "--cert-path", self.cert_dir
+        )
+        self.pid = self.server.transport.pid
+        self.clients = []
+        self.addCleanup(self._close_all)
+
+    async def _close_all(self):
+        for client in self.clients:
+            if not client.is_lost:
+                client.transport.abortConnection()
+        for client in self.clients:
+            if not client.is_lost:
+                await client.dropped()
+        await self.stop_server(self.server)
+
+    def endpoint(self):
+        tcp = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=5)
+        if not self.tls:
+            return tcp
+        with open(os.path.join(self.cert_dir, "cert.pem"), "rb") as f:
+            pem = f.read()
+        return endpoints.wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(pem)), tcp
+        )
+
+    async def client(self, uid, kind=RawClient):
+        """:returns: a raw client registered as ``uid``."""
+        client = await self.endpoint().connect(Factory.forProtocol(kind))
+        self.clients.append(client)
+        await client.hello(uid)
+        return client
+
+    async def relay_round_trip(self):
+        """:returns: seconds an unrelated pair takes to set up a call and relay a message."""
+        started = time.monotonic()
+        n = len(self.clients)
+        x = await self.client(f"probe-x{n}")
+        y = await self.client(f"probe-y{n}")
+        x.send_frame(1, f"SESSION probe-y{n}".encode())
+        await x.next_frames(2)
+        x.send_frame(1, b"ping through")
+        await y.next_frames(2)
+        self.assertEqual(y.frames()[1], (1, b"ping through"))
+        return time.monotonic() - started
+
+    async def check_flood(self, flooder, make_frame):
+        before = rss(self.pid)
+        await flooder.flood(make_frame)
+        after = rss(self.pid)
+        self.assertLess(
+            after - before,
+            RSS_GROWTH_LIMIT,
+            f"server RSS grew by {(after - before) / 2**20:.1f} MB while "
+            f"{flooder.pushed / 2**20:.1f} MB were pushed",
+        )
+        self.assertGreater(flooder.held_back, 1.0, "the flooder was never held back")
+        self.assertLess(flooder.pushed, FLOOD_BYTES, "the server took the whole flood")
+        self.assertLess(await self.relay_round_trip(), 2.0)
+
+    async def test_a_session_partner_that_never_reads_holds_the_sender_back(self):
+        """
+        200 MB pushed through a session at a partner that never reads: the
+        sender is held back (TCP backpressure), the server's memory stays
+        within a few MB, and an unrelated pair is served promptly.
+        """
+        bob = await self.client("bob")
+        bob.transport.pauseProducing()
+        alice = await self.client("alice", Flooder)
+        alice.send_frame(1, b"SESSION bob")
+        await alice.next_frames(2)
+        payload = b"x" * CHUNK
+        await self.check_flood(alice, lambda: frame(2, payload))
+
+    async def test_pings_whose_pongs_are_never_read_are_held_back(self):
+        """A peer that pings and never reads the pongs stops being read."""
+        pinger = await self.client("pinger", Flooder)
+        pinger.transport.pauseProducing()
+        payload = b"p" * 125
+        await self.check_flood(pinger, lambda: frame(9, payload) * 400)
+
+    async def test_room_messages_to_oneself_never_read_are_held_back(self):
+        """A room member that messages itself and never reads stops being read."""
+        member = await self.client("self-talker", Flooder)
+        member.send_frame(1, b"ROOM echo")
+        await member.next_frames(2)
+        member.transport.pauseProducing()
+        payload = b"ROOM_PEER_MSG self-talker " + b"m" * (CHUNK - 40)
+        await self.check_flood(member, lambda: frame(1, payload))
+
+
+class PlaintextAbuseTests(AbuseMixin, unittest.TestCase):
+    """The floods over plaintext WebSocket."""
+
+    tls = False
+    port_template = "tcp:{port}:interface=127.0.0.1"
+
+
+class TLSAbuseTests(AbuseMixin, unittest.TestCase):
+    """The floods over TLS, through the project's own TLS layer."""
+
+    tls = True
+    port_template = "ssl:{port}:interface=127.0.0.1"
