@@ -116,13 +116,18 @@ class Loopback:
         until quiet.
         """
         next_delivery = getattr(self.registry, "next_delivery", None)
+        clock = self.clock
         while True:
             while any(pump.pump() for pump in self.pumps):
                 pass
+            if any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+                # A connection yielded to the others until the next turn.
+                clock.advance(0)
+                continue
             wait = next_delivery() if next_delivery is not None else None
             if wait is None:
                 return
-            self.clock.advance(wait)
+            clock.advance(wait)
 
     def hello(self, uid, protocol=None, answer_pings=True):
         """:returns: a client registered as ``uid``."""
@@ -296,6 +301,8 @@ class Server:
         max_message=None,
         hello_timeout=None,
         close_timeout=None,
+        max_fragments=None,
+        max_output=None,
     ):
         """
         One port on 127.0.0.1: plaintext (``tcp:0``) or TLS (a bare
@@ -318,6 +325,8 @@ class Server:
             ("--max-message-size", max_message),
             ("--hello-timeout", hello_timeout),
             ("--close-timeout", close_timeout),
+            ("--max-fragments", max_fragments),
+            ("--max-output-buffer", max_output),
         ):
             if value is not None:
                 argv += [option, str(value)]

@@ -930,6 +930,28 @@ class IntegrationTestsMixin:
         await raw.response()
         await self.assert_closed_by_partner(callee)
 
+    async def test_a_message_in_too_many_fragments_is_refused_with_1009(self):
+        """
+        A message may come in up to ``--max-fragments`` fragments (relayed
+        whole); one more closes the connection with 1009, the partner as
+        for any close.
+        """
+        server = await self.start_server(max_fragments=8)
+        callee = await server.hello("callee")
+        raw = await server.raw()
+        await raw.hello("frag")
+        raw.send_frame(1, b"SESSION callee")
+        await raw.next_frames(2)
+        for i in range(7):
+            raw.send_frame(1 if i == 0 else 0, b"ab", fin=False)
+        raw.send_frame(0, b"!", fin=True)
+        await callee.expect("ab" * 7 + "!")
+        for i in range(9):
+            raw.send_frame(1 if i == 0 else 0, b"x", fin=i == 8)
+        (code, reason), _ = await raw.close_frame()
+        self.assertEqual((code, reason), (1009, "message in more than 8 fragments"))
+        await self.assert_closed_by_partner(callee)
+
     async def test_an_invalid_close_frame_is_answered_with_a_close_frame_naming_the_fault(self):
         """
         RFC 6455 7.1.7 and 7.4.1: a close frame with a 1-byte payload or a

@@ -16,6 +16,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.core.registry import Registry
+from signalling.server.websocket import TURN_STEPS
 from tests.clients import Client
 from tests.servers import Loopback
 
@@ -1139,3 +1140,48 @@ class BackpressureTests(unittest.TestCase):
         self.assertEqual(a_transport.producerState, "paused")
         a_transport.producer.resumeProducing()
         self.assertEqual(a_transport.producerState, "producing")
+
+
+class FairnessTests(unittest.TestCase):
+    """One connection's input does not hold the reactor for more than a turn's worth."""
+
+    def test_a_flood_of_frames_is_handled_a_turn_at_a_time(self):
+        """
+        A thousand pings in one read: the connection answers what
+        ``TURN_STEPS`` allows (two steps a control frame), stops reading and
+        goes on in the next turn of the reactor, until every one is
+        answered, in order.
+        """
+        net = Loopback(self)
+        proto = net.factory.buildProtocol(None)
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
+        transport.clear()
+        pings = b"".join(masked_frame(b"%04d" % i, opcode=0x9) for i in range(1000))
+        proto.dataReceived(pings)
+        pongs = transport.value().count(b"\x8a\x04")
+        self.assertEqual(pongs, TURN_STEPS // 2)
+        self.assertEqual(transport.producerState, "paused")
+        answered_at_each_turn = []
+        next_turn = proto._next_turn
+
+        def recorded():
+            answered_at_each_turn.append(transport.value().count(b"\x8a\x04"))
+            next_turn()
+
+        # The second turn was scheduled already; every later one is recorded.
+        proto._next_turn = recorded
+        net.clock.advance(0)
+        per_turn = TURN_STEPS // 2
+        self.assertEqual(
+            answered_at_each_turn, list(range(2 * per_turn, 1000, per_turn))
+        )
+        self.assertEqual(transport.producerState, "producing")
+        expected = b"".join(b"\x8a\x04" + b"%04d" % i for i in range(1000))
+        self.assertEqual(transport.value(), expected)

@@ -15,6 +15,9 @@ DEFAULT_KEEPALIVE = 30.0
 DEFAULT_HELLO_TIMEOUT = 30.0
 #: Bytes kept for a peer that does not read, by default, before it is closed.
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+#: Most fragments a message may come in, by default (a 1 MiB message in
+#: 1 KiB fragments; browsers and GStreamer send messages whole).
+DEFAULT_MAX_FRAGMENTS = 1024
 #: How long a close handshake may take before the TCP connection is dropped.
 #: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
@@ -61,6 +64,8 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param max_output: bytes the server keeps for a peer that does not read
         (beyond what its transport buffers); past it, the peer is closed
         with 1008. Session partners are held back long before (backpressure).
+    :param max_fragments: most fragments one message may come in; more
+        closes the connection with 1009.
     :param close_timeout: seconds a closing connection may take: for the
         peer to answer our close frame, and for the transport to close
         (TLS waits for the peer's ``close_notify``) before it is aborted.
@@ -83,6 +88,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         close_timeout=CLOSE_HANDSHAKE_TIMEOUT,
         fast_path=True,
         max_output=DEFAULT_MAX_OUTPUT,
+        max_fragments=DEFAULT_MAX_FRAGMENTS,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -97,6 +103,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.web = web
         self.close_timeout = close_timeout
         self.max_output = max_output
+        self.max_fragments = max_fragments
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

@@ -107,6 +107,9 @@ class Options(usage.Options):
          "Bytes kept for a peer that does not read what is sent to it; past "
          "that it is closed with 1008. Session partners of a slow reader are "
          "held back (TCP backpressure) long before.", _positive(int)],
+        ["max-fragments", None, _factory.DEFAULT_MAX_FRAGMENTS,
+         "Most fragments (continuation frames) one message may come in; more "
+         "closes the connection with 1009.", _positive(int)],
         ["close-timeout", None, _factory.CLOSE_HANDSHAKE_TIMEOUT,
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
@@ -252,6 +255,7 @@ def makeService(config, reactor=None):
             log_payloads=config["log-payloads"],
             close_timeout=config["close-timeout"],
             max_output=config["max-output-buffer"],
+            max_fragments=config["max-fragments"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])

@@ -36,6 +36,12 @@ from signalling.server.tls import tls_failure_reason
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
+_CLOSING = WebSocketProtocol.STATE_CLOSING
+
+#: Steps of reading one connection may take in one turn of the reactor
+#: before the others get theirs: Autobahn takes two for a frame (its header,
+#: then its payload), the fast path one for a whole batch of data frames.
+TURN_STEPS = 64
 _TEXT = 1
 _BINARY = 2
 
@@ -249,6 +255,10 @@ class ServerProtocol(WebSocketServerProtocol):
     _close_logged = False
     #: True while the transport holds more than its buffer size for the peer.
     output_blocked = False
+    #: Fragments of the message being received so far.
+    _fragments = 0
+    #: Continues reading in the next turn of the reactor (see consumeData).
+    _next_turn_call = None
     #: Why reading from the peer is paused (a frozenset of reasons).
     _read_pauses = frozenset()
 
@@ -398,6 +408,51 @@ class ServerProtocol(WebSocketServerProtocol):
         channel.makeConnection(transport)
         channel.dataReceived(data)
 
+    # Reading, fairly.
+
+    def consumeData(self):
+        """
+        Handle what was read, but at most :data:`TURN_STEPS` steps in one
+        turn of the reactor: then stop reading for a moment and go on in the
+        next turn, so that a connection flooding small frames cannot hold
+        the others up.
+        """
+        state = self.state
+        if state != _OPEN and state != _CLOSING:
+            WebSocketServerProtocol.consumeData(self)
+            return
+        budget = TURN_STEPS
+        while self.processData() and self.state != _CLOSED:
+            budget -= 1
+            if not budget:
+                self.pause_reading("turn")
+                self._next_turn_call = self.factory.clock.callLater(0, self._next_turn)
+                return
+
+    def _next_turn(self):
+        self._next_turn_call = None
+        self.resume_reading("turn")
+        if self.data and (self.state == _OPEN or self.state == _CLOSING):
+            self.consumeData()
+
+    def onMessageBegin(self, isBinary):
+        self._fragments = 0
+        WebSocketServerProtocol.onMessageBegin(self, isBinary)
+
+    def onMessageFrameBegin(self, length):
+        """
+        Count the fragments of a message: one that comes in more than the
+        factory's ``max_fragments`` is refused with 1009 (each fragment costs
+        memory of its own, whatever its size).
+        """
+        WebSocketServerProtocol.onMessageFrameBegin(self, length)
+        self._fragments += 1
+        if self._fragments > self.factory.max_fragments and not self.failedByMe:
+            self._fail_connection(
+                WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                f"message in more than {self.factory.max_fragments} fragments",
+            )
+
     # Closing.
 
     def connectionLost(self, reason):
@@ -422,10 +477,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._close_logged = True
 
     def _connectionLost(self, reason):
-        if self._drop_call is not None:
-            if self._drop_call.active():
-                self._drop_call.cancel()
-            self._drop_call = None
+        self._cancel_timers()
         WebSocketServerProtocol._connectionLost(self, reason)
         self.closing()
 
@@ -463,6 +515,14 @@ class ServerProtocol(WebSocketServerProtocol):
             self._drop_call = self.factory.clock.callLater(
                 self.factory.close_timeout, self._abort
             )
+
+    def _cancel_timers(self):
+        for name in ("_drop_call", "_next_turn_call"):
+            call = getattr(self, name)
+            if call is not None:
+                if call.active():
+                    call.cancel()
+                setattr(self, name, None)
 
     def _abort(self):
         self._drop_call = None
@@ -532,10 +592,7 @@ class FastServerProtocol(ServerProtocol):
         self.__dict__.pop("utf8validator", None)
 
     def _connectionLost(self, reason):
-        if self._drop_call is not None:
-            if self._drop_call.active():
-                self._drop_call.cancel()
-            self._drop_call = None
+        self._cancel_timers()
         WebSocketProtocol._connectionLost(self, reason)
         self.factory.countConnections -= 1
         self.closing()
