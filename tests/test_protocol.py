@@ -16,6 +16,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.core.registry import Registry
+from signalling.core.connection import RATE_STRIKES
 from signalling.server.websocket import TURN_STEPS
 from tests.clients import Client
 from tests.servers import Loopback
@@ -452,6 +453,19 @@ class RoomTests(ProtocolTestCase):
             clients["b"].drain(), ["ROOM_PEER_MSG a first", "ROOM_PEER_MSG a second"]
         )
         self.close_all(*clients.values())
+
+    def test_a_full_room_is_answered_with_an_error_that_changes_nothing(self):
+        """Past the room's size the joiner gets ERROR room 'r' is full and stays out."""
+        self.net.registry = self.registry = backends.Memory(max_room_members=1)
+        self.net.factory.registry = self.registry
+        a = self.join("a")
+        b = self.join("b")
+        self.assertEqual(a.drain(), ["ROOM_OK "])
+        self.assertEqual(b.drain(), ["ERROR room 'r' is full"])
+        b.send_text("ROOM other")
+        self.net.flush()
+        self.assertEqual(b.drain(), ["ROOM_OK "])
+        self.close_all(a, b)
 
     def test_room_errors(self):
         """Every room error keeps the peer in its room."""
@@ -1140,6 +1154,47 @@ class BackpressureTests(unittest.TestCase):
         self.assertEqual(a_transport.producerState, "paused")
         a_transport.producer.resumeProducing()
         self.assertEqual(a_transport.producerState, "producing")
+
+
+class RateLimitTests(unittest.TestCase):
+    """Commands past the connection's rate are refused, then the connection closed."""
+
+    def test_commands_past_the_burst_are_refused_until_tokens_come_back(self):
+        """
+        With a burst of 5 and 10 a second: the sixth command at once gets
+        ERROR rate limit exceeded and changes nothing; a tenth of a second
+        later one more is handled.
+        """
+        net = Loopback(self, command_rate=10.0, command_burst=5)
+        a = net.hello("a")  # one token
+        for _ in range(4):
+            a.send_text("PROBE")
+        a.send_text("ROOM r")
+        net.flush()
+        self.assertEqual(
+            a.drain(), ["ERROR unknown command 'PROBE'"] * 4 + ["ERROR rate limit exceeded"]
+        )
+        self.assertEqual(net.registry.room_count, 0)
+        net.clock.advance(0.1)
+        a.send_text("ROOM r")
+        net.flush()
+        self.assertEqual(a.drain(), ["ROOM_OK "])
+        a.sendClose(1000)
+        net.flush()
+        self.assertTrue(net.registry.is_empty())
+
+    def test_going_on_past_the_limit_closes_the_connection_with_1008(self):
+        """After RATE_STRIKES refusals in a row the connection is closed with 1008."""
+        net = Loopback(self, command_rate=1.0, command_burst=2)
+        a = net.hello("a")
+        for _ in range(2 + RATE_STRIKES + 1):
+            a.send_text("PROBE")
+        net.flush()
+        received = a.drain()
+        self.assertEqual(received[:1], ["ERROR unknown command 'PROBE'"])
+        self.assertEqual(received[1:], ["ERROR rate limit exceeded"] * RATE_STRIKES)
+        self.assertEqual((a.close_info[1], a.remoteCloseReason), (1008, "rate limit exceeded"))
+        self.assertTrue(net.registry.is_empty())
 
 
 class FairnessTests(unittest.TestCase):

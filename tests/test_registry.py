@@ -11,7 +11,9 @@ from signalling.core.interfaces import (
     PeerBusy,
     PeerNotFound,
     PeerNotInRoom,
+    RoomFull,
     SessionWithSelf,
+    TooManyRooms,
     UidTaken,
 )
 from signalling.core.registry import Registry
@@ -349,3 +351,40 @@ class RoomTests(RegistryTestCase):
         """join_room for an unknown uid raises PeerNotFound and leaves no room."""
         self.assertRaises(PeerNotFound, self.registry.join_room, "ghost", "r")
         self.assertTrue(self.registry.is_empty())
+
+
+class LimitTests(unittest.TestCase):
+    """A registry's room limits: refused, and nothing changes."""
+
+    def test_a_full_room_refuses_one_more_member(self):
+        """The member past max_room_members gets RoomFull; the room is untouched."""
+        registry = Registry(max_room_members=2)
+        peers = [FakePeer(uid) for uid in "abc"]
+        for peer in peers:
+            registry.register(peer.name, peer)
+        registry.join_room("a", "r")
+        registry.join_room("b", "r")
+        error = self.assertRaises(RoomFull, registry.join_room, "c", "r")
+        self.assertEqual(error.uid, "r")
+        self.assertEqual(registry.room_members("a"), ["b"])
+        self.assertEqual(peers[2].calls, [])
+        registry.join_room("c", "other")
+        for peer in peers:
+            registry.remove(peer.name, peer)
+        self.assertTrue(registry.is_empty())
+
+    def test_a_new_room_past_max_rooms_is_refused_but_existing_ones_take_members(self):
+        """Past max_rooms a new room is refused with TooManyRooms; joining one that exists is not."""
+        registry = Registry(max_rooms=1)
+        peers = [FakePeer(uid) for uid in "abc"]
+        for peer in peers:
+            registry.register(peer.name, peer)
+        registry.join_room("a", "r")
+        self.assertEqual(self.assertRaises(TooManyRooms, registry.join_room, "b", "s").uid, "s")
+        registry.join_room("b", "r")
+        registry.remove("a", peers[0])
+        registry.remove("b", peers[1])
+        registry.join_room("c", "s")
+        self.assertEqual(registry.room_count, 1)
+        registry.remove("c", peers[2])
+        self.assertTrue(registry.is_empty())

@@ -49,6 +49,9 @@ CLOSE_HELLO_TIMEOUT = CLOSE_POLICY_VIOLATION
 #: An unexpected error in the server (internal error).
 CLOSE_INTERNAL_ERROR = 1011
 
+#: Commands refused for the rate in a row before the connection is closed.
+RATE_STRIKES = 20
+
 #: What the log says of a connection closed because the server stops.
 SHUTDOWN_CAUSE = "the server is shutting down"
 #: ... and of one whose peer did not read what was sent to it.
@@ -148,6 +151,9 @@ class Connection:
         "_released",
         "_resuming",
         "_hello_call",
+        "_tokens",
+        "_tokens_at",
+        "_strikes",
         "__weakref__",
     )
 
@@ -177,6 +183,11 @@ class Connection:
         self._released = False
         self._resuming = False
         self._hello_call = None
+        #: The command rate's token bucket: tokens left (None: full), when
+        #: counted, and commands refused in a row.
+        self._tokens = None
+        self._tokens_at = 0.0
+        self._strikes = 0
 
     @property
     def receiver(self):
@@ -453,8 +464,40 @@ class Connection:
 
     # Commands.
 
+    def _rate_allows(self):
+        """
+        Take a token from the connection's bucket (``command_burst`` tokens,
+        refilled at ``command_rate`` a second). Without one the command is
+        answered ``ERROR rate limit exceeded``; after :data:`RATE_STRIKES`
+        refusals in a row the connection is closed with 1008.
+        """
+        server = self._server
+        now = server.clock.seconds()
+        tokens = self._tokens
+        if tokens is None:
+            tokens = server.command_burst
+        else:
+            tokens = min(server.command_burst, tokens + (now - self._tokens_at) * server.command_rate)
+        self._tokens_at = now
+        if tokens >= 1:
+            self._tokens = tokens - 1
+            self._strikes = 0
+            return True
+        self._tokens = tokens
+        self._strikes += 1
+        if self._strikes > RATE_STRIKES:
+            self._stats.error_sent("rate_limited")
+            self.cause = "went on past the rate limit"
+            self._closing = True
+            self._output.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+        else:
+            self._send_error(wire.RATE_LIMITED, "rate_limited")
+        return False
+
     def _command(self, payload, is_binary):
         """Handle one message outside a session."""
+        if not self._rate_allows():
+            return
         if self.uid is None:
             self._hello(payload, is_binary)
             return

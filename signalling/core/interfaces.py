@@ -102,6 +102,14 @@ class PeerNotInRoom(SignallingError):
     """The addressed peer is registered but not in the sender's room."""
 
 
+class RoomFull(SignallingError):
+    """The room has as many members as a room may have (``uid`` holds the room id)."""
+
+
+class TooManyRooms(SignallingError):
+    """The server has as many rooms as it may have (``uid`` holds the room id)."""
+
+
 #: First header byte of an unfragmented text and binary WebSocket frame
 #: (FIN set, no RSV bits, opcode 1 or 2): how relayed messages are tagged.
 TEXT_FRAME = 0x81
@@ -221,6 +229,9 @@ class IRegistry(Interface):
         then every other member :meth:`IPeer.room_peer_joined`.
 
         :raises AlreadyEngaged: the peer is in a session or a room.
+        :raises RoomFull: the room has the most members a room may have.
+        :raises TooManyRooms: the room is new and the server has the most
+            rooms it may have.
         """
 
     def room_message(sender_uid, target_uid, payload):

@@ -15,7 +15,9 @@ from signalling.core.interfaces import (
     PeerBusy,
     PeerNotFound,
     PeerNotInRoom,
+    RoomFull,
     SessionWithSelf,
+    TooManyRooms,
     UidTaken,
 )
 
@@ -24,7 +26,13 @@ from signalling.core.interfaces import (
 class Registry:
     """Peers by uid, session partners by uid, rooms by room id."""
 
-    def __init__(self):
+    def __init__(self, max_room_members=None, max_rooms=None):
+        """
+        :param max_room_members: most members a room may have (None: no limit).
+        :param max_rooms: most rooms at once (None: no limit).
+        """
+        self._max_room_members = max_room_members
+        self._max_rooms = max_rooms
         self._peers = {}
         self._partners = {}
         # room id -> {uid: peer}, in join order
@@ -107,7 +115,13 @@ class Registry:
             raise PeerNotFound(uid)
         if self._engaged(uid):
             raise AlreadyEngaged(uid)
-        room = self._rooms.setdefault(room_id, {})
+        room = self._rooms.get(room_id)
+        if room is None:
+            if self._max_rooms is not None and len(self._rooms) >= self._max_rooms:
+                raise TooManyRooms(room_id)
+            room = self._rooms[room_id] = {}
+        elif self._max_room_members is not None and len(room) >= self._max_room_members:
+            raise RoomFull(room_id)
         others = list(room.items())
         room[uid] = peer
         self._room_of[uid] = room_id

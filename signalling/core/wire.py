@@ -191,6 +191,7 @@ NOT_IN_ROOM = "not in a room"
 ALREADY_IN_ROOM = "invalid msg, already in room"
 SESSION_NEEDS_UID = "SESSION needs a peer uid"
 ALREADY_REGISTERED = "already registered"
+RATE_LIMITED = "rate limit exceeded"
 
 
 _KINDS = {
@@ -201,6 +202,8 @@ _KINDS = {
     interfaces.PeerNotInRoom: "peer_not_in_room",
     interfaces.NotInRoom: "not_in_room",
     interfaces.AlreadyEngaged: "already_engaged",
+    interfaces.RoomFull: "room_full",
+    interfaces.TooManyRooms: "too_many_rooms",
 }
 
 
@@ -234,4 +237,8 @@ def reason_for(exc):
         return NOT_IN_ROOM
     if kind == "already_engaged":
         return "already in a session or a room"
+    if kind == "room_full":
+        return f"room {_echo(exc.uid)} is full"
+    if kind == "too_many_rooms":
+        return "too many rooms on this server"
     return "request failed"

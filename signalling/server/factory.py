@@ -15,6 +15,11 @@ DEFAULT_KEEPALIVE = 30.0
 DEFAULT_HELLO_TIMEOUT = 30.0
 #: Bytes kept for a peer that does not read, by default, before it is closed.
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+#: Commands a connection may send, by default: 200 a second on average, and
+#: 2000 at once (a newcomer offering to 50 room members, candidates and all,
+#: sends some 600).
+DEFAULT_COMMAND_RATE = 200.0
+DEFAULT_COMMAND_BURST = 2000
 #: Most fragments a message may come in, by default (a 1 MiB message in
 #: 1 KiB fragments; browsers and GStreamer send messages whole).
 DEFAULT_MAX_FRAGMENTS = 1024
@@ -64,6 +69,9 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param max_output: bytes the server keeps for a peer that does not read
         (beyond what its transport buffers); past it, the peer is closed
         with 1008. Session partners are held back long before (backpressure).
+    :param command_rate: commands a connection may send a second, on
+        average (messages relayed in a session are not commands).
+    :param command_burst: commands a connection may send at once.
     :param max_fragments: most fragments one message may come in; more
         closes the connection with 1009.
     :param close_timeout: seconds a closing connection may take: for the
@@ -89,6 +97,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         fast_path=True,
         max_output=DEFAULT_MAX_OUTPUT,
         max_fragments=DEFAULT_MAX_FRAGMENTS,
+        command_rate=DEFAULT_COMMAND_RATE,
+        command_burst=DEFAULT_COMMAND_BURST,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -104,6 +114,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.close_timeout = close_timeout
         self.max_output = max_output
         self.max_fragments = max_fragments
+        self.command_rate = command_rate
+        self.command_burst = command_burst
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

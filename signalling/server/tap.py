@@ -22,6 +22,10 @@ _log = Logger()
 
 DEFAULT_PORT = "ssl:8443"
 DEFAULT_PLAIN_PORT = "tcp:8443"
+#: Most members of a room and most rooms, by default: far above what a call
+#: page or a GStreamer room example does (a room of 50 is ordinary).
+DEFAULT_MAX_ROOM_MEMBERS = 1000
+DEFAULT_MAX_ROOMS = 100_000
 #: The only --cert-path created without asking, with a self-signed pair.
 DEFAULT_CERT_PATH = "certs"
 
@@ -107,6 +111,19 @@ class Options(usage.Options):
          "Bytes kept for a peer that does not read what is sent to it; past "
          "that it is closed with 1008. Session partners of a slow reader are "
          "held back (TCP backpressure) long before.", _positive(int)],
+        ["max-room-members", None, DEFAULT_MAX_ROOM_MEMBERS,
+         "Most members a room may have; one more is answered ERROR room '<id>' "
+         "is full.", _positive(int)],
+        ["max-rooms", None, DEFAULT_MAX_ROOMS,
+         "Most rooms at once; a new one past it is answered ERROR too many "
+         "rooms on this server.", _positive(int)],
+        ["command-rate", None, _factory.DEFAULT_COMMAND_RATE,
+         "Commands (messages outside a session) a connection may send a "
+         "second, on average; past it they are answered ERROR rate limit "
+         "exceeded, and a connection that goes on is closed with 1008.",
+         _positive(float)],
+        ["command-burst", None, _factory.DEFAULT_COMMAND_BURST,
+         "Commands a connection may send at once.", _positive(int)],
         ["max-fragments", None, _factory.DEFAULT_MAX_FRAGMENTS,
          "Most fragments (continuation frames) one message may come in; more "
          "closes the connection with 1009.", _positive(int)],
@@ -191,7 +208,9 @@ def makeService(config, reactor=None):
         log_observer = logs.json_observer()
     else:
         log_observer = None
-    registry = Registry()
+    registry = Registry(
+        max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
+    )
     stats = Stats()
     ports = []
     for description in config["port"]:
@@ -256,6 +275,8 @@ def makeService(config, reactor=None):
             close_timeout=config["close-timeout"],
             max_output=config["max-output-buffer"],
             max_fragments=config["max-fragments"],
+            command_rate=config["command-rate"],
+            command_burst=config["command-burst"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])
