@@ -6,6 +6,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
+from signalling.server.limits import host_of
 from signalling.server.metrics import Stats
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
 
@@ -69,6 +70,10 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param max_output: bytes the server keeps for a peer that does not read
         (beyond what its transport buffers); past it, the peer is closed
         with 1008. Session partners are held back long before (backpressure).
+    :param limits: the server's :class:`signalling.server.limits.ConnectionLimits`,
+        or None for no limits.
+    :param count_addresses: count client addresses here, at accept (the
+        factory is the port's outermost; under TLS the TLS layer counts).
     :param command_rate: commands a connection may send a second, on
         average (messages relayed in a session are not commands).
     :param command_burst: commands a connection may send at once.
@@ -99,6 +104,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         max_fragments=DEFAULT_MAX_FRAGMENTS,
         command_rate=DEFAULT_COMMAND_RATE,
         command_burst=DEFAULT_COMMAND_BURST,
+        limits=None,
+        count_addresses=False,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -116,6 +123,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.max_fragments = max_fragments
         self.command_rate = command_rate
         self.command_burst = command_burst
+        self.limits = limits
+        self.count_addresses = count_addresses
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.
@@ -138,6 +147,25 @@ class SignallingServerFactory(WebSocketServerFactory):
         )
         # One log line per listening port start is enough; not one per client.
         self.noisy = False
+
+    def buildProtocol(self, addr):
+        """
+        A protocol for a new connection, unless its client address holds as
+        many connections as it may (then None: the connection is closed).
+        """
+        host = None
+        limits = self.limits
+        if limits is not None and self.count_addresses:
+            host = host_of(addr)
+            if host is not None:
+                if limits.exempt(host):
+                    host = None
+                elif not limits.admit(host):
+                    return None
+        proto = WebSocketServerFactory.buildProtocol(self, addr)
+        if host is not None:
+            proto.counted_host = host
+        return proto
 
     def acceptableProtocols(self):
         """

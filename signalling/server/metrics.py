@@ -32,9 +32,14 @@ class Stats:
         self.errors = {}
         #: refused first messages, by close reason kind.
         self.hello_rejections = {}
+        #: connections refused by the limits, by reason (per_address, total).
+        self.connections_refused = {}
 
     def error_sent(self, kind):
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def connection_refused(self, reason):
+        self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
 
     def hello_rejected(self, kind):
         self.hello_rejections[kind] = self.hello_rejections.get(kind, 0) + 1
@@ -116,6 +121,15 @@ class SignallingCollector:
         for kind, count in sorted(stats.hello_rejections.items()):
             rejections.add_metric([kind], count)
         yield rejections
+        refused = CounterMetricFamily(
+            "signalling_connections_refused",
+            "Connections refused by the connection limits, by reason "
+            "(per_address: at accept; total: at the WebSocket upgrade).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.connections_refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
         yield CounterMetricFamily(
             "signalling_keepalive_timeouts",
             "Connections dropped because a pong did not come back in time.",

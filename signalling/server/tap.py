@@ -2,8 +2,10 @@
 The twistd plugin's options and service: ``twistd -n signalling``.
 """
 
+import ipaddress
 import math
 import os
+import resource
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -11,7 +13,8 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import listening, logs, tls
+from signalling.server import limits, listening, logs, tls
+from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService, raise_file_limit
@@ -124,6 +127,14 @@ class Options(usage.Options):
          _positive(float)],
         ["command-burst", None, _factory.DEFAULT_COMMAND_BURST,
          "Commands a connection may send at once.", _positive(int)],
+        ["max-connections-per-address", None, limits.DEFAULT_PER_ADDRESS,
+         "Most connections one client address may hold; more are refused when "
+         "they connect, before any TLS handshake. Behind --trust-proxy the "
+         "forwarded address counts (past it: 429 at the upgrade).", _positive(int)],
+        ["max-connections", None, None,
+         "Most open WebSocket connections; more are refused at the upgrade "
+         "with 503 (/health still answers). Default: the open-file limit less "
+         f"{limits.FD_RESERVE}.", _positive(int)],
         ["max-fragments", None, _factory.DEFAULT_MAX_FRAGMENTS,
          "Most fragments (continuation frames) one message may come in; more "
          "closes the connection with 1009.", _positive(int)],
@@ -156,6 +167,15 @@ class Options(usage.Options):
         super().__init__()
         self["port"] = []
         self["ice-server"] = []
+        self["unlimited-address"] = []
+
+    def opt_unlimited_address(self, network):
+        """A client network (e.g. 10.0.0.5/32) whose connections are not counted against --max-connections-per-address: a reverse proxy's. Repeatable; the first replaces the default, the loopback addresses (127.0.0.0/8, ::1)."""
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--unlimited-address: {e}")
+        self["unlimited-address"].append(network)
 
     def opt_port(self, description):
         """Listen on this Twisted endpoint description (repeatable), e.g. ssl:8443, tcp:8080:interface=127.0.0.1, systemd:domain=INET6:index=0 or tls:systemd:domain=INET6:index=0. Default: ssl:8443."""
@@ -260,6 +280,16 @@ def makeService(config, reactor=None):
             )
         except tls.TLSConfigError as e:
             raise SystemExit(f"signalling: {e}")
+    _log.info("signalling {version}", version=signalling.__version__)
+    if handle_signals:
+        # Before the connection limits, which follow the open-file limit.
+        raise_file_limit(_log)
+    connection_limits = ConnectionLimits(
+        config["max-connections-per-address"],
+        config["max-connections"] or default_max_connections(),
+        config["unlimited-address"] or limits.DEFAULT_EXEMPT,
+        stats,
+    )
     listen, ws_factories = [], []
     for description, _, endpoint, wrap in ports:
         ws_factory = _factory.SignallingServerFactory(
@@ -275,21 +305,25 @@ def makeService(config, reactor=None):
             close_timeout=config["close-timeout"],
             max_output=config["max-output-buffer"],
             max_fragments=config["max-fragments"],
+            limits=connection_limits,
+            # Client addresses are counted by the port's outermost layer.
+            count_addresses=not wrap,
             command_rate=config["command-rate"],
             command_burst=config["command-burst"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])
-        factory = tls.ServerTLSFactory(server_tls, ws_factory, stats) if wrap else ws_factory
+        factory = (
+            tls.ServerTLSFactory(server_tls, ws_factory, stats, connection_limits)
+            if wrap
+            else ws_factory
+        )
         listen.append((description, endpoint, factory))
     if metrics_endpoint is not None:
         collector = SignallingCollector(stats, registry, ws_factories)
         metrics_site = Site(metrics_resource(collector))
         metrics_site.noisy = False
         listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))
-    _log.info("signalling {version}", version=signalling.__version__)
-    if handle_signals:
-        raise_file_limit(_log)
     if config["log-payloads"]:
         _log.warn("--log-payloads: every relayed message is logged, payloads included")
     return SignallingService(
@@ -317,3 +351,11 @@ def with_backlog(description, backlog):
     if not description.startswith(_LISTENING_TYPES) or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
+
+
+def default_max_connections():
+    """:returns: the open-file limit less a reserve (health checks, logs, ports)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1_048_576
+    return max(1, soft - limits.FD_RESERVE)

@@ -328,7 +328,12 @@ class _CountingTLSProtocol(TLSMemoryBIOProtocol):
                 return
         TLSMemoryBIOProtocol.dataReceived(self, data)
 
+    counted_host = None
+
     def connectionLost(self, reason):
+        if self.counted_host is not None:
+            self.factory.limits.release(self.counted_host)
+            self.counted_host = None
         # The peer's Finished message: in TLS 1.3 the server sends its own
         # before the client has checked the certificate.
         if self.getHandle().get_peer_finished() is None:
@@ -344,14 +349,35 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
     :param server_tls: the :class:`ServerTLS`.
     :param wrapped_factory: the factory of the protocol inside TLS.
     :param stats: a :class:`signalling.server.metrics.Stats` to count into, or None.
+    :param limits: a :class:`signalling.server.limits.ConnectionLimits` whose
+        per-address count this layer keeps (the port's outermost), or None.
     """
 
     protocol = _CountingTLSProtocol
     noisy = False
 
-    def __init__(self, server_tls, wrapped_factory, stats=None):
+    def __init__(self, server_tls, wrapped_factory, stats=None, limits=None):
         super().__init__(server_tls, False, wrapped_factory)
         self._stats = stats
+        self.limits = limits
+
+    def buildProtocol(self, addr):
+        """
+        A TLS protocol for a new connection, unless its client address holds
+        as many connections as it may: then None, before any handshake.
+        """
+        host = None
+        limits = self.limits
+        if limits is not None:
+            host = getattr(addr, "host", None)
+            if host is not None:
+                if limits.exempt(host):
+                    host = None
+                elif not limits.admit(host):
+                    return None
+        proto = TLSMemoryBIOFactory.buildProtocol(self, addr)
+        proto.counted_host = host
+        return proto
 
     def handshake_failed(self):
         if self._stats is not None:

@@ -23,6 +23,7 @@ relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
 from collections import deque
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
@@ -259,6 +260,12 @@ class ServerProtocol(WebSocketServerProtocol):
     _fragments = 0
     #: Continues reading in the next turn of the reactor (see consumeData).
     _next_turn_call = None
+    #: The client address counted for this connection (limits), if any.
+    counted_host = None
+    #: The forwarded address counted at the upgrade, behind a trusted proxy.
+    _counted_forwarded = None
+    #: True once counted among the server's WebSocket connections.
+    _counted_websocket = False
     #: Why reading from the peer is paused (a frozenset of reasons).
     _read_pauses = frozenset()
 
@@ -351,8 +358,54 @@ class ServerProtocol(WebSocketServerProtocol):
     # The opening handshake.
 
     def onConnect(self, request):
-        """Accept every upgrade, with no subprotocol."""
+        """
+        Accept the upgrade, with no subprotocol, unless the server holds as
+        many WebSocket connections as it may (503), or, behind a trusted
+        proxy, the forwarded client address holds as many as it may (429).
+        """
+        limits = self.factory.limits
+        if limits is None:
+            return None
+        forwarded = self._forwarded_host()
+        if forwarded is not None and not limits.exempt(forwarded):
+            if not limits.admit(forwarded):
+                raise ConnectionDeny(429, "Too many connections from your address")
+            self._counted_forwarded = forwarded
+        if not limits.admit_websocket():
+            self._release_counts()
+            raise ConnectionDeny(503, "Server full")
+        self._counted_websocket = True
         return None
+
+    def _forwarded_host(self):
+        """
+        :returns: the client address a trusted proxy forwarded, when this
+            connection comes from an exempt (proxy) address; else None.
+        """
+        if not self.trustXForwardedFor or self.transport is None:
+            return None
+        own = getattr(self.transport.getPeer(), "host", None)
+        if own is None or not self.factory.limits.exempt(own):
+            return None
+        peer = self.peer
+        if peer.startswith(("tcp4:", "tcp6:", "unix:")):
+            return None  # no X-Forwarded-For header
+        return peer
+
+    def _release_counts(self):
+        """Give back what the limits counted for this connection."""
+        limits = self.factory.limits
+        if limits is None:
+            return
+        if self.counted_host is not None:
+            limits.release(self.counted_host)
+            self.counted_host = None
+        if self._counted_forwarded is not None:
+            limits.release(self._counted_forwarded)
+            self._counted_forwarded = None
+        if self._counted_websocket:
+            limits.release_websocket()
+            self._counted_websocket = False
 
     def _connectionMade(self):
         WebSocketServerProtocol._connectionMade(self)
@@ -394,8 +447,10 @@ class ServerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall.cancel()
             self.openHandshakeTimeoutCall = None
         # What _connectionLost would do: this connection never was a WebSocket.
-        # The web channel watches the transport itself.
+        # The web channel watches the transport itself, and plain HTTP
+        # requests are not counted against the client's connections.
         transport.unregisterProducer()
+        self._release_counts()
         self.state = _CLOSED
         self.factory.countConnections -= 1
         data, self.data = self.data, b""
@@ -478,6 +533,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def _connectionLost(self, reason):
         self._cancel_timers()
+        self._release_counts()
         WebSocketServerProtocol._connectionLost(self, reason)
         self.closing()
 
@@ -593,6 +649,7 @@ class FastServerProtocol(ServerProtocol):
 
     def _connectionLost(self, reason):
         self._cancel_timers()
+        self._release_counts()
         WebSocketProtocol._connectionLost(self, reason)
         self.factory.countConnections -= 1
         self.closing()

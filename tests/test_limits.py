@@ -1,0 +1,161 @@
+"""
+Connection limits (``signalling.server.limits``): per client address at
+accept (before TLS), in all at the WebSocket upgrade (503, while /health
+still answers), and per forwarded address behind a trusted proxy (429);
+refusals counted in the metrics. Unit tests of the counts, then a real
+server on loopback ports, plaintext and TLS.
+"""
+
+import base64
+import os
+
+from twisted.internet.protocol import Factory
+from twisted.trial import unittest
+
+from signalling.server.limits import ConnectionLimits
+from signalling.server.metrics import Stats
+from tests.certificates import write_certificate
+from tests.clients import RawClient, eventually
+from tests.servers import Server, client_endpoint
+
+
+class ConnectionLimitsTests(unittest.SynchronousTestCase):
+    """The counts themselves."""
+
+    def test_an_address_holds_at_most_its_share_and_gets_it_back(self):
+        """Past per_address a connection is refused (and counted); a release frees a place."""
+        stats = Stats()
+        limits = ConnectionLimits(2, 10, exempt=(), stats=stats)
+        self.assertTrue(limits.admit("192.0.2.1"))
+        self.assertTrue(limits.admit("192.0.2.1"))
+        self.assertFalse(limits.admit("192.0.2.1"))
+        self.assertTrue(limits.admit("192.0.2.2"))
+        self.assertEqual(stats.connections_refused, {"per_address": 1})
+        limits.release("192.0.2.1")
+        self.assertTrue(limits.admit("192.0.2.1"))
+        for _ in range(2):
+            limits.release("192.0.2.1")
+        limits.release("192.0.2.2")
+        self.assertEqual(limits.open_from("192.0.2.1"), 0)
+        self.assertEqual(limits._open, {})
+
+    def test_exempt_networks_cover_their_addresses_and_mapped_ones(self):
+        """Loopback is exempt by default, IPv4-mapped IPv6 addresses included."""
+        limits = ConnectionLimits(1, 10)
+        for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+            self.assertTrue(limits.exempt(host), host)
+        for host in ("192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1", "not an address"):
+            self.assertFalse(limits.exempt(host), host)
+
+    def test_websockets_in_all_are_capped(self):
+        """Past ``total`` an upgrade is refused (and counted); a release frees a place."""
+        stats = Stats()
+        limits = ConnectionLimits(10, 2, stats=stats)
+        self.assertTrue(limits.admit_websocket())
+        self.assertTrue(limits.admit_websocket())
+        self.assertFalse(limits.admit_websocket())
+        limits.release_websocket()
+        self.assertTrue(limits.admit_websocket())
+        self.assertEqual(stats.connections_refused, {"total": 1})
+
+
+def upgrade_request(headers=b""):
+    key = base64.b64encode(os.urandom(16))
+    return (
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+        b"Sec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
+    )
+
+
+class LimitsMixin:
+    """The limits on a real server; subclasses choose plaintext or TLS."""
+
+    timeout = 60
+
+    async def start(self, *argv):
+        cert_dir = self.mktemp()
+        pem = write_certificate(cert_dir).pem
+        kind = "ssl" if self.tls else "tcp"
+        server = await Server.start(
+            self, "--port", f"{kind}:0:interface=127.0.0.1", "--cert-path", cert_dir, *argv
+        )
+        server.tls = self.tls
+        server.pem = pem
+        return server
+
+    async def test_an_address_past_its_share_is_refused_at_once_and_served_again_later(self):
+        """
+        With two connections per address (loopback not exempt), a third
+        from 127.0.0.1 is closed as soon as it connects, before any TLS or
+        HTTP; once one of the two closes, a new one is served; the refusal
+        is counted.
+        """
+        server = await self.start(
+            "--max-connections-per-address", "2", "--unlimited-address", "10.0.0.0/8"
+        )
+        first = await server.hello("first")
+        second = await server.hello("second")
+        tcp = client_endpoint(server.port_number())
+        refused = await tcp.connect(Factory.forProtocol(RawClient))
+        server.raw_clients.append(refused)
+        await refused.dropped()
+        self.assertEqual(refused.received, b"")
+        self.assertEqual(server.stats.connections_refused, {"per_address": 1})
+        first.close()
+        await first.closed()
+        await eventually(
+            lambda: server.factory.limits.open_from("127.0.0.1") == 1,
+            "the closed connection to be given back",
+        )
+        third = await server.hello("third")
+        self.assertTrue(third.is_live and second.is_live)
+
+    async def test_plain_http_requests_are_not_held_against_the_address(self):
+        """A plain request handed to the pages gives its place back at once."""
+        server = await self.start(
+            "--max-connections-per-address", "1", "--unlimited-address", "10.0.0.0/8"
+        )
+        for _ in range(3):
+            status, _, body = await server.get("/health")
+            self.assertEqual((status, body), (200, b"OK\n"))
+        await server.hello("after")
+
+    async def test_websockets_past_the_total_get_503_and_health_still_answers(self):
+        """With --max-connections 2 the third upgrade gets 503; /health answers 200."""
+        server = await self.start("--max-connections", "2")
+        await server.hello("a")
+        await server.hello("b")
+        status, _, _ = await server.http(upgrade_request())
+        self.assertEqual(status, 503)
+        status, _, body = await server.get("/health")
+        self.assertEqual((status, body), (200, b"OK\n"))
+        self.assertEqual(server.stats.connections_refused, {"total": 1})
+
+    async def test_behind_a_trusted_proxy_the_forwarded_address_is_counted(self):
+        """
+        Connections from the proxy (loopback, exempt) with --trust-proxy 1
+        count against the address in X-Forwarded-For: its second gets 429,
+        another forwarded address is served.
+        """
+        server = await self.start("--trust-proxy", "1", "--max-connections-per-address", "1")
+        forwarded = b"X-Forwarded-For: 203.0.113.9\r\n"
+        first = await server.raw()
+        first.transport.write(upgrade_request(forwarded))
+        await first._until(lambda: b"\r\n\r\n" in first.received, "the upgrade")
+        self.assertTrue(first.received.startswith(b"HTTP/1.1 101 "), first.received)
+        status, _, _ = await server.http(upgrade_request(forwarded))
+        self.assertEqual(status, 429)
+        other = await server.raw()
+        other.transport.write(upgrade_request(b"X-Forwarded-For: 203.0.113.10\r\n"))
+        await other._until(lambda: b"\r\n\r\n" in other.received, "the upgrade")
+        self.assertTrue(other.received.startswith(b"HTTP/1.1 101 "), other.received)
+        self.assertEqual(server.stats.connections_refused, {"per_address": 1})
+
+
+class PlaintextLimitsTests(LimitsMixin, unittest.TestCase):
+    tls = False
+
+
+class TLSLimitsTests(LimitsMixin, unittest.TestCase):
+    tls = True
