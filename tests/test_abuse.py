@@ -265,3 +265,4 @@ class TLSAbuseTests(FairnessMixin, unittest.TestCase):
 
     tls = True
     port_template = "ssl:{port}:interface=127.0.0.1"
+

@@ -12,7 +12,6 @@ import time
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError, ReactorNotRunning
-from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
@@ -66,9 +65,6 @@ class SignallingService(Service):
         graceful stop that exits with status 0); off in tests.
     :param log_observer: an ``ILogObserver`` to log to under twistd instead
         of its text log, or None.
-    :param trim: called every ``trim_interval`` seconds to give freed memory
-        back to the system (``signalling.server.memory.malloc_trim()``), or
-        None.
     """
 
     _log = Logger()
@@ -83,8 +79,6 @@ class SignallingService(Service):
         server_tls=None,
         handle_signals=False,
         log_observer=None,
-        trim=None,
-        trim_interval=None,
     ):
         self._reactor = reactor
         self._ports = ports
@@ -94,9 +88,6 @@ class SignallingService(Service):
         self._server_tls = server_tls
         self._handle_signals = handle_signals
         self._log_observer = log_observer
-        self._trim = trim
-        self._trim_interval = trim_interval
-        self._trimming = None
         self._listening = None
         self._listening_ports = []
         self._watchdog = None
@@ -184,10 +175,7 @@ class SignallingService(Service):
         if self._notifier is not None:
             self._notifier.notify("READY=1", "STATUS=accepting connections")
             self._watchdog = self._notifier.start_watchdog(self._reactor)
-        if self._trim is not None:
-            self._trimming = LoopingCall(self._trim)
-            self._trimming.clock = self._reactor
-            self._trimming.start(self._trim_interval, now=False)
+
         if self._handle_signals:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             # After the reactor's own handlers, which would make twistd end
@@ -245,9 +233,7 @@ class SignallingService(Service):
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self._watchdog = None
-        if self._trimming is not None and self._trimming.running:
-            self._trimming.stop()
-        self._trimming = None
+
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None

@@ -13,7 +13,7 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import limits, listening, logs, memory, tls
+from signalling.server import limits, listening, logs, tls
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.core.registry import Registry
@@ -335,9 +335,6 @@ def makeService(config, reactor=None):
         server_tls=server_tls,
         handle_signals=handle_signals,
         log_observer=log_observer,
-        # Only in a server process of its own (under twistd).
-        trim=memory.malloc_trim() if handle_signals else None,
-        trim_interval=memory.TRIM_INTERVAL,
     )
 
 
