@@ -303,6 +303,8 @@ class Server:
         close_timeout=None,
         max_fragments=None,
         max_output=None,
+        command_rate=None,
+        command_burst=None,
     ):
         """
         One port on 127.0.0.1: plaintext (``tcp:0``) or TLS (a bare
@@ -327,6 +329,8 @@ class Server:
             ("--close-timeout", close_timeout),
             ("--max-fragments", max_fragments),
             ("--max-output-buffer", max_output),
+            ("--command-rate", command_rate),
+            ("--command-burst", command_burst),
         ):
             if value is not None:
                 argv += [option, str(value)]

@@ -952,6 +952,27 @@ class IntegrationTestsMixin:
         self.assertEqual((code, reason), (1009, "message in more than 8 fragments"))
         await self.assert_closed_by_partner(callee)
 
+    async def test_commands_past_the_rate_are_refused_and_a_flood_is_closed_with_1008(self):
+        """
+        With a burst of 10 commands and 1 a second: the eleventh at once is
+        answered ERROR rate limit exceeded, and a client that goes on is
+        closed with 1008; an unrelated peer is served all along.
+        """
+        server = await self.start_server(command_rate=1, command_burst=10)
+        bystander = await server.hello("bystander")
+        flooder = await server.hello("flooder")
+        for _ in range(9):
+            flooder.send_text("PROBE")
+        flooder.send_text("PROBE")
+        replies = await flooder.take(10)
+        self.assertEqual(replies[:9], ["ERROR unknown command 'PROBE'"] * 9)
+        self.assertEqual(replies[9], "ERROR rate limit exceeded")
+        for _ in range(60):
+            flooder.send_text("PROBE")
+        code, reason = await flooder.closed()
+        self.assertEqual((code, reason), (1008, "rate limit exceeded"))
+        await self.assert_registered_and_idle(bystander)
+
     async def test_an_invalid_close_frame_is_answered_with_a_close_frame_naming_the_fault(self):
         """
         RFC 6455 7.1.7 and 7.4.1: a close frame with a 1-byte payload or a

@@ -19,6 +19,8 @@ from twisted.logger import Logger
 DEFAULT_PER_ADDRESS = 256
 #: Networks not counted at accept, by default: where a local proxy connects from.
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+#: Hosts whose exemption is remembered, at most (then forgotten at once).
+_EXEMPT_CACHE = 4096
 #: File descriptors kept free below the open-file limit when the total is
 #: derived from it: for health checks, metrics, logs and the listening ports.
 FD_RESERVE = 100
@@ -43,12 +45,23 @@ class ConnectionLimits:
         self.total = total
         self._exempt = [ipaddress.ip_network(n, strict=False) for n in exempt]
         self._stats = stats
+        #: Whether a host is exempt, remembered: most connections come from
+        #: hosts seen before (a local proxy, returning clients).
+        self._exempt_hosts = {}
         self._open = {}
         #: Open WebSocket connections (past the upgrade), on every port.
         self.websockets = 0
 
     def exempt(self, host):
         """:returns: whether ``host`` is in an exempt network."""
+        known = self._exempt_hosts.get(host)
+        if known is None:
+            if len(self._exempt_hosts) >= _EXEMPT_CACHE:
+                self._exempt_hosts.clear()
+            known = self._exempt_hosts[host] = self._look_up(host)
+        return known
+
+    def _look_up(self, host):
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
