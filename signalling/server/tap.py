@@ -134,7 +134,7 @@ class Options(usage.Options):
         ["max-connections", None, None,
          "Most open WebSocket connections; more are refused at the upgrade "
          "with 503 (/health still answers). Default: the open-file limit less "
-         f"{limits.FD_RESERVE}.", _positive(int)],
+         f"{limits.FD_RESERVE}", _positive(int)],
         ["max-fragments", None, _factory.DEFAULT_MAX_FRAGMENTS,
          "Most fragments (continuation frames) one message may come in; more "
          "closes the connection with 1009.", _positive(int)],
