@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from signalling.tools.bench import cli, report, wsclient
 from signalling.tools.bench.runner import Pool, ServerProbe, run_scenario
 from signalling.core.connection import Connection
+from signalling.core.registry import Registry
 from signalling.server.protocol import SignallingServerProtocol
 from tests.servers import Server
 
@@ -38,6 +39,7 @@ TINY = {
     "setup": {"workers_per_target": 2, "duration": 1.0},
     "idle": {"peers": 30, "storm_concurrency": 100, "storm_timeout": 5.0, "source_addresses": 0},
     "rooms": {"rooms": 2, "members": 4},
+    "soak": {"peers": 10, "rooms": 3, "duration": 1.5},
 }
 
 
@@ -138,6 +140,23 @@ class ScenarioTests(unittest.TestCase):
         self.assertCpuReported(result)
 
 
+    async def test_soak_churns_and_leaves_nothing_behind(self):
+        """
+        Soak: peers churn through rooms and calls for the duration; every
+        cycle succeeds, every room is empty and a churned uid free at the
+        end, and the server's memory is sampled.
+        """
+        server = await Server.listening(self, tls=False)
+        result = await bench("soak", server.url())
+        self.assertTrue(result["ok"], result)
+        self.assertGreater(result["cycles"], 10)
+        self.assertEqual(result["failures"], 0)
+        for key in ("rss_start_kb", "rss_max_kb", "rss_end_kb"):
+            self.assertGreater(result[key], 0, key)
+        self.assertCpuReported(result)
+        self.assertTrue(server.registry.is_empty())
+
+
 class BrokenServerTests(unittest.TestCase):
     """The checks of the scenarios catch a server that loses something."""
 
@@ -208,6 +227,31 @@ class BrokenServerTests(unittest.TestCase):
         self.assertFalse(result["ok"])
         self.assertEqual(result["registered"], 30)
         self.assertEqual(result["answered"], 29)
+
+    async def test_soak_reports_a_room_left_with_a_member(self):
+        """A server that keeps one leaver in its room fails the soak's check."""
+
+        class KeepsOneMember(Registry):
+            kept = False
+
+            def remove(self, uid, peer):
+                if not KeepsOneMember.kept and uid in self._room_of:
+                    KeepsOneMember.kept = True
+                    # Forget the peer but leave it in its room.
+                    self._peers.pop(uid, None)
+                    return
+                super().remove(uid, peer)
+
+        server = await self.broken_server()
+        broken = KeepsOneMember()
+        server.factory.registry = broken
+        result = await bench("soak", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(KeepsOneMember.kept)
+        self.assertFalse(result["ok"])
+        self.assertTrue(any("not empty" in r for r in result["reasons"]), result["reasons"])
+        # What the broken registry left behind is not the real registry's.
+        broken._rooms.clear()
+        broken._room_of.clear()
 
     async def test_relay_reports_a_lost_message(self):
         """A server that loses one relayed message fails the relay scenario."""

@@ -24,7 +24,10 @@ EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BENCH_FAILED = 3
 
-ALL_SCENARIOS = ("idle", "relay", "setup", "rooms")
+#: What runs by default, in this order.
+DEFAULT_SCENARIOS = ("idle", "relay", "setup", "rooms")
+#: ... and what may be asked for: the soak runs for minutes, so only when named.
+ALL_SCENARIOS = DEFAULT_SCENARIOS + ("soak",)
 
 
 def _positive(kind):
@@ -102,7 +105,7 @@ def build_parser():
     parser.add_argument(
         "--scenarios",
         type=_scenarios,
-        default=list(ALL_SCENARIOS),
+        default=list(DEFAULT_SCENARIOS),
         help="comma-separated, run in this order ('none': only the --plot sweep)",
     )
     parser.add_argument(
@@ -154,6 +157,17 @@ def build_parser():
         help="loopback source addresses to spread idle peers over (0: one per 20,000 peers)",
     )
 
+    soak = parser.add_argument_group("soak (only when named in --scenarios)")
+    soak.add_argument(
+        "--soak-peers", type=_positive(int), default=1000,
+        help="workers churning at once (each a peer, or two in a call)",
+    )
+    soak.add_argument(
+        "--soak-duration", type=_positive(float), default=120.0, help="seconds of churn"
+    )
+    soak.add_argument(
+        "--soak-rooms", type=_positive(int), default=20, help="rooms the workers visit"
+    )
     rooms = parser.add_argument_group("rooms")
     rooms.add_argument("--rooms", type=_positive(int), default=5, help="rooms (R)")
     rooms.add_argument("--members", type=_positive(int), default=40, help="members per room (M)")
@@ -215,6 +229,13 @@ def scenario_params(name, options):
             "storm_concurrency": options.storm_concurrency,
             "storm_timeout": options.storm_timeout,
             "source_addresses": options.source_addresses,
+            "timeout": timeout,
+        }
+    if name == "soak":
+        return {
+            "peers": options.soak_peers,
+            "rooms": options.soak_rooms,
+            "duration": options.soak_duration,
             "timeout": timeout,
         }
     return {"rooms": options.rooms, "members": options.members, "timeout": timeout}

@@ -36,6 +36,10 @@ METRICS = {
         ("total_seconds", "room storm (s)", False),
         ("join_seconds", "joins (s)", False),
     ],
+    "soak": [
+        ("cycles_per_s", "churn cycles/s", True),
+        ("rss_end_kb", "RSS at the end (KiB)", False),
+    ],
 }
 
 #: The columns of each scenario's table: ``(header, key, format)``.
@@ -64,6 +68,14 @@ COLUMNS = {
         ("RSS/peer B", "rss_per_peer_bytes", "{:,.0f}"),
         ("RSS KiB", "rss_after_kb", "{:,}"),
     ],
+    "soak": [
+        ("cycles", "cycles", "{:,}"),
+        ("cycles/s", "cycles_per_s", "{:,.1f}"),
+        ("failed", "failures", "{}"),
+        ("RSS start KiB", "rss_start_kb", "{:,}"),
+        ("RSS max KiB", "rss_max_kb", "{:,}"),
+        ("RSS end KiB", "rss_end_kb", "{:,}"),
+    ],
     "rooms": [
         ("total s", "total_seconds", "{:.3f}"),
         ("joins s", "join_seconds", "{:.3f}"),
@@ -79,6 +91,7 @@ TITLES = {
     "setup": "call set-up: {workers} workers, {duration:g} s",
     "idle": "idle: {peers} peers opened in a storm",
     "rooms": "rooms: {rooms} rooms x {members} members",
+    "soak": "soak: {peers} peers churning through {rooms} rooms and calls, {duration:g} s",
 }
 
 

@@ -570,7 +570,61 @@ def run_rooms(pool, target, params, probe):
     return result
 
 
-RUNNERS = {"relay": run_relay, "setup": run_setup, "idle": run_idle, "rooms": run_rooms}
+def run_soak(pool, target, params, probe):
+    """
+    The soak scenario: peers churning for a while; the server's memory is
+    sampled as it goes, and must end where it began.
+
+    :param params: ``peers``, ``rooms``, ``duration``, ``timeout``.
+    """
+    spec = dict(params, tag=new_tag())
+    timeout = spec["timeout"]
+    run = pool.start("soak", target, spec)
+    run.sync("ready", within=GRACE)
+    rss_start = probe.rss_kb()
+    start_at = now() + LEAD
+    run.answer(start_at)
+    sleep_until(start_at)
+    before = Reading(probe)
+    samples = []
+    end_at = start_at + spec["duration"]
+    while now() < end_at:
+        sample = probe.rss_kb()
+        if sample is not None:
+            samples.append(sample)
+        sleep_until(min(end_at, now() + max(spec["duration"] / 20, 0.5)))
+    churned = run.sync("churned", within=6 * timeout + GRACE)
+    after = Reading(probe)
+    wall = now() - start_at
+    run.answer(None)
+    results = run.results(within=(spec["rooms"] + 2) * 2 * timeout + GRACE)
+    rss_end = probe.rss_kb()
+    failures = sum(r["failures"] for r in results)
+    cycles = sum(c["cycles"] for c in churned)
+    result = {
+        "peers": spec["peers"],
+        "rooms": spec["rooms"],
+        "duration": spec["duration"],
+        "cycles": cycles,
+        "cycles_per_s": cycles / wall if wall else 0.0,
+        "failures": failures,
+        "rss_start_kb": rss_start,
+        "rss_max_kb": max(samples) if samples else None,
+        "rss_end_kb": rss_end,
+        "reasons": _reasons(results),
+        "ok": failures == 0 and cycles > 0,
+    }
+    result.update(_cpu_fields(before, after, wall, results))
+    return result
+
+
+RUNNERS = {
+    "relay": run_relay,
+    "setup": run_setup,
+    "idle": run_idle,
+    "rooms": run_rooms,
+    "soak": run_soak,
+}
 
 
 def run_scenario(pool, name, target, params, pid=None):

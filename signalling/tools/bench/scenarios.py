@@ -660,4 +660,97 @@ async def rooms(spec, control):
     }
 
 
-SCENARIOS = {"relay": relay, "setup": setup, "idle": idle, "rooms": rooms}
+# soak
+
+
+async def _room_visit(control, spec, uid, room_id, timeout):
+    """
+    One short stay in a room: register, join, ask for the member list,
+    greet the first member listed (if any), leave.
+    """
+    connection = await control.hello(uid, timeout)
+    try:
+        connection.send_text(words.room(room_id))
+        reply = await connection.recv_text(timeout)
+        if not isinstance(reply, str) or not reply.startswith(_ROOM_OK):
+            raise ProtocolFailure(f"ROOM {room_id} was answered {reply!r}")
+        members = reply[len(_ROOM_OK):].split()
+        connection.send_text(words.ROOM_PEER_LIST)
+        # Notices of others' joins and leaves may come first.
+        while True:
+            reply = await connection.recv_text(timeout)
+            if isinstance(reply, str) and reply.startswith(words.ROOM_PEER_LIST):
+                break
+        if members:
+            connection.send_text(words.room_peer_msg(members[0], "hi from " + uid))
+    finally:
+        await control.close_all([connection], timeout)
+        control.connections.discard(connection)
+
+
+async def soak(spec, control):
+    """
+    Peers churning for ``duration`` seconds: each of ``peers`` workers,
+    again and again, registers under a new uid and visits one of ``rooms``
+    rooms (joins, lists, greets, leaves), and every fifth time makes a
+    whole call instead. Afterwards worker 0 checks that every room is empty
+    and that a churned uid is free again.
+    """
+    timeout = spec["timeout"]
+    workers = list(mine(spec["peers"], spec))
+    failures = Failures()
+    cycles = 0
+    start_at = await control.sync("ready", {"peers": len(workers)})
+    await sleep_until(start_at)
+    end_at = start_at + spec["duration"]
+    cpu_start = cpu_seconds()
+
+    async def worker(w):
+        nonlocal cycles
+        n = 0
+        while now() < end_at:
+            n += 1
+            try:
+                if n % 5 == 0:
+                    await _call(
+                        control, spec, make_uid(spec, "c", w, n), make_uid(spec, "d", w, n), timeout
+                    )
+                else:
+                    room_id = make_uid(spec, "room", (w + n) % spec["rooms"])
+                    await _room_visit(control, spec, make_uid(spec, "s", w, n), room_id, timeout)
+                cycles += 1
+            except Exception as e:
+                failures.add(describe(e))
+
+    await asyncio.gather(*(worker(w) for w in workers))
+    cpu = cpu_seconds() - cpu_start
+    await control.sync("churned", {"cycles": cycles})
+    leftovers = Failures()
+    if spec["worker"] == 0:
+        for number in range(spec["rooms"]):
+            room_id = make_uid(spec, "room", number)
+            try:
+                connection = await control.hello(make_uid(spec, "check", number), timeout)
+                connection.send_text(words.room(room_id))
+                reply = await connection.recv_text(timeout)
+                if reply != _ROOM_OK:
+                    leftovers.add(f"room {number} not empty after the churn: {reply[:80]!r}")
+                await control.close_all([connection], timeout)
+            except Exception as e:
+                leftovers.add(describe(e))
+        try:
+            # A uid of the churn is free again.
+            connection = await control.hello(make_uid(spec, "s", workers[0] if workers else 0, 1), timeout)
+            await control.close_all([connection], timeout)
+        except Exception as e:
+            leftovers.add(f"a churned uid is not free: {describe(e)}")
+    return {
+        "cycles": cycles,
+        "failures": failures.count + leftovers.count,
+        "reasons": failures.reasons + leftovers.reasons,
+        "cpu": cpu,
+        "wall": max(now() - start_at, 1e-9),
+    }
+
+
+SCENARIOS = {"relay": relay, "setup": setup, "idle": idle, "rooms": rooms, "soak": soak}
