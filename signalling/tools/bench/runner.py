@@ -591,7 +591,7 @@ def run_soak(pool, target, params, probe):
     while now() < end_at:
         sample = probe.rss_kb()
         if sample is not None:
-            samples.append(sample)
+            samples.append((round(now() - start_at, 1), sample))
         sleep_until(min(end_at, now() + max(spec["duration"] / 20, 0.5)))
     churned = run.sync("churned", within=6 * timeout + GRACE)
     after = Reading(probe)
@@ -609,8 +609,10 @@ def run_soak(pool, target, params, probe):
         "cycles_per_s": cycles / wall if wall else 0.0,
         "failures": failures,
         "rss_start_kb": rss_start,
-        "rss_max_kb": max(samples) if samples else None,
+        "rss_max_kb": max(kb for _, kb in samples) if samples else None,
         "rss_end_kb": rss_end,
+        #: ``(seconds since the start, KiB)`` while the peers churned.
+        "rss_samples": samples,
         "reasons": _reasons(results),
         "ok": failures == 0 and cycles > 0,
     }
