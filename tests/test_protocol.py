@@ -967,6 +967,33 @@ class _CountingTransport(StringTransport):
         super().write(data)
 
 
+_UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def _open(test, factory, uid=None):
+    """
+    A connection of ``factory`` over a :class:`_CountingTransport`, past the
+    opening handshake (and registered as ``uid``, if given), closed at the
+    end of ``test``; its transport is cleared.
+
+    :returns: the protocol and its transport.
+    """
+    proto = factory.buildProtocol(None)
+    transport = _CountingTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(_UPGRADE)
+    if uid is not None:
+        proto.dataReceived(masked_frame(f"HELLO {uid}".encode()))
+    test.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
+    transport.clear()
+    del transport.writes[:]
+    return proto, transport
+
+
 class RelayBatchingTests(unittest.TestCase):
     """Frames read together are relayed to the partner in one write."""
 
@@ -974,17 +1001,7 @@ class RelayBatchingTests(unittest.TestCase):
         self.net = Loopback(self)
         self.peers = {}
         for uid in ("alice", "bob"):
-            proto = self.net.factory.buildProtocol(None)
-            transport = _CountingTransport()
-            proto.makeConnection(transport)
-            proto.dataReceived(
-                b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n"
-            )
-            proto.dataReceived(masked_frame(f"HELLO {uid}".encode()))
-            self.peers[uid] = (proto, transport)
-            self.addCleanup(proto.connectionLost, Failure(ConnectionDone()))
+            self.peers[uid] = _open(self, self.net.factory, uid)
         alice, _ = self.peers["alice"]
         alice.dataReceived(masked_frame(b"SESSION bob"))
         for _, transport in self.peers.values():
@@ -1069,19 +1086,8 @@ class BackpressureTests(unittest.TestCase):
     (a room), closes it with 1008 past the output bound.
     """
 
-    def connect(self, uid, fast_path=True):
-        proto = self.factory.buildProtocol(None)
-        transport = _CountingTransport()
-        proto.makeConnection(transport)
-        proto.dataReceived(
-            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        proto.dataReceived(masked_frame(f"HELLO {uid}".encode()))
-        self.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
-        transport.clear()
-        return proto, transport
+    def connect(self, uid):
+        return _open(self, self.factory, uid)
 
     def setUp(self):
         self.net = Loopback(self, max_output=10_000)
@@ -1208,16 +1214,7 @@ class FairnessTests(unittest.TestCase):
         answered, in order.
         """
         net = Loopback(self)
-        proto = net.factory.buildProtocol(None)
-        transport = _CountingTransport()
-        proto.makeConnection(transport)
-        proto.dataReceived(
-            b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        self.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
-        transport.clear()
+        proto, transport = _open(self, net.factory)
         pings = b"".join(masked_frame(b"%04d" % i, opcode=0x9) for i in range(1000))
         proto.dataReceived(pings)
         pongs = transport.value().count(b"\x8a\x04")

@@ -22,7 +22,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from signalling.server import protocol as web_protocol
+from signalling.server import websocket as web_protocol
 from signalling.server import tap, web
 from signalling.server.factory import SignallingServerFactory
 from signalling.core.registry import Registry

@@ -217,6 +217,10 @@ class Connection:
                 self._held = deque()
             self._held.append((payload, is_binary))
             return
+        self._handle(payload, is_binary)
+
+    def _handle(self, payload, is_binary):
+        """Relay one message in a session; else handle it as a command."""
         link = self.link
         if link is not None:
             link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))
@@ -681,20 +685,7 @@ class Connection:
         try:
             held = self._held
             while held and self._pending is None and not self._closing:
-                payload, is_binary = held.popleft()
-                if self.link is not None:
-                    self.link.send_frames(
-                        ((BINARY_FRAME if is_binary else TEXT_FRAME, payload),)
-                    )
-                    continue
-                with self._log.failuresHandled(
-                    "while handling a message from {uid} at {peer_addr}",
-                    uid=self.uid,
-                    peer_addr=self._output.peer_addr,
-                ) as op:
-                    self._command(payload, is_binary)
-                if op.failed:
-                    self._fail()
+                self._handle(*held.popleft())
             if self._held is not None and not self._held:
                 self._held = None
         finally:

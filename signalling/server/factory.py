@@ -6,7 +6,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
-from signalling.server.limits import host_of
+from signalling.server.limits import REFUSED
 from signalling.server.metrics import Stats
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
 
@@ -154,14 +154,10 @@ class SignallingServerFactory(WebSocketServerFactory):
         many connections as it may (then None: the connection is closed).
         """
         host = None
-        limits = self.limits
-        if limits is not None and self.count_addresses:
-            host = host_of(addr)
-            if host is not None:
-                if limits.exempt(host):
-                    host = None
-                elif not limits.admit(host):
-                    return None
+        if self.limits is not None and self.count_addresses:
+            host = self.limits.admit_address(addr)
+            if host is REFUSED:
+                return None
         proto = WebSocketServerFactory.buildProtocol(self, addr)
         if host is not None:
             proto.counted_host = host

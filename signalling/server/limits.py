@@ -19,6 +19,8 @@ from twisted.logger import Logger
 DEFAULT_PER_ADDRESS = 256
 #: Networks not counted at accept, by default: where a local proxy connects from.
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+#: What :meth:`ConnectionLimits.admit_address` answers for a refusal.
+REFUSED = object()
 #: Hosts whose exemption is remembered, at most (then forgotten at once).
 _EXEMPT_CACHE = 4096
 #: File descriptors kept free below the open-file limit when the total is
@@ -69,6 +71,21 @@ class ConnectionLimits:
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self._exempt)
+
+    def admit_address(self, address):
+        """
+        Count a new connection by its client address, unless that address is
+        exempt (or has no host: a Unix socket).
+
+        :param address: the Twisted address the connection comes from.
+        :returns: the host counted (to :meth:`release` later), None when
+            nothing was counted, or :data:`REFUSED` when the address holds
+            as many connections as it may.
+        """
+        host = host_of(address)
+        if host is None or self.exempt(host):
+            return None
+        return host if self.admit(host) else REFUSED
 
     def admit(self, host):
         """

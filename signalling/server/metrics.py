@@ -105,31 +105,20 @@ class SignallingCollector:
             "Sessions set up (SESSION answered SESSION_OK).",
             value=stats.sessions_started,
         )
-        errors = CounterMetricFamily(
-            "signalling_errors_sent",
-            "ERROR lines sent, by reason.",
-            labels=["reason"],
+        yield _by_reason(
+            "signalling_errors_sent", "ERROR lines sent, by reason.", stats.errors
         )
-        for kind, count in sorted(stats.errors.items()):
-            errors.add_metric([kind], count)
-        yield errors
-        rejections = CounterMetricFamily(
+        yield _by_reason(
             "signalling_hello_rejections",
             "Connections refused at their first message, by reason.",
-            labels=["reason"],
+            stats.hello_rejections,
         )
-        for kind, count in sorted(stats.hello_rejections.items()):
-            rejections.add_metric([kind], count)
-        yield rejections
-        refused = CounterMetricFamily(
+        yield _by_reason(
             "signalling_connections_refused",
             "Connections refused by the connection limits, by reason "
             "(per_address: at accept; total: at the WebSocket upgrade).",
-            labels=["reason"],
+            stats.connections_refused,
         )
-        for reason, count in sorted(stats.connections_refused.items()):
-            refused.add_metric([reason], count)
-        yield refused
         yield CounterMetricFamily(
             "signalling_keepalive_timeouts",
             "Connections dropped because a pong did not come back in time.",
@@ -157,3 +146,11 @@ def metrics_resource(collector, process=True):
     root.putChild(b"metrics", metrics)
     root.putChild(b"", metrics)
     return root
+
+
+def _by_reason(name, documentation, counts):
+    """:returns: a counter of ``name`` with one sample per reason in ``counts``."""
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family

@@ -14,14 +14,6 @@ from signalling.core.connection import Connection
 from signalling.core.interfaces import IConnectionOutput
 from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPEN
 
-# For tests and callers that used to find these here.
-from signalling.core.connection import (  # noqa: F401
-    CLOSE_HELLO_TIMEOUT,
-    CLOSE_INTERNAL_ERROR,
-    SHUTDOWN_CAUSE,
-)
-from signalling.server.websocket import MAX_REQUEST_HEAD, asks_for_websocket  # noqa: F401
-
 
 @implementer(IConnectionOutput)
 class _Signalling:

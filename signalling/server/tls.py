@@ -27,6 +27,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from signalling.server.limits import REFUSED
+
 _log = Logger()
 
 #: Host names and addresses the generated certificate is valid for.
@@ -367,14 +369,10 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         as many connections as it may: then None, before any handshake.
         """
         host = None
-        limits = self.limits
-        if limits is not None:
-            host = getattr(addr, "host", None)
-            if host is not None:
-                if limits.exempt(host):
-                    host = None
-                elif not limits.admit(host):
-                    return None
+        if self.limits is not None:
+            host = self.limits.admit_address(addr)
+            if host is REFUSED:
+                return None
         proto = TLSMemoryBIOFactory.buildProtocol(self, addr)
         proto.counted_host = host
         return proto
