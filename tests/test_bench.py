@@ -457,6 +457,41 @@ class OpenSSLCostTests(unittest.TestCase):
         return d.addCallback(check)
 
 
+class RoomPeakTests(unittest.TestCase):
+    """benchmarks/room-peak: memory while a crowd joins one room and leaves."""
+
+    timeout = 60
+
+    async def test_reports_memory_around_each_crowd_and_the_crowd_leaves(self):
+        server = await Server.listening(self, tls=True)
+        script = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "benchmarks",
+            "room-peak",
+        )
+        ca_file = self.mktemp()
+        with open(ca_file, "w") as f:
+            f.write(server.pem if isinstance(server.pem, str) else server.pem.decode())
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable,
+            [
+                script, server.url(), "--server-pid", str(os.getpid()),
+                "--members", "30", "--rounds", "2", "--settle", "1", "--ca-file", ca_file,
+            ],
+            env=dict(os.environ),
+            reactor=reactor,
+        )
+        self.assertEqual(code, 0, err)
+        rounds = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([r["round"] for r in rounds], [1, 2])
+        for r in rounds:
+            self.assertEqual(r["members"], 30)
+            self.assertEqual(len(r["after_each_second"]), 1)
+            self.assertGreater(r["joined"], 0)
+        await server.wait_for_connections(0)
+        self.assertTrue(server.registry.is_empty())
+
+
 class ReportTests(unittest.TestCase):
     """Percentiles, the bottleneck verdict, and /proc readings."""
 

@@ -9,8 +9,10 @@ clients are closed, the server holds no connection, and the registry holds
 no peer, session or room (see :meth:`tests._realserver.RealServer.stop`).
 """
 
+import gc
 import json
 import struct
+import weakref
 
 from twisted.internet import endpoints, reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -1189,6 +1191,55 @@ class IntegrationTestsMixin:
         raw.abort()
         await member.expect("ROOM_PEER_LEFT raw")
         await self.server.hello("raw")
+
+    async def test_every_ended_connection_is_freed_without_the_garbage_collector(self):
+        """
+        However a connection ends (the peer closes, drops, is closed with its
+        session partner, is refused, or the server fails it), reference
+        counting alone frees it and its transport once it is gone: nothing
+        is left for the cyclic garbage collector, which may not run for a
+        long time. Otherwise thousands of closed connections stay in memory
+        after a peak, and the allocator cannot give their memory back.
+        """
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        caller, callee = await self.server.session("caller", "callee")
+        a, b, c = await self.server.room("r", "a", "b", "c")
+        lone = await self.server.hello("lone")
+        unregistered = await self.server.connect()
+        raw = await self.server.raw()
+        await raw.upgrade()
+        await self.server.wait_for_connections(8)
+        watched = []
+        for protocol in self.server.factory.connections:
+            transport = protocol.transport
+            watched += [weakref.ref(protocol), weakref.ref(transport)]
+            if self.tls:
+                watched.append(weakref.ref(transport.transport))
+        self.assertEqual(len(watched), 8 * (3 if self.tls else 2))
+        caller.close()  # and the server closes callee with 1000
+        a.close()
+        b.abort()
+        lone.send_text("HELLO again")  # an error; the connection stays open
+        self.assertTrue((await lone.next()).startswith("ERROR "))
+        lone.send_bytes(b"\xff", binary=False)  # invalid UTF-8: 1007
+        unregistered.send_text("SESSION x")  # refused with 1002
+        raw.send_frame(1, b"HELLO raw")
+        await raw.next_frames(1)
+        raw.send_frame(1, b"x" * 10, mask=False)  # a protocol violation
+        self.assertEqual(
+            sorted(await c.take(2)), ["ROOM_PEER_LEFT a", "ROOM_PEER_LEFT b"]
+        )
+        c.close()
+        await self.server.wait_for_connections(0)
+        del protocol, transport
+        await eventually(
+            lambda: all(ref() is None for ref in watched),
+            lambda: "every connection freed; left: "
+            + ", ".join(type(ref()).__name__ for ref in watched if ref() is not None),
+        )
+        self.assertTrue(self.server.registry.is_empty())
 
     # Races, as real concurrent sends.
 

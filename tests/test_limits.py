@@ -12,6 +12,9 @@ import os
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
+from signalling.core.wire import MAX_ID_LENGTH
+from signalling.server import tap
+from signalling.server.factory import DEFAULT_MAX_OUTPUT
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import Stats
 from tests.certificates import write_certificate
@@ -66,6 +69,20 @@ def upgrade_request(headers=b""):
         b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
         b"Sec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
     )
+
+
+class RoomOutputTests(unittest.SynchronousTestCase):
+    def test_the_largest_room_fits_the_output_bound_many_times_over(self):
+        """
+        With the defaults, what a member of a full room can be owed at once
+        (the member list, longest uids, and a notice of every member's join
+        or leave) is a small part of the output bound: a member that reads
+        slowly is never closed for the size of its room.
+        """
+        members = tap.DEFAULT_MAX_ROOM_MEMBERS
+        member_list = len("ROOM_PEER_LIST") + members * (MAX_ID_LENGTH + 1)
+        notices = members * len("ROOM_PEER_JOINED ") + members * MAX_ID_LENGTH
+        self.assertLess(member_list + 2 * notices, DEFAULT_MAX_OUTPUT // 4)
 
 
 class LimitsMixin:
@@ -131,6 +148,43 @@ class LimitsMixin:
         status, _, body = await server.get("/health")
         self.assertEqual((status, body), (200, b"OK\n"))
         self.assertEqual(server.stats.connections_refused, {"total": 1})
+
+    async def test_a_full_room_of_the_longest_uids_stays_within_the_output_bound(self):
+        """
+        A room filled to --max-room-members with uids of 256 characters: a
+        member that reads nothing while they all join is still open, and
+        then gets every notice and the whole member list; so does the last.
+        """
+        size = 120
+        server = await self.start("--max-room-members", str(size))
+        uids = [f"{i:03d}".ljust(MAX_ID_LENGTH, "u") for i in range(size)]
+        first = await server.hello(uids[0])
+        first.send_text("ROOM big")
+        await first.expect("ROOM_OK ")
+        first.transport.pauseProducing()
+        members = [first]
+        for uid in uids[1:]:
+            member = await server.hello(uid)
+            member.send_text("ROOM big")
+            members.append(member)
+        last = members[-1]
+        await last.expect("ROOM_OK " + " ".join(uids[:-1]))
+        last.send_text("ROOM_PEER_LIST")
+        while True:
+            message = await last.next()
+            if message.startswith("ROOM_PEER_LIST"):
+                break
+        self.assertEqual(message, "ROOM_PEER_LIST " + " ".join(uids[:-1]))
+        full = server.factory.registry
+        self.assertEqual(full.room_member_count, size)
+        first.transport.resumeProducing()
+        self.assertEqual(
+            await first.take(size - 1), [f"ROOM_PEER_JOINED {uid}" for uid in uids[1:]]
+        )
+        first.send_text("ROOM_PEER_LIST")
+        await first.expect("ROOM_PEER_LIST " + " ".join(uids[1:]))
+        self.assertTrue(all(member.is_live for member in members))
+        self.assertEqual(server.stats.errors, {})
 
     async def test_behind_a_trusted_proxy_the_forwarded_address_is_counted(self):
         """

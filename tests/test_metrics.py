@@ -254,6 +254,29 @@ class MetricsTests(unittest.TestCase):
                     after.labelled(name + "_total"), during.labelled(name + "_total"), name
                 )
 
+    async def test_heap_given_back_to_the_system_is_counted(self):
+        """The trims of the C allocator's heap show in the metrics."""
+        before = await self.scrape()
+        self.assertEqual(before.families["signalling_memory_trims"].type, "counter")
+        self.assertEqual(before.families["signalling_memory_trimmed_bytes"].type, "counter")
+        # Some 18 MB freed in glibc's heap, in holes it cannot give back by itself.
+        blocks = [bytes(60_000) for _ in range(600)]
+        keep = blocks[1::2]
+        del blocks
+        self.server.service.reclaimer.check()
+        del keep
+        after = await self.scrape()
+        self.assertGreaterEqual(
+            after.value("signalling_memory_trims_total")
+            - before.value("signalling_memory_trims_total"),
+            1,
+        )
+        self.assertGreater(
+            after.value("signalling_memory_trimmed_bytes_total")
+            - before.value("signalling_memory_trimmed_bytes_total"),
+            16 * 1024 * 1024,
+        )
+
     async def test_room_bytes_count_utf8_bytes(self):
         """
         Relayed room bytes count the payload's bytes on the wire (UTF-8),

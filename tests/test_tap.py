@@ -656,7 +656,7 @@ class ServiceTests(unittest.TestCase):
         """Two services share no registry and no Stats (there is no global one)."""
         self.start("--port", "tcp:8080")
         first = websocket_factory(self.the_site())
-        other_reactor = MemoryReactor()
+        other_reactor = MemoryReactorClock()
         service = tap.makeService(parse("--port", "tcp:8080"), reactor=other_reactor)
         service.startService()
         self.addCleanup(service.stopService)
@@ -756,7 +756,7 @@ class ServiceTests(unittest.TestCase):
         self.start("--port", "tcp:8080", "--port", "ssl:8443", "--trust-proxy", "2")
         for site in self.sites():
             self.assertEqual(websocket_factory(site).trustXForwardedFor, 2)
-        other = MemoryReactor()
+        other = MemoryReactorClock()
         service = tap.makeService(parse("--port", "tcp:8080"), reactor=other)
         service.startService()
         self.addCleanup(service.stopService)
@@ -814,7 +814,7 @@ class ServiceTests(unittest.TestCase):
         for site in self.sites():
             self.assertTrue(websocket_factory(site).log_payloads)
 
-        self.reactor = MemoryReactor()
+        self.reactor = MemoryReactorClock()
         with capturedLogs() as events:
             self.start("--port", "tcp:8080")
         self.assertEqual(

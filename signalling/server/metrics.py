@@ -27,6 +27,9 @@ class Stats:
         self.room_bytes = 0
         self.sessions_started = 0
         self.keepalive_timeouts = 0
+        #: Times free heap was given back to the system, and how much.
+        self.memory_trims = 0
+        self.memory_trimmed_bytes = 0
         self.tls_handshake_failures = 0
         #: ERROR lines sent, by kind (a fixed vocabulary, never a uid).
         self.errors = {}
@@ -123,6 +126,17 @@ class SignallingCollector:
             "signalling_keepalive_timeouts",
             "Connections dropped because a pong did not come back in time.",
             value=stats.keepalive_timeouts,
+        )
+        yield CounterMetricFamily(
+            "signalling_memory_trims",
+            "Times the C allocator's free heap was given back to the system "
+            "(--trim-interval).",
+            value=stats.memory_trims,
+        )
+        yield CounterMetricFamily(
+            "signalling_memory_trimmed_bytes",
+            "Bytes of free heap given back to the system.",
+            value=stats.memory_trimmed_bytes,
         )
         yield CounterMetricFamily(
             "signalling_tls_handshake_failures",

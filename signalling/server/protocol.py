@@ -74,6 +74,11 @@ class _Signalling:
         if self.connection is not None:
             self.connection.closing()
 
+    def closed(self):
+        # The connection's logic refers back to this protocol (its output);
+        # it keeps that link, which no longer makes a cycle.
+        self.connection = None
+
     def output_changed(self):
         if not self.output_blocked:
             self._unread = 0
@@ -97,10 +102,9 @@ class _Signalling:
         # A frame, not sendMessage: the incoming size limit must not apply
         # to what we send (a relayed room message carries a prefix).
         if self.state == _OPEN:
-            data = text.encode("utf-8")
-            self.write_frames(((0x81, data),))
+            size = self.write_text(text)
             if self.output_blocked:
-                self._count_unread(len(data))
+                self._count_unread(size)
 
     def send_frames(self, frames):
         if self.state == _OPEN:

@@ -65,6 +65,8 @@ class SignallingService(Service):
         graceful stop that exits with status 0); off in tests.
     :param log_observer: an ``ILogObserver`` to log to under twistd instead
         of its text log, or None.
+    :param reclaimer: a :class:`signalling.server.memory.MemoryReclaimer` to
+        run while the server runs, or None.
     """
 
     _log = Logger()
@@ -79,6 +81,7 @@ class SignallingService(Service):
         server_tls=None,
         handle_signals=False,
         log_observer=None,
+        reclaimer=None,
     ):
         self._reactor = reactor
         self._ports = ports
@@ -88,6 +91,7 @@ class SignallingService(Service):
         self._server_tls = server_tls
         self._handle_signals = handle_signals
         self._log_observer = log_observer
+        self.reclaimer = reclaimer
         self._listening = None
         self._listening_ports = []
         self._watchdog = None
@@ -175,6 +179,8 @@ class SignallingService(Service):
         if self._notifier is not None:
             self._notifier.notify("READY=1", "STATUS=accepting connections")
             self._watchdog = self._notifier.start_watchdog(self._reactor)
+        if self.reclaimer is not None:
+            self.reclaimer.start()
 
         if self._handle_signals:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
@@ -233,6 +239,8 @@ class SignallingService(Service):
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self._watchdog = None
+        if self.reclaimer is not None:
+            self.reclaimer.stop()
 
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)

@@ -13,7 +13,7 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import limits, listening, logs, tls
+from signalling.server import limits, listening, logs, memory, tls
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.core.registry import Registry
@@ -65,6 +65,16 @@ def _non_negative_int(value):
     if number < 0:
         raise ValueError(f"must be 0 or more, not {value}")
     return number
+
+
+def _non_negative_float(value):
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"must be 0 or more, not {value}")
+    return number
+
+
+_non_negative_float.coerceDoc = "Must be 0 or more."
 
 
 class Options(usage.Options):
@@ -142,6 +152,11 @@ class Options(usage.Options):
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
          "it is dropped.", _positive(float)],
+        ["trim-interval", None, memory.DEFAULT_INTERVAL,
+         "Seconds between looks at the C allocator's heap: when more than "
+         f"{memory.DEFAULT_THRESHOLD // 2**20} MiB of it became free (after a "
+         "peak), it is given back to the system (malloc_trim). 0: never.",
+         _non_negative_float],
         ["shutdown-timeout", None, 5.0,
          "On SIGTERM/SIGINT: seconds to wait for connections to close after "
          "they were sent close code 1001.", _positive(float)],
@@ -326,6 +341,10 @@ def makeService(config, reactor=None):
         listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))
     if config["log-payloads"]:
         _log.warn("--log-payloads: every relayed message is logged, payloads included")
+    reclaimer = None
+    heap = memory.glibc_heap() if config["trim-interval"] > 0 else None
+    if heap is not None:
+        reclaimer = memory.MemoryReclaimer(heap, reactor, config["trim-interval"], stats=stats)
     return SignallingService(
         reactor,
         listen,
@@ -335,6 +354,7 @@ def makeService(config, reactor=None):
         server_tls=server_tls,
         handle_signals=handle_signals,
         log_observer=log_observer,
+        reclaimer=reclaimer,
     )
 
 

@@ -332,6 +332,20 @@ class _CountingTLSProtocol(TLSMemoryBIOProtocol):
 
     counted_host = None
 
+    def _tlsShutdownFinished(self, reason):
+        """
+        Twisted's TLS layer ends the connection. A TLS error (an unexpected
+        EOF among them) comes as a failure made inside ``_flushReceiveBIO``,
+        which keeps it in a local: its traceback refers to that frame, which
+        refers to the failure and to this protocol. Twisted then passes a
+        different failure on, so nothing else would break that cycle before
+        the garbage collector does, and every such connection would stay in
+        memory until then. The traceback is never read.
+        """
+        if reason is not None:
+            reason.cleanFailure()
+        TLSMemoryBIOProtocol._tlsShutdownFinished(self, reason)
+
     def connectionLost(self, reason):
         if self.counted_host is not None:
             self.factory.limits.release(self.counted_host)

@@ -20,6 +20,7 @@ relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
 ``onClose``.
 """
 
+import time
 from collections import deque
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -41,8 +42,13 @@ _CLOSING = WebSocketProtocol.STATE_CLOSING
 
 #: Steps of reading one connection may take in one turn of the reactor
 #: before the others get theirs: Autobahn takes two for a frame (its header,
-#: then its payload), the fast path one for a whole batch of data frames.
-TURN_STEPS = 64
+#: then its payload), the fast path one for up to FRAMES_PER_STEP frames.
+TURN_STEPS = 16
+#: ... and the time they may take, in seconds (a step may overrun it by at
+#: most one step: :data:`FRAMES_PER_STEP` frames of the fast path).
+TURN_SECONDS = 0.0005
+#: Frames the fast path takes in one step.
+FRAMES_PER_STEP = 64
 _TEXT = 1
 _BINARY = 2
 
@@ -55,6 +61,7 @@ _FIN_BINARY = 0x80 | _BINARY
 _SMALL_UNMASK = 2048
 
 _from_bytes = int.from_bytes
+_now = time.perf_counter
 
 
 def _unmask(payload, mask):
@@ -233,10 +240,12 @@ class _OutputGuard:
         self._protocol = protocol
 
     def pauseProducing(self):
-        self._protocol._output_paused()
+        if self._protocol is not None:
+            self._protocol._output_paused()
 
     def resumeProducing(self):
-        self._protocol._output_resumed()
+        if self._protocol is not None:
+            self._protocol._output_resumed()
 
     def stopProducing(self):
         pass
@@ -296,7 +305,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def _watch_output(self):
         """Be told when the peer stops reading (and when it caught up)."""
-        guard = _OutputGuard(self)
+        guard = self._guard = _OutputGuard(self)
         try:
             self.transport.registerProducer(guard, True)
         except RuntimeError:
@@ -341,6 +350,17 @@ class ServerProtocol(WebSocketServerProtocol):
         """
         for first, payload in frames:
             self.sendFrame(first & 0x0F, payload)
+
+    def write_text(self, text):
+        """
+        Send ``text`` as one text frame; the caller checked that the
+        connection is open.
+
+        :returns: the size of the payload.
+        """
+        data = text.encode("utf-8")
+        self.write_frames(((0x80 | _TEXT, data),))
+        return len(data)
 
     def close_with(self, code, reason=None):
         """
@@ -467,19 +487,26 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def consumeData(self):
         """
-        Handle what was read, but at most :data:`TURN_STEPS` steps in one
-        turn of the reactor: then stop reading for a moment and go on in the
-        next turn, so that a connection flooding small frames cannot hold
-        the others up.
+        Handle what was read, but at most :data:`TURN_STEPS` steps, and no
+        more than :data:`TURN_SECONDS`, in one turn of the reactor: then stop
+        reading for a moment and go on in the next turn, so that a
+        connection flooding small frames cannot hold the others up.
         """
         state = self.state
         if state != _OPEN and state != _CLOSING:
             WebSocketServerProtocol.consumeData(self)
             return
+        if self._next_turn_call is not None:
+            # This turn's steps are spent. A TLS layer hands over all it has
+            # decrypted even while reading is paused; it waits for the next
+            # turn too (else each hand-over would start a chain of turns of
+            # its own, and they would add up).
+            return
         budget = TURN_STEPS
+        deadline = _now() + TURN_SECONDS
         while self.processData() and self.state != _CLOSED:
             budget -= 1
-            if not budget:
+            if not budget or _now() > deadline:
                 self.pause_reading("turn")
                 self._next_turn_call = self.factory.clock.callLater(0, self._next_turn)
                 return
@@ -536,6 +563,29 @@ class ServerProtocol(WebSocketServerProtocol):
         self._release_counts()
         WebSocketServerProtocol._connectionLost(self, reason)
         self.closing()
+        self._unlink()
+
+    def _unlink(self):
+        """
+        The connection is gone: break the reference cycles it is part of, so
+        that reference counting frees it as soon as the reactor lets go of
+        it. Left to the cyclic garbage collector, which may not run for
+        minutes, every connection closed in a peak would stay in memory.
+        Autobahn resolves ``is_closed`` with the protocol itself, the
+        transport keeps our output guard, and a subclass may add its own
+        links (:meth:`closed`).
+        """
+        d = self.__dict__
+        d.pop("is_closed", None)
+        # The transport (a TLS layer keeps it after the connection is lost)
+        # holds our output guard as its producer.
+        guard = d.pop("_guard", None)
+        if guard is not None:
+            guard._protocol = None
+        self.closed()
+
+    def closed(self):
+        """The connection is gone; let go of whatever refers back to it."""
 
     def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
         """
@@ -653,6 +703,7 @@ class FastServerProtocol(ServerProtocol):
         WebSocketProtocol._connectionLost(self, reason)
         self.factory.countConnections -= 1
         self.closing()
+        self._unlink()
 
     def compact(self):
         """
@@ -671,7 +722,8 @@ class FastServerProtocol(ServerProtocol):
     def processData(self):
         """
         Take every complete, unfragmented, masked text or binary frame at the
-        front of the input in one loop, and hand each to :meth:`onMessage`.
+        front of the input in one loop (at most :data:`FRAMES_PER_STEP`),
+        and hand each to :meth:`onMessage`.
 
         This is what Autobahn's ``processData``, ``onFrameBegin``,
         ``onFrameData``, ``onFrameEnd`` and ``onMessageEnd`` do for such a
@@ -707,8 +759,10 @@ class FastServerProtocol(ServerProtocol):
         # loop ends: one write (over TLS, one record) instead of one each.
         link = self._batch_link()
         batch = []
+        frames_left = FRAMES_PER_STEP
         try:
-            while end_of_data - pos >= 6:
+            while end_of_data - pos >= 6 and frames_left:
+                frames_left -= 1
                 first = data[pos]
                 second = data[pos + 1]
                 if (first != _FIN_TEXT and first != _FIN_BINARY) or second < 0x80:
@@ -803,6 +857,35 @@ class FastServerProtocol(ServerProtocol):
         traffic = self.trafficStats
         traffic.outgoingWebSocketFrames += len(frames)
         traffic.outgoingOctetsWireLevel += len(data)
+
+    def write_text(self, text):
+        """
+        Send ``text`` as one text frame. The same text sent to connection
+        after connection (a room's notice to each member) is encoded once,
+        and every transport holds the same frame until it is written: a
+        thousand members leaving at once queue half a million notices, and
+        each its own object would leave the allocator's arenas fragmented
+        long after they are sent.
+        """
+        global _last_text
+        if self.send_queue.items or not self._plain_writes:
+            return ServerProtocol.write_text(self, text)
+        last_text, data, size = _last_text
+        if text != last_text:
+            payload = text.encode("utf-8")
+            size = len(payload)
+            data = _frame_header(0x80 | _TEXT, size) + payload
+            _last_text = (text, data, size)
+        self.transport.write(data)
+        traffic = self.trafficStats
+        traffic.outgoingWebSocketFrames += 1
+        traffic.outgoingOctetsWireLevel += len(data)
+        return size
+
+
+#: The last text :meth:`FastServerProtocol.write_text` encoded, its frame and
+#: its payload size.
+_last_text = ("", b"\x81\x00", 0)
 
 
 
