@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
@@ -288,7 +288,7 @@ class IceServerOptionTests(unittest.TestCase):
 
     def test_make_service_hands_the_servers_to_the_page(self):
         """The page served by ``makeService``'s site carries the ``--ice-server`` list."""
-        memory = MemoryReactor()
+        memory = MemoryReactorClock()
         config = self.parse(
             "--port", "tcp:8080", "--ice-server", "stun:stun.example.org:3478"
         )
