@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from signalling.core.interfaces import ILink, IPeer, IRegistry
+from signalling.core.interfaces import IJsonPeer, ILink, IPeer, IRegistry
 from signalling.core.registry import Registry
 
 
@@ -139,6 +139,38 @@ class Reordering:
     def room_members(self, uid):
         return self._run(uid, self._inner.room_members, uid)
 
+    # The JSON dialect.
+
+    @property
+    def json_peer_count(self):
+        return self._inner.json_peer_count
+
+    @property
+    def json_session_count(self):
+        return self._inner.json_session_count
+
+    def welcome(self, peer_id, peer):
+        proxy = self._proxies.get(peer)
+        if proxy is None:
+            proxy = self._proxies[peer] = _PeerProxy(self, peer)
+        proxy.uid = peer_id
+        return self._run(peer_id, self._inner.welcome, peer_id, proxy)
+
+    def set_peer_status(self, peer_id, roles, meta, claimed_id):
+        return self._run(peer_id, self._inner.set_peer_status, peer_id, roles, meta, claimed_id)
+
+    def json_peers(self, role):
+        return self._run(None, self._inner.json_peers, role)
+
+    def start_json_session(self, peer_id, other_id, offer):
+        return self._run(peer_id, self._inner.start_json_session, peer_id, other_id, offer)
+
+    def json_message(self, peer_id, message):
+        return self._run(peer_id, self._inner.json_message, peer_id, message)
+
+    def end_json_session(self, peer_id, session_id, error=None):
+        return self._run(peer_id, self._inner.end_json_session, peer_id, session_id, error)
+
     # In flight.
 
     def _run(self, cause, method, *args):
@@ -191,7 +223,7 @@ class Reordering:
         return self._cause
 
 
-@implementer(IPeer)
+@implementer(IPeer, IJsonPeer)
 class _PeerProxy:
     """A peer as the wrapped registry sees it: its notifications go through the network."""
 
@@ -225,6 +257,21 @@ class _PeerProxy:
 
     def room_message(self, sender_uid, payload):
         self._later(self._peer.room_message, sender_uid, payload)
+
+    def peer_status_changed(self, peer_id, roles, meta):
+        self._later(self._peer.peer_status_changed, peer_id, list(roles), meta)
+
+    def json_session_started(self, peer_id, session_id):
+        self._later(self._peer.json_session_started, peer_id, session_id)
+
+    def json_start_session(self, peer_id, session_id, offer):
+        self._later(self._peer.json_start_session, peer_id, session_id, offer)
+
+    def json_peer_message(self, message):
+        self._later(self._peer.json_peer_message, message)
+
+    def json_session_ended(self, session_id, error):
+        self._later(self._peer.json_session_ended, session_id, error)
 
 
 @implementer(ILink)

@@ -305,6 +305,7 @@ class Server:
         max_output=None,
         command_rate=None,
         command_burst=None,
+        dialect=None,
     ):
         """
         One port on 127.0.0.1: plaintext (``tcp:0``) or TLS (a bare
@@ -331,6 +332,7 @@ class Server:
             ("--max-output-buffer", max_output),
             ("--command-rate", command_rate),
             ("--command-burst", command_burst),
+            ("--dialect", dialect),
         ):
             if value is not None:
                 argv += [option, str(value)]

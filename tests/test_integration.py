@@ -206,10 +206,10 @@ class IntegrationTestsMixin:
 
     async def test_connection_that_never_says_hello_is_closed_after_the_hello_timeout(self):
         """
-        A connection that sends nothing is closed (with a close frame) once
-        the HELLO deadline passes.
+        On a port pinned to the examples' dialect, a connection that sends
+        nothing is closed (with a close frame) once the HELLO deadline passes.
         """
-        server = await self.start_server(hello_timeout=0.3)
+        server = await self.start_server(hello_timeout=0.3, dialect="examples")
         client = await server.connect()
         code, _ = await client.closed()
         self.assertIsNotNone(code)
@@ -1084,7 +1084,7 @@ class IntegrationTestsMixin:
 
     async def test_hello_timeout_drops_a_silent_peer_in_time(self):
         """1008 (no HELLO in time): a peer that never answers is dropped in time."""
-        server = await self.closing_server(hello_timeout=0.5)
+        server = await self.closing_server(hello_timeout=0.5, dialect="examples")
         stubborn = await server.stubborn()
         await stubborn.upgrade()
         await self.assert_dropped_in_time(stubborn, 1008)

@@ -82,6 +82,9 @@ class MetricsTests(unittest.TestCase):
             "--metrics-port", METRICS,
             "--keepalive-timeout", "1",
             "--hello-timeout", "1",
+            # A silent connection is closed for want of HELLO, not welcomed
+            # as a JSON client.
+            "--dialect", "examples",
         )
         self.server.pem = self.files.pem
 
@@ -126,7 +129,10 @@ class MetricsTests(unittest.TestCase):
             before.labelled("signalling_connections"),
             {(("endpoint", PLAIN),): 0, (("endpoint", TLS),): 0},
         )
-        for name in ("peers", "sessions", "rooms", "room_members"):
+        for name in ("peers", "sessions"):
+            for dialect in ("examples", "json"):
+                self.assertEqual(before.value(f"signalling_{name}", dialect=dialect), 0, name)
+        for name in ("rooms", "room_members"):
             self.assertEqual(before.value(f"signalling_{name}"), 0, name)
         for kind in ("session", "room"):
             self.assertEqual(before.value("signalling_relayed_messages_total", kind=kind), 0)
@@ -196,8 +202,8 @@ class MetricsTests(unittest.TestCase):
             during.labelled("signalling_connections"),
             {(("endpoint", PLAIN),): 3, (("endpoint", TLS),): 2},
         )
-        self.assertEqual(during.value("signalling_peers"), 5)
-        self.assertEqual(during.value("signalling_sessions"), 1)
+        self.assertEqual(during.value("signalling_peers", dialect="examples"), 5)
+        self.assertEqual(during.value("signalling_sessions", dialect="examples"), 1)
         self.assertEqual(during.value("signalling_rooms"), 1)
         self.assertEqual(during.value("signalling_room_members"), 2)
         self.assertEqual(during.value("signalling_relayed_messages_total", kind="session"), 3)
@@ -246,7 +252,10 @@ class MetricsTests(unittest.TestCase):
             after.labelled("signalling_connections"),
             {(("endpoint", PLAIN),): 0, (("endpoint", TLS),): 0},
         )
-        for name in ("peers", "sessions", "rooms", "room_members"):
+        for name in ("peers", "sessions"):
+            for dialect in ("examples", "json"):
+                self.assertEqual(after.value(f"signalling_{name}", dialect=dialect), 0, name)
+        for name in ("rooms", "room_members"):
             self.assertEqual(after.value(f"signalling_{name}"), 0, name)
         for name in FAMILIES:
             if FAMILIES[name] == "counter":

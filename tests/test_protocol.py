@@ -647,7 +647,11 @@ class HelloTimeoutTests(ProtocolTestCase):
     factory_kwargs = {"hello_timeout": 3, "keepalive": 100}
 
     def test_silent_connection_is_closed_after_the_hello_timeout(self):
-        """No HELLO in time: close 1008; a registered peer is not affected."""
+        """
+        On a port pinned to the examples' dialect, no HELLO in time: close
+        1008; a registered peer is not affected.
+        """
+        self.net.factory.dialect = "examples"
         silent = self.net.client()
         registered = self.net.hello("a")
         self.net.clock.advance(2.9)

@@ -67,6 +67,33 @@ _OTHER = "other"
 _GATED = (_HELLO, _SESSION, _ROOM)
 
 
+def take_token(connection, server):
+    """
+    Take a token from ``connection``'s bucket of commands (its ``_tokens``,
+    ``_tokens_at`` and ``_strikes``): ``server.command_burst`` tokens,
+    refilled at ``server.command_rate`` a second.
+
+    :returns: True if there was one; else the refusals in a row are counted
+        in ``_strikes``.
+    """
+    now = server.clock.seconds()
+    tokens = connection._tokens
+    if tokens is None:
+        tokens = server.command_burst
+    else:
+        tokens = min(
+            server.command_burst, tokens + (now - connection._tokens_at) * server.command_rate
+        )
+    connection._tokens_at = now
+    if tokens >= 1:
+        connection._tokens = tokens - 1
+        connection._strikes = 0
+        return True
+    connection._tokens = tokens
+    connection._strikes += 1
+    return False
+
+
 class _Pending:
     """
     A command in progress: what it is, the message it came from, its uid;
@@ -475,20 +502,8 @@ class Connection:
         answered ``ERROR rate limit exceeded``; after :data:`RATE_STRIKES`
         refusals in a row the connection is closed with 1008.
         """
-        server = self._server
-        now = server.clock.seconds()
-        tokens = self._tokens
-        if tokens is None:
-            tokens = server.command_burst
-        else:
-            tokens = min(server.command_burst, tokens + (now - self._tokens_at) * server.command_rate)
-        self._tokens_at = now
-        if tokens >= 1:
-            self._tokens = tokens - 1
-            self._strikes = 0
+        if take_token(self, self._server):
             return True
-        self._tokens = tokens
-        self._strikes += 1
         if self._strikes > RATE_STRIKES:
             self._stats.error_sent("rate_limited")
             self.cause = "went on past the rate limit"

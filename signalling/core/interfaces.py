@@ -110,6 +110,20 @@ class TooManyRooms(SignallingError):
     """The server has as many rooms as it may have (``uid`` holds the room id)."""
 
 
+class JsonRefused(SignallingError):
+    """
+    A request of the JSON dialect the registry refuses; the peer is sent
+    ``error`` with :attr:`details`, the upstream server's words.
+    """
+
+    def __init__(self, details):
+        super().__init__(None)
+        self.details = details
+
+    def __str__(self):
+        return self.details
+
+
 #: First header byte of an unfragmented text and binary WebSocket frame
 #: (FIN set, no RSV bits, opcode 1 or 2): how relayed messages are tagged.
 TEXT_FRAME = 0x81
@@ -189,6 +203,37 @@ class IPeer(Interface):
         """
 
 
+class IJsonPeer(Interface):
+    """
+    A connection of the JSON dialect (the protocol of GStreamer's
+    ``webrtcsink``, ``webrtcsrc`` and ``gstwebrtc-api``) as the registry sees
+    it. As for :class:`IPeer`, none may call back into the registry
+    synchronously.
+    """
+
+    def peer_status_changed(peer_id, roles, meta):
+        """
+        A peer's status changed (told to listeners; ``roles`` is empty when
+        the peer left).
+        """
+
+    def json_session_started(peer_id, session_id):
+        """This consumer's session ``session_id`` with producer ``peer_id`` started."""
+
+    def json_start_session(peer_id, session_id, offer):
+        """This producer is asked to start ``session_id`` with consumer ``peer_id``."""
+
+    def json_peer_message(message):
+        """
+        The other side of a session sent a ``peer`` message.
+
+        :param message: a :class:`signalling.core.json_wire.Message`.
+        """
+
+    def json_session_ended(session_id, error):
+        """The other side ended ``session_id`` (``error``: its reason, or None)."""
+
+
 class IRegistry(Interface):
     """
     Peers, sessions and rooms. Each method does all of its work or none of
@@ -247,6 +292,62 @@ class IRegistry(Interface):
         """
         :returns: the uids of the other members of ``uid``'s room, in join order.
         :raises NotInRoom: the peer is in no room.
+        """
+
+    # The JSON dialect. Peer ids share one namespace with the uids above;
+    # a JSON peer is not found by the commands above, nor an examples peer
+    # by these. Refusals raise JsonRefused with the upstream server's words.
+
+    def welcome(peer_id, peer):
+        """
+        Register the :class:`IJsonPeer` ``peer`` under ``peer_id`` (which the
+        server chose), with no role.
+
+        :raises UidTaken: another peer holds ``peer_id``.
+        """
+
+    def set_peer_status(peer_id, roles, meta, claimed_id):
+        """
+        Replace the peer's roles and meta (``claimed_id``: the ``peerId``
+        the message carried, or None). Unless nothing changed, every
+        listener (the peer too, if it listens) is told
+        :meth:`IJsonPeer.peer_status_changed`; a role given up ends that
+        role's sessions (the other sides are told
+        :meth:`IJsonPeer.json_session_ended`).
+
+        :raises JsonRefused: producer together with consumer.
+        """
+
+    def json_peers(role):
+        """:returns: ``[(peer_id, meta)]`` of the peers with ``role``, oldest first."""
+
+    def start_json_session(peer_id, other_id, offer):
+        """
+        Start a session between ``peer_id`` and ``other_id``: the producer
+        among them is told :meth:`IJsonPeer.json_start_session`, after the
+        consumer :meth:`IJsonPeer.json_session_started`.
+
+        :returns: the new session id.
+        :raises JsonRefused: ``other_id`` is unknown, or neither a producer nor
+            a consumer.
+        """
+
+    def json_message(peer_id, message):
+        """
+        Forward a ``peer`` message to the other side of its session
+        (:meth:`IJsonPeer.json_peer_message`); one for an unknown session is
+        dropped.
+
+        :raises JsonRefused: ``peer_id`` is not in the session, or is its
+            consumer and sent an offer.
+        """
+
+    def end_json_session(peer_id, session_id, error=None):
+        """
+        End ``session_id``: the other side is told
+        :meth:`IJsonPeer.json_session_ended`. An unknown session is ignored.
+
+        :raises JsonRefused: ``peer_id`` is not in the session.
         """
 
     peer_count = Attribute("How many peers are registered.")

@@ -8,9 +8,13 @@ the protocol's races become "first one wins".
 
 from zope.interface import implementer
 
+import uuid
+
+from signalling.core import json_wire
 from signalling.core.interfaces import (
     AlreadyEngaged,
     IRegistry,
+    JsonRefused,
     NotInRoom,
     PeerBusy,
     PeerNotFound,
@@ -38,6 +42,10 @@ class Registry:
         # room id -> {uid: peer}, in join order
         self._rooms = {}
         self._room_of = {}
+        # The JSON dialect: peer id -> _JsonPeer (its peer is in _peers too,
+        # so ids are unique across the dialects), and its sessions.
+        self._json = {}
+        self._json_sessions = {}
 
     @property
     def peer_count(self):
@@ -55,9 +63,26 @@ class Registry:
     def room_member_count(self):
         return len(self._room_of)
 
+    @property
+    def json_peer_count(self):
+        return len(self._json)
+
+    @property
+    def json_session_count(self):
+        return len(self._json_sessions)
+
     def is_empty(self):
         """:returns: True when no peer, session or room is left."""
-        return not (self._peers or self._partners or self._rooms or self._room_of)
+        return not (
+            self._peers or self._partners or self._rooms or self._room_of
+            or self._json or self._json_sessions
+        )
+
+    def _examples_peer(self, uid):
+        """:returns: the examples' peer registered as ``uid``, or None."""
+        if uid in self._json:
+            return None
+        return self._peers.get(uid)
 
     def register(self, uid, peer):
         if uid in self._peers:
@@ -68,6 +93,9 @@ class Registry:
         if self._peers.get(uid) is not peer:
             return
         del self._peers[uid]
+        if uid in self._json:
+            self._remove_json(uid)
+            return
         partner_uid = self._partners.pop(uid, None)
         partner = None
         if partner_uid is not None:
@@ -92,14 +120,14 @@ class Registry:
         return uid in self._partners or uid in self._room_of
 
     def start_session(self, caller_uid, callee_uid):
-        caller = self._peers.get(caller_uid)
+        caller = self._examples_peer(caller_uid)
         if caller is None:
             raise PeerNotFound(caller_uid)
         if self._engaged(caller_uid):
             raise AlreadyEngaged(caller_uid)
         if callee_uid == caller_uid:
             raise SessionWithSelf(caller_uid)
-        callee = self._peers.get(callee_uid)
+        callee = self._examples_peer(callee_uid)
         if callee is None:
             raise PeerNotFound(callee_uid)
         if self._engaged(callee_uid):
@@ -110,7 +138,7 @@ class Registry:
         callee.session_started(caller_uid, caller.receiver, False)
 
     def join_room(self, uid, room_id):
-        peer = self._peers.get(uid)
+        peer = self._examples_peer(uid)
         if peer is None:
             raise PeerNotFound(uid)
         if self._engaged(uid):
@@ -135,7 +163,7 @@ class Registry:
             raise NotInRoom(sender_uid)
         target = self._rooms[room_id].get(target_uid)
         if target is None:
-            if target_uid in self._peers:
+            if self._examples_peer(target_uid) is not None:
                 raise PeerNotInRoom(target_uid)
             raise PeerNotFound(target_uid)
         target.room_message(sender_uid, payload)
@@ -145,3 +173,143 @@ class Registry:
         if room_id is None:
             raise NotInRoom(uid)
         return [member for member in self._rooms[room_id] if member != uid]
+
+    # The JSON dialect.
+
+    def welcome(self, peer_id, peer):
+        if peer_id in self._peers:
+            raise UidTaken(peer_id)
+        self._peers[peer_id] = peer
+        self._json[peer_id] = _JsonPeer(peer)
+
+    def set_peer_status(self, peer_id, roles, meta, claimed_id):
+        entry = self._json.get(peer_id)
+        if entry is None:
+            raise JsonRefused(f"Peer '{peer_id}' hasn't been welcomed")
+        if roles == entry.roles and meta == entry.meta and claimed_id == peer_id:
+            # The upstream server compares the whole status, its peerId
+            # included (its own copy holds the peer's id).
+            return
+        producing = json_wire.PRODUCER in roles
+        consuming = json_wire.CONSUMER in roles
+        if producing and consuming:
+            raise JsonRefused(
+                f"Cannot register peer {peer_id} as both producer and passive consumer"
+            )
+        if json_wire.PRODUCER in entry.roles and not producing:
+            self._end_role_sessions(peer_id, entry, "producer")
+        elif json_wire.CONSUMER in entry.roles and not consuming:
+            self._end_role_sessions(peer_id, entry, "consumer")
+        entry.roles = list(roles)
+        entry.meta = meta
+        for other in self._json.values():
+            if json_wire.LISTENER in other.roles:
+                other.peer.peer_status_changed(peer_id, entry.roles, meta)
+
+    def json_peers(self, role):
+        return [(peer_id, e.meta) for peer_id, e in self._json.items() if role in e.roles]
+
+    def start_json_session(self, peer_id, other_id, offer):
+        entry = self._json.get(peer_id)
+        if entry is None:
+            raise JsonRefused(f"Peer with ID '{peer_id}' not found")
+        other = self._json.get(other_id)
+        if other is None:
+            raise JsonRefused(f"Peer with ID '{other_id}' not found")
+        if json_wire.PRODUCER in other.roles:
+            producer_id, consumer_id = other_id, peer_id
+        elif json_wire.CONSUMER in other.roles:
+            producer_id, consumer_id = peer_id, other_id
+        else:
+            raise JsonRefused(
+                f"Missing a producer or a consumer: id {peer_id} roles "
+                f"{json_wire.roles_debug(entry.roles)}, id {other_id} roles "
+                f"{json_wire.roles_debug(other.roles)}"
+            )
+        session_id = str(uuid.uuid4())
+        self._json_sessions[session_id] = (producer_id, consumer_id)
+        producer = self._json[producer_id]
+        consumer = self._json[consumer_id]
+        producer.producing.add(session_id)
+        consumer.consuming.add(session_id)
+        consumer.peer.json_session_started(producer_id, session_id)
+        producer.peer.json_start_session(consumer_id, session_id, offer)
+        return session_id
+
+    def json_message(self, peer_id, message):
+        session_id = message.fields["sessionId"]
+        session = self._json_sessions.get(session_id)
+        if session is None:
+            return
+        producer_id, consumer_id = session
+        if "sdp" in message.fields and message.fields["sdp"]["type"] == "offer" and (
+            peer_id == consumer_id
+        ):
+            raise JsonRefused(
+                f'cannot forward offer from "{peer_id}" to "{producer_id}" as '
+                f'"{peer_id}" is not the producer'
+            )
+        if peer_id == producer_id:
+            other_id = consumer_id
+        elif peer_id == consumer_id:
+            other_id = producer_id
+        else:
+            raise JsonRefused(f"Peer {peer_id} is not part of {session_id}")
+        self._json[other_id].peer.json_peer_message(message)
+
+    def end_json_session(self, peer_id, session_id, error=None):
+        session = self._json_sessions.get(session_id)
+        if session is None:
+            return
+        if peer_id not in session:
+            # The upstream server ends the session anyway and tells neither
+            # side; here a stranger cannot end others' sessions.
+            raise JsonRefused(f"Peer {peer_id} is not part of {session_id}")
+        self._end_json_session(peer_id, session_id, error)
+
+    def _end_json_session(self, peer_id, session_id, error):
+        producer_id, consumer_id = self._json_sessions.pop(session_id)
+        self._json[producer_id].producing.discard(session_id)
+        self._json[consumer_id].consuming.discard(session_id)
+        other_id = consumer_id if peer_id == producer_id else producer_id
+        self._json[other_id].peer.json_session_ended(session_id, error)
+
+    def _end_role_sessions(self, peer_id, entry, role):
+        sessions = entry.producing if role == "producer" else entry.consuming
+        for session_id in list(sessions):
+            self._end_json_session(peer_id, session_id, None)
+
+    def _remove_json(self, peer_id):
+        entry = self._json[peer_id]
+        # Its sessions end for the other sides, then every listener hears
+        # that it has no role left; it is gone before anyone hears of it.
+        sessions = entry.producing | entry.consuming
+        ended = []
+        for session_id in sessions:
+            producer_id, consumer_id = self._json_sessions.pop(session_id)
+            self._json[producer_id].producing.discard(session_id)
+            self._json[consumer_id].consuming.discard(session_id)
+            other_id = consumer_id if peer_id == producer_id else producer_id
+            ended.append((other_id, session_id))
+        del self._json[peer_id]
+        for other_id, session_id in ended:
+            other = self._json.get(other_id)
+            if other is not None:
+                other.peer.json_session_ended(session_id, None)
+        for other in list(self._json.values()):
+            if json_wire.LISTENER in other.roles:
+                other.peer.peer_status_changed(peer_id, [], entry.meta)
+
+
+class _JsonPeer:
+    """What the registry keeps of a JSON peer: its status and its sessions."""
+
+    __slots__ = ("peer", "roles", "meta", "producing", "consuming")
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.roles = []
+        self.meta = None
+        #: Ids of the sessions it is the producer, and the consumer, of.
+        self.producing = set()
+        self.consuming = set()

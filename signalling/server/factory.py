@@ -24,6 +24,9 @@ DEFAULT_COMMAND_BURST = 2000
 #: Most fragments a message may come in, by default (a 1 MiB message in
 #: 1 KiB fragments; browsers and GStreamer send messages whole).
 DEFAULT_MAX_FRAGMENTS = 1024
+#: Seconds a connection on an auto port waits for a first message before it
+#: is taken for a JSON client and welcomed (plus three of its round trips).
+DEFAULT_DIALECT_WAIT = 0.25
 #: How long a close handshake may take before the TCP connection is dropped.
 #: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
@@ -74,6 +77,11 @@ class SignallingServerFactory(WebSocketServerFactory):
         or None for no limits.
     :param count_addresses: count client addresses here, at accept (the
         factory is the port's outermost; under TLS the TLS layer counts).
+    :param dialect: ``auto``, ``examples`` or ``json``: the protocol this
+        port speaks; ``auto`` takes the examples' one for a connection whose
+        first message is not a JSON object, the JSON one for the others and
+        for a connection silent for ``dialect_wait`` seconds.
+    :param dialect_paths: ``{path: dialect}`` for paths pinned to one.
     :param command_rate: commands a connection may send a second, on
         average (messages relayed in a session are not commands).
     :param command_burst: commands a connection may send at once.
@@ -106,6 +114,9 @@ class SignallingServerFactory(WebSocketServerFactory):
         command_burst=DEFAULT_COMMAND_BURST,
         limits=None,
         count_addresses=False,
+        dialect="auto",
+        dialect_paths=None,
+        dialect_wait=DEFAULT_DIALECT_WAIT,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -125,6 +136,11 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.command_burst = command_burst
         self.limits = limits
         self.count_addresses = count_addresses
+        #: The dialect of this port (auto, examples or json), and of paths
+        #: pinned to one; seconds an auto connection waits for a first message.
+        self.dialect = dialect
+        self.dialect_paths = dict(dialect_paths or {})
+        self.dialect_wait = dialect_wait
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

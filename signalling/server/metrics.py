@@ -25,6 +25,9 @@ class Stats:
         self.session_bytes = 0
         self.room_messages = 0
         self.room_bytes = 0
+        #: ``peer`` messages relayed in the JSON dialect's sessions.
+        self.json_messages = 0
+        self.json_bytes = 0
         self.sessions_started = 0
         self.keepalive_timeouts = 0
         #: Times free heap was given back to the system, and how much.
@@ -73,12 +76,19 @@ class SignallingCollector:
         for label, factory in self._endpoints:
             connections.add_metric([label], factory.getConnectionCount())
         yield connections
-        yield GaugeMetricFamily(
-            "signalling_peers", "Registered peers.", value=registry.peer_count
+        json_peers = getattr(registry, "json_peer_count", 0)
+        peers = GaugeMetricFamily(
+            "signalling_peers", "Registered peers, by dialect.", labels=["dialect"]
         )
-        yield GaugeMetricFamily(
-            "signalling_sessions", "Sessions in progress.", value=registry.session_count
+        peers.add_metric(["examples"], registry.peer_count - json_peers)
+        peers.add_metric(["json"], json_peers)
+        yield peers
+        sessions = GaugeMetricFamily(
+            "signalling_sessions", "Sessions in progress, by dialect.", labels=["dialect"]
         )
+        sessions.add_metric(["examples"], registry.session_count)
+        sessions.add_metric(["json"], getattr(registry, "json_session_count", 0))
+        yield sessions
         yield GaugeMetricFamily(
             "signalling_rooms", "Rooms with at least one member.", value=registry.room_count
         )
@@ -94,6 +104,7 @@ class SignallingCollector:
         )
         messages.add_metric(["session"], stats.session_messages)
         messages.add_metric(["room"], stats.room_messages)
+        messages.add_metric(["json_session"], stats.json_messages)
         yield messages
         relayed_bytes = CounterMetricFamily(
             "signalling_relayed_bytes",
@@ -102,6 +113,7 @@ class SignallingCollector:
         )
         relayed_bytes.add_metric(["session"], stats.session_bytes)
         relayed_bytes.add_metric(["room"], stats.room_bytes)
+        relayed_bytes.add_metric(["json_session"], stats.json_bytes)
         yield relayed_bytes
         yield CounterMetricFamily(
             "signalling_sessions_started",

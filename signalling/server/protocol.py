@@ -8,11 +8,26 @@ which holds the protocol itself.
 chooses (``fast_path``). Both behave the same on the wire.
 """
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from signalling.core.connection import Connection
+from signalling.core.connection import SHUTDOWN_CAUSE, Connection
+from signalling.core.json_connection import JsonConnection
 from signalling.core.interfaces import IConnectionOutput
 from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPEN
+
+
+_log = Logger(namespace="signalling.core.connection.Connection")
+
+#: Dialects: the examples' protocol, the JSON one (gst-plugins-rs), or
+#: whichever the first message speaks.
+EXAMPLES = "examples"
+JSON = "json"
+AUTO = "auto"
+DIALECTS = (AUTO, EXAMPLES, JSON)
+#: Round trips (the kernel's estimate for the connection) added to the
+#: wait for a first message, so that a far client's HELLO is in time.
+DIALECT_RTTS = 3
 
 
 @implementer(IConnectionOutput)
@@ -25,6 +40,8 @@ class _Signalling:
     """
 
     connection = None
+    #: Starts the JSON dialect unless a first message chooses (auto ports).
+    _choosing = None
     #: What holds the protocol's logic for each connection.
     connection_class = Connection
     #: Bytes written while the peer was not reading (output_blocked).
@@ -37,20 +54,53 @@ class _Signalling:
     # Autobahn callbacks.
 
     def onOpen(self):
-        """Start the connection's logic (and its deadline for ``HELLO``)."""
+        """
+        Start the connection's logic in the dialect the path is pinned to;
+        else wait for the first message a short while (the examples' clients
+        send ``HELLO`` at once, JSON clients wait for ``welcome``).
+        """
+        factory = self.factory
+        dialect = factory.dialect
+        paths = factory.dialect_paths
+        if paths:
+            path = self.http_request_path
+            dialect = paths.get(path, dialect)
         self.compact()
-        self.connection = self.connection_class(self.factory, self)
         # Logged when it registers or closes: one line fewer per connection.
-        self.factory.connections.add(self)
+        factory.connections.add(self)
+        if dialect == AUTO:
+            rtt = self.tcp_rtt() or 0.0
+            self._choosing = factory.clock.callLater(
+                factory.dialect_wait + DIALECT_RTTS * rtt, self._begin, JsonConnection
+            )
+        else:
+            self._begin(JsonConnection if dialect == JSON else self.connection_class)
+
+    def _begin(self, connection_class):
+        self._choosing = None
+        self.connection = connection_class(self.factory, self)
         self.connection.opened()
 
     def onMessage(self, payload, isBinary):
-        """Every message goes to the connection's logic."""
-        self.connection.received(payload, isBinary)
+        """Every message goes to the connection's logic (the first may choose it)."""
+        connection = self.connection
+        if connection is None:
+            if self._choosing is None:
+                return  # closed already
+            self._choosing.cancel()
+            self._begin(
+                JsonConnection
+                if not isBinary and payload.lstrip()[:1] == b"{"
+                else self.connection_class
+            )
+            connection = self.connection
+        connection.received(payload, isBinary)
 
     def onClose(self, wasClean, code, reason):
         """Release everything this connection held, and log why it ended."""
-        self.factory.connections.discard(self)
+        connections = self.factory.connections
+        was_open = self in connections
+        connections.discard(self)
         # Autobahn leaves this timer running when the TCP connection ends
         # before the peer answered our close frame; it would hold this
         # connection for the whole close-handshake timeout.
@@ -59,6 +109,17 @@ class _Signalling:
             self.closeHandshakeTimeoutCall = None
         connection = self.connection
         if connection is None:
+            if was_open and not self.close_logged:
+                # It closed before its first message chose a dialect.
+                code, cause = self.close_cause(code)
+                if self.factory.shutting_down:
+                    cause = SHUTDOWN_CAUSE
+                _log.info(
+                    "connection from {peer_addr} closed (code {code}, {cause})",
+                    peer_addr=self.peer,
+                    code=code,
+                    cause=cause,
+                )
             return
         code, cause = self.close_cause(code)
         connection.lost(code, cause, log=not self.close_logged)
@@ -73,6 +134,9 @@ class _Signalling:
     def closing(self):
         if self.connection is not None:
             self.connection.closing()
+        elif self._choosing is not None:
+            self._choosing.cancel()
+            self._choosing = None
 
     def closed(self):
         # The connection's logic refers back to this protocol (its output);

@@ -13,7 +13,7 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import limits, listening, logs, memory, tls
+from signalling.server import limits, listening, logs, memory, protocol, tls
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.core.registry import Registry
@@ -58,6 +58,15 @@ def _log_format(value):
 
 
 _log_format.coerceDoc = "One of text, json."
+
+
+def _dialect(value):
+    if value not in protocol.DIALECTS:
+        raise ValueError(f"must be one of {', '.join(protocol.DIALECTS)}, not {value!r}")
+    return value
+
+
+_dialect.coerceDoc = "One of auto, examples, json."
 
 
 def _non_negative_int(value):
@@ -152,6 +161,15 @@ class Options(usage.Options):
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
          "it is dropped.", _positive(float)],
+        ["dialect", None, protocol.AUTO,
+         "The protocol the ports speak: examples (GStreamer's webrtc "
+         "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
+         "gstwebrtc-api), or auto: each connection's first message decides, "
+         "and one silent for --dialect-wait seconds (plus three round trips) "
+         "is welcomed as a JSON client.", _dialect],
+        ["dialect-wait", None, _factory.DEFAULT_DIALECT_WAIT,
+         "Seconds a connection on an auto port may take to send its first "
+         "message before it is taken for a JSON client.", _positive(float)],
         ["trim-interval", None, memory.DEFAULT_INTERVAL,
          "Seconds between looks at the C allocator's heap: when more than "
          f"{memory.DEFAULT_THRESHOLD // 2**20} MiB of it became free (after a "
@@ -183,6 +201,17 @@ class Options(usage.Options):
         self["port"] = []
         self["ice-server"] = []
         self["unlimited-address"] = []
+        self["dialect-path"] = {}
+
+    def opt_dialect_path(self, pin):
+        """PATH=DIALECT: connections that upgrade on this path (e.g. /webrtcsink=json or /=examples) speak that dialect (examples or json) from the start, with no wait. Repeatable."""
+        path, sep, dialect = pin.rpartition("=")
+        if not sep or not path.startswith("/") or dialect not in (protocol.EXAMPLES, protocol.JSON):
+            raise usage.UsageError(
+                f"--dialect-path: expected PATH=examples or PATH=json with PATH "
+                f"starting with /, not {pin!r}"
+            )
+        self["dialect-path"][path] = dialect
 
     def opt_unlimited_address(self, network):
         """A client network (e.g. 10.0.0.5/32) whose connections are not counted against --max-connections-per-address: a reverse proxy's. Repeatable; the first replaces the default, the loopback addresses (127.0.0.0/8, ::1)."""
@@ -325,6 +354,9 @@ def makeService(config, reactor=None):
             count_addresses=not wrap,
             command_rate=config["command-rate"],
             command_burst=config["command-burst"],
+            dialect=config["dialect"],
+            dialect_paths=config["dialect-path"],
+            dialect_wait=config["dialect-wait"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])

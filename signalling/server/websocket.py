@@ -20,6 +20,8 @@ relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
 ``onClose``.
 """
 
+import socket
+import struct
 import time
 from collections import deque
 
@@ -61,6 +63,9 @@ _FIN_BINARY = 0x80 | _BINARY
 _SMALL_UNMASK = 2048
 
 _from_bytes = int.from_bytes
+#: Linux's struct tcp_info: the size read, and where tcpi_rtt (microseconds) is.
+_TCP_INFO_SIZE = 104
+_TCPI_RTT = 68
 _now = time.perf_counter
 
 
@@ -340,6 +345,23 @@ class ServerProtocol(WebSocketServerProtocol):
         self._read_pauses = self._read_pauses - {reason}
         if not self._read_pauses and self.transport is not None:
             self.transport.resumeProducing()
+
+    def tcp_rtt(self):
+        """
+        :returns: the kernel's smoothed estimate of this connection's round
+            trip (Linux ``TCP_INFO``), in seconds, or None where there is none.
+        """
+        transport = self.transport
+        try:
+            handle = transport.getHandle()
+            if isinstance(handle, SSL.Connection):
+                handle = transport.transport.getHandle()
+            info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        except (AttributeError, OSError):
+            return None
+        if len(info) < _TCP_INFO_SIZE:
+            return None
+        return struct.unpack_from("I", info, _TCPI_RTT)[0] / 1e6
 
     # Sending.
 

@@ -1,0 +1,386 @@
+"""
+The logic of one connection that speaks the JSON dialect: the protocol of
+GStreamer's ``webrtcsink``, ``webrtcsrc`` and ``gstwebrtc-api``, as the upstream
+``gst-webrtc-signalling-server`` (gst-plugins-rs) serves it, on the registry
+the examples' dialect uses (:class:`signalling.core.interfaces.IRegistry`).
+
+The server names the peer (a UUIDv4) and welcomes it; every message after
+that is handled in order, one at a time (input that arrives while the
+registry works on a request waits). What the upstream server cannot parse is
+dropped without a reply, as there; a refused request is answered ``error``
+to the peer that made it. Notifications that arrive before ``welcome`` went
+out follow it.
+
+Where this server differs from the upstream one, on purpose:
+
+- ``newPeer`` (an internal message there, which a client could send to reset
+  its own status) is dropped;
+- ``endSession`` for a session the sender is not part of is refused without
+  ending it (there it is ended, and neither side is told).
+"""
+
+import uuid
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from signalling.core import json_wire
+from signalling.core.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
+    RATE_STRIKES,
+    SHUTDOWN_CAUSE,
+    TOO_SLOW_CAUSE,
+    take_token,
+)
+from signalling.core.interfaces import TEXT_FRAME, IJsonPeer, JsonRefused, SignallingError
+
+#: What a peer is told when its requests come faster than the rate allows.
+RATE_LIMITED = "rate limit exceeded"
+
+
+@implementer(IJsonPeer)
+class JsonConnection:
+    """
+    One JSON-dialect connection's state and logic.
+
+    :param server: what the connections of a server share (see
+        :class:`signalling.core.connection.Connection`).
+    :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
+
+    :ivar uid: the peer id, once welcomed.
+    :ivar version: the protocol version the peer chose (``v1_0`` unless it
+        sent ``setProtocolVersion``).
+    """
+
+    _log = Logger()
+    dialect = "json"
+
+    __slots__ = (
+        "_server",
+        "_output",
+        "_stats",
+        "uid",
+        "version",
+        "cause",
+        "_peer_id",
+        "_first",
+        "_pending",
+        "_held",
+        "_queued",
+        "_closing",
+        "_released",
+        "_resuming",
+        "_tokens",
+        "_tokens_at",
+        "_strikes",
+        "__weakref__",
+    )
+
+    def __init__(self, server, output):
+        self._server = server
+        self._output = output
+        self._stats = server.stats
+        self.uid = None
+        self.version = json_wire.V1_0
+        self.cause = None
+        self._peer_id = None
+        #: True until a message was handled (setProtocolVersion must be first).
+        self._first = True
+        #: True while the registry works on a request.
+        self._pending = False
+        #: Input that arrived meanwhile (a deque), else None.
+        self._held = None
+        #: Notifications that came before ``welcome`` went out, else None.
+        self._queued = []
+        self._closing = False
+        self._released = False
+        self._resuming = False
+        self._tokens = None
+        self._tokens_at = 0.0
+        self._strikes = 0
+
+    def __repr__(self):
+        return f"<JsonConnection {self.uid or '?'} at {self._output.peer_addr}>"
+
+    relay_link = None
+
+    # What happens on the wire.
+
+    def opened(self):
+        """The WebSocket is open: name the peer and welcome it."""
+        peer_id = self._peer_id = str(uuid.uuid4())
+        self._call(self._welcomed, self._server.registry.welcome, peer_id, self)
+
+    def received(self, payload, is_binary):
+        """One message arrived: handle it, or hold it while a request is pending."""
+        if self._closing:
+            return
+        if self._pending:
+            if self._held is None:
+                self._held = deque()
+            self._held.append((payload, is_binary))
+            return
+        self._handle(payload, is_binary)
+
+    def _handle(self, payload, is_binary):
+        if is_binary:
+            return  # dropped, as upstream does
+        text = payload.decode("utf-8")
+        message = json_wire.parse(text)
+        if message is None:
+            self._log.debug(
+                "dropped a message from {uid} that is not the protocol's: {start!r}",
+                uid=self.uid,
+                start=text[:64],
+            )
+            return
+        first, self._first = self._first, False
+        registry = self._server.registry
+        kind = message.type
+        if kind == "peer":
+            if message.text is not None:
+                # Forwarded as it came: no re-encoding on the relay path.
+                message.raw = payload
+            self._call(None, registry.json_message, self.uid, message)
+            return
+        if not self._rate_allows():
+            return
+        fields = message.fields
+        if kind == "setPeerStatus":
+            self._call(
+                None,
+                registry.set_peer_status,
+                self.uid,
+                fields["roles"],
+                fields["meta"],
+                fields["peerId"],
+            )
+        elif kind == "startSession":
+            self._call(
+                None, registry.start_json_session, self.uid, fields["peerId"], fields["offer"]
+            )
+        elif kind == "endSession" or kind == "endSessionV1_1":
+            self._call(
+                None, registry.end_json_session, self.uid, fields["sessionId"], fields["error"]
+            )
+        elif kind == "list":
+            self._call(self._listed, registry.json_peers, json_wire.PRODUCER)
+        elif kind == "listConsumers":
+            self._call(self._listed_consumers, registry.json_peers, json_wire.CONSUMER)
+        elif kind == "setProtocolVersion":
+            if not first:
+                self._send_error(
+                    f"Protocol version selection for peer '{self.uid}' must be first message"
+                )
+            else:
+                self.version = fields["version"]
+
+    # Asking the registry.
+
+    def _call(self, answered, method, *args):
+        """
+        Ask the registry; until it answers, input waits. ``answered(result)``
+        follows a success; a :class:`JsonRefused` is answered ``error``.
+        """
+        try:
+            result = method(*args)
+        except JsonRefused as e:
+            self._send_error(e.details)
+            return
+        except Exception:
+            self._unexpected(Failure())
+            return
+        if isinstance(result, defer.Deferred):
+            self._pending = True
+            result.addCallbacks(self._done, self._refused, callbackArgs=(answered,))
+            result.addErrback(self._unexpected)
+        elif answered is not None:
+            answered(result)
+
+    def _done(self, result, answered):
+        self._pending = False
+        if self._released:
+            if answered == self._welcomed:
+                self._release(self._peer_id)
+            return
+        if answered is not None:
+            answered(result)
+        self._resume()
+
+    def _refused(self, failure):
+        self._pending = False
+        if not failure.check(SignallingError):
+            return failure
+        if not self._released:
+            if failure.check(JsonRefused):
+                self._send_error(failure.value.details)
+            elif self.uid is None:
+                # The id was taken (a collision of UUIDs): try again.
+                self.opened()
+                return None
+            self._resume()
+        return None
+
+    def _welcomed(self, result):
+        self.uid = self._peer_id
+        self._send_text(json_wire.welcome(self.uid))
+        self._log.info(
+            "peer {uid} welcomed from {peer_addr} (JSON dialect)",
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+        )
+        queued, self._queued = self._queued, None
+        for method, *args in queued:
+            method(*args)
+
+    def _listed(self, producers):
+        self._send_text(json_wire.producer_list(producers))
+
+    def _listed_consumers(self, consumers):
+        self._send_text(json_wire.consumer_list(consumers))
+
+    def _resume(self):
+        if self._resuming:
+            return
+        self._resuming = True
+        try:
+            held = self._held
+            while held and not self._pending and not self._closing:
+                self._handle(*held.popleft())
+            if self._held is not None and not self._held:
+                self._held = None
+        finally:
+            self._resuming = False
+
+    def _rate_allows(self):
+        if take_token(self, self._server):
+            return True
+        if self._strikes > RATE_STRIKES:
+            self._stats.error_sent("rate_limited")
+            self.cause = "went on past the rate limit"
+            self._closing = True
+            self._output.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+        else:
+            self._send_error(RATE_LIMITED, "rate_limited")
+        return False
+
+    # IJsonPeer: what the registry tells this peer.
+
+    def _later(self, method, *args):
+        """:returns: True if ``welcome`` has not gone out yet (the call waits for it)."""
+        if self._queued is not None:
+            self._queued.append((method, *args))
+            return True
+        return False
+
+    def peer_status_changed(self, peer_id, roles, meta):
+        if not self._later(self.peer_status_changed, peer_id, roles, meta):
+            self._send_text(json_wire.peer_status_changed(peer_id, roles, meta))
+
+    def json_session_started(self, peer_id, session_id):
+        if not self._later(self.json_session_started, peer_id, session_id):
+            self._log.info(
+                "session {session_id} of consumer {uid} with producer {peer_id}",
+                session_id=session_id,
+                uid=self.uid,
+                peer_id=peer_id,
+            )
+            self._send_text(json_wire.session_started(peer_id, session_id))
+
+    def json_start_session(self, peer_id, session_id, offer):
+        if not self._later(self.json_start_session, peer_id, session_id, offer):
+            self._stats.sessions_started += 1
+            self._send_text(json_wire.start_session(peer_id, session_id, offer))
+
+    def json_peer_message(self, message):
+        if self._later(self.json_peer_message, message):
+            return
+        stats = self._stats
+        stats.json_messages += 1
+        raw = message.raw
+        if raw is not None:
+            stats.json_bytes += len(raw)
+            self._output.send_frames(((TEXT_FRAME, raw),))
+        else:
+            text = json_wire.peer_message(message)
+            stats.json_bytes += len(text.encode("utf-8"))
+            self._send_text(text)
+
+    def json_session_ended(self, session_id, error):
+        if not self._later(self.json_session_ended, session_id, error):
+            self._send_text(json_wire.end_session(session_id, error, self.version))
+
+    # Flow control and closing (as for the examples' dialect).
+
+    def output_changed(self, blocked):
+        if blocked:
+            self._output.pause_reading("own output")
+        else:
+            self._output.resume_reading("own output")
+
+    def too_slow(self):
+        if self._closing:
+            return
+        self._stats.error_sent("too_slow")
+        self.cause = TOO_SLOW_CAUSE
+        self._closing = True
+        self._output.close(CLOSE_POLICY_VIOLATION, "too slow to read")
+
+    def going_away(self):
+        self.cause = SHUTDOWN_CAUSE
+        self._closing = True
+        self._output.close(CLOSE_GOING_AWAY, "going away")
+
+    def closing(self):
+        if self._released:
+            return
+        self._released = self._closing = True
+        self._held = None
+        self._queued = None
+        if self.uid is not None:
+            self._release(self.uid)
+
+    def lost(self, code, cause, log=True):
+        self.closing()
+        uid, self.uid = self.uid, None
+        if log:
+            self._log.info(
+                "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
+                uid=uid or "(not welcomed)",
+                peer_addr=self._output.peer_addr,
+                code=code,
+                cause=self.cause or cause,
+            )
+
+    def _send_text(self, text):
+        self._output.send_text(text)
+
+    def _send_error(self, details, kind="json_refused"):
+        self._stats.error_sent(kind)
+        self._log.info(
+            "refused a request from {uid} at {peer_addr}: {reason}",
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+            reason=details,
+        )
+        self._send_text(json_wire.error(details))
+
+    def _unexpected(self, failure):
+        self._log.failure(
+            "unexpected error for {uid} at {peer_addr}",
+            failure,
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+        )
+        self._closing = True
+        self._output.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _release(self, uid):
+        d = defer.maybeDeferred(self._server.registry.remove, uid, self)
+        d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))
+

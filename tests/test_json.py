@@ -1,0 +1,590 @@
+"""
+The JSON dialect (the protocol of GStreamer's webrtcsink, webrtcsrc and
+gstwebrtc-api, as gst-plugins-rs' ``gst-webrtc-signalling-server`` serves it):
+its wire format, its part of the registry, and real Autobahn clients in
+memory on one fake clock, on a port that speaks both dialects.
+"""
+
+import json
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from signalling.core import json_wire
+from signalling.core.interfaces import JsonRefused, PeerNotFound, UidTaken
+from signalling.core.registry import Registry
+from signalling.server.factory import DEFAULT_DIALECT_WAIT
+from signalling.server.metrics import SignallingCollector
+from tests import backends
+from tests.servers import Loopback, Server
+
+
+def obj(text):
+    return json.loads(text)
+
+
+class ParseTests(unittest.SynchronousTestCase):
+    """What the server takes, and what it drops without a reply."""
+
+    def test_every_message_of_the_protocol_is_parsed(self):
+        cases = {
+            '{"type":"setProtocolVersion","version":"v1_1"}': {"version": "v1_1"},
+            '{"type":"setPeerStatus","roles":["producer","listener"],"meta":{"name":"x"}}': {
+                "roles": ["producer", "listener"],
+                "meta": {"name": "x"},
+                "peerId": None,
+            },
+            '{"type":"startSession","peerId":"p"}': {"peerId": "p", "offer": None},
+            '{"type":"startSession","peerId":"p","offer":"v=0"}': {"peerId": "p", "offer": "v=0"},
+            '{"type":"endSession","sessionId":"s"}': {"sessionId": "s", "error": None},
+            '{"type":"endSessionV1_1","sessionId":"s","error":"bad"}': {
+                "sessionId": "s",
+                "error": "bad",
+            },
+            '{"type":"list"}': {},
+            '{"type":"listConsumers"}': {},
+            '{"type":"peer","sessionId":"s","sdp":{"type":"offer","sdp":"v=0"}}': {
+                "sessionId": "s",
+                "sdp": {"type": "offer", "sdp": "v=0"},
+            },
+            '{"type":"peer","sessionId":"s","ice":{"candidate":"c","sdpMLineIndex":0}}': {
+                "sessionId": "s",
+                "ice": {"candidate": "c", "sdpMLineIndex": 0},
+            },
+        }
+        for text, fields in cases.items():
+            message = json_wire.parse(text)
+            self.assertIsNotNone(message, text)
+            self.assertEqual(message.type, obj(text)["type"])
+            self.assertEqual(message.fields, fields, text)
+
+    def test_what_upstream_cannot_parse_is_dropped(self):
+        for text in [
+            "HELLO 1",
+            "not json",
+            "[1, 2]",
+            '"text"',
+            "{}",
+            '{"type":"nope"}',
+            '{"type":"newPeer"}',
+            '{"type":"setProtocolVersion","version":"v2"}',
+            '{"type":"setPeerStatus"}',
+            '{"type":"setPeerStatus","roles":["king"]}',
+            '{"type":"setPeerStatus","roles":"producer"}',
+            '{"type":"setPeerStatus","roles":[],"peerId":5}',
+            '{"type":"startSession"}',
+            '{"type":"startSession","peerId":1}',
+            '{"type":"startSession","peerId":"p","offer":5}',
+            '{"type":"endSession"}',
+            '{"type":"peer","sessionId":"s"}',
+            '{"type":"peer","sdp":{"type":"offer","sdp":"v=0"}}',
+            '{"type":"peer","sessionId":"s","sdp":{"type":"pranswer","sdp":"v=0"}}',
+            '{"type":"peer","sessionId":"s","ice":{"candidate":"c"}}',
+            '{"type":"peer","sessionId":"s","ice":{"candidate":"c","sdpMLineIndex":-1}}',
+        ]:
+            self.assertIsNone(json_wire.parse(text), text)
+
+    def test_a_peer_message_is_forwarded_as_sent_unless_it_carries_more(self):
+        plain = '{"sessionId":"s","type":"peer","ice":{"sdpMLineIndex":1,"candidate":"c"}}'
+        self.assertEqual(json_wire.peer_message(json_wire.parse(plain)), plain)
+        extra = '{"type":"peer","sessionId":"s","x":1,"sdp":{"type":"answer","sdp":"v=0","y":2}}'
+        self.assertEqual(
+            obj(json_wire.peer_message(json_wire.parse(extra))),
+            {"type": "peer", "sessionId": "s", "sdp": {"type": "answer", "sdp": "v=0"}},
+        )
+
+    def test_what_the_server_sends_names_every_field_null_included(self):
+        self.assertEqual(obj(json_wire.welcome("a")), {"type": "welcome", "peerId": "a"})
+        self.assertEqual(
+            obj(json_wire.peer_status_changed("a", [], None)),
+            {"type": "peerStatusChanged", "roles": [], "meta": None, "peerId": "a"},
+        )
+        self.assertEqual(
+            obj(json_wire.start_session("c", "s", None)),
+            {"type": "startSession", "peerId": "c", "sessionId": "s", "offer": None},
+        )
+        self.assertEqual(
+            obj(json_wire.end_session("s", None, json_wire.V1_0)),
+            {"type": "endSession", "sessionId": "s"},
+        )
+        self.assertEqual(
+            obj(json_wire.end_session("s", "gone", json_wire.V1_1)),
+            {"type": "endSessionV1_1", "sessionId": "s", "error": "gone"},
+        )
+        self.assertEqual(
+            obj(json_wire.producer_list([("p", None)])),
+            {"type": "list", "producers": [{"id": "p", "meta": None}]},
+        )
+
+
+class Recorder:
+    """An IJsonPeer that records what the registry tells it."""
+
+    def __init__(self):
+        self.told = []
+
+    def __getattr__(self, name):
+        if name.startswith(("peer_status", "json_")):
+            return lambda *args: self.told.append((name, *args))
+        raise AttributeError(name)
+
+
+class RegistryTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.registry = Registry()
+        self.peers = {}
+
+    def peer(self, peer_id, *roles, meta=None):
+        peer = self.peers[peer_id] = Recorder()
+        self.registry.welcome(peer_id, peer)
+        if roles:
+            self.registry.set_peer_status(peer_id, list(roles), meta, None)
+        return peer
+
+    def test_ids_are_unique_across_both_dialects(self):
+        self.registry.register("taken", object())
+        self.assertRaises(UidTaken, self.registry.welcome, "taken", Recorder())
+        self.peer("json-id")
+        self.assertRaises(UidTaken, self.registry.register, "json-id", object())
+
+    def test_the_examples_commands_do_not_find_json_peers(self):
+        self.peer("json-id")
+        self.registry.register("caller", object())
+        self.assertRaises(PeerNotFound, self.registry.start_session, "caller", "json-id")
+        self.assertRaises(PeerNotFound, self.registry.start_session, "json-id", "caller")
+
+    def test_listeners_hear_of_every_status_and_of_a_leave(self):
+        listener = self.peer("l", "listener")
+        self.assertEqual(listener.told, [("peer_status_changed", "l", ["listener"], None)])
+        producer = self.peer("p", "producer", meta={"n": 1})
+        self.assertEqual(listener.told[-1], ("peer_status_changed", "p", ["producer"], {"n": 1}))
+        self.assertEqual(producer.told, [])
+        self.registry.remove("p", producer)
+        self.assertEqual(listener.told[-1], ("peer_status_changed", "p", [], {"n": 1}))
+
+    def test_the_same_status_again_changes_nothing_when_it_names_the_peer(self):
+        listener = self.peer("l", "listener")
+        self.registry.set_peer_status("l", ["listener"], None, "l")
+        self.assertEqual(len(listener.told), 1)
+        self.registry.set_peer_status("l", ["listener"], None, None)
+        self.assertEqual(len(listener.told), 2)
+
+    def test_producer_and_consumer_at_once_is_refused(self):
+        self.peer("x")
+        e = self.assertRaises(
+            JsonRefused, self.registry.set_peer_status, "x", ["producer", "consumer"], None, None
+        )
+        self.assertEqual(e.details, "Cannot register peer x as both producer and passive consumer")
+
+    def test_lists_name_producers_and_consumers_with_their_meta(self):
+        self.peer("p1", "producer", meta={"a": 1})
+        self.peer("c1", "consumer")
+        self.peer("p2", "producer", "listener")
+        self.assertEqual(self.registry.json_peers("producer"), [("p1", {"a": 1}), ("p2", None)])
+        self.assertEqual(self.registry.json_peers("consumer"), [("c1", None)])
+
+    def test_a_session_with_a_producer_tells_the_consumer_then_the_producer(self):
+        producer = self.peer("p", "producer")
+        consumer = self.peer("c")
+        session_id = self.registry.start_json_session("c", "p", None)
+        self.assertEqual(consumer.told, [("json_session_started", "p", session_id)])
+        self.assertEqual(producer.told, [("json_start_session", "c", session_id, None)])
+
+    def test_a_producer_may_start_a_session_with_a_passive_consumer(self):
+        producer = self.peer("p", "producer")
+        consumer = self.peer("c", "consumer")
+        session_id = self.registry.start_json_session("p", "c", "v=0 offer")
+        self.assertEqual(consumer.told, [("json_session_started", "p", session_id)])
+        self.assertEqual(producer.told, [("json_start_session", "c", session_id, "v=0 offer")])
+
+    def test_a_session_needs_a_producer_or_a_consumer_on_the_other_side(self):
+        self.peer("a", "listener")
+        self.peer("b")
+        e = self.assertRaises(JsonRefused, self.registry.start_json_session, "a", "b", None)
+        self.assertEqual(
+            e.details, "Missing a producer or a consumer: id a roles [Listener], id b roles []"
+        )
+        e = self.assertRaises(JsonRefused, self.registry.start_json_session, "a", "nobody", None)
+        self.assertEqual(e.details, "Peer with ID 'nobody' not found")
+
+    def session(self):
+        producer = self.peer("p", "producer")
+        consumer = self.peer("c")
+        session_id = self.registry.start_json_session("c", "p", None)
+        producer.told.clear()
+        consumer.told.clear()
+        return producer, consumer, session_id
+
+    def message(self, session_id, **inner):
+        return json_wire.parse(json.dumps({"type": "peer", "sessionId": session_id, **inner}))
+
+    def test_peer_messages_go_to_the_other_side(self):
+        producer, consumer, session_id = self.session()
+        offer = self.message(session_id, sdp={"type": "offer", "sdp": "o"})
+        self.registry.json_message("p", offer)
+        self.assertEqual(consumer.told, [("json_peer_message", offer)])
+        answer = self.message(session_id, sdp={"type": "answer", "sdp": "a"})
+        self.registry.json_message("c", answer)
+        self.assertEqual(producer.told, [("json_peer_message", answer)])
+
+    def test_a_consumer_may_not_send_an_offer(self):
+        producer, consumer, session_id = self.session()
+        e = self.assertRaises(
+            JsonRefused,
+            self.registry.json_message,
+            "c",
+            self.message(session_id, sdp={"type": "offer", "sdp": "o"}),
+        )
+        self.assertEqual(
+            e.details, 'cannot forward offer from "c" to "p" as "c" is not the producer'
+        )
+        self.assertEqual(producer.told, [])
+
+    def test_a_message_for_an_unknown_session_is_dropped_and_a_stranger_refused(self):
+        producer, consumer, session_id = self.session()
+        self.registry.json_message("p", self.message("nope", ice={"candidate": "", "sdpMLineIndex": 0}))
+        self.peer("x")
+        e = self.assertRaises(
+            JsonRefused,
+            self.registry.json_message,
+            "x",
+            self.message(session_id, ice={"candidate": "", "sdpMLineIndex": 0}),
+        )
+        self.assertEqual(e.details, f"Peer x is not part of {session_id}")
+        self.assertEqual((producer.told, consumer.told), ([], []))
+
+    def test_ending_a_session_tells_the_other_side_once(self):
+        producer, consumer, session_id = self.session()
+        self.registry.end_json_session("c", session_id, "bye")
+        self.assertEqual(producer.told, [("json_session_ended", session_id, "bye")])
+        self.registry.end_json_session("c", session_id)
+        self.assertEqual(len(producer.told), 1)
+        self.assertEqual(self.registry.json_session_count, 0)
+
+    def test_a_stranger_cannot_end_a_session(self):
+        producer, consumer, session_id = self.session()
+        self.peer("x")
+        self.assertRaises(JsonRefused, self.registry.end_json_session, "x", session_id)
+        self.assertEqual(self.registry.json_session_count, 1)
+
+    def test_giving_up_a_role_or_leaving_ends_its_sessions(self):
+        producer, consumer, session_id = self.session()
+        self.registry.set_peer_status("p", ["listener"], None, None)
+        self.assertEqual(consumer.told, [("json_session_ended", session_id, None)])
+        self.registry.set_peer_status("p", ["producer"], None, None)
+        second = self.registry.start_json_session("c", "p", None)
+        self.registry.remove("c", consumer)
+        self.assertEqual(producer.told[-1], ("json_session_ended", second, None))
+        self.registry.remove("p", producer)
+        self.assertTrue(self.registry.is_empty())
+
+
+class DialectTests(unittest.TestCase):
+    """A port of each dialect, and one that lets the first message choose."""
+
+    backend = staticmethod(backends.memory)
+    seed = 0
+    fast_path = True
+
+    def setUp(self):
+        self.net = Loopback(self, backend=self.backend, seed=self.seed, fast_path=self.fast_path)
+
+    def json_client(self):
+        """:returns: ``(client, peer id)`` once welcomed on the auto port."""
+        client = self.net.client()
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT)
+        self.net.flush()
+        [welcome] = [obj(m) for m in client.drain()]
+        self.assertEqual(welcome["type"], "welcome")
+        return client, welcome["peerId"]
+
+    def received(self, client):
+        self.net.flush()
+        return [obj(m) for m in client.drain()]
+
+    def test_a_silent_connection_is_welcomed_after_the_wait(self):
+        client = self.net.client()
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT - 0.01)
+        self.net.flush()
+        self.assertEqual(client.drain(), [])
+        self.net.clock.advance(0.01)
+        self.net.flush()
+        [welcome] = [obj(m) for m in client.drain()]
+        self.assertEqual(set(welcome), {"type", "peerId"})
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertEqual(len(welcome["peerId"]), 36)
+
+    def test_hello_first_is_the_examples_dialect_and_nothing_else_is_sent(self):
+        client = self.net.hello("alice")
+        self.net.clock.advance(10)
+        self.net.flush()
+        self.assertEqual(client.drain(), [])
+
+    def test_set_protocol_version_first_is_the_json_dialect_at_once(self):
+        client = self.net.client()
+        client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.net.flush()
+        [welcome] = [obj(m) for m in client.drain()]
+        self.assertEqual(welcome["type"], "welcome")
+        [protocol] = self.net.factory.connections
+        self.assertEqual(protocol.connection.version, "v1_1")
+
+    def test_a_pinned_port_welcomes_at_once(self):
+        self.net.factory.dialect = "json"
+        client = self.net.client()
+        self.net.flush()
+        self.assertEqual(obj(client.drain()[0])["type"], "welcome")
+
+    def test_a_pinned_path_welcomes_at_once(self):
+        self.net.factory.dialect_paths = {"/": "json"}
+        client = self.net.client()
+        self.net.flush()
+        self.assertEqual(obj(client.drain()[0])["type"], "welcome")
+
+    def test_a_whole_session_between_a_producer_and_a_consumer(self):
+        listener, listener_id = self.json_client()
+        listener.send_text('{"type":"setPeerStatus","roles":["listener"],"meta":null}')
+        self.assertEqual(
+            self.received(listener),
+            [{"type": "peerStatusChanged", "roles": ["listener"], "meta": None, "peerId": listener_id}],
+        )
+        producer, producer_id = self.json_client()
+        producer.send_text('{"type":"setPeerStatus","roles":["producer"],"meta":{"name":"cam"}}')
+        self.net.flush()
+        self.assertEqual(producer.drain(), [])  # no reply to setPeerStatus
+        self.assertEqual(
+            self.received(listener),
+            [{"type": "peerStatusChanged", "roles": ["producer"], "meta": {"name": "cam"}, "peerId": producer_id}],
+        )
+        consumer, consumer_id = self.json_client()
+        consumer.send_text('{"type":"list"}')
+        self.assertEqual(
+            self.received(consumer),
+            [{"type": "list", "producers": [{"id": producer_id, "meta": {"name": "cam"}}]}],
+        )
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        [started] = self.received(consumer)
+        session_id = started["sessionId"]
+        self.assertEqual(started, {"type": "sessionStarted", "peerId": producer_id, "sessionId": session_id})
+        self.assertEqual(
+            self.received(producer),
+            [{"type": "startSession", "peerId": consumer_id, "sessionId": session_id, "offer": None}],
+        )
+        offer = json.dumps({"type": "peer", "sessionId": session_id, "sdp": {"type": "offer", "sdp": "v=0"}})
+        producer.send_text(offer)
+        self.net.flush()
+        self.assertEqual(consumer.drain(), [offer])  # byte for byte
+        candidate = {"type": "peer", "sessionId": session_id, "ice": {"candidate": "a", "sdpMLineIndex": 0}}
+        consumer.send_text(json.dumps(candidate))
+        self.assertEqual(self.received(producer), [candidate])
+        consumer.send_text(json.dumps({"type": "endSession", "sessionId": session_id}))
+        self.assertEqual(self.received(producer), [{"type": "endSession", "sessionId": session_id}])
+        producer.close()
+        self.net.flush()
+        self.assertEqual(
+            self.received(listener),
+            [{"type": "peerStatusChanged", "roles": [], "meta": {"name": "cam"}, "peerId": producer_id}],
+        )
+        for client in (listener, consumer):
+            client.close()
+        self.net.flush()
+        self.assertTrue(self.net.registry.is_empty())
+
+    def test_the_metrics_count_json_peers_sessions_and_messages_by_dialect(self):
+        producer, producer_id = self.json_client()
+        producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        consumer, consumer_id = self.json_client()
+        examples = self.net.hello("ex")
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        session_id = self.received(consumer)[0]["sessionId"]
+        candidate = json.dumps(
+            {"type": "peer", "sessionId": session_id, "ice": {"candidate": "c", "sdpMLineIndex": 0}}
+        )
+        consumer.send_text(candidate)
+        self.net.flush()
+        collector = SignallingCollector(self.net.factory.stats, self.net.registry, [])
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in collector.collect()
+            for sample in family.samples
+        }
+        self.assertEqual(samples[("signalling_peers", (("dialect", "json"),))], 2)
+        self.assertEqual(samples[("signalling_peers", (("dialect", "examples"),))], 1)
+        self.assertEqual(samples[("signalling_sessions", (("dialect", "json"),))], 1)
+        self.assertEqual(
+            samples[("signalling_relayed_messages_total", (("kind", "json_session"),))], 1
+        )
+        self.assertEqual(
+            samples[("signalling_relayed_bytes_total", (("kind", "json_session"),))],
+            len(candidate),
+        )
+        for client in (producer, consumer, examples):
+            client.close()
+        self.net.flush()
+
+    def test_errors_go_to_the_peer_that_caused_them_and_garbage_is_dropped(self):
+        client, peer_id = self.json_client()
+        for garbage in ("HELLO x", "{", '{"type":"what"}', '{"type":"newPeer"}'):
+            client.send_text(garbage)
+        client.send_bytes(b"\x00\x01")
+        # What was dropped does not count: the version may still be chosen.
+        client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.assertEqual(self.received(client), [])
+        client.send_text('{"type":"listConsumers"}')
+        self.assertEqual(self.received(client), [{"type": "listConsumers", "consumers": []}])
+        client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.assertEqual(
+            self.received(client),
+            [{"type": "error", "details": f"Protocol version selection for peer '{peer_id}' must be first message"}],
+        )
+        client.send_text('{"type":"startSession","peerId":"nobody"}')
+        self.assertEqual(
+            self.received(client), [{"type": "error", "details": "Peer with ID 'nobody' not found"}]
+        )
+        self.assertTrue(client.is_live)
+
+    def test_a_v1_1_peer_is_told_why_its_session_ended(self):
+        producer = self.net.client()
+        producer.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.net.flush()
+        producer_id = obj(producer.drain()[0])["peerId"]
+        producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        consumer, consumer_id = self.json_client()
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        session_id = self.received(consumer)[0]["sessionId"]
+        self.received(producer)
+        consumer.send_text(
+            json.dumps({"type": "endSessionV1_1", "sessionId": session_id, "error": "no codec"})
+        )
+        self.assertEqual(
+            self.received(producer),
+            [{"type": "endSessionV1_1", "sessionId": session_id, "error": "no codec"}],
+        )
+
+    def test_a_json_peer_and_an_examples_peer_share_the_port_but_not_their_ids(self):
+        client, peer_id = self.json_client()
+        examples = self.net.client()
+        examples.send_text(f"HELLO {peer_id}")
+        self.net.flush()
+        self.assertEqual(examples.drain()[0][:6], "ERROR ")
+        caller = self.net.hello("caller")
+        caller.send_text(f"SESSION {peer_id}")
+        self.net.flush()
+        self.assertEqual(caller.drain(), [f"ERROR peer '{peer_id}' not found"])
+
+
+class RealSocketsMixin:
+    """Both dialects on one real listening port, plaintext or TLS."""
+
+    timeout = 30
+
+    async def setUp(self):
+        self.server = await Server.listening(self, self.tls)
+
+    async def welcomed(self, first=None):
+        """:returns: ``(client, peer id)``: a JSON client, welcomed."""
+        client = await self.server.connect()
+        if first is not None:
+            client.send_text(first)
+        welcome = obj(await client.next())
+        self.assertEqual(welcome["type"], "welcome")
+        return client, welcome["peerId"]
+
+    async def next_json(self, client):
+        return obj(await client.next())
+
+    async def test_a_producer_and_a_consumer_meet_beside_an_examples_call(self):
+        """
+        Over real sockets: a webrtcsink-like producer, a webrtcsrc-like
+        consumer and a listener on the port where two examples peers call.
+        """
+        caller, callee = await self.server.session("ex-a", "ex-b")
+        listener, listener_id = await self.welcomed()
+        listener.send_text('{"type":"setPeerStatus","roles":["listener"],"meta":null}')
+        self.assertEqual((await self.next_json(listener))["peerId"], listener_id)
+        producer, producer_id = await self.welcomed(
+            '{"type":"setProtocolVersion","version":"v1_1"}'
+        )
+        producer.send_text(
+            '{"type":"setPeerStatus","roles":["producer"],"meta":{"display-name":"cam"}}'
+        )
+        changed = await self.next_json(listener)
+        self.assertEqual(
+            changed,
+            {
+                "type": "peerStatusChanged",
+                "roles": ["producer"],
+                "meta": {"display-name": "cam"},
+                "peerId": producer_id,
+            },
+        )
+        consumer, consumer_id = await self.welcomed()
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        started = await self.next_json(consumer)
+        session_id = started["sessionId"]
+        self.assertEqual(
+            await self.next_json(producer),
+            {"type": "startSession", "peerId": consumer_id, "sessionId": session_id, "offer": None},
+        )
+        offer = json.dumps(
+            {"type": "peer", "sessionId": session_id, "sdp": {"type": "offer", "sdp": "v=0\r\n"}}
+        )
+        producer.send_text(offer)
+        self.assertEqual(await consumer.next(), offer)
+        caller.send_text("through the examples session")
+        await callee.expect("through the examples session")
+        consumer.close()
+        self.assertEqual(
+            await self.next_json(producer),
+            {"type": "endSessionV1_1", "sessionId": session_id, "error": None},
+        )
+        producer.close()
+        # Listeners hear of every peer that leaves, one with no role too.
+        self.assertEqual(
+            [await self.next_json(listener), await self.next_json(listener)],
+            [
+                {"type": "peerStatusChanged", "roles": [], "meta": None, "peerId": consumer_id},
+                {
+                    "type": "peerStatusChanged",
+                    "roles": [],
+                    "meta": {"display-name": "cam"},
+                    "peerId": producer_id,
+                },
+            ],
+        )
+
+    async def test_an_examples_client_is_answered_hello_without_waiting(self):
+        """HELLO is answered at once on an auto port: no JSON client's wait."""
+        client = await self.server.connect()
+        started = reactor.seconds()
+        client.send_text("HELLO quick")
+        await client.expect("HELLO")
+        self.assertLess(reactor.seconds() - started, DEFAULT_DIALECT_WAIT)
+
+
+class PlaintextRealSocketsTests(RealSocketsMixin, unittest.TestCase):
+    tls = False
+
+
+class TLSRealSocketsTests(RealSocketsMixin, unittest.TestCase):
+    tls = True
+
+
+def _variants():
+    """The dialect tests over Autobahn's own paths, and over the reordering backend."""
+    made = {}
+    name = "DialectTests_PlainAutobahn"
+    made[name] = type(name, (DialectTests,), {"fast_path": False, "__module__": __name__})
+    for label, backend, seed in backends.backends():
+        if label == "memory":
+            continue
+        name = f"DialectTests_Reordering{seed}"
+        made[name] = type(
+            name,
+            (DialectTests,),
+            {"backend": staticmethod(backend), "seed": seed, "__module__": __name__},
+        )
+    return made
+
+
+globals().update(_variants())
