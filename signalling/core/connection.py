@@ -140,8 +140,99 @@ class _LoggingLink:
         self._link.set_backpressure(active)
 
 
+class ConnectionCommon:
+    """
+    What the connections of both dialects do alike: the command rate, flow
+    control, closing for the server's own reasons, letting go of their id,
+    and unexpected errors. A subclass has ``_server``, ``_output``,
+    ``_stats``, ``uid``, ``cause``, ``_closing``, the bucket's ``_tokens``,
+    ``_tokens_at`` and ``_strikes``, and ``_send_error(reason, kind)``.
+    """
+
+    __slots__ = ()
+    _log = Logger()
+    #: The reason a command past the rate is refused with.
+    rate_limited = wire.RATE_LIMITED
+
+    def _stop_relaying(self):
+        """The connection is ending: relay nothing more (a hook)."""
+
+    def _partner_backpressure(self, blocked):
+        """Our peer stopped reading (or caught up): hold back whoever feeds it (a hook)."""
+
+    def _rate_allows(self):
+        """
+        Take a token from the connection's bucket (``command_burst`` tokens,
+        refilled at ``command_rate`` a second). Without one the command is
+        refused with :attr:`rate_limited`; after :data:`RATE_STRIKES`
+        refusals in a row the connection is closed with 1008.
+        """
+        if take_token(self, self._server):
+            return True
+        if self._strikes > RATE_STRIKES:
+            self._stats.error_sent("rate_limited")
+            self.cause = "went on past the rate limit"
+            self._closing = True
+            self._output.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+        else:
+            self._send_error(self.rate_limited, "rate_limited")
+        return False
+
+    def output_changed(self, blocked):
+        """
+        The peer stopped reading what is sent to it (``blocked``), or caught
+        up. While it does not read, its own input is not read either (it
+        cannot pile up replies), and neither is its session partner's.
+        """
+        if blocked:
+            self._output.pause_reading("own output")
+        else:
+            self._output.resume_reading("own output")
+        self._partner_backpressure(blocked)
+
+    def too_slow(self):
+        """
+        More is waiting for the peer than the server keeps for one that does
+        not read (room messages from many senders): close it with 1008, and
+        its room is told as for any close.
+        """
+        if self._closing:
+            return
+        self._stats.error_sent("too_slow")
+        self.cause = TOO_SLOW_CAUSE
+        self._closing = True
+        self._stop_relaying()
+        self._output.close(CLOSE_POLICY_VIOLATION, "too slow to read")
+
+    def going_away(self):
+        """Close for a server shutdown: code 1001."""
+        self.cause = SHUTDOWN_CAUSE
+        self._closing = True
+        self._stop_relaying()
+        self._output.close(CLOSE_GOING_AWAY, "going away")
+
+    def _unexpected(self, failure):
+        self._log.failure(
+            "unexpected error for {uid} at {peer_addr}",
+            failure,
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+        )
+        self._fail()
+
+    def _fail(self):
+        """Close this one connection after an unexpected error."""
+        self._closing = True
+        self._stop_relaying()
+        self._output.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _release(self, uid):
+        d = defer.maybeDeferred(self._server.registry.remove, uid, self)
+        d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))
+
+
 @implementer(IPeer, ILink)
-class Connection:
+class Connection(ConnectionCommon):
     """
     One signalling connection's state and logic.
 
@@ -342,34 +433,14 @@ class Connection:
                 room_id=self.room_id,
             )
 
-    def output_changed(self, blocked):
-        """
-        The peer stopped reading what is sent to it (``blocked``), or caught
-        up. While it does not read, its own input is not read either (it
-        cannot pile up replies), and neither is its session partner's (the
-        session behaves like the TCP stream it stands for).
-        """
+    def _stop_relaying(self):
+        self.link = None
+
+    def _partner_backpressure(self, blocked):
+        # The session behaves like the TCP stream it stands for.
         link = self.link
-        if blocked:
-            self._output.pause_reading("own output")
-        else:
-            self._output.resume_reading("own output")
         if link is not None:
             link.set_backpressure(blocked)
-
-    def too_slow(self):
-        """
-        More is waiting for the peer than the server keeps for one that does
-        not read (room messages from many senders): close it with 1008, and
-        its room is told as for any close.
-        """
-        if self._closing:
-            return
-        self._stats.error_sent("too_slow")
-        self.cause = TOO_SLOW_CAUSE
-        self._closing = True
-        self.link = None
-        self._output.close(CLOSE_POLICY_VIOLATION, "too slow to read")
 
     def set_backpressure(self, active):
         """ILink: our partner cannot keep up; stop (or resume) reading our input."""
@@ -377,13 +448,6 @@ class Connection:
             self._output.pause_reading("partner")
         else:
             self._output.resume_reading("partner")
-
-    def going_away(self):
-        """Close for a server shutdown: code 1001."""
-        self.cause = SHUTDOWN_CAUSE
-        self._closing = True
-        self.link = None
-        self._output.close(CLOSE_GOING_AWAY, "going away")
 
     # IPeer and ILink: what the registry and the partner do to this connection.
 
@@ -494,24 +558,6 @@ class Connection:
         self._send_text(wire.room_peer_msg(sender_uid, payload))
 
     # Commands.
-
-    def _rate_allows(self):
-        """
-        Take a token from the connection's bucket (``command_burst`` tokens,
-        refilled at ``command_rate`` a second). Without one the command is
-        answered ``ERROR rate limit exceeded``; after :data:`RATE_STRIKES`
-        refusals in a row the connection is closed with 1008.
-        """
-        if take_token(self, self._server):
-            return True
-        if self._strikes > RATE_STRIKES:
-            self._stats.error_sent("rate_limited")
-            self.cause = "went on past the rate limit"
-            self._closing = True
-            self._output.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
-        else:
-            self._send_error(wire.RATE_LIMITED, "rate_limited")
-        return False
 
     def _command(self, payload, is_binary):
         """Handle one message outside a session."""
@@ -746,22 +792,3 @@ class Connection:
             if self._hello_call.active():
                 self._hello_call.cancel()
             self._hello_call = None
-
-    def _unexpected(self, failure):
-        self._log.failure(
-            "unexpected error for {uid} at {peer_addr}",
-            failure,
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-        )
-        self._fail()
-
-    def _fail(self):
-        """Close this one connection after an unexpected error."""
-        self._closing = True
-        self.link = None
-        self._output.close(CLOSE_INTERNAL_ERROR, "internal error")
-
-    def _release(self, uid):
-        d = defer.maybeDeferred(self._server.registry.remove, uid, self)
-        d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))

@@ -28,15 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from signalling.core import json_wire
-from signalling.core.connection import (
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL_ERROR,
-    CLOSE_POLICY_VIOLATION,
-    RATE_STRIKES,
-    SHUTDOWN_CAUSE,
-    TOO_SLOW_CAUSE,
-    take_token,
-)
+from signalling.core.connection import ConnectionCommon
 from signalling.core.interfaces import TEXT_FRAME, IJsonPeer, JsonRefused, SignallingError
 
 #: What a peer is told when its requests come faster than the rate allows.
@@ -44,7 +36,7 @@ RATE_LIMITED = "rate limit exceeded"
 
 
 @implementer(IJsonPeer)
-class JsonConnection:
+class JsonConnection(ConnectionCommon):
     """
     One JSON-dialect connection's state and logic.
 
@@ -59,6 +51,7 @@ class JsonConnection:
 
     _log = Logger()
     dialect = "json"
+    rate_limited = RATE_LIMITED
 
     __slots__ = (
         "_server",
@@ -257,18 +250,6 @@ class JsonConnection:
         finally:
             self._resuming = False
 
-    def _rate_allows(self):
-        if take_token(self, self._server):
-            return True
-        if self._strikes > RATE_STRIKES:
-            self._stats.error_sent("rate_limited")
-            self.cause = "went on past the rate limit"
-            self._closing = True
-            self._output.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
-        else:
-            self._send_error(RATE_LIMITED, "rate_limited")
-        return False
-
     # IJsonPeer: what the registry tells this peer.
 
     def _later(self, method, *args):
@@ -315,26 +296,7 @@ class JsonConnection:
         if not self._later(self.json_session_ended, session_id, error):
             self._send_text(json_wire.end_session(session_id, error, self.version))
 
-    # Flow control and closing (as for the examples' dialect).
-
-    def output_changed(self, blocked):
-        if blocked:
-            self._output.pause_reading("own output")
-        else:
-            self._output.resume_reading("own output")
-
-    def too_slow(self):
-        if self._closing:
-            return
-        self._stats.error_sent("too_slow")
-        self.cause = TOO_SLOW_CAUSE
-        self._closing = True
-        self._output.close(CLOSE_POLICY_VIOLATION, "too slow to read")
-
-    def going_away(self):
-        self.cause = SHUTDOWN_CAUSE
-        self._closing = True
-        self._output.close(CLOSE_GOING_AWAY, "going away")
+    # Closing.
 
     def closing(self):
         if self._released:
@@ -369,18 +331,3 @@ class JsonConnection:
             reason=details,
         )
         self._send_text(json_wire.error(details))
-
-    def _unexpected(self, failure):
-        self._log.failure(
-            "unexpected error for {uid} at {peer_addr}",
-            failure,
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-        )
-        self._closing = True
-        self._output.close(CLOSE_INTERNAL_ERROR, "internal error")
-
-    def _release(self, uid):
-        d = defer.maybeDeferred(self._server.registry.remove, uid, self)
-        d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))
-
