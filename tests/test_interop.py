@@ -215,3 +215,52 @@ class RoomTests(InteropMixin, unittest.TestCase):
         self.assertEqual(b.find("call-closed", peer="gst-a"), [])
         self.assertEqual(a.find("peer-left", peer="aio-b"), [])
         self.assertEqual(b.find("peer-left", peer="gst-a"), [])
+
+
+class JsonDialectTests(InteropMixin, unittest.TestCase):
+    """
+    The JSON dialect (webrtcsink and webrtcsrc's protocol) with real WebRTC
+    stacks, on the server's one port.
+    """
+
+    timeout = 90
+
+    async def test_an_aiortc_consumer_plays_an_aiortc_producer(self):
+        """
+        A producer registers with a display name; a v1.1 consumer finds it
+        as a listener, starts a session and answers the producer's offer;
+        media and the data channel flow both ways, candidates are loopback
+        ones; when the consumer leaves, the producer is told the session
+        ended and stays registered.
+        """
+        await self.start_namespace()
+        await self.start_server(tls=True)
+        producer = self.start_aiortc("producer", "--protocol", "json", "--produce", "--meta", "cam")
+        await producer.wait_for("registered", STEP)
+        producer_id = producer.find("registered")[0]["uid"]
+        consumer = self.start_aiortc(
+            "consumer", "--protocol", "json", "--consume", "first", "--protocol-version", "v1_1"
+        )
+        await consumer.wait_for("session", STEP, peer=producer_id)
+        consumer_id = consumer.find("registered")[0]["uid"]
+        await producer.wait_for("offer-sent", STEP, peer=consumer_id)
+        await consumer.wait_for("answer-sent", STEP, peer=producer_id)
+        await consumer.until(
+            lambda: consumer.frames_from(producer_id) >= FRAMES,
+            "the consumer to decode the producer's video", STEP,
+        )
+        await producer.until(
+            lambda: producer.frames_from(consumer_id) >= FRAMES,
+            "the producer to decode the consumer's video", STEP,
+        )
+        await consumer.until(
+            lambda: HELLO.format(producer_id) in consumer.messages_from(producer_id),
+            "the producer's data channel greeting", STEP,
+        )
+        self.assert_loopback_candidates(producer, consumer)
+        await consumer.stop()
+        self.assertEqual(consumer.exit_code, 0, consumer.output())
+        await producer.wait_for("session-ended", STEP)
+        self.assertTrue(producer.running, producer.output())
+        for peer in (producer, consumer):
+            self.assertEqual(peer.find("error"), [], peer.output())

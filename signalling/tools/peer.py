@@ -564,8 +564,7 @@ class PeerRun:
             return Done(EXIT_CONNECT, f"cannot connect to {self.options.url}: {e}")
         reader = asyncio.ensure_future(self._read())
         try:
-            self.state = "registering"
-            await self.ws.send(words.hello(self.uid))
+            await self.begin()
             done = await self._finished
         finally:
             reader.cancel()
@@ -597,6 +596,11 @@ class PeerRun:
             self.finish(EXIT_CLOSED, f"the server closed the connection ({code})")
 
     # The protocol.
+
+    async def begin(self):
+        """The WebSocket is open: register."""
+        self.state = "registering"
+        await self.ws.send(words.hello(self.uid))
 
     async def send_text(self, text):
         await self.ws.send(text)
@@ -735,6 +739,125 @@ class PeerRun:
             self.finish(EXIT_OK)
 
 
+class JsonPeerRun(PeerRun):
+    """
+    A run in the JSON dialect (GStreamer's webrtcsink and webrtcsrc):
+    welcomed with an id the server chooses, then a producer (``--produce``)
+    that makes the offer for every consumer that starts a session, or a
+    consumer (``--consume PEER_ID``, or ``first`` for the first producer
+    the server lists or announces) that answers.
+    """
+
+    def __init__(self, options, out):
+        super().__init__(options, out)
+        #: The session the consumer is in, and its producer.
+        self.session_id = None
+        self.producer_id = None
+
+    async def begin(self):
+        self.state = "welcoming"
+        if self.options.protocol_version:
+            await self._send({"type": "setProtocolVersion", "version": self.options.protocol_version})
+
+    async def _send(self, message):
+        await self.send_text(json.dumps(message))
+
+    async def _handle(self, text):
+        message = json.loads(text)
+        kind = message.get("type")
+        state = self.state
+        if kind == "error":
+            if state in ("welcoming", "producing", "looking", "consuming"):
+                self.finish(EXIT_SERVER_ERROR, f"the server refused: {message.get('details')}")
+            else:
+                self.out("error", message=message.get("details"))
+        elif kind == "welcome":
+            self.uid = message["peerId"]
+            self.out("registered", uid=self.uid)
+            if self.options.produce:
+                self.state = "producing"
+                meta = {"display-name": self.options.meta or self.uid}
+                await self._send({"type": "setPeerStatus", "roles": ["producer"], "meta": meta})
+            elif self.options.consume == "first":
+                self.state = "looking"
+                await self._send({"type": "setPeerStatus", "roles": ["listener"], "meta": None})
+                await self._send({"type": "list"})
+            else:
+                self.state = "consuming"
+                await self._start(self.options.consume)
+        elif kind in ("list", "peerStatusChanged") and state == "looking":
+            if kind == "list":
+                ids = [p["id"] for p in message.get("producers", [])]
+            else:
+                ids = [message["peerId"]] if "producer" in message.get("roles", []) else []
+            if ids:
+                self.state = "consuming"
+                await self._start(ids[0])
+        elif kind == "sessionStarted":
+            self.session_id = message["sessionId"]
+            self.producer_id = message["peerId"]
+            self.state = "session"
+            self.out("session", peer=self.producer_id)
+        elif kind == "startSession":
+            # A consumer asks this producer for a session: make the offer
+            # (or answer the one it sent).
+            session_id = message["sessionId"]
+            self.out("session", peer=message["peerId"])
+            offer = message.get("offer")
+            call = self.calls[session_id] = Call(
+                self, message["peerId"], self._peer_sender(session_id), offer is None
+            )
+            if offer is None:
+                await call.offer()
+            else:
+                await self._apply(call, "offer", offer)
+        elif kind == "peer":
+            await self._peer(message)
+        elif kind in ("endSession", "endSessionV1_1"):
+            call = self.calls.pop(message["sessionId"], None)
+            if call is not None:
+                await call.close()
+            self.out("session-ended")
+            if not self.options.produce:
+                self.finish(EXIT_OK)
+
+    async def _start(self, producer_id):
+        self.out("calling", peer=producer_id)
+        await self._send({"type": "startSession", "peerId": producer_id})
+
+    async def _peer(self, message):
+        session_id = message["sessionId"]
+        call = self.calls.get(session_id)
+        sdp, ice = message.get("sdp"), message.get("ice")
+        if sdp is not None and sdp.get("type") == "offer" and call is None:
+            call = self.calls[session_id] = Call(
+                self, self.producer_id, self._peer_sender(session_id), False
+            )
+        if call is None:
+            self.out("error", message=f"a message for no call: {json.dumps(message)[:80]}")
+        elif sdp is not None:
+            await self._apply(call, sdp["type"], sdp["sdp"])
+        elif ice is not None:
+            await call.remote_candidate(ice)
+
+    def _peer_sender(self, session_id):
+        async def send(message):
+            if session_id not in self.calls:
+                return
+            out = {"type": "peer", "sessionId": session_id}
+            if "sdp" in message:
+                out["sdp"] = message["sdp"]
+            else:
+                ice = message["ice"]
+                out["ice"] = {
+                    "candidate": ice["candidate"],
+                    "sdpMLineIndex": int(ice.get("sdpMLineIndex") or 0),
+                }
+            await self._send(out)
+
+        return send
+
+
 # The command line.
 
 
@@ -763,6 +886,29 @@ def build_parser():
     mode.add_argument("--call", metavar="UID", help="start a session with this peer")
     mode.add_argument(
         "--room", metavar="ROOM_ID", help="join this room and call every member already there"
+    )
+    mode.add_argument(
+        "--produce", action="store_true",
+        help="with --protocol json: register as a producer and offer the "
+        "test pattern to every consumer that starts a session",
+    )
+    mode.add_argument(
+        "--consume", metavar="PEER_ID",
+        help="with --protocol json: start a session with this producer "
+        "('first': the first producer the server lists or announces)",
+    )
+    parser.add_argument(
+        "--protocol", choices=("examples", "json"), default="examples",
+        help="the signalling protocol: the GStreamer examples' (HELLO, "
+        "SESSION, ROOM) or the JSON one of webrtcsink and webrtcsrc "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--protocol-version", choices=("v1_0", "v1_1"),
+        help="with --protocol json: send setProtocolVersion first",
+    )
+    parser.add_argument(
+        "--meta", metavar="NAME", help="with --produce: the display-name in the producer's meta"
     )
     parser.add_argument(
         "--offer-request", action="store_true",
@@ -808,6 +954,13 @@ def parse_args(argv=None):
     options = parser.parse_args(argv)
     if options.offer_request and not options.call:
         parser.error("--offer-request needs --call")
+    if options.protocol == "json":
+        if options.call or options.room:
+            parser.error("--protocol json takes --produce or --consume, not --call or --room")
+        if not (options.produce or options.consume):
+            parser.error("--protocol json needs --produce or --consume")
+    elif options.produce or options.consume or options.protocol_version:
+        parser.error("--produce, --consume and --protocol-version need --protocol json")
     for name in ("frames", "duration", "timeout"):
         value = getattr(options, name)
         if value is not None and value <= 0:
@@ -846,7 +999,8 @@ def main(argv=None):
     except ImportError as e:
         out("error", message=f"{e}; install the peer extra: pip install 'webrtcbin-signalling[peer]'")
         raise SystemExit(EXIT_INTERNAL)
-    done = asyncio.run(PeerRun(options, out).run())
+    run = (JsonPeerRun if options.protocol == "json" else PeerRun)(options, out)
+    done = asyncio.run(run.run())
     if done.message:
         out("error", message=done.message)
     out("exit", status=done.status)
