@@ -481,7 +481,10 @@ class Peer:
         #: uid -> Call in a room; None -> the Call of a session.
         self.calls = {}
         #: registering, calling, waiting, session, joining, room, leaving
+        #: (the JSON dialect: welcoming, producing, looking, consuming)
         self.state = "connecting"
+        #: The JSON dialect's consumer: the producer of its session.
+        self.producer_id = None
 
     # Life cycle.
 
@@ -558,6 +561,10 @@ class Peer:
         self.connection.set_max_incoming_payload_size(0)
         self.connection.connect("message", self._on_message)
         self.connection.connect("closed", self._on_closed)
+        self.begin()
+
+    def begin(self):
+        """The WebSocket is open: register."""
         self.state = "registering"
         self.send_text(words.hello(self.uid))
 
@@ -718,6 +725,118 @@ class Peer:
         return send
 
 
+class JsonPeer(Peer):
+    """
+    The JSON dialect, as GStreamer's webrtcsink (``--produce``: register as a
+    producer, offer to each consumer that starts a session) and webrtcsrc
+    (``--consume PEER_ID`` or ``first``: start a session with a producer and
+    answer its offer) speak it: welcomed with an id the server chooses,
+    ``peer`` messages carry the SDP and the candidates of one session.
+    """
+
+    def begin(self):
+        self.state = "welcoming"
+        if self.options.protocol_version:
+            self._send({"type": "setProtocolVersion", "version": self.options.protocol_version})
+
+    def _send(self, message):
+        self.send_text(json.dumps(message))
+
+    def _on_closed(self, connection):
+        if self.state == "leaving":
+            self._stop()
+        else:
+            emit("error", message=f"the server closed the connection ({connection.get_close_code()})")
+            self.quit(EXIT_CLOSED)
+
+    def _handle(self, text):
+        state = self.state
+        if state == "leaving":
+            return
+        message = json.loads(text)
+        kind = message.get("type")
+        if kind == "error":
+            emit("error", message=message.get("details"))
+            if state in ("welcoming", "producing", "looking", "consuming"):
+                self.quit(EXIT_SERVER_ERROR)
+        elif kind == "welcome":
+            self.uid = message["peerId"]
+            emit("registered", uid=self.uid)
+            if self.options.produce:
+                self.state = "producing"
+                meta = {"display-name": self.options.meta or self.uid}
+                self._send({"type": "setPeerStatus", "roles": ["producer"], "meta": meta})
+            elif self.options.consume == "first":
+                self.state = "looking"
+                self._send({"type": "setPeerStatus", "roles": ["listener"], "meta": None})
+                self._send({"type": "list"})
+            else:
+                self.state = "consuming"
+                self._start(self.options.consume)
+        elif kind in ("list", "peerStatusChanged") and state == "looking":
+            if kind == "list":
+                ids = [p["id"] for p in message.get("producers", [])]
+            else:
+                ids = [message["peerId"]] if "producer" in message.get("roles", []) else []
+            if ids:
+                self.state = "consuming"
+                self._start(ids[0])
+        elif kind == "sessionStarted":
+            self.producer_id = message["peerId"]
+            self.state = "session"
+            emit("session", peer=self.producer_id)
+        elif kind == "startSession":
+            session_id = message["sessionId"]
+            emit("session", peer=message["peerId"])
+            send = self._peer_sender(session_id)
+            offer = message.get("offer")
+            if offer is None:
+                self.calls[session_id] = self._new_call(message["peerId"], send, offerer=True)
+            else:
+                self.calls[session_id] = self._negotiate(
+                    None, message["peerId"], send,
+                    json.dumps({"sdp": {"type": "offer", "sdp": offer}}),
+                )
+        elif kind == "peer":
+            session_id = message["sessionId"]
+            remote = self.producer_id if not self.options.produce else None
+            call = self.calls.get(session_id)
+            if call is not None:
+                remote = call.remote
+            inner = {key: message[key] for key in ("sdp", "ice") if key in message}
+            call = self._negotiate(call, remote, self._peer_sender(session_id), json.dumps(inner))
+            if call is not None:
+                self.calls[session_id] = call
+        elif kind in ("endSession", "endSessionV1_1"):
+            call = self.calls.pop(message["sessionId"], None)
+            if call is not None:
+                call.close()
+            emit("session-ended")
+            if not self.options.produce:
+                self.quit(EXIT_OK)
+
+    def _start(self, producer_id):
+        emit("calling", peer=producer_id)
+        self._send({"type": "startSession", "peerId": producer_id})
+
+    def _peer_sender(self, session_id):
+        def send(message):
+            if self.state == "leaving":
+                return
+            out = {"type": "peer", "sessionId": session_id}
+            if "sdp" in message:
+                out["sdp"] = message["sdp"]
+            else:
+                ice = message["ice"]
+                out["ice"] = {
+                    "candidate": ice["candidate"],
+                    "sdpMLineIndex": int(ice.get("sdpMLineIndex") or 0),
+                }
+            self._send(out)
+
+        return send
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="gst_peer.py",
@@ -741,6 +860,25 @@ def parse_args(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--call", metavar="UID", help="start a session with this peer")
     mode.add_argument("--room", metavar="ROOM_ID", help="join this room and call every member")
+    mode.add_argument(
+        "--produce", action="store_true",
+        help="with --protocol json: register as a producer, as webrtcsink does",
+    )
+    mode.add_argument(
+        "--consume", metavar="PEER_ID",
+        help="with --protocol json: start a session with this producer, as "
+        "webrtcsrc does ('first': the first producer listed or announced)",
+    )
+    parser.add_argument(
+        "--protocol", choices=("examples", "json"), default="examples",
+        help="the GStreamer examples' protocol, or the JSON one of webrtcsink "
+        "and webrtcsrc (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--protocol-version", choices=("v1_0", "v1_1"),
+        help="with --protocol json: send setProtocolVersion first",
+    )
+    parser.add_argument("--meta", metavar="NAME", help="with --produce: the display-name")
     parser.add_argument(
         "--offer-request", action="store_true",
         help="with --call: ask the callee to make the offer (OFFER_REQUEST)",
@@ -767,6 +905,13 @@ def parse_args(argv=None):
     options = parser.parse_args(argv)
     if options.offer_request and not options.call:
         parser.error("--offer-request needs --call")
+    if options.protocol == "json":
+        if options.call or options.room:
+            parser.error("--protocol json takes --produce or --consume, not --call or --room")
+        if not (options.produce or options.consume) and not options.check:
+            parser.error("--protocol json needs --produce or --consume")
+    elif options.produce or options.consume or options.protocol_version:
+        parser.error("--produce, --consume and --protocol-version need --protocol json")
     return options
 
 
@@ -776,7 +921,7 @@ def main(argv=None):
     if options.check:
         print("gst_peer: every needed package is installed", flush=True)
         return EXIT_OK
-    return Peer(options, modules).run()
+    return (JsonPeer if options.protocol == "json" else Peer)(options, modules).run()
 
 
 if __name__ == "__main__":

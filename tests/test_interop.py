@@ -264,3 +264,55 @@ class JsonDialectTests(InteropMixin, unittest.TestCase):
         self.assertTrue(producer.running, producer.output())
         for peer in (producer, consumer):
             self.assertEqual(peer.find("error"), [], peer.output())
+
+    async def assert_media_flows(self, producer, producer_id, consumer, consumer_id):
+        await consumer.until(
+            lambda: consumer.frames_from(producer_id) >= FRAMES,
+            "the consumer to decode the producer's video", STEP,
+        )
+        await producer.until(
+            lambda: producer.frames_from(consumer_id) >= FRAMES,
+            "the producer to decode the consumer's video", STEP,
+        )
+        self.assert_loopback_candidates(producer, consumer)
+
+    async def test_a_gstreamer_consumer_plays_a_gstreamer_producer(self):
+        """
+        webrtcbin as webrtcsink and webrtcsrc use it: the producer offers
+        on startSession, the consumer (which asked for the producer by its
+        id) answers; media flows both ways; the producer leaves and the
+        consumer is told its session ended.
+        """
+        await self.start_namespace()
+        await self.start_server(tls=True)
+        producer = self.start_gst("gst-producer", "--protocol", "json", "--produce")
+        await producer.wait_for("registered", STEP)
+        producer_id = producer.find("registered")[0]["uid"]
+        consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", producer_id)
+        await consumer.wait_for("session", STEP, peer=producer_id)
+        consumer_id = consumer.find("registered")[0]["uid"]
+        await producer.wait_for("offer-sent", STEP, peer=consumer_id)
+        await self.assert_media_flows(producer, producer_id, consumer, consumer_id)
+        await producer.stop()
+        await consumer.wait_for("session-ended", STEP)
+        await consumer.until(lambda: not consumer.running, "its exit", STEP)
+        self.assertEqual(consumer.exit_code, 0, consumer.output())
+
+    async def test_an_aiortc_consumer_plays_a_gstreamer_producer_and_the_reverse(self):
+        """Across stacks, in plaintext: aiortc consumes GStreamer, GStreamer consumes aiortc."""
+        await self.start_namespace()
+        await self.start_server(tls=False)
+        gst_producer = self.start_gst("gst-producer", "--protocol", "json", "--produce")
+        await gst_producer.wait_for("registered", STEP)
+        gst_id = gst_producer.find("registered")[0]["uid"]
+        aio_consumer = self.start_aiortc("aio-consumer", "--protocol", "json", "--consume", gst_id)
+        await aio_consumer.wait_for("session", STEP, peer=gst_id)
+        aio_consumer_id = aio_consumer.find("registered")[0]["uid"]
+        await self.assert_media_flows(gst_producer, gst_id, aio_consumer, aio_consumer_id)
+        aio_producer = self.start_aiortc("aio-producer", "--protocol", "json", "--produce")
+        await aio_producer.wait_for("registered", STEP)
+        aio_id = aio_producer.find("registered")[0]["uid"]
+        gst_consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", aio_id)
+        await gst_consumer.wait_for("session", STEP, peer=aio_id)
+        gst_consumer_id = gst_consumer.find("registered")[0]["uid"]
+        await self.assert_media_flows(aio_producer, aio_id, gst_consumer, gst_consumer_id)
