@@ -36,6 +36,7 @@ from tests import _chromium, _interop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(ROOT, "docs", "call-page.png")
+VIEWER_SCREENSHOT = os.path.join(ROOT, "docs", "viewer-page.png")
 
 #: How long one call may take to show decoded video, in seconds.
 CALL_TIMEOUT = 30.0
@@ -388,3 +389,69 @@ class GStreamerBrowserTests(BrowserTestsMixin, TestCase):
         gst = self.start_gst("gst-member", "--room", "mixed")
         await self.assert_decodes_video(page, "gst-member", size=(320, 240))
         await self.gst_decodes_video(gst)
+
+
+class StreamViewerTests(BrowserTestsMixin, TestCase):
+    """
+    The stream viewer of the page at ``/`` (gstwebrtc-api from npm, served
+    by the server) with producers and consumers of the JSON protocol.
+    """
+
+    async def test_the_page_lists_a_gstreamer_producer_and_plays_it(self):
+        """
+        A webrtcbin producer (as webrtcsink) registers with a display name:
+        the page lists it live with its meta, plays it as a consumer and
+        decodes its 320x240 test picture; when it leaves, the list forgets it.
+        """
+        await self.start(gst=True)
+        page = await self.open_page("viewer")
+        await page.wait_for("streamsPage.clientId", "the viewer to be welcomed", timeout=15)
+        producer = self.start_gst("gst-producer", "--protocol", "json", "--produce", "--meta", "bars")
+        await producer.wait_for("registered", CALL_TIMEOUT)
+        producer_id = producer.find("registered")[0]["uid"]
+        listed = await page.wait_for(
+            f"streamsPage.producers().find((p) => p.id === {json.dumps(producer_id)})",
+            "the producer in the page's list",
+            timeout=15,
+        )
+        self.assertEqual(listed["meta"], {"display-name": "bars"})
+        await page.evaluate(f"streamsPage.play({json.dumps(producer_id)})")
+        frames = f"streamsPage.frames({json.dumps(producer_id)})"
+        first = await page.wait_for(
+            f"(() => {{ const f = {frames}; return f && f.frames > 0 && f.videoWidth > 0 ? f : null; }})()",
+            "decoded video from the producer",
+            timeout=CALL_TIMEOUT,
+        )
+        self.assertEqual((first["videoWidth"], first["videoHeight"]), (320, 240))
+        await page.wait_for(
+            f"{frames}.frames >= {first['frames'] + MORE_FRAMES}",
+            "more frames from the producer",
+            timeout=CALL_TIMEOUT,
+        )
+        png = await self.screenshot(page, "viewer-playing-gstreamer.png")
+        if os.environ.get("SIGNALLING_UPDATE_SCREENSHOT") == "1":
+            with open(VIEWER_SCREENSHOT, "wb") as f:
+                f.write(png)
+        await producer.stop()
+        await page.wait_for(
+            f"!streamsPage.producers().some((p) => p.id === {json.dumps(producer_id)})",
+            "the producer to leave the list",
+            timeout=15,
+        )
+
+    async def test_a_gstreamer_consumer_plays_the_page_camera(self):
+        """
+        The page publishes its (fake) camera as a producer through
+        gstwebrtc-api; a webrtcbin consumer (as webrtcsrc) finds it and
+        decodes its video.
+        """
+        await self.start(gst=True)
+        page = await self.open_page("publisher", stream_name="camera page")
+        await page.wait_for("streamsPage.clientId", "the page to be welcomed", timeout=15)
+        await page.wait_for("callPage.localStream !== null", "the page's camera", timeout=15)
+        await page.evaluate("streamsPage.publish()")
+        await page.wait_for("streamsPage.publishing", "the page to publish", timeout=15)
+        page_id = await page.evaluate("streamsPage.clientId")
+        consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", "first")
+        await consumer.wait_for("session", CALL_TIMEOUT, peer=page_id)
+        await self.gst_decodes_video(consumer)

@@ -195,7 +195,9 @@ class IceServerPageTests(WebTestsMixin, unittest.TestCase):
         self.serve_root(ice_servers=[server])
         _, _, body = await self.request("/")
         page = body.decode("utf-8")
-        self.assertEqual(page.count("</script>"), 2)
+        # The configuration and the three scripts: no element ended early.
+        self.assertEqual(page.count("<script"), 4)
+        self.assertEqual(page.count("</script>"), 4)
         self.assertNotIn("<!--", page)
         self.assertEqual(page_config(page), {"iceServers": [server]})
 

@@ -763,6 +763,7 @@
     get callText() { return callStatus.textContent; },
     get iceServers() { return iceServers; },
     get localTracks() { return localStream ? localStream.getTracks().map((t) => t.kind) : []; },
+    get localStream() { return localStream; },
     get mediaNote() { return $('media-note').textContent; },
     peers: () => peers().map((p) => p.stats()),
     selectedPairs: () => Promise.all(peers().map(async (p) => ({uid: p.uid, pair: await p.selectedPair()}))),
