@@ -562,11 +562,121 @@ class RealSocketsMixin:
         self.assertLess(reactor.seconds() - started, DEFAULT_DIALECT_WAIT)
 
 
-class PlaintextRealSocketsTests(RealSocketsMixin, unittest.TestCase):
+class RealSocketsMoreMixin(RealSocketsMixin):
+    """Every refusal, the versions, the wait, and shutdown, over real sockets."""
+
+    async def test_every_refusal_is_an_error_to_its_sender_only(self):
+        listener, listener_id = await self.welcomed()
+        listener.send_text('{"type":"setPeerStatus","roles":["listener"]}')
+        await self.next_json(listener)
+        peer, peer_id = await self.welcomed()
+        producer, producer_id = await self.welcomed()
+        producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        await self.next_json(listener)
+        cases = [
+            (
+                '{"type":"setPeerStatus","roles":["producer","consumer"]}',
+                f"Cannot register peer {peer_id} as both producer and passive consumer",
+            ),
+            ('{"type":"startSession","peerId":"nobody"}', "Peer with ID 'nobody' not found"),
+            (
+                json.dumps({"type": "startSession", "peerId": listener_id}),
+                f"Missing a producer or a consumer: id {peer_id} roles [], "
+                f"id {listener_id} roles [Listener]",
+            ),
+            (
+                '{"type":"setProtocolVersion","version":"v1_1"}',
+                f"Protocol version selection for peer '{peer_id}' must be first message",
+            ),
+        ]
+        for request, details in cases:
+            peer.send_text(request)
+            self.assertEqual(await self.next_json(peer), {"type": "error", "details": details})
+        peer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        session_id = (await self.next_json(peer))["sessionId"]
+        await self.next_json(producer)
+        peer.send_text(
+            json.dumps({"type": "peer", "sessionId": session_id, "sdp": {"type": "offer", "sdp": "x"}})
+        )
+        self.assertEqual(
+            await self.next_json(peer),
+            {
+                "type": "error",
+                "details": f'cannot forward offer from "{peer_id}" to "{producer_id}" as '
+                f'"{peer_id}" is not the producer',
+            },
+        )
+        stranger, stranger_id = await self.welcomed()
+        stranger.send_text(json.dumps({"type": "endSession", "sessionId": session_id}))
+        self.assertEqual(
+            await self.next_json(stranger),
+            {"type": "error", "details": f"Peer {stranger_id} is not part of {session_id}"},
+        )
+        # The session still stands: the producer's answer... its offer goes through.
+        offer = json.dumps(
+            {"type": "peer", "sessionId": session_id, "sdp": {"type": "offer", "sdp": "y"}}
+        )
+        producer.send_text(offer)
+        self.assertEqual(await peer.next(), offer)
+        self.assertEqual(producer.unread(), [])
+        self.assertEqual(listener.unread(), [])
+
+    async def test_a_v1_0_peer_gets_end_session_and_a_v1_1_peer_end_session_v1_1(self):
+        old, old_id = await self.welcomed('{"type":"setProtocolVersion","version":"v1_0"}')
+        new, new_id = await self.welcomed('{"type":"setProtocolVersion","version":"v1_1"}')
+        old.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        old.send_text('{"type":"list"}')  # answered once the status is set
+        self.assertEqual((await self.next_json(old))["producers"][0]["id"], old_id)
+        new.send_text(json.dumps({"type": "startSession", "peerId": old_id}))
+        session_id = (await self.next_json(new))["sessionId"]
+        await self.next_json(old)
+        old.send_text(
+            json.dumps({"type": "endSessionV1_1", "sessionId": session_id, "error": "codec"})
+        )
+        self.assertEqual(
+            await self.next_json(new),
+            {"type": "endSessionV1_1", "sessionId": session_id, "error": "codec"},
+        )
+        new.send_text(json.dumps({"type": "startSession", "peerId": old_id}))
+        second = (await self.next_json(new))["sessionId"]
+        await self.next_json(old)
+        new.send_text(json.dumps({"type": "endSessionV1_1", "sessionId": second, "error": "bye"}))
+        self.assertEqual(await self.next_json(old), {"type": "endSession", "sessionId": second})
+
+    async def test_a_silent_client_is_welcomed_after_the_wait_and_at_once_on_a_pinned_path(self):
+        started = reactor.seconds()
+        client = await self.server.connect()
+        welcome = await self.next_json(client)
+        waited = reactor.seconds() - started
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertGreaterEqual(waited, DEFAULT_DIALECT_WAIT)
+        self.assertLess(waited, DEFAULT_DIALECT_WAIT + 0.5)
+        self.server.factory.dialect_paths = {"/gst": "json"}
+        started = reactor.seconds()
+        pinned = await self.server.connect(path="/gst")
+        self.assertEqual((await self.next_json(pinned))["type"], "welcome")
+        self.assertLess(reactor.seconds() - started, DEFAULT_DIALECT_WAIT)
+
+    async def test_shutdown_closes_json_peers_with_1001(self):
+        producer, producer_id = await self.welcomed()
+        producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        producer.send_text('{"type":"list"}')  # answered once the status is set
+        await self.next_json(producer)
+        consumer, _ = await self.welcomed()
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        await self.next_json(consumer)
+        await self.next_json(producer)
+        await self.server.service.stopService()
+        for client in (producer, consumer):
+            self.assertEqual((await client.closed())[0], 1001)
+        self.assertTrue(self.server.registry.is_empty())
+
+
+class PlaintextRealSocketsTests(RealSocketsMoreMixin, unittest.TestCase):
     tls = False
 
 
-class TLSRealSocketsTests(RealSocketsMixin, unittest.TestCase):
+class TLSRealSocketsTests(RealSocketsMoreMixin, unittest.TestCase):
     tls = True
 
 
