@@ -157,6 +157,47 @@ class ScenarioTests(unittest.TestCase):
         self.assertTrue(server.registry.is_empty())
 
 
+class JsonScenarioTests(unittest.TestCase):
+    """
+    The idle, relay and setup scenarios in the JSON dialect (``--dialect
+    json``), against our server with the path pinned to it.
+    """
+
+    async def json_server(self):
+        server = await Server.listening(self, tls=False)
+        server.factory.dialect_paths = {"/json": "json"}
+        return server
+
+    async def test_idle_registers_every_producer_and_every_one_is_answered(self):
+        server = await self.json_server()
+        result = await bench("idle", server.url("/json"), dialect="json")
+        self.assertTrue(result["ok"], result)
+        self.assertEqual((result["registered"], result["answered"]), (30, 30))
+        self.assertIsNotNone(result["rss_per_peer_bytes"])
+
+    async def test_relay_sends_peer_messages_both_ways_in_order(self):
+        server = await self.json_server()
+        result = await bench("relay", server.url("/json"), dialect="json", size=300)
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["errors"], 0)
+        self.assertGreater(result["round_trips"], 0)
+        self.assertGreater(server.stats.json_messages, 0)
+        self.assertEqual(server.stats.session_messages, 0)
+
+    async def test_setup_makes_whole_json_sessions(self):
+        server = await self.json_server()
+        result = await bench("setup", server.url("/json"), dialect="json")
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["failures"], 0)
+        self.assertGreater(result["calls"], 0)
+        await server.wait_for_connections(0)
+        self.assertTrue(server.registry.is_empty())
+
+    def test_json_runs_only_the_scenarios_it_changes(self):
+        with self.assertRaises(SystemExit):
+            cli.parse_args(["ws://127.0.0.1:1/", "--dialect", "json", "--scenarios", "rooms"])
+
+
 class BrokenServerTests(unittest.TestCase):
     """The checks of the scenarios catch a server that loses something."""
 
@@ -260,7 +301,9 @@ class BrokenServerTests(unittest.TestCase):
             lost = False
 
             def onMessage(self, payload, isBinary):
-                if self.connection.link is not None and not LosesOneMessage.lost:
+                # (No connection logic yet before the first message chose a dialect.)
+                link = self.connection.link if self.connection is not None else None
+                if link is not None and not LosesOneMessage.lost:
                     LosesOneMessage.lost = True
                     return
                 super().onMessage(payload, isBinary)

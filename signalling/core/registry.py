@@ -46,6 +46,9 @@ class Registry:
         # so ids are unique across the dialects), and its sessions.
         self._json = {}
         self._json_sessions = {}
+        # role -> {peer_id: None}: the peers with that role, in the order
+        # they took it (so that lists and notices cost what they return).
+        self._json_roles = {role: {} for role in json_wire.ROLES}
 
     @property
     def peer_count(self):
@@ -200,14 +203,20 @@ class Registry:
             self._end_role_sessions(peer_id, entry, "producer")
         elif json_wire.CONSUMER in entry.roles and not consuming:
             self._end_role_sessions(peer_id, entry, "consumer")
+        for role, holders in self._json_roles.items():
+            if role in roles:
+                holders.setdefault(peer_id)
+            else:
+                holders.pop(peer_id, None)
         entry.roles = list(roles)
         entry.meta = meta
-        for other in self._json.values():
-            if json_wire.LISTENER in other.roles:
-                other.peer.peer_status_changed(peer_id, entry.roles, meta)
+        json = self._json
+        for listener_id in list(self._json_roles[json_wire.LISTENER]):
+            json[listener_id].peer.peer_status_changed(peer_id, entry.roles, meta)
 
     def json_peers(self, role):
-        return [(peer_id, e.meta) for peer_id, e in self._json.items() if role in e.roles]
+        json = self._json
+        return [(peer_id, json[peer_id].meta) for peer_id in self._json_roles[role]]
 
     def start_json_session(self, peer_id, other_id, offer):
         entry = self._json.get(peer_id)
@@ -292,13 +301,15 @@ class Registry:
             other_id = consumer_id if peer_id == producer_id else producer_id
             ended.append((other_id, session_id))
         del self._json[peer_id]
+        for holders in self._json_roles.values():
+            holders.pop(peer_id, None)
         for other_id, session_id in ended:
             other = self._json.get(other_id)
             if other is not None:
                 other.peer.json_session_ended(session_id, None)
-        for other in list(self._json.values()):
-            if json_wire.LISTENER in other.roles:
-                other.peer.peer_status_changed(peer_id, [], entry.meta)
+        json = self._json
+        for listener_id in list(self._json_roles[json_wire.LISTENER]):
+            json[listener_id].peer.peer_status_changed(peer_id, [], entry.meta)
 
 
 class _JsonPeer:

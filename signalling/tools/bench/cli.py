@@ -28,6 +28,11 @@ EXIT_BENCH_FAILED = 3
 DEFAULT_SCENARIOS = ("idle", "relay", "setup", "rooms")
 #: ... and what may be asked for: the soak runs for minutes, so only when named.
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ("soak",)
+#: The scenarios that --dialect json changes.
+JSON_SCENARIOS = ("idle", "relay", "setup")
+#: The smallest relayed message of the JSON dialect: a peer message with its
+#: session id and ICE fields around the sequence number.
+JSON_MIN_SIZE = 128
 
 
 def _positive(kind):
@@ -123,6 +128,14 @@ def build_parser():
     parser.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--ca-file", help="trust only the certificates in this PEM file (wss://)")
     parser.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds any one expected message may take")
+    parser.add_argument(
+        "--dialect", choices=("examples", "json"), default="examples",
+        help="the protocol of the idle, relay and setup scenarios: the "
+        "examples' (HELLO, SESSION) or the JSON one of webrtcsink and "
+        "webrtcsrc (producers, consumers, peer messages); for json, point "
+        "the URL at a path the server pins to it (--dialect-path), or every "
+        "connection waits for the server's --dialect-wait",
+    )
     parser.add_argument("--json", metavar="FILE", help="write one JSON object per line to FILE ('-': standard output, the tables go to standard error)")
 
     relay = parser.add_argument_group("relay")
@@ -202,11 +215,26 @@ def parse_args(argv):
         parser.error(f"--ca-file: no such file: {options.ca_file}")
     if options.source_addresses < 0:
         parser.error("--source-addresses must be 0 or more")
+    if options.dialect == "json":
+        others = [name for name in options.scenarios if name not in JSON_SCENARIOS]
+        if others:
+            parser.error(f"--dialect json runs {', '.join(JSON_SCENARIOS)}, not {', '.join(others)}")
+        if options.size < JSON_MIN_SIZE:
+            parser.error(
+                f"--dialect json needs --size {JSON_MIN_SIZE} or more (a peer message's own fields)"
+            )
     return options
 
 
 def scenario_params(name, options):
     """:returns: the parameters of scenario ``name`` from the options."""
+    params = _scenario_params(name, options)
+    if name in JSON_SCENARIOS:
+        params["dialect"] = options.dialect
+    return params
+
+
+def _scenario_params(name, options):
     timeout = options.timeout
     if name == "relay":
         return {

@@ -103,6 +103,27 @@ async def bounded_gather(coroutines, limit):
     return await asyncio.gather(*(one(c) for c in coroutines), return_exceptions=True)
 
 
+_PRODUCER_STATUS = '{"type":"setPeerStatus","roles":["producer"],"meta":null}'
+#: Answered once the status before it is in place: the list of passive
+#: consumers, empty in these scenarios (the producers' list would grow with
+#: every producer).
+_LIST = '{"type":"listConsumers"}'
+
+
+def _json_message(text):
+    """:returns: the JSON object of a text message, or ``{}``."""
+    try:
+        message = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+def _peer_message(session_id, inner):
+    """:returns: the text of a ``peer`` message carrying ``inner`` (a JSON text of sdp or ice)."""
+    return '{"type":"peer","sessionId":"' + session_id + '",' + inner[1:]
+
+
 class Control:
     """
     A client process's side of the scenario: the endpoint to connect to,
@@ -137,6 +158,42 @@ class Control:
             connection.abort()
             raise ProtocolFailure(f"HELLO {uid} was answered {reply!r}")
         return connection
+
+    # The JSON dialect (webrtcsink and webrtcsrc's protocol).
+
+    async def welcomed(self, timeout, source_host=None):
+        """:returns: ``(connection, peer id)``, welcomed by the server."""
+        connection = await self.connect(timeout, source_host)
+        reply = await connection.recv_text(timeout)
+        message = _json_message(reply)
+        if message.get("type") != "welcome":
+            connection.abort()
+            raise ProtocolFailure(f"expected welcome, received {reply[:60]!r}")
+        return connection, message["peerId"]
+
+    async def producer(self, timeout, source_host=None):
+        """:returns: ``(connection, peer id)`` of a producer whose status is set."""
+        connection, peer_id = await self.welcomed(timeout, source_host)
+        connection.send_text(_PRODUCER_STATUS)
+        connection.send_text(_LIST)
+        reply = await connection.recv_text(timeout)
+        if _json_message(reply).get("type") != "listConsumers":
+            connection.abort()
+            raise ProtocolFailure(f"list was answered {reply[:60]!r}")
+        return connection, peer_id
+
+    async def json_session(self, timeout):
+        """:returns: ``(consumer, producer, session id)``: a session of the JSON dialect."""
+        producer, producer_id = await self.producer(timeout)
+        consumer, _ = await self.welcomed(timeout)
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        started = _json_message(await consumer.recv_text(timeout))
+        asked = _json_message(await producer.recv_text(timeout))
+        if started.get("type") != "sessionStarted" or asked.get("type") != "startSession":
+            consumer.abort()
+            producer.abort()
+            raise ProtocolFailure(f"startSession: {started!r}, {asked!r}")
+        return consumer, producer, started["sessionId"]
 
     async def close_all(self, connections, timeout):
         """
@@ -190,11 +247,16 @@ class _RelayPair:
     the oldest message still on the way is the one whose echo comes next.
     """
 
-    def __init__(self, caller, callee, state, loop):
+    def __init__(self, caller, callee, state, loop, prefix=b"", suffix=b""):
         self.caller = caller
         self.callee = callee
         self.state = state
-        self.pad = b"x" * (state.size - 10)
+        # The JSON dialect wraps the sequence number in a peer message.
+        self.prefix = prefix
+        self.suffix = suffix
+        self.pad = b"x" * (state.size - 10 - len(prefix) - len(suffix))
+        if len(prefix) + 10 + len(self.pad) + len(suffix) != state.size:
+            raise ValueError(f"messages of {state.size} bytes cannot hold {prefix + suffix!r}")
         self.sent = deque()
         self.seq = 0
         self.done = loop.create_future()
@@ -217,7 +279,7 @@ class _RelayPair:
         seq = self.seq
         self.seq = seq + 1
         self.sent.append((moment, seq))
-        self.caller.send(b"%010d" % seq + self.pad, TEXT)
+        self.caller.send(self.prefix + b"%010d" % seq + self.pad + self.suffix, TEXT)
 
     def on_echo(self, payload, opcode):
         moment = now()
@@ -226,7 +288,8 @@ class _RelayPair:
             state.errors.add("an echo that was never sent")
             return
         sent_at, seq = self.sent.popleft()
-        if len(payload) != state.size or payload[:10] != b"%010d" % seq:
+        start = len(self.prefix)
+        if len(payload) != state.size or payload[start:start + 10] != b"%010d" % seq:
             state.errors.add(f"echo of message {seq} is wrong or out of order")
         if moment < state.window_end:
             if moment >= state.window_start:
@@ -235,6 +298,14 @@ class _RelayPair:
             self.send_next(moment)
         elif not self.sent and not self.done.done():
             self.done.set_result(None)
+
+
+def _relay_wrapping(session_id):
+    """:returns: ``(prefix, suffix)`` of a relayed message: none, or a JSON ``peer`` message's."""
+    if session_id is None:
+        return b"", b""
+    prefix = '{"type":"peer","sessionId":"' + session_id + '","ice":{"sdpMLineIndex":0,"candidate":"'
+    return prefix.encode("ascii"), b'"}}'
 
 
 async def relay(spec, control):
@@ -247,6 +318,10 @@ async def relay(spec, control):
     loop = asyncio.get_running_loop()
 
     async def make_pair(index):
+        if spec.get("dialect") == "json":
+            # The consumer sends ICE candidates, the producer echoes them.
+            consumer, producer, session_id = await control.json_session(timeout)
+            return consumer, producer, session_id
         callee_uid = make_uid(spec, "r", index, "b")
         callee = await control.hello(callee_uid, timeout)
         caller = await control.hello(make_uid(spec, "r", index, "a"), timeout)
@@ -254,7 +329,7 @@ async def relay(spec, control):
         reply = await caller.recv_text(timeout)
         if reply != words.SESSION_OK:
             raise ProtocolFailure(f"SESSION {callee_uid} was answered {reply!r}")
-        return caller, callee
+        return caller, callee, None
 
     made = await bounded_gather(
         [make_pair(i) for i in mine(spec["pairs"], spec)], SETUP_CONCURRENCY
@@ -267,8 +342,8 @@ async def relay(spec, control):
     window_end = window_start + spec["duration"]
     state = _RelayState(window_start, window_end, size)
     pairs = [
-        _RelayPair(caller, callee, state, loop)
-        for caller, callee in (m for m in made if not isinstance(m, BaseException))
+        _RelayPair(caller, callee, state, loop, *_relay_wrapping(session_id))
+        for caller, callee, session_id in (m for m in made if not isinstance(m, BaseException))
     ]
 
     await sleep_until(start_at)
@@ -385,6 +460,50 @@ async def _call(control, spec, caller_uid, callee_uid, timeout):
         control.connections.discard(callee)
 
 
+async def _json_call(control, spec, timeout):
+    """
+    One session of the JSON dialect from connect to close: a producer and a
+    consumer connect and are welcomed, the producer registers, the consumer
+    starts a session, the producer offers, the consumer answers, 10 ICE
+    candidates each way; :returns: its set-up time in seconds.
+    """
+    started = now()
+    consumer, producer, session_id = await control.json_session(timeout)
+    try:
+        offer = _peer_message(session_id, OFFER)
+        producer.send_text(offer)
+        await _expect(consumer, offer, timeout, "the offer")
+        answer = _peer_message(session_id, ANSWER)
+        consumer.send_text(answer)
+        await _expect(producer, answer, timeout, "the answer")
+        consumer_ice = [_peer_message(session_id, c) for c in CALLER_ICE]
+        producer_ice = [_peer_message(session_id, c) for c in CALLEE_ICE]
+        for candidate in consumer_ice:
+            consumer.send_text(candidate)
+        for candidate in producer_ice:
+            producer.send_text(candidate)
+        for candidate in consumer_ice:
+            await _expect(producer, candidate, timeout, "a consumer ICE candidate")
+        for candidate in producer_ice:
+            await _expect(consumer, candidate, timeout, "a producer ICE candidate")
+        set_up = now() - started
+        # The consumer leaves; the producer is told the session ended.
+        consumer.close()
+        ended = _json_message(await producer.recv_text(timeout))
+        if ended.get("type") != "endSession" or ended.get("sessionId") != session_id:
+            raise ProtocolFailure(f"expected endSession, received {ended!r}")
+        producer.close()
+        async with asyncio.timeout(timeout):
+            await consumer.closed
+            await producer.closed
+        return set_up
+    finally:
+        consumer.abort()
+        producer.abort()
+        control.connections.discard(consumer)
+        control.connections.discard(producer)
+
+
 async def setup(spec, control):
     """
     C workers each making calls one after another until the duration is
@@ -404,15 +523,18 @@ async def setup(spec, control):
         while now() < deadline and consecutive < MAX_CONSECUTIVE_FAILURES:
             count += 1
             try:
-                times.append(
-                    await _call(
-                        control,
-                        spec,
-                        make_uid(spec, "s", index, count, "a"),
-                        make_uid(spec, "s", index, count, "b"),
-                        timeout,
+                if spec.get("dialect") == "json":
+                    times.append(await _json_call(control, spec, timeout))
+                else:
+                    times.append(
+                        await _call(
+                            control,
+                            spec,
+                            make_uid(spec, "s", index, count, "a"),
+                            make_uid(spec, "s", index, count, "b"),
+                            timeout,
+                        )
                     )
-                )
                 consecutive = 0
                 ends.append(now())
             except (OSError, ConnectionClosed, ProtocolFailure, TimeoutError) as e:
@@ -455,10 +577,16 @@ async def idle(spec, control):
 
     hello_times = array("d")
 
+    json_dialect = spec.get("dialect") == "json"
+
     async def open_peer(index):
-        connection = await control.hello(
-            make_uid(spec, "i", index), spec["storm_timeout"], sources[index % len(sources)]
-        )
+        source = sources[index % len(sources)]
+        if json_dialect:
+            connection, _ = await control.producer(spec["storm_timeout"], source)
+        else:
+            connection = await control.hello(
+                make_uid(spec, "i", index), spec["storm_timeout"], source
+            )
         hello_times.append(now())
         return connection
 
@@ -480,7 +608,10 @@ async def idle(spec, control):
         "stormed", {"registered": len(peers), "last": last}
     )
 
-    question = words.session(make_uid(spec, "nobody"))
+    if json_dialect:
+        question = json.dumps({"type": "startSession", "peerId": make_uid(spec, "nobody")})
+    else:
+        question = words.session(make_uid(spec, "nobody"))
 
     async def ask(connection):
         connection.send_text(question)
@@ -488,7 +619,11 @@ async def idle(spec, control):
             reply = await connection.recv_text(timeout)
         except (ConnectionClosed, TimeoutError) as e:
             return describe(e)
-        if isinstance(reply, str) and reply.startswith(_ERROR):
+        if isinstance(reply, str) and (
+            _json_message(reply).get("type") == "error"
+            if json_dialect
+            else reply.startswith(_ERROR)
+        ):
             return None
         return f"answered {reply[:60]!r}"
 
