@@ -8,6 +8,7 @@ memory on one fake clock, on a port that speaks both dialects.
 import json
 
 from twisted.internet import reactor
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.core import json_wire
@@ -442,6 +443,29 @@ class DialectTests(unittest.TestCase):
             self.received(client), [{"type": "error", "details": "Peer with ID 'nobody' not found"}]
         )
         self.assertTrue(client.is_live)
+
+    def test_requests_past_the_rate_are_refused_and_a_flood_is_closed_with_1008(self):
+        self.net.factory.command_rate = 1.0
+        self.net.factory.command_burst = 3
+        client, _ = self.json_client()
+        for _ in range(3):
+            client.send_text('{"type":"listConsumers"}')
+        self.assertEqual(len(self.received(client)), 3)
+        client.send_text('{"type":"listConsumers"}')
+        self.assertEqual(self.received(client), [{"type": "error", "details": "rate limit exceeded"}])
+        for _ in range(30):
+            client.send_text('{"type":"listConsumers"}')
+        self.net.flush()
+        self.assertEqual(client.remoteCloseCode, 1008)
+
+    def test_welcome_and_leave_are_logged_with_the_peer_id(self):
+        with capturedLogs() as events:
+            client, peer_id = self.json_client()
+            client.close()
+            self.net.flush()
+        lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("signalling")]
+        self.assertTrue(any(f"peer {peer_id} welcomed from " in line for line in lines), lines)
+        self.assertTrue(any(f"peer {peer_id} at " in line and "disconnected" in line for line in lines), lines)
 
     def test_a_v1_1_peer_is_told_why_its_session_ended(self):
         producer = self.net.client()
