@@ -27,7 +27,10 @@ What a backend must do:
    :meth:`IPeer.room_peer_left` once on every remaining member. A member is
    told of another's join either in its ``room_joined`` list or by
    ``room_peer_joined``, never both, and of a leave only for a peer it was
-   told about. A command refused with :class:`AlreadyEngaged` because a
+   told about. In the JSON dialect, ``start_json_session`` tells the
+   consumer, then the producer, once each; a status change, every listener
+   once; ``end_json_session`` and the end of a role or of a peer, the other
+   side of each session once. A command refused with :class:`AlreadyEngaged` because a
    crossed call made the peer a callee is followed by that call's
    ``session_started`` (the connection then relays the refused line).
 3. **Keep each sender's order.** Everything one peer causes at another
@@ -255,7 +258,10 @@ class IRegistry(Interface):
         removed and told through :meth:`IPeer.session_ended`) and its room
         membership (members are told through :meth:`IPeer.room_peer_left`).
         Does nothing if ``uid`` is not held by ``peer``, so it is safe to call
-        more than once.
+        more than once. For a peer of the JSON dialect: its sessions end
+        (the other sides are told :meth:`IJsonPeer.json_session_ended`) and
+        every listener is told :meth:`IJsonPeer.peer_status_changed` with no
+        role.
         """
 
     def start_session(caller_uid, callee_uid):
