@@ -240,7 +240,10 @@ class InstalledPackageTests(unittest.TestCase):
         script = "import os, signalling.server.web as w; print(*sorted(os.listdir(w.STATIC_DIR)))"
         out, err, code = yield self.run_in_venv("python", "-c", script)
         self.assertEqual(code, 0, err)
-        self.assertEqual(out.split(), ["call.js", "index.html", "style.css"])
+        shipped = sorted(os.listdir(os.path.join(ROOT, "signalling", "server", "static")))
+        self.assertIn("gstwebrtc-api-3.0.0.min.js", shipped)
+        self.assertIn("gstwebrtc-api-LICENSE-MPL-2.0.txt", shipped)
+        self.assertEqual(out.split(), shipped)
 
     @inlineCallbacks
     def test_plugin_is_found_when_the_plugin_cache_cannot_be_written(self):
