@@ -26,7 +26,7 @@ DEFAULT_COMMAND_BURST = 2000
 DEFAULT_MAX_FRAGMENTS = 1024
 #: Seconds a connection on an auto port waits for a first message before it
 #: is taken for a JSON client and welcomed (plus three of its round trips).
-DEFAULT_DIALECT_WAIT = 0.25
+DEFAULT_DIALECT_WAIT = 0.5
 #: How long a close handshake may take before the TCP connection is dropped.
 #: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
