@@ -1,7 +1,10 @@
 """
 The signalling protocol on a WebSocket connection: Autobahn's callbacks
-adapted to the per-connection logic (:class:`signalling.core.connection.Connection`),
-which holds the protocol itself.
+adapted to the per-connection logic, which holds the protocol itself:
+:class:`signalling.core.connection.Connection` for the GStreamer examples'
+protocol, :class:`signalling.core.json_connection.JsonConnection` for the JSON
+one of webrtcsink and webrtcsrc. A port pinned to one dialect starts it at
+once; on an ``auto`` port the first message chooses.
 
 :class:`SignallingServerProtocol` runs on the fast WebSocket layer,
 :class:`PlainSignallingServerProtocol` on Autobahn's own paths; the factory
@@ -36,7 +39,8 @@ class _Signalling:
     The adapter, on either WebSocket layer: Autobahn's callbacks go to the
     :class:`Connection`, and the connection's output goes to the wire.
 
-    :ivar connection: the :class:`Connection`, once the WebSocket is open.
+    :ivar connection: the :class:`Connection` or :class:`JsonConnection`,
+        once the WebSocket is open and its dialect known.
     """
 
     connection = None
@@ -77,7 +81,9 @@ class _Signalling:
             self._begin(JsonConnection if dialect == JSON else self.connection_class)
 
     def _begin(self, connection_class):
-        self._choosing = None
+        # Back to the class default: one key fewer in every connection's
+        # dictionary.
+        self.__dict__.pop("_choosing", None)
         self.connection = connection_class(self.factory, self)
         self.connection.opened()
 
