@@ -186,6 +186,34 @@ class LimitsMixin:
         self.assertTrue(all(member.is_live for member in members))
         self.assertEqual(server.stats.errors, {})
 
+    async def test_browsers_from_other_origins_get_403_and_native_clients_are_unaffected(self):
+        """
+        With --allowed-origin, a handshake whose Origin is another site's is
+        refused with 403 and counted; the allowed origin, the server's own
+        page (its Host) and a client that sends no Origin are accepted.
+        """
+        server = await self.start(
+            "--allowed-origin", "https://app.example.org",
+            "--allowed-origin", "http://other.example:8080/",
+        )
+        cases = [
+            (b"Origin: https://evil.example\r\n", 403),
+            (b"Origin: https://app.example.org.evil.example\r\n", 403),
+            (b"Origin: https://app.example.org\r\n", 101),
+            (b"Origin: HTTP://OTHER.EXAMPLE:8080\r\n", 101),
+            (b"Origin: https://localhost\r\n", 101),
+            (b"", 101),
+        ]
+        for header, expected in cases:
+            raw = await server.raw()
+            raw.transport.write(upgrade_request(header))
+            await raw._until(lambda: b"\r\n\r\n" in raw.received, "the answer's head")
+            self.assertEqual(int(raw.received.split()[1]), expected, header)
+            raw.abort()
+            await raw.dropped()
+        self.assertEqual(server.stats.connections_refused, {"origin": 2})
+        await server.hello("native")
+
     async def test_behind_a_trusted_proxy_the_forwarded_address_is_counted(self):
         """
         Connections from the proxy (loopback, exempt) with --trust-proxy 1

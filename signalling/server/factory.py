@@ -9,6 +9,7 @@ from zope.interface import implementer
 from signalling.server.limits import REFUSED
 from signalling.server.metrics import Stats
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
+from signalling.server.websocket import normalize_origin
 
 #: Largest message accepted by default (the example server's limit).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -82,6 +83,9 @@ class SignallingServerFactory(WebSocketServerFactory):
         first message is not a JSON object, the JSON one for the others and
         for a connection silent for ``dialect_wait`` seconds.
     :param dialect_paths: ``{path: dialect}`` for paths pinned to one.
+    :param allowed_origins: ``scheme://host[:port]`` origins whose pages may
+        open a WebSocket; a browser's handshake from another origin gets
+        403. Empty: any origin.
     :param command_rate: commands a connection may send a second, on
         average (messages relayed in a session are not commands).
     :param command_burst: commands a connection may send at once.
@@ -117,6 +121,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         dialect="auto",
         dialect_paths=None,
         dialect_wait=DEFAULT_DIALECT_WAIT,
+        allowed_origins=(),
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -141,6 +146,9 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.dialect = dialect
         self.dialect_paths = dict(dialect_paths or {})
         self.dialect_wait = dialect_wait
+        #: Origins whose pages may open a WebSocket (besides the server's
+        #: own); empty: any. Clients that send no Origin are not affected.
+        self.allowed_origins = frozenset(normalize_origin(o) for o in allowed_origins)
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

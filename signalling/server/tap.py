@@ -202,6 +202,16 @@ class Options(usage.Options):
         self["ice-server"] = []
         self["unlimited-address"] = []
         self["dialect-path"] = {}
+        self["allowed-origin"] = []
+
+    def opt_allowed_origin(self, origin):
+        """A web origin (https://example.org, or with :port) whose pages may open a WebSocket here; a browser's handshake from any other origin gets 403. Repeatable. The server's own page is always allowed, and clients that send no Origin (GStreamer, aiortc, native apps) are not affected. Default: any origin."""
+        scheme, sep, rest = origin.partition("://")
+        if scheme.lower() not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+            raise usage.UsageError(
+                f"--allowed-origin: expected https://HOST or https://HOST:PORT, not {origin!r}"
+            )
+        self["allowed-origin"].append(origin)
 
     def opt_dialect_path(self, pin):
         """PATH=DIALECT: connections that upgrade on this path (e.g. /webrtcsink=json or /=examples) speak that dialect (examples or json) from the start, with no wait. Repeatable."""
@@ -357,6 +367,7 @@ def makeService(config, reactor=None):
             dialect=config["dialect"],
             dialect_paths=config["dialect-path"],
             dialect_wait=config["dialect-wait"],
+            allowed_origins=config["allowed-origin"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])

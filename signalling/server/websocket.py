@@ -214,6 +214,24 @@ _NO_LIMIT = 1 << 63
 MAX_REQUEST_HEAD = 16 * 1024
 
 
+def normalize_origin(origin):
+    """:returns: ``origin`` (``scheme://host[:port]``) as browsers send it, lower case."""
+    return origin.strip().rstrip("/").lower()
+
+
+def _origin_allowed(origin, allowed, host):
+    """
+    :returns: whether a handshake with this ``Origin`` may go on: one of the
+        ``allowed`` origins, or the server's own (the page it serves, on
+        the host and port the request's ``Host`` names).
+    """
+    origin = normalize_origin(origin)
+    if origin in allowed:
+        return True
+    netloc = origin.partition("://")[2]
+    return bool(host) and netloc == host.lower()
+
+
 def asks_for_websocket(head):
     """
     :param head: an HTTP request head, without the blank line that ends it.
@@ -401,10 +419,19 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         """
-        Accept the upgrade, with no subprotocol, unless the server holds as
-        many WebSocket connections as it may (503), or, behind a trusted
+        Accept the upgrade, with no subprotocol, unless it comes from a
+        page whose origin is not allowed (403: a browser's handshake from
+        another site, when ``--allowed-origin`` is given), the server holds
+        as many WebSocket connections as it may (503), or, behind a trusted
         proxy, the forwarded client address holds as many as it may (429).
         """
+        allowed = self.factory.allowed_origins
+        if allowed:
+            origin = request.headers.get("origin")
+            host = request.headers.get("host", "")
+            if origin is not None and not _origin_allowed(origin, allowed, host):
+                self.factory.stats.connection_refused("origin")
+                raise ConnectionDeny(403, "Origin not allowed")
         limits = self.factory.limits
         if limits is None:
             return None
