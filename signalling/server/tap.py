@@ -13,7 +13,7 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import limits, listening, logs, memory, protocol, tls
+from signalling.server import limits, listening, logs, memory, protocol, tls, turn
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.core.registry import Registry
@@ -161,6 +161,12 @@ class Options(usage.Options):
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
          "it is dropped.", _positive(float)],
+        ["turn-secret", None, None,
+         "A file holding the secret shared with the TURN server (coturn's "
+         "static-auth-secret): the page and GET /ice-servers then hand out "
+         "credentials valid for --turn-ttl seconds, for every --turn-uri.", str],
+        ["turn-ttl", None, turn.DEFAULT_TTL,
+         "Seconds the TURN credentials stay valid.", _positive(int)],
         ["dialect", None, protocol.AUTO,
          "The protocol the ports speak: examples (GStreamer's webrtc "
          "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
@@ -203,6 +209,13 @@ class Options(usage.Options):
         self["unlimited-address"] = []
         self["dialect-path"] = {}
         self["allowed-origin"] = []
+        self["turn-uri"] = []
+
+    def opt_turn_uri(self, uri):
+        """A TURN server for --turn-secret's credentials, e.g. turn:turn.example.org:3478 or turns:turn.example.org:5349?transport=tcp. Repeatable."""
+        if not uri.startswith(("turn:", "turns:")):
+            raise usage.UsageError(f"--turn-uri: expected turn: or turns:, not {uri!r}")
+        self["turn-uri"].append(uri)
 
     def opt_allowed_origin(self, origin):
         """A web origin (https://example.org, or with :port) whose pages may open a WebSocket here; a browser's handshake from any other origin gets 403. Repeatable. The server's own page is always allowed, and clients that send no Origin (GStreamer, aiortc, native apps) are not affected. Default: any origin."""
@@ -256,6 +269,8 @@ class Options(usage.Options):
         self["default-port"] = not self["port"]
         if not self["port"]:
             self["port"] = [DEFAULT_PLAIN_PORT if self["disable-ssl"] else DEFAULT_PORT]
+        if bool(self["turn-secret"]) != bool(self["turn-uri"]):
+            raise usage.UsageError("--turn-secret and --turn-uri go together")
         health = self["health"]
         if not health.startswith("/") or health == "/" or "?" in health:
             raise usage.UsageError(
@@ -344,6 +359,15 @@ def makeService(config, reactor=None):
         config["unlimited-address"] or limits.DEFAULT_EXEMPT,
         stats,
     )
+    turn_credentials = None
+    if config["turn-secret"] is not None:
+        try:
+            secret = turn.read_secret(config["turn-secret"])
+        except turn.TurnConfigError as e:
+            raise SystemExit(f"signalling: {e}")
+        turn_credentials = turn.TurnCredentials(
+            secret, config["turn-uri"], reactor, config["turn-ttl"]
+        )
     listen, ws_factories = [], []
     for description, _, endpoint, wrap in ports:
         ws_factory = _factory.SignallingServerFactory(
@@ -370,7 +394,9 @@ def makeService(config, reactor=None):
             allowed_origins=config["allowed-origin"],
         )
         ws_factories.append((description, ws_factory))
-        with_pages(ws_factory, config["health"].encode("utf-8"), config["ice-server"])
+        with_pages(
+            ws_factory, config["health"].encode("utf-8"), config["ice-server"], turn_credentials
+        )
         factory = (
             tls.ServerTLSFactory(server_tls, ws_factory, stats, connection_limits)
             if wrap

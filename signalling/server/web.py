@@ -95,6 +95,33 @@ class HealthResource(Resource):
     render_HEAD = render_GET
 
 
+class IceServersResource(Resource):
+    """
+    ``GET /ice-servers``: the ICE servers for clients other than the page,
+    ``{"iceServers": [...]}``, with fresh TURN credentials (for ``?uid=``,
+    if given).
+
+    :param ice_servers: the ``--ice-server`` entries.
+    :param turn: a :class:`signalling.server.turn.TurnCredentials`, or None.
+    """
+
+    isLeaf = True
+
+    def __init__(self, ice_servers=(), turn=None):
+        super().__init__()
+        self._ice_servers = list(ice_servers)
+        self._turn = turn
+
+    def render_GET(self, request):
+        servers = list(self._ice_servers)
+        if self._turn is not None:
+            uid = (request.args.get(b"uid") or [b""])[0].decode("utf-8", "replace").strip()
+            servers += self._turn.ice_servers(uid[:256] or None)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({"iceServers": servers}).encode("utf-8")
+
+
 class PageResource(Resource):
     """
     The call page at ``/``: it names the service and its WebSocket URL, and
@@ -106,17 +133,23 @@ class PageResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, ice_servers=()):
+    def __init__(self, ice_servers=(), turn=None):
         super().__init__()
         with open(os.path.join(STATIC_DIR, _PAGE_FILE), encoding="utf-8") as f:
             self._template = string.Template(f.read())
-        self._config = _script_json({"iceServers": list(ice_servers)})
+        self._ice_servers = list(ice_servers)
+        self._turn = turn
+        self._config = _script_json({"iceServers": self._ice_servers})
 
     def render_GET(self, request):
         scheme = "wss" if request.isSecure() else "ws"
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
+        config = self._config
+        if self._turn is not None:
+            # Fresh TURN credentials with every page.
+            config = _script_json({"iceServers": self._ice_servers + self._turn.ice_servers()})
         body = self._template.safe_substitute(
-            ws_url=html.escape(f"{scheme}://{host}/"), config=self._config
+            ws_url=html.escape(f"{scheme}://{host}/"), config=config
         )
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
@@ -155,12 +188,13 @@ class SignallingRoot(Resource):
     :param ice_servers: ``RTCIceServer`` dictionaries for the call page.
     """
 
-    def __init__(self, ws_factory, health_path=b"/health", ice_servers=()):
+    def __init__(self, ws_factory, health_path=b"/health", ice_servers=(), turn=None):
         super().__init__()
         self._websocket = WebSocketResource(ws_factory)
         self._health_path = health_path
         self._health = HealthResource()
-        self._page = PageResource(ice_servers)
+        self._page = PageResource(ice_servers, turn)
+        self._ice_servers = IceServersResource(ice_servers, turn)
         self._files = _static_files()
 
     def getChildWithDefault(self, path, request):
@@ -171,19 +205,25 @@ class SignallingRoot(Resource):
             return self._health
         if request.path == b"/":
             return self._page
+        if request.path == ICE_SERVERS_PATH:
+            return self._ice_servers
         if request.path in self._files:
             return self._files[request.path]
         return NoResource()
 
 
-def with_pages(ws_factory, health_path=b"/health", ice_servers=()):
+#: Where clients other than the page get the ICE servers (and TURN credentials).
+ICE_SERVERS_PATH = b"/ice-servers"
+
+
+def with_pages(ws_factory, health_path=b"/health", ice_servers=(), turn=None):
     """
     Give a signalling factory the pages of a port: requests that ask for no
     WebSocket upgrade go on to a :class:`SignallingRoot` site.
 
     :returns: ``ws_factory``, the factory to listen with.
     """
-    site = Site(SignallingRoot(ws_factory, health_path, ice_servers))
+    site = Site(SignallingRoot(ws_factory, health_path, ice_servers, turn))
     site.noisy = False
     ws_factory.web = site
     return ws_factory
