@@ -49,6 +49,9 @@ CLOSE_HELLO_TIMEOUT = CLOSE_POLICY_VIOLATION
 #: An unexpected error in the server (internal error).
 CLOSE_INTERNAL_ERROR = 1011
 
+#: The close reason of a HELLO for a uid the connection's token does not allow.
+NOT_ALLOWED_CLOSE = "not allowed by the token"
+
 #: Commands refused for the rate in a row before the connection is closed.
 RATE_STRIKES = 20
 
@@ -584,9 +587,13 @@ class Connection(ConnectionCommon):
             else:
                 self._send_error(wire.ALREADY_IN_ROOM, "already_in_room")
             return
+        grant = self._output.grant
         if command == wire.SESSION:
             if not rest:
                 self._send_error(wire.SESSION_NEEDS_UID, "missing_arguments")
+                return
+            if grant is not None and not grant.allows_call(rest):
+                self._send_error(wire.not_allowed("a call to", rest), "not_allowed")
                 return
             self._start(_SESSION, payload, is_binary, registry.start_session, self.uid, rest)
         elif command == wire.ROOM:
@@ -594,6 +601,9 @@ class Connection(ConnectionCommon):
                 wire.check_room_id(rest)
             except wire.WireError as e:
                 self._send_error(e.reason, e.kind)
+                return
+            if grant is not None and not grant.allows_room(rest):
+                self._send_error(wire.not_allowed("room", rest), "not_allowed")
                 return
             self._start(_ROOM, payload, is_binary, registry.join_room, self.uid, rest)
         elif command in (wire.ROOM_PEER_MSG, wire.ROOM_PEER_LIST):
@@ -619,6 +629,10 @@ class Connection(ConnectionCommon):
             wire.check_uid(uid)
         except wire.WireError as e:
             self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
+            return
+        grant = self._output.grant
+        if grant is not None and not grant.allows_uid(uid):
+            self._refuse(wire.not_allowed("uid", uid), NOT_ALLOWED_CLOSE, "not_allowed")
             return
         self._start(_HELLO, payload, is_binary, self._server.registry.register, uid, self, uid=uid)
 

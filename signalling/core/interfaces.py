@@ -369,6 +369,10 @@ class IConnectionOutput(Interface):
     """
 
     peer_addr = Attribute("The peer's address, for logs (e.g. tcp4:127.0.0.1:5555).")
+    grant = Attribute(
+        "What the connection's token allows (allows_uid, allows_room, allows_call, "
+        "allows_roles), or None when the server asks for no token."
+    )
 
     def send_text(text):
         """Send one protocol line (a text message), unless the connection is closing."""

@@ -145,6 +145,13 @@ class JsonConnection(ConnectionCommon):
             return
         fields = message.fields
         if kind == "setPeerStatus":
+            grant = self._output.grant
+            if grant is not None and not grant.allows_roles(fields["roles"]):
+                self._send_error(
+                    f"the token does not allow the roles {json_wire.roles_debug(fields['roles'])}",
+                    "not_allowed",
+                )
+                return
             self._call(
                 None,
                 registry.set_peer_status,

@@ -194,6 +194,11 @@ ALREADY_REGISTERED = "already registered"
 RATE_LIMITED = "rate limit exceeded"
 
 
+def not_allowed(what, name):
+    """:returns: the reason for a ``what`` (uid, room, call) the connection's token does not allow."""
+    return f"the token does not allow {what} {_echo(name, _COMMAND_ECHO_LIMIT)}"
+
+
 _KINDS = {
     interfaces.UidTaken: "uid_taken",
     interfaces.PeerNotFound: "peer_not_found",

@@ -122,6 +122,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         dialect_paths=None,
         dialect_wait=DEFAULT_DIALECT_WAIT,
         allowed_origins=(),
+        auth=None,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -149,6 +150,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         #: Origins whose pages may open a WebSocket (besides the server's
         #: own); empty: any. Clients that send no Origin are not affected.
         self.allowed_origins = frozenset(normalize_origin(o) for o in allowed_origins)
+        #: The token keys (signalling.server.auth.TokenKeys), or None: no token needed.
+        self.auth = auth
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

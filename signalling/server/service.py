@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from signalling.server.auth import AuthConfigError
 from signalling.server.listening import FamilyUnavailable, StartupError, cannot_listen
 
 def raise_file_limit(log=None):
@@ -67,6 +68,8 @@ class SignallingService(Service):
         of its text log, or None.
     :param reclaimer: a :class:`signalling.server.memory.MemoryReclaimer` to
         run while the server runs, or None.
+    :param token_keys: the :class:`signalling.server.auth.TokenKeys` that
+        SIGHUP reloads, or None.
     """
 
     _log = Logger()
@@ -82,6 +85,7 @@ class SignallingService(Service):
         handle_signals=False,
         log_observer=None,
         reclaimer=None,
+        token_keys=None,
     ):
         self._reactor = reactor
         self._ports = ports
@@ -92,6 +96,7 @@ class SignallingService(Service):
         self._handle_signals = handle_signals
         self._log_observer = log_observer
         self.reclaimer = reclaimer
+        self.token_keys = token_keys
         self._listening = None
         self._listening_ports = []
         self._watchdog = None
@@ -223,6 +228,12 @@ class SignallingService(Service):
             monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self._notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
         try:
+            if self.token_keys is not None:
+                try:
+                    self.token_keys.reload()
+                    self._log.info("reloaded the token secrets")
+                except AuthConfigError as e:
+                    self._log.error("{reason}; the old token secrets stay", reason=str(e))
             if self._server_tls is None:
                 self._log.info("reload asked for, but no port serves our TLS")
                 return False

@@ -13,7 +13,7 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import limits, listening, logs, memory, protocol, tls, turn
+from signalling.server import auth, limits, listening, logs, memory, protocol, tls, turn
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.core.registry import Registry
@@ -161,6 +161,11 @@ class Options(usage.Options):
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
          "it is dropped.", _positive(float)],
+        ["auth-secret", None, None,
+         "A file of secrets (one a line, 32 characters or more; the first "
+         "signs, all are accepted, SIGHUP reloads it): every WebSocket then "
+         "needs a token (?token= or Authorization: Bearer) minted with "
+         "signalling-token, or is refused with 401.", str],
         ["turn-secret", None, None,
          "A file holding the secret shared with the TURN server (coturn's "
          "static-auth-secret): the page and GET /ice-servers then hand out "
@@ -359,6 +364,12 @@ def makeService(config, reactor=None):
         config["unlimited-address"] or limits.DEFAULT_EXEMPT,
         stats,
     )
+    token_keys = None
+    if config["auth-secret"] is not None:
+        try:
+            token_keys = auth.TokenKeys(config["auth-secret"])
+        except auth.AuthConfigError as e:
+            raise SystemExit(f"signalling: {e}")
     turn_credentials = None
     if config["turn-secret"] is not None:
         try:
@@ -392,6 +403,7 @@ def makeService(config, reactor=None):
             dialect_paths=config["dialect-path"],
             dialect_wait=config["dialect-wait"],
             allowed_origins=config["allowed-origin"],
+            auth=token_keys,
         )
         ws_factories.append((description, ws_factory))
         with_pages(
@@ -424,6 +436,7 @@ def makeService(config, reactor=None):
         handle_signals=handle_signals,
         log_observer=log_observer,
         reclaimer=reclaimer,
+        token_keys=token_keys,
     )
 
 

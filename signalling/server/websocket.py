@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
+from signalling.server.auth import TokenRefused, token_of
 from signalling.server.tls import tls_failure_reason
 
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -300,6 +301,9 @@ class ServerProtocol(WebSocketServerProtocol):
     _counted_websocket = False
     #: Why reading from the peer is paused (a frozenset of reasons).
     _read_pauses = frozenset()
+    #: What the connection's token allows (signalling.server.auth.Grant),
+    #: or None when the server asks for no token.
+    grant = None
 
     # What a subclass provides.
 
@@ -425,6 +429,13 @@ class ServerProtocol(WebSocketServerProtocol):
         as many WebSocket connections as it may (503), or, behind a trusted
         proxy, the forwarded client address holds as many as it may (429).
         """
+        keys = self.factory.auth
+        if keys is not None:
+            try:
+                self.grant = keys.check(token_of(request))
+            except TokenRefused as e:
+                self.factory.stats.connection_refused("token_" + e.reason)
+                raise ConnectionDeny(401, "A valid token is needed")
         allowed = self.factory.allowed_origins
         if allowed:
             origin = request.headers.get("origin")

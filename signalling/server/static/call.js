@@ -74,7 +74,9 @@
   }
   const chosenId = (params.get('id') || '').trim();
   let ourId = chosenId || randomId();
-  const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/';
+  const token = (params.get('token') || '').trim();
+  const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/' +
+    (token ? '?token=' + encodeURIComponent(token) : '');
 
   // -------------------------------------------------------------- display
 
@@ -774,7 +776,7 @@
 
   async function main() {
     $('our-id').textContent = ourId;
-    $('server-url').textContent = wsUrl;
+    $('server-url').textContent = wsUrl.split('?')[0];
     $('ice-servers').textContent = describeIceServers();
     $('peer-id').value = params.get('call') || '';
     $('room-id').value = params.get('room') || '';

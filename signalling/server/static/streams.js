@@ -9,7 +9,9 @@
 (function () {
   'use strict';
   const $ = (id) => document.getElementById(id);
-  const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/';
+  const token = (new URLSearchParams(location.search).get('token') || '').trim();
+  const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/' +
+    (token ? '?token=' + encodeURIComponent(token) : '');
   const producers = new Map();   // id -> {id, meta}
   const playing = new Map();     // id -> {session, video, tile, state}
   let clientId = null;

@@ -1,0 +1,189 @@
+"""
+Tokens (``--auth-secret``): what they are, and a real server that refuses
+handshakes without a valid one (401) and holds each connection to what its
+token allows, over plaintext and TLS; key rotation and reload; the
+``signalling-token`` command.
+"""
+
+import io
+import json
+import os
+import sys
+
+import jwt
+from twisted.trial import unittest
+
+from signalling.server import auth
+from signalling.tools import token as token_tool
+from tests.certificates import write_certificate
+from tests.servers import Server
+
+OLD = b"o" * 40
+NEW = b"n" * 40
+
+
+def upgrade(query="", headers=b""):
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    return (
+        b"GET /" + query.encode() + b" HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+        b"Sec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
+    )
+
+
+class TokenTests(unittest.SynchronousTestCase):
+    def keys(self, *secrets):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"\n".join(secrets) + b"\n")
+        return path, auth.TokenKeys(path)
+
+    def test_a_valid_token_grants_what_its_claims_say(self):
+        _, keys = self.keys(NEW)
+        grant = keys.check(auth.mint(NEW, 60, uid="alice", rooms=["r1"], calls=["bob"]))
+        self.assertTrue(grant.allows_uid("alice"))
+        self.assertFalse(grant.allows_uid("mallory"))
+        self.assertTrue(grant.allows_room("r1"))
+        self.assertFalse(grant.allows_room("r2"))
+        self.assertTrue(grant.allows_call("bob"))
+        self.assertFalse(grant.allows_call("carol"))
+        self.assertTrue(grant.allows_roles(["producer", "listener"]))
+        open_grant = keys.check(auth.mint(NEW, 60, roles=["consumer"]))
+        self.assertTrue(open_grant.allows_uid("anyone") and open_grant.allows_room("any"))
+        self.assertFalse(open_grant.allows_roles(["producer"]))
+
+    def test_missing_bad_expired_and_foreign_tokens_are_refused_by_reason(self):
+        _, keys = self.keys(NEW)
+        cases = [
+            (None, "missing"),
+            ("", "missing"),
+            ("not-a-token", "invalid"),
+            (auth.mint(OLD, 60, uid="a"), "invalid"),
+            (auth.mint(NEW, -10, uid="a"), "expired"),
+            (jwt.encode({"sub": "a"}, NEW, algorithm="HS256"), "invalid"),  # no exp
+            (jwt.encode({"exp": 2**40, "rooms": "r1"}, NEW, algorithm="HS256"), "invalid"),
+            (jwt.encode({"exp": 2**40}, NEW, algorithm="HS512"), "invalid"),
+        ]
+        for token, reason in cases:
+            with self.assertRaises(auth.TokenRefused) as caught:
+                keys.check(token)
+            self.assertEqual(caught.exception.reason, reason, token)
+
+    def test_both_secrets_are_accepted_during_a_rotation_and_reload_reads_the_file(self):
+        path, keys = self.keys(NEW, OLD)
+        keys.check(auth.mint(OLD, 60))
+        keys.check(auth.mint(NEW, 60))
+        with open(path, "wb") as f:
+            f.write(NEW + b"\n")
+        keys.reload()
+        self.assertRaises(auth.TokenRefused, keys.check, auth.mint(OLD, 60))
+        keys.check(auth.mint(NEW, 60))
+
+    def test_a_secrets_file_must_hold_long_secrets(self):
+        path = self.mktemp()
+        for content in (b"", b"\n \n", b"short\n"):
+            with open(path, "wb") as f:
+                f.write(content)
+            self.assertRaises(auth.AuthConfigError, auth.read_secrets, path)
+        self.assertRaises(auth.AuthConfigError, auth.read_secrets, path + ".missing")
+
+    def test_signalling_token_mints_with_the_first_secret(self):
+        path, keys = self.keys(NEW, OLD)
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        token_tool.main(["--secret-file", path, "--uid", "alice", "--room", "r1", "--ttl", "60"])
+        token = out.getvalue().strip()
+        self.assertEqual(jwt.decode(token, NEW, algorithms=["HS256"])["sub"], "alice")
+        grant = keys.check(token)
+        self.assertEqual((grant.uid, grant.rooms), ("alice", frozenset({"r1"})))
+
+
+class AuthMixin:
+    """A real server with --auth-secret; subclasses choose plaintext or TLS."""
+
+    timeout = 30
+
+    async def setUp(self):
+        self.secrets = os.path.abspath(self.mktemp())
+        with open(self.secrets, "wb") as f:
+            f.write(NEW + b"\n")
+        cert_dir = self.mktemp()
+        pem = write_certificate(cert_dir).pem
+        kind = "ssl" if self.tls else "tcp"
+        self.server = await Server.start(
+            self, "--port", f"{kind}:0:interface=127.0.0.1", "--cert-path", cert_dir,
+            "--auth-secret", self.secrets,
+        )
+        self.server.tls = self.tls
+        self.server.pem = pem
+
+    async def status_of(self, request):
+        raw = await self.server.raw()
+        raw.transport.write(request)
+        await raw._until(lambda: b"\r\n\r\n" in raw.received, "the answer's head")
+        status = int(raw.received.split()[1])
+        raw.abort()
+        await raw.dropped()
+        return status
+
+    async def test_a_handshake_without_a_valid_token_gets_401(self):
+        self.assertEqual(await self.status_of(upgrade()), 401)
+        self.assertEqual(await self.status_of(upgrade("?token=nope")), 401)
+        expired = auth.mint(NEW, -5, uid="a")
+        self.assertEqual(await self.status_of(upgrade("?token=" + expired)), 401)
+        self.assertEqual(
+            self.server.stats.connections_refused,
+            {"token_missing": 1, "token_invalid": 1, "token_expired": 1},
+        )
+        good = auth.mint(NEW, 60, uid="a")
+        self.assertEqual(await self.status_of(upgrade("?token=" + good)), 101)
+        bearer = b"Authorization: Bearer " + good.encode() + b"\r\n"
+        self.assertEqual(await self.status_of(upgrade(headers=bearer)), 101)
+        status, _, body = await self.server.get("/health")
+        self.assertEqual((status, body), (200, b"OK\n"))
+
+    async def test_a_connection_may_do_what_its_token_allows_and_nothing_else(self):
+        token = auth.mint(NEW, 60, uid="alice", rooms=["r1"], calls=["bob"])
+        mallory = await self.server.connect(path="/?token=" + token)
+        mallory.send_text("HELLO mallory")
+        self.assertEqual(await mallory.next(), "ERROR the token does not allow uid 'mallory'")
+        self.assertEqual((await mallory.closed())[0], 1002)
+        alice = await self.server.connect(path="/?token=" + token)
+        alice.send_text("HELLO alice")
+        await alice.expect("HELLO")
+        alice.send_text("SESSION carol")
+        await alice.expect("ERROR the token does not allow a call to 'carol'")
+        alice.send_text("ROOM r2")
+        await alice.expect("ERROR the token does not allow room 'r2'")
+        alice.send_text("ROOM r1")
+        await alice.expect("ROOM_OK ")
+        self.assertEqual(self.server.stats.errors.get("not_allowed"), 2)
+
+    async def test_a_json_peer_may_take_only_the_roles_its_token_allows(self):
+        token = auth.mint(NEW, 60, roles=["consumer", "listener"])
+        client = await self.server.connect(path="/?token=" + token)
+        client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.assertEqual(json.loads(await client.next())["type"], "welcome")
+        client.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        self.assertEqual(
+            json.loads(await client.next()),
+            {"type": "error", "details": "the token does not allow the roles [Producer]"},
+        )
+        client.send_text('{"type":"setPeerStatus","roles":["listener"]}')
+        self.assertEqual(json.loads(await client.next())["type"], "peerStatusChanged")
+
+    async def test_a_reload_rotates_the_secrets(self):
+        old_token = auth.mint(NEW, 60)
+        with open(self.secrets, "wb") as f:
+            f.write(OLD + b"\n")
+        self.server.service.reload()
+        self.assertEqual(await self.status_of(upgrade("?token=" + old_token)), 401)
+        self.assertEqual(await self.status_of(upgrade("?token=" + auth.mint(OLD, 60))), 101)
+
+
+class PlaintextAuthTests(AuthMixin, unittest.TestCase):
+    tls = False
+
+
+class TLSAuthTests(AuthMixin, unittest.TestCase):
+    tls = True
