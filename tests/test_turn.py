@@ -21,6 +21,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from signalling.server import turn
+from signalling.server.auth import mint
 from signalling.server.tap import Options
 from tests._interop import missing_requirement
 from tests.clients import eventually
@@ -134,6 +135,30 @@ class AllocationTests(unittest.TestCase):
             env=dict(os.environ), reactor=reactor,
         )
         return code, out.decode() + err.decode()
+
+    async def test_with_tokens_credentials_need_a_token_and_are_for_its_uid(self):
+        secret_file = self.mktemp()
+        with open(secret_file, "wb") as f:
+            f.write(SECRET + b"\n")
+        auth_file = self.mktemp()
+        with open(auth_file, "wb") as f:
+            f.write(b"k" * 40 + b"\n")
+        server = await Server.start(
+            self, "--port", "tcp:0:interface=127.0.0.1", "--auth-secret", auth_file,
+            "--turn-secret", secret_file, "--turn-uri", "turn:127.0.0.1:3478",
+        )
+        status, _, _ = await server.get("/ice-servers?uid=mallory")
+        self.assertEqual(status, 401)
+        status, _, page = await server.get("/")
+        self.assertEqual(status, 200)
+        self.assertNotIn(b"turn:127.0.0.1:3478", page)
+        token = mint(b"k" * 40, 60, uid="alice")
+        status, _, body = await server.get(f"/ice-servers?uid=mallory&token={token}")
+        self.assertEqual(status, 200)
+        [ice] = json.loads(body)["iceServers"]
+        self.assertTrue(ice["username"].endswith(":alice"), ice)
+        status, _, page = await server.get(f"/?token={token}")
+        self.assertIn(b"turn:127.0.0.1:3478", page)
 
     async def test_fresh_credentials_from_the_server_allocate_and_expired_ones_do_not(self):
         secret_file = self.mktemp()

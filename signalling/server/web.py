@@ -15,6 +15,8 @@ from twisted.web import static
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
+from signalling.server.auth import TokenRefused
+
 #: The directory of the page's files, shipped in the package.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -95,6 +97,15 @@ class HealthResource(Resource):
     render_HEAD = render_GET
 
 
+def _request_token(request):
+    """:returns: a plain HTTP request's token: ``?token=`` or ``Authorization: Bearer``."""
+    values = request.args.get(b"token")
+    if values:
+        return values[0].decode("utf-8", "replace")
+    scheme, _, value = (request.getHeader(b"authorization") or "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 class IceServersResource(Resource):
     """
     ``GET /ice-servers``: the ICE servers for clients other than the page,
@@ -107,15 +118,26 @@ class IceServersResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, ice_servers=(), turn=None):
+    def __init__(self, ice_servers=(), turn=None, auth=None):
         super().__init__()
         self._ice_servers = list(ice_servers)
         self._turn = turn
+        self._auth = auth
 
     def render_GET(self, request):
+        grant = None
+        if self._auth is not None:
+            try:
+                grant = self._auth.check(_request_token(request))
+            except TokenRefused:
+                request.setResponseCode(401)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return b"A valid token is needed\n"
         servers = list(self._ice_servers)
         if self._turn is not None:
             uid = (request.args.get(b"uid") or [b""])[0].decode("utf-8", "replace").strip()
+            if grant is not None and grant.uid is not None:
+                uid = grant.uid
             servers += self._turn.ice_servers(uid[:256] or None)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
@@ -133,8 +155,9 @@ class PageResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, ice_servers=(), turn=None):
+    def __init__(self, ice_servers=(), turn=None, auth=None):
         super().__init__()
+        self._auth = auth
         with open(os.path.join(STATIC_DIR, _PAGE_FILE), encoding="utf-8") as f:
             self._template = string.Template(f.read())
         self._ice_servers = list(ice_servers)
@@ -145,7 +168,7 @@ class PageResource(Resource):
         scheme = "wss" if request.isSecure() else "ws"
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         config = self._config
-        if self._turn is not None:
+        if self._turn is not None and self._may_relay(request):
             # Fresh TURN credentials with every page.
             config = _script_json({"iceServers": self._ice_servers + self._turn.ice_servers()})
         body = self._template.safe_substitute(
@@ -161,6 +184,16 @@ class PageResource(Resource):
         return body.encode("utf-8")
 
     render_HEAD = render_GET
+
+    def _may_relay(self, request):
+        """With tokens on, only a page asked for with a valid token gets TURN credentials."""
+        if self._auth is None:
+            return True
+        try:
+            self._auth.check(_request_token(request))
+        except TokenRefused:
+            return False
+        return True
 
 
 def _static_files():
@@ -193,8 +226,9 @@ class SignallingRoot(Resource):
         self._websocket = WebSocketResource(ws_factory)
         self._health_path = health_path
         self._health = HealthResource()
-        self._page = PageResource(ice_servers, turn)
-        self._ice_servers = IceServersResource(ice_servers, turn)
+        auth = getattr(ws_factory, "auth", None)
+        self._page = PageResource(ice_servers, turn, auth)
+        self._ice_servers = IceServersResource(ice_servers, turn, auth)
         self._files = _static_files()
 
     def getChildWithDefault(self, path, request):
