@@ -377,6 +377,9 @@ class InteropMixin:
     the test.
     """
 
+    #: More options for the server (a test may set its own).
+    server_args = ()
+
     async def start_namespace(self):
         """
         Check the requirements (skip or fail), create the namespace, and
@@ -422,7 +425,7 @@ class InteropMixin:
         else:
             args = ["--port", f"tcp:{SERVER_PORT}:interface=127.0.0.1"]
             server.url = f"ws://127.0.0.1:{SERVER_PORT}"
-        argv = twistd_command() + ["-n", "--pidfile=", "signalling", *args]
+        argv = twistd_command() + ["-n", "--pidfile=", "signalling", *args, *self.server_args]
         env = child_env(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
         self._spawn(server, argv, env)
         await server.until(

@@ -11,6 +11,7 @@ import os
 import sys
 
 import jwt
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.server import auth
@@ -171,6 +172,26 @@ class AuthMixin:
         )
         client.send_text('{"type":"setPeerStatus","roles":["listener"]}')
         self.assertEqual(json.loads(await client.next())["type"], "peerStatusChanged")
+
+    async def test_no_token_appears_in_the_logs(self):
+        token = auth.mint(NEW, 60, uid="alice")
+        bad = auth.mint(OLD, 60, uid="alice")
+        with capturedLogs() as events:
+            client = await self.server.connect(path="/?token=" + token)
+            client.send_text("HELLO mallory")
+            await client.closed()
+            self.assertEqual(await self.status_of(upgrade("?token=" + bad)), 401)
+            client = await self.server.connect(path="/?token=" + token)
+            client.send_text("HELLO alice")
+            await client.expect("HELLO")
+            client.close()
+            await client.closed()
+        text = "\n".join(formatEvent(e) + repr(e) for e in events)
+        self.assertIn("alice", text)
+        for secret in (token, bad, NEW.decode(), OLD.decode()):
+            self.assertNotIn(secret, text)
+        for part in (token.split(".")[2], bad.split(".")[2]):
+            self.assertNotIn(part, text)
 
     async def test_a_reload_rotates_the_secrets(self):
         old_token = auth.mint(NEW, 60)

@@ -32,7 +32,18 @@ from urllib.parse import urlencode
 
 from twisted.trial.unittest import TestCase
 
+from twisted.internet import reactor, task
+
+from signalling.server.auth import mint
 from tests import _chromium, _interop
+
+#: The tests' token secret (32 characters or more).
+AUTH_SECRET = b"browser-token-secret-0123456789abcdef"
+
+
+def _chromium_pause(seconds):
+    """:returns: a Deferred that fires after ``seconds``."""
+    return task.deferLater(reactor, seconds, lambda: None)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCREENSHOT = os.path.join(ROOT, "docs", "call-page.png")
@@ -455,3 +466,29 @@ class StreamViewerTests(BrowserTestsMixin, TestCase):
         consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", "first")
         await consumer.wait_for("session", CALL_TIMEOUT, peer=page_id)
         await self.gst_decodes_video(consumer)
+
+
+class TokenPageTests(BrowserTestsMixin, TestCase):
+    """The page on a server that asks for tokens: it passes on its own ``?token=``."""
+
+    def setUp(self):
+        secrets = os.path.abspath(self.mktemp())
+        with open(secrets, "wb") as f:
+            f.write(AUTH_SECRET + b"\n")
+        self.server_args = ("--auth-secret", secrets)
+
+    async def test_the_page_connects_with_its_token_and_not_without(self):
+        """
+        With ``?token=`` (for its uid) the page registers and its viewer is
+        welcomed; the token is not shown on the page. Without one, neither.
+        """
+        await self.start()
+        token = mint(AUTH_SECRET, 300, uid="browser")
+        page = await self.open_page("with-token", id="browser", token=token)
+        await page.wait_for("streamsPage.clientId", "the viewer to be welcomed", timeout=15)
+        shown = await page.evaluate("document.getElementById('server-url').textContent")
+        self.assertNotIn(token, shown)
+        bare = await self.browser.open(self.page_url(id="bare"), "without-token")
+        await _chromium_pause(3)
+        self.assertFalse(await bare.evaluate("callPage.registered"))
+        self.assertIsNone(await bare.evaluate("streamsPage.clientId"))

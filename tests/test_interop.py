@@ -15,9 +15,15 @@ iproute2, the Debian GStreamer packages or aiortc these tests skip, naming
 what to install; with ``CI=true`` they fail instead.
 """
 
+import os
+
 from twisted.trial import unittest
 
+from signalling.server.auth import mint
 from tests._interop import InteropMixin
+
+#: The tests' token secret (32 characters or more).
+AUTH_SECRET = b"interop-token-secret-0123456789abcdef"
 
 #: Seconds any one step of a call (registration, negotiation, ICE, the first
 #: frames) may take.
@@ -316,3 +322,35 @@ class JsonDialectTests(InteropMixin, unittest.TestCase):
         await gst_consumer.wait_for("session", STEP, peer=aio_id)
         gst_consumer_id = gst_consumer.find("registered")[0]["uid"]
         await self.assert_media_flows(aio_producer, aio_id, gst_consumer, gst_consumer_id)
+
+
+class TokenTests(InteropMixin, unittest.TestCase):
+    """Real peers that present tokens to a server that asks for them."""
+
+    timeout = 60
+    assert_call_flows = SessionTests.assert_call_flows
+
+    def setUp(self):
+        secrets = os.path.abspath(self.mktemp())
+        with open(secrets, "wb") as f:
+            f.write(AUTH_SECRET + b"\n")
+        self.server_args = ("--auth-secret", secrets)
+
+    def url_for(self, uid):
+        return f"{self.server.url}/?token={mint(AUTH_SECRET, 300, uid=uid)}"
+
+    async def test_gstreamer_and_aiortc_call_each_other_with_tokens(self):
+        """
+        Each peer's URL carries a token for its own uid: they register, call
+        and reach a connected call; a peer without a token is refused.
+        """
+        await self.start_namespace()
+        await self.start_server(tls=True)
+        aio = self.start_aiortc("aio-callee", "--url", self.url_for("aio-callee"))
+        await aio.wait_for("registered", STEP, uid="aio-callee")
+        gst = self.start_gst("gst-caller", "--server", self.url_for("gst-caller"), "--call", "aio-callee")
+        await gst.wait_for("session", STEP, peer="aio-callee")
+        await self.assert_call_flows(gst, "aio-callee", aio, None, "gst-caller", "aio-callee")
+        refused = self.start_aiortc("no-token")
+        await refused.until(lambda: not refused.running, "the peer without a token to give up", STEP)
+        self.assertEqual(refused.exit_code, 3, refused.output())
