@@ -125,6 +125,10 @@ class Reordering:
             return self._run(uid, lambda: None)
         return self._run(uid, self._inner.remove, uid, proxy)
 
+    def peer_of(self, uid):
+        proxy = self._inner.peer_of(uid)
+        return proxy._peer if proxy is not None else None
+
     def start_session(self, caller_uid, callee_uid):
         return self._run(caller_uid, self._inner.start_session, caller_uid, callee_uid)
 

@@ -193,6 +193,17 @@ class AuthMixin:
         for part in (token.split(".")[2], bad.split(".")[2]):
             self.assertNotIn(part, text)
 
+    async def test_a_token_for_the_uid_takes_it_over_at_once(self):
+        token = auth.mint(NEW, 60, uid="alice")
+        old = await self.server.connect(path="/?token=" + token)
+        old.send_text("HELLO alice")
+        await old.expect("HELLO")
+        new = await self.server.connect(path="/?token=" + token)
+        new.send_text("HELLO alice")
+        await new.expect("HELLO")
+        self.assertEqual(await old.closed(), (1008, "replaced by a new connection"))
+        self.assertEqual(old.pings, 0)
+
     async def test_a_reload_rotates_the_secrets(self):
         old_token = auth.mint(NEW, 60)
         with open(self.secrets, "wb") as f:

@@ -1241,6 +1241,30 @@ class IntegrationTestsMixin:
         )
         self.assertTrue(self.server.registry.is_empty())
 
+    async def test_a_silent_holder_is_replaced_by_a_new_hello_for_its_uid(self):
+        """
+        A peer whose network died (it answers nothing, not even pings) holds
+        its uid: a new HELLO for the uid pings it, and once the reclaim
+        timeout passes without a pong, takes the uid over; its session
+        partner is closed with 1000 as for any close.
+        """
+        self.server.factory.reclaim_timeout = 0.5
+        partner = await self.server.hello("partner")
+        dead = await self.server.raw()
+        await dead.upgrade()
+        dead.send_frame(1, b"HELLO dead")
+        await dead.next_frames(1)
+        dead.send_frame(1, b"SESSION partner")
+        await dead.next_frames(2)
+        dead.transport.pauseProducing()  # hears nothing, answers nothing
+        started = reactor.seconds()
+        newcomer = await self.server.connect()
+        newcomer.send_text("HELLO dead")
+        await newcomer.expect("HELLO")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.4)
+        self.assertEqual((await partner.closed())[0], 1000)
+        dead.abort()
+
     # Races, as real concurrent sends.
 
     async def test_peers_calling_each_other_at_once_end_in_exactly_one_session(self):

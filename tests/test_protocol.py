@@ -118,6 +118,49 @@ class RegistrationTests(ProtocolTestCase):
         self.assertEqual(alice.drain(), ["ERROR not in a room"])
         self.close_all(alice)
 
+    def test_a_silent_holder_of_a_uid_is_replaced_by_a_new_hello(self):
+        """
+        A HELLO for a uid whose holder does not answer a ping within the
+        reclaim timeout: the holder is closed (1008), its room is told, and
+        the uid is the newcomer's.
+        """
+        self.net.factory.reclaim_timeout = 2.0
+        silent = self.net.hello("alice", answer_pings=False)
+        silent.send_text("ROOM r")
+        member = self.net.hello("member")
+        member.send_text("ROOM r")
+        self.net.flush()
+        silent.drain()
+        member.drain()
+        newcomer = self.net.client()
+        newcomer.send_text("HELLO alice")
+        self.net.flush()
+        self.assertEqual(newcomer.drain(), [])  # waiting for the holder's pong
+        self.net.clock.advance(2.0)
+        self.net.flush()
+        self.assertEqual(newcomer.drain(), ["HELLO"])
+        self.assertEqual(silent.remoteCloseCode, 1008)
+        self.assertEqual(silent.remoteCloseReason, "replaced by a new connection")
+        self.assertEqual(member.drain(), ["ROOM_PEER_LEFT alice"])
+        self.assertEqual(self.registry.peer_count, 2)
+        self.close_all(newcomer, member)
+
+    def test_a_holder_that_answers_the_ping_keeps_its_uid(self):
+        self.net.factory.reclaim_timeout = 2.0
+        alice = self.net.hello("alice")
+        error = self.refused("HELLO alice", "invalid peer uid")
+        self.assertEqual(error, "ERROR peer uid 'alice' is already taken")
+        self.assertGreaterEqual(alice.pings, 1)
+        self.assertIsNone(alice.close_info)
+        self.close_all(alice)
+
+    def test_without_a_reclaim_timeout_a_taken_uid_is_refused_at_once(self):
+        self.net.factory.reclaim_timeout = 0
+        silent = self.net.hello("alice", answer_pings=False)
+        self.refused("HELLO alice", "invalid peer uid")
+        self.assertEqual(silent.pings, 0)
+        self.close_all(silent)
+
     def test_two_hellos_with_one_uid_at_the_same_moment(self):
         """Both sent before either is handled: exactly one wins."""
         first, second = self.net.client(), self.net.client()

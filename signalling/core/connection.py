@@ -34,6 +34,7 @@ from signalling.core.interfaces import (
     BINARY_FRAME,
     AlreadyEngaged,
     TEXT_FRAME,
+    UidTaken,
     ILink,
     IPeer,
     SignallingError,
@@ -57,6 +58,8 @@ RATE_STRIKES = 20
 
 #: What the log says of a connection closed because the server stops.
 SHUTDOWN_CAUSE = "the server is shutting down"
+#: ... and of one whose uid a new connection took over.
+REPLACED_CAUSE = "silent, replaced by a new connection for its uid"
 #: ... and of one whose peer did not read what was sent to it.
 TOO_SLOW_CAUSE = "too slow to read what is sent to it"
 
@@ -104,7 +107,9 @@ class _Pending:
     notification (``notified``) have arrived.
     """
 
-    __slots__ = ("kind", "payload", "is_binary", "uid", "answered", "notified", "engaged")
+    __slots__ = (
+        "kind", "payload", "is_binary", "uid", "answered", "notified", "engaged", "reclaimed"
+    )
 
     def __init__(self, kind, payload, is_binary, uid=None):
         self.kind = kind
@@ -116,6 +121,8 @@ class _Pending:
         #: Refused because a crossed call engaged this peer; its
         #: ``session_started`` is on the way.
         self.engaged = False
+        #: A HELLO that tried to reclaim its uid from a silent holder once.
+        self.reclaimed = False
 
 
 @implementer(ILink)
@@ -698,6 +705,10 @@ class Connection(ConnectionCommon):
             self._complete(pending)
             return None
         if pending.kind == _HELLO:
+            if isinstance(error, UidTaken) and not pending.reclaimed:
+                pending.reclaimed = True
+                if self._reclaim(pending):
+                    return None
             self._refuse(wire.reason_for(error), wire.CLOSE_INVALID_UID, wire.kind_for(error))
             return None
         if self.link is not None:
@@ -714,6 +725,72 @@ class Connection(ConnectionCommon):
         self._send_error(wire.reason_for(error), wire.kind_for(error))
         self._complete(pending)
         return None
+
+    def _reclaim(self, pending):
+        """
+        Our ``HELLO``'s uid is taken: if its holder (on this node) has gone
+        silent, take the uid over. A token for the uid takes it at once;
+        else the holder is pinged, and if no pong comes back within the
+        server's ``reclaim_timeout`` it is closed (its partner and room are
+        told as for any close) and the uid registered again for us.
+
+        :returns: False when there is nothing to try (the HELLO is refused).
+        """
+        timeout = self._server.reclaim_timeout
+        holder = self._server.registry.peer_of(pending.uid)
+        if not timeout or holder is None or holder is self:
+            return False
+        grant = self._output.grant
+        if grant is not None and grant.uid == pending.uid:
+            alive = defer.succeed(False)
+        else:
+            alive = holder.probe(timeout)
+        alive.addCallback(self._reclaimed, holder, pending)
+        alive.addErrback(self._unexpected)
+        return True
+
+    def _reclaimed(self, alive, holder, pending):
+        if pending is not self._pending or self._released:
+            return
+        if alive:
+            self._refuse(
+                wire.reason_for(UidTaken(pending.uid)), wire.CLOSE_INVALID_UID, "uid_taken"
+            )
+            return
+        self._log.info(
+            "peer {uid}: its connection at {old_addr} is silent, taken over from {peer_addr}",
+            uid=pending.uid,
+            old_addr=holder.peer_addr,
+            peer_addr=self._output.peer_addr,
+        )
+        holder.replaced()
+        try:
+            result = self._server.registry.register(pending.uid, self)
+        except SignallingError:
+            self._refused(Failure(), pending)
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(
+                self._answered, self._refused, callbackArgs=(pending,), errbackArgs=(pending,)
+            )
+            result.addErrback(self._unexpected)
+        else:
+            self._answered(result, pending)
+
+    def probe(self, timeout):
+        """IPeer: is the peer still there? (a Deferred firing True or False)"""
+        return self._output.probe(timeout)
+
+    @property
+    def peer_addr(self):
+        return self._output.peer_addr
+
+    def replaced(self):
+        """IPeer: a new connection took our uid over: close with 1008."""
+        self.cause = REPLACED_CAUSE
+        self._closing = True
+        self._stop_relaying()
+        self._output.close(CLOSE_POLICY_VIOLATION, "replaced by a new connection")
 
     def _relay_pending(self, pending):
         self.link.send_frames(

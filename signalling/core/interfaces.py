@@ -198,6 +198,15 @@ class IPeer(Interface):
     def room_peer_left(room_id, uid):
         """``uid`` left the room this peer is in."""
 
+    def probe(timeout):
+        """
+        :returns: a Deferred firing True if the peer answers a ping within
+            ``timeout`` seconds, else False.
+        """
+
+    def replaced():
+        """A new connection takes this peer's uid over: close (1008)."""
+
     def room_message(sender_uid, payload):
         """
         A room member sent this peer a message.
@@ -262,6 +271,13 @@ class IRegistry(Interface):
         (the other sides are told :meth:`IJsonPeer.json_session_ended`) and
         every listener is told :meth:`IJsonPeer.peer_status_changed` with no
         role.
+        """
+
+    def peer_of(uid):
+        """
+        :returns: the :class:`IPeer` registered as ``uid`` if it is
+            connected to this node (so that a new ``HELLO`` for its uid can
+            ask whether it is still alive), else None.
         """
 
     def start_session(caller_uid, callee_uid):
@@ -383,6 +399,12 @@ class IConnectionOutput(Interface):
         is closing.
 
         :param frames: ``(first_byte, payload)`` pairs, as for :class:`ILink`.
+        """
+
+    def probe(timeout):
+        """
+        Ping the peer now. :returns: a Deferred firing True if its pong
+        comes back within ``timeout`` seconds, else False.
         """
 
     def pause_reading(reason):

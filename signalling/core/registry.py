@@ -92,6 +92,10 @@ class Registry:
             raise UidTaken(uid)
         self._peers[uid] = peer
 
+    def peer_of(self, uid):
+        """:returns: the peer of the examples' dialect registered as ``uid`` here, or None."""
+        return self._examples_peer(uid)
+
     def remove(self, uid, peer):
         if self._peers.get(uid) is not peer:
             return

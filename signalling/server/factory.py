@@ -28,6 +28,9 @@ DEFAULT_MAX_FRAGMENTS = 1024
 #: Seconds a connection on an auto port waits for a first message before it
 #: is taken for a JSON client and welcomed (plus three of its round trips).
 DEFAULT_DIALECT_WAIT = 0.5
+#: Seconds the holder of a uid has to answer a ping when a new connection
+#: asks for its uid.
+DEFAULT_RECLAIM_TIMEOUT = 2.0
 #: How long a close handshake may take before the TCP connection is dropped.
 #: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
@@ -123,6 +126,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         dialect_wait=DEFAULT_DIALECT_WAIT,
         allowed_origins=(),
         auth=None,
+        reclaim_timeout=DEFAULT_RECLAIM_TIMEOUT,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -152,6 +156,9 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.allowed_origins = frozenset(normalize_origin(o) for o in allowed_origins)
         #: The token keys (signalling.server.auth.TokenKeys), or None: no token needed.
         self.auth = auth
+        #: Seconds a silent holder of a uid has to answer a ping before a
+        #: new HELLO for its uid takes it over (0: never).
+        self.reclaim_timeout = reclaim_timeout
         #: True once :meth:`close_all` ran: the server is shutting down.
         self.shutting_down = False
         #: Open (past the handshake) connections, for a graceful shutdown.

@@ -11,6 +11,9 @@ once; on an ``auto`` port the first message chooses.
 chooses (``fast_path``). Both behave the same on the wire.
 """
 
+import os
+
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -46,6 +49,8 @@ class _Signalling:
     connection = None
     #: Starts the JSON dialect unless a first message chooses (auto ports).
     _choosing = None
+    #: ``(payload, [Deferred], timer)`` while a probe waits for its pong.
+    _probe = None
     #: What holds the protocol's logic for each connection.
     connection_class = Connection
     #: Bytes written while the peer was not reading (output_blocked).
@@ -130,6 +135,38 @@ class _Signalling:
         code, cause = self.close_cause(code)
         connection.lost(code, cause, log=not self.close_logged)
 
+    def onPong(self, payload):
+        probe = self._probe
+        if probe is not None and payload == probe[0]:
+            self._end_probe(True)
+
+    def probe(self, timeout):
+        """
+        IConnectionOutput: ping the peer now; the Deferred fires True if its
+        pong comes back within ``timeout`` seconds, else False (at once for
+        a connection that is closing).
+        """
+        d = defer.Deferred()
+        if self.state != _OPEN:
+            d.callback(False)
+            return d
+        if self._probe is None:
+            payload = os.urandom(8)
+            call = self.factory.clock.callLater(timeout, self._end_probe, False)
+            self._probe = (payload, [], call)
+            self.sendPing(payload)
+        self._probe[1].append(d)
+        return d
+
+    def _end_probe(self, alive):
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        if probe[2].active():
+            probe[2].cancel()
+        for d in probe[1]:
+            d.callback(alive)
+
     def onAutoPingTimeout(self):
         """Count the keepalive timeout; Autobahn then drops the connection."""
         self.factory.stats.keepalive_timeouts += 1
@@ -138,6 +175,7 @@ class _Signalling:
     # The WebSocket layer's hooks.
 
     def closing(self):
+        self._end_probe(False)
         if self.connection is not None:
             self.connection.closing()
         elif self._choosing is not None:

@@ -172,6 +172,12 @@ class Options(usage.Options):
          "credentials valid for --turn-ttl seconds, for every --turn-uri.", str],
         ["turn-ttl", None, turn.DEFAULT_TTL,
          "Seconds the TURN credentials stay valid.", _positive(int)],
+        ["reclaim-timeout", None, _factory.DEFAULT_RECLAIM_TIMEOUT,
+         "When a HELLO asks for a uid another connection holds, that "
+         "connection is pinged: if no pong comes back within this many "
+         "seconds it is closed and the uid goes to the new one (a token for "
+         "the uid takes it at once). 0: a taken uid is always refused.",
+         _non_negative_float],
         ["dialect", None, protocol.AUTO,
          "The protocol the ports speak: examples (GStreamer's webrtc "
          "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
@@ -404,6 +410,7 @@ def makeService(config, reactor=None):
             dialect_wait=config["dialect-wait"],
             allowed_origins=config["allowed-origin"],
             auth=token_keys,
+            reclaim_timeout=config["reclaim-timeout"],
         )
         ws_factories.append((description, ws_factory))
         with_pages(
