@@ -730,21 +730,21 @@ class Connection(ConnectionCommon):
         """
         Our ``HELLO``'s uid is taken: if its holder (on this node) has gone
         silent, take the uid over. A token for the uid takes it at once;
-        else the holder is pinged, and if no pong comes back within the
+        else, with a ``reclaim_timeout``, the holder is pinged, and if no pong comes back within the
         server's ``reclaim_timeout`` it is closed (its partner and room are
         told as for any close) and the uid registered again for us.
 
         :returns: False when there is nothing to try (the HELLO is refused).
         """
         timeout = self._server.reclaim_timeout
-        holder = self._server.registry.peer_of(pending.uid)
-        if not timeout or holder is None or holder is self:
-            return False
         grant = self._output.grant
-        if grant is not None and grant.uid == pending.uid:
-            alive = defer.succeed(False)
-        else:
-            alive = holder.probe(timeout)
+        owner = grant is not None and grant.uid == pending.uid
+        if not (timeout or owner):
+            return False
+        holder = self._server.registry.peer_of(pending.uid)
+        if holder is None or holder is self:
+            return False
+        alive = defer.succeed(False) if owner else holder.probe(timeout)
         alive.addCallback(self._reclaimed, holder, pending)
         alive.addErrback(self._unexpected)
         return True

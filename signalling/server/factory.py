@@ -29,8 +29,9 @@ DEFAULT_MAX_FRAGMENTS = 1024
 #: is taken for a JSON client and welcomed (plus three of its round trips).
 DEFAULT_DIALECT_WAIT = 0.5
 #: Seconds the holder of a uid has to answer a ping when a new connection
-#: asks for its uid.
-DEFAULT_RECLAIM_TIMEOUT = 2.0
+#: asks for its uid; 0: a taken uid is refused at once (as the original
+#: server did), unless the newcomer's token names the uid.
+DEFAULT_RECLAIM_TIMEOUT = 0.0
 #: How long a close handshake may take before the TCP connection is dropped.
 #: Autobahn's 1 s can cut off an ``ERROR`` line a slow client has not read.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0

@@ -176,7 +176,8 @@ class Options(usage.Options):
          "When a HELLO asks for a uid another connection holds, that "
          "connection is pinged: if no pong comes back within this many "
          "seconds it is closed and the uid goes to the new one (a token for "
-         "the uid takes it at once). 0: a taken uid is always refused.",
+         "the uid takes it at once). 0 (the default): a taken uid is refused "
+         "at once, unless a token names it; try 2.",
          _non_negative_float],
         ["dialect", None, protocol.AUTO,
          "The protocol the ports speak: examples (GStreamer's webrtc "
