@@ -11,7 +11,7 @@ suites in ``tests/backends.py``.
 import os
 import shutil
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -49,6 +49,16 @@ class FakePeer:
 
     def set_backpressure(self, active):
         self.calls.append(("set_backpressure", active))
+
+    #: What :meth:`probe` answers: whether the peer still answers pings.
+    alive = True
+
+    def probe(self, timeout):
+        self.calls.append(("probe", timeout))
+        return defer.succeed(self.alive)
+
+    def replaced(self):
+        self.calls.append(("replaced",))
 
     def send(self, payload, is_binary):
         """Relay one message to the partner through the link handed over."""
