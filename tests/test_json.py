@@ -330,6 +330,17 @@ class DialectTests(unittest.TestCase):
         [protocol] = self.net.factory.connections
         self.assertEqual(protocol.connection.version, "v1_1")
 
+    def test_a_server_id_that_is_taken_is_chosen_again(self):
+        """An examples peer holding the first UUID drawn does not stop the welcome."""
+        import uuid as uuid_module
+
+        drawn = iter(["00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002"])
+        self.patch(uuid_module, "uuid4", lambda: next(drawn))
+        squatter = self.net.hello("00000000-0000-4000-8000-000000000001")
+        client, peer_id = self.json_client()
+        self.assertEqual(peer_id, "00000000-0000-4000-8000-000000000002")
+        self.assertTrue(client.is_live and squatter.is_live)
+
     def test_a_pinned_port_welcomes_at_once(self):
         self.net.factory.dialect = "json"
         client = self.net.client()

@@ -192,6 +192,10 @@ class JsonConnection(ConnectionCommon):
         except JsonRefused as e:
             self._send_error(e.details)
             return
+        except SignallingError:
+            # Answered at once: the server's id for the peer was taken.
+            self._refused(Failure())
+            return
         except Exception:
             self._unexpected(Failure())
             return
