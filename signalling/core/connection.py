@@ -154,13 +154,58 @@ class ConnectionCommon:
     """
     What the connections of both dialects do alike: the command rate, flow
     control, closing for the server's own reasons, letting go of their id,
-    and unexpected errors. A subclass has ``_server``, ``_output``,
-    ``_stats``, ``uid``, ``cause``, ``_closing``, the bucket's ``_tokens``,
-    ``_tokens_at`` and ``_strikes``, and ``_send_error(reason, kind)``.
+    and unexpected errors. A subclass provides ``_send_error(reason, kind)``.
+
+    :ivar uid: the peer's id once registered (welcomed), else None.
+    :ivar cause: why the server closed the connection, for the log, when
+        the close frame's reason does not say it.
     """
 
-    __slots__ = ()
+    __slots__ = (
+        "_server",
+        "_output",
+        "_stats",
+        "uid",
+        "cause",
+        "_held",
+        "_queued",
+        "_closing",
+        "_released",
+        "_resuming",
+        "_tokens",
+        "_tokens_at",
+        "_strikes",
+        "__weakref__",
+    )
     _log = Logger()
+
+    def __init__(self, server, output):
+        self._server = server
+        self._output = output
+        self._stats = server.stats
+        self.uid = None
+        self.cause = None
+        #: Input held while a request is pending (a deque), else None.
+        self._held = None
+        #: ``(method, *args)`` held while a reply is owed, else None.
+        self._queued = None
+        #: True once we stop handling input.
+        self._closing = False
+        #: True once the registry was told to let go of our id.
+        self._released = False
+        self._resuming = False
+        #: The command rate's token bucket: tokens left (None: full), when
+        #: counted, and commands refused in a row.
+        self._tokens = None
+        self._tokens_at = 0.0
+        self._strikes = 0
+
+    def _close_for(self, cause, code, reason):
+        """Stop handling input and close with ``code`` and ``reason`` (``cause`` for the log)."""
+        self.cause = cause
+        self._closing = True
+        self._stop_relaying()
+        self._output.close(code, reason)
     #: The reason a command past the rate is refused with.
     rate_limited = wire.RATE_LIMITED
 
@@ -181,9 +226,9 @@ class ConnectionCommon:
             return True
         if self._strikes > RATE_STRIKES:
             self._stats.error_sent("rate_limited")
-            self.cause = "went on past the rate limit"
-            self._closing = True
-            self._output.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            self._close_for(
+                "went on past the rate limit", CLOSE_POLICY_VIOLATION, "rate limit exceeded"
+            )
         else:
             self._send_error(self.rate_limited, "rate_limited")
         return False
@@ -209,17 +254,11 @@ class ConnectionCommon:
         if self._closing:
             return
         self._stats.error_sent("too_slow")
-        self.cause = TOO_SLOW_CAUSE
-        self._closing = True
-        self._stop_relaying()
-        self._output.close(CLOSE_POLICY_VIOLATION, "too slow to read")
+        self._close_for(TOO_SLOW_CAUSE, CLOSE_POLICY_VIOLATION, "too slow to read")
 
     def going_away(self):
         """Close for a server shutdown: code 1001."""
-        self.cause = SHUTDOWN_CAUSE
-        self._closing = True
-        self._stop_relaying()
-        self._output.close(CLOSE_GOING_AWAY, "going away")
+        self._close_for(SHUTDOWN_CAUSE, CLOSE_GOING_AWAY, "going away")
 
     def _unexpected(self, failure):
         self._log.failure(
@@ -232,9 +271,7 @@ class ConnectionCommon:
 
     def _fail(self):
         """Close this one connection after an unexpected error."""
-        self._closing = True
-        self._stop_relaying()
-        self._output.close(CLOSE_INTERNAL_ERROR, "internal error")
+        self._close_for(self.cause, CLOSE_INTERNAL_ERROR, "internal error")
 
     def _release(self, uid):
         d = defer.maybeDeferred(self._server.registry.remove, uid, self)
@@ -263,59 +300,24 @@ class Connection(ConnectionCommon):
     _log = Logger()
 
     __slots__ = (
-        "_server",
-        "_output",
-        "_stats",
-        "uid",
         "partner_uid",
         "room_id",
         "link",
-        "cause",
         "_ended",
         "_pending",
-        "_held",
-        "_queued",
-        "_closing",
-        "_released",
-        "_resuming",
         "_hello_call",
-        "_tokens",
-        "_tokens_at",
-        "_strikes",
-        "__weakref__",
     )
 
     def __init__(self, server, output):
-        self._server = server
-        self._output = output
-        self._stats = server.stats
-        self.uid = None
+        super().__init__(server, output)
         self.partner_uid = None
         self.room_id = None
         self.link = None
-        #: Why the server closed this connection, for the log, when the
-        #: close frame's reason does not say it.
-        self.cause = None
         #: ``(uid, partner_uid)`` once the partner ended our session.
         self._ended = None
         #: The command in progress (a _Pending), else None.
         self._pending = None
-        #: Input held while a command is pending (a deque), else None.
-        self._held = None
-        #: ``(method, *args)`` held while a reply is owed, else None.
-        self._queued = None
-        #: True once we stop handling input (closing, or the session ended).
-        self._closing = False
-        #: True once the registry was told to let go of our uid, session
-        #: and room.
-        self._released = False
-        self._resuming = False
         self._hello_call = None
-        #: The command rate's token bucket: tokens left (None: full), when
-        #: counted, and commands refused in a row.
-        self._tokens = None
-        self._tokens_at = 0.0
-        self._strikes = 0
 
     @property
     def receiver(self):
@@ -787,10 +789,7 @@ class Connection(ConnectionCommon):
 
     def replaced(self):
         """IPeer: a new connection took our uid over: close with 1008."""
-        self.cause = REPLACED_CAUSE
-        self._closing = True
-        self._stop_relaying()
-        self._output.close(CLOSE_POLICY_VIOLATION, "replaced by a new connection")
+        self._close_for(REPLACED_CAUSE, CLOSE_POLICY_VIOLATION, "replaced by a new connection")
 
     def _relay_pending(self, pending):
         self.link.send_frames(

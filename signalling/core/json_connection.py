@@ -53,49 +53,18 @@ class JsonConnection(ConnectionCommon):
     dialect = "json"
     rate_limited = RATE_LIMITED
 
-    __slots__ = (
-        "_server",
-        "_output",
-        "_stats",
-        "uid",
-        "version",
-        "cause",
-        "_peer_id",
-        "_first",
-        "_pending",
-        "_held",
-        "_queued",
-        "_closing",
-        "_released",
-        "_resuming",
-        "_tokens",
-        "_tokens_at",
-        "_strikes",
-        "__weakref__",
-    )
+    __slots__ = ("version", "_peer_id", "_first", "_pending")
 
     def __init__(self, server, output):
-        self._server = server
-        self._output = output
-        self._stats = server.stats
-        self.uid = None
+        super().__init__(server, output)
         self.version = json_wire.V1_0
-        self.cause = None
         self._peer_id = None
         #: True until a message was handled (setProtocolVersion must be first).
         self._first = True
         #: True while the registry works on a request.
         self._pending = False
-        #: Input that arrived meanwhile (a deque), else None.
-        self._held = None
         #: Notifications that came before ``welcome`` went out, else None.
         self._queued = []
-        self._closing = False
-        self._released = False
-        self._resuming = False
-        self._tokens = None
-        self._tokens_at = 0.0
-        self._strikes = 0
 
     def __repr__(self):
         return f"<JsonConnection {self.uid or '?'} at {self._output.peer_addr}>"
