@@ -762,22 +762,13 @@ class JsonPeer(Peer):
         elif kind == "welcome":
             self.uid = message["peerId"]
             emit("registered", uid=self.uid)
-            if self.options.produce:
-                self.state = "producing"
-                meta = {"display-name": self.options.meta or self.uid}
-                self._send({"type": "setPeerStatus", "roles": ["producer"], "meta": meta})
-            elif self.options.consume == "first":
-                self.state = "looking"
-                self._send({"type": "setPeerStatus", "roles": ["listener"], "meta": None})
-                self._send({"type": "list"})
-            else:
-                self.state = "consuming"
-                self._start(self.options.consume)
+            self.state, messages = words.json_after_welcome(self.options, self.uid)
+            if self.state == "consuming":
+                emit("calling", peer=self.options.consume)
+            for first in messages:
+                self._send(first)
         elif kind in ("list", "peerStatusChanged") and state == "looking":
-            if kind == "list":
-                ids = [p["id"] for p in message.get("producers", [])]
-            else:
-                ids = [message["peerId"]] if "producer" in message.get("roles", []) else []
+            ids = words.producers_in(message)
             if ids:
                 self.state = "consuming"
                 self._start(ids[0])
@@ -821,18 +812,8 @@ class JsonPeer(Peer):
 
     def _peer_sender(self, session_id):
         def send(message):
-            if self.state == "leaving":
-                return
-            out = {"type": "peer", "sessionId": session_id}
-            if "sdp" in message:
-                out["sdp"] = message["sdp"]
-            else:
-                ice = message["ice"]
-                out["ice"] = {
-                    "candidate": ice["candidate"],
-                    "sdpMLineIndex": int(ice.get("sdpMLineIndex") or 0),
-                }
-            self._send(out)
+            if self.state != "leaving":
+                self._send(words.json_peer(session_id, message))
 
         return send
 
@@ -860,25 +841,7 @@ def parse_args(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--call", metavar="UID", help="start a session with this peer")
     mode.add_argument("--room", metavar="ROOM_ID", help="join this room and call every member")
-    mode.add_argument(
-        "--produce", action="store_true",
-        help="with --protocol json: register as a producer, as webrtcsink does",
-    )
-    mode.add_argument(
-        "--consume", metavar="PEER_ID",
-        help="with --protocol json: start a session with this producer, as "
-        "webrtcsrc does ('first': the first producer listed or announced)",
-    )
-    parser.add_argument(
-        "--protocol", choices=("examples", "json"), default="examples",
-        help="the GStreamer examples' protocol, or the JSON one of webrtcsink "
-        "and webrtcsrc (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--protocol-version", choices=("v1_0", "v1_1"),
-        help="with --protocol json: send setProtocolVersion first",
-    )
-    parser.add_argument("--meta", metavar="NAME", help="with --produce: the display-name")
+    words.add_json_arguments(parser, mode, ", as webrtcsink does")
     parser.add_argument(
         "--offer-request", action="store_true",
         help="with --call: ask the callee to make the offer (OFFER_REQUEST)",
@@ -905,13 +868,8 @@ def parse_args(argv=None):
     options = parser.parse_args(argv)
     if options.offer_request and not options.call:
         parser.error("--offer-request needs --call")
-    if options.protocol == "json":
-        if options.call or options.room:
-            parser.error("--protocol json takes --produce or --consume, not --call or --room")
-        if not (options.produce or options.consume) and not options.check:
-            parser.error("--protocol json needs --produce or --consume")
-    elif options.produce or options.consume or options.protocol_version:
-        parser.error("--produce, --consume and --protocol-version need --protocol json")
+    if not options.check:
+        words.check_json_arguments(parser, options)
     return options
 
 

@@ -5,6 +5,7 @@ formats (``signalling.core.wire``), and nothing else; one table of exit
 statuses for every tool.
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -100,3 +101,64 @@ class ExitStatusTests(unittest.TestCase):
             [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
         ).stdout
         self.assertEqual(out.strip(), "HELLO")
+
+
+class JsonClientTests(unittest.TestCase):
+    """What the WebRTC peers say in the JSON dialect (signalling-peer, contrib/gst_peer.py)."""
+
+    def options(self, **given):
+        values = dict(produce=False, consume=None, meta=None, call=None, room=None,
+                      protocol="json", protocol_version=None)
+        values.update(given)
+        return argparse.Namespace(**values)
+
+    def test_after_welcome_a_producer_registers_and_a_consumer_looks_or_calls(self):
+        self.assertEqual(
+            words.json_after_welcome(self.options(produce=True, meta="cam"), "p1"),
+            ("producing", [{"type": "setPeerStatus", "roles": ["producer"],
+                            "meta": {"display-name": "cam"}}]),
+        )
+        state, messages = words.json_after_welcome(self.options(produce=True), "p1")
+        self.assertEqual(messages[0]["meta"], {"display-name": "p1"})
+        self.assertEqual(
+            words.json_after_welcome(self.options(consume="first"), "c1")[0], "looking"
+        )
+        self.assertEqual(
+            words.json_after_welcome(self.options(consume="p1"), "c1"),
+            ("consuming", [{"type": "startSession", "peerId": "p1"}]),
+        )
+
+    def test_producers_are_found_in_lists_and_announcements(self):
+        self.assertEqual(
+            words.producers_in({"type": "list", "producers": [{"id": "a"}, {"id": "b"}]}),
+            ["a", "b"],
+        )
+        self.assertEqual(
+            words.producers_in({"type": "peerStatusChanged", "roles": ["producer"], "peerId": "c"}),
+            ["c"],
+        )
+        self.assertEqual(
+            words.producers_in({"type": "peerStatusChanged", "roles": [], "peerId": "c"}), []
+        )
+
+    def test_negotiation_messages_are_wrapped_in_peer_messages(self):
+        self.assertEqual(
+            words.json_peer("s", {"sdp": {"type": "offer", "sdp": "v=0"}}),
+            {"type": "peer", "sessionId": "s", "sdp": {"type": "offer", "sdp": "v=0"}},
+        )
+        self.assertEqual(
+            words.json_peer("s", {"ice": {"candidate": "c", "sdpMLineIndex": "1", "sdpMid": "0"}}),
+            {"type": "peer", "sessionId": "s", "ice": {"candidate": "c", "sdpMLineIndex": 1}},
+        )
+
+    def test_options_that_do_not_fit_the_protocol_are_refused(self):
+        parser = argparse.ArgumentParser()
+        parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+        for options in (
+            self.options(),
+            self.options(produce=True, call="x"),
+            self.options(protocol="examples", produce=True),
+            self.options(protocol="examples", protocol_version="v1_1"),
+        ):
+            self.assertRaises(ValueError, words.check_json_arguments, parser, options)
+        words.check_json_arguments(parser, self.options(consume="first"))

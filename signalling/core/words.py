@@ -1,7 +1,8 @@
 """
 The words of the signalling protocol (``docs/protocol.md``), written once for
 both sides: the commands and replies, a parser for what the server sends,
-and the exit statuses of the client tools.
+the client side of the JSON dialect the WebRTC peers share, and the exit
+statuses of the client tools.
 
 Standard library only and no imports from the rest of the package: the
 server (through ``signalling.core.wire``), the tools in ``signalling.tools``
@@ -108,6 +109,96 @@ def parse_reply(text):
         if uid and space:
             return Reply(word, text, uids=[uid], payload=payload)
     return Reply(None, text)
+
+
+# The JSON dialect (webrtcsink and webrtcsrc's protocol), as the WebRTC peers
+# (signalling-peer and contrib/gst_peer.py, --protocol json) speak it.
+
+
+def add_json_arguments(parser, mode, verb):
+    """
+    Add the JSON dialect's options: ``--produce`` and ``--consume`` to the
+    ``mode`` group, ``--protocol``, ``--protocol-version`` and ``--meta``.
+
+    :param verb: how the peer plays, for the help (``as webrtcsink does``).
+    """
+    mode.add_argument(
+        "--produce", action="store_true",
+        help=f"with --protocol json: register as a producer and offer to every "
+        f"consumer that starts a session{verb}",
+    )
+    mode.add_argument(
+        "--consume", metavar="PEER_ID",
+        help="with --protocol json: start a session with this producer and "
+        "answer its offer ('first': the first producer listed or announced)",
+    )
+    parser.add_argument(
+        "--protocol", choices=("examples", "json"), default="examples",
+        help="the GStreamer examples' protocol (HELLO, SESSION, ROOM) or the "
+        "JSON one of webrtcsink and webrtcsrc (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--protocol-version", choices=("v1_0", "v1_1"),
+        help="with --protocol json: send setProtocolVersion first",
+    )
+    parser.add_argument(
+        "--meta", metavar="NAME", help="with --produce: the display-name in the producer's meta"
+    )
+
+
+def check_json_arguments(parser, options):
+    """Refuse (``parser.error``) options that do not fit the protocol chosen."""
+    if options.protocol == "json":
+        if options.call or options.room:
+            parser.error("--protocol json takes --produce or --consume, not --call or --room")
+        if not (options.produce or options.consume):
+            parser.error("--protocol json needs --produce or --consume")
+    elif options.produce or options.consume or options.protocol_version:
+        parser.error("--produce, --consume and --protocol-version need --protocol json")
+
+
+def json_after_welcome(options, peer_id):
+    """
+    :returns: ``(state, messages)``: what a peer does once welcomed as
+        ``peer_id``: a producer registers (``producing``); a consumer of the
+        first producer listens and asks for the list (``looking``); one of a
+        named producer starts the session (``consuming``).
+    """
+    if options.produce:
+        meta = {"display-name": options.meta or peer_id}
+        return "producing", [{"type": "setPeerStatus", "roles": ["producer"], "meta": meta}]
+    if options.consume == "first":
+        return "looking", [
+            {"type": "setPeerStatus", "roles": ["listener"], "meta": None},
+            {"type": "list"},
+        ]
+    return "consuming", [{"type": "startSession", "peerId": options.consume}]
+
+
+def producers_in(message):
+    """:returns: the producer ids a ``list`` or ``peerStatusChanged`` message names."""
+    if message.get("type") == "list":
+        return [p["id"] for p in message.get("producers", [])]
+    if "producer" in message.get("roles", []):
+        return [message["peerId"]]
+    return []
+
+
+def json_peer(session_id, message):
+    """
+    :returns: the ``peer`` message of ``session_id`` that carries ``message``,
+        a negotiation message (``{"sdp": ...}`` or ``{"ice": ...}``).
+    """
+    out = {"type": "peer", "sessionId": session_id}
+    if "sdp" in message:
+        out["sdp"] = message["sdp"]
+    else:
+        ice = message["ice"]
+        out["ice"] = {
+            "candidate": ice["candidate"],
+            "sdpMLineIndex": int(ice.get("sdpMLineIndex") or 0),
+        }
+    return out
 
 
 # How the client tools end (signalling-client, signalling-peer,

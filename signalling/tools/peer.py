@@ -774,22 +774,13 @@ class JsonPeerRun(PeerRun):
         elif kind == "welcome":
             self.uid = message["peerId"]
             self.out("registered", uid=self.uid)
-            if self.options.produce:
-                self.state = "producing"
-                meta = {"display-name": self.options.meta or self.uid}
-                await self._send({"type": "setPeerStatus", "roles": ["producer"], "meta": meta})
-            elif self.options.consume == "first":
-                self.state = "looking"
-                await self._send({"type": "setPeerStatus", "roles": ["listener"], "meta": None})
-                await self._send({"type": "list"})
-            else:
-                self.state = "consuming"
-                await self._start(self.options.consume)
+            self.state, messages = words.json_after_welcome(self.options, self.uid)
+            if self.state == "consuming":
+                self.out("calling", peer=self.options.consume)
+            for first in messages:
+                await self._send(first)
         elif kind in ("list", "peerStatusChanged") and state == "looking":
-            if kind == "list":
-                ids = [p["id"] for p in message.get("producers", [])]
-            else:
-                ids = [message["peerId"]] if "producer" in message.get("roles", []) else []
+            ids = words.producers_in(message)
             if ids:
                 self.state = "consuming"
                 await self._start(ids[0])
@@ -842,18 +833,8 @@ class JsonPeerRun(PeerRun):
 
     def _peer_sender(self, session_id):
         async def send(message):
-            if session_id not in self.calls:
-                return
-            out = {"type": "peer", "sessionId": session_id}
-            if "sdp" in message:
-                out["sdp"] = message["sdp"]
-            else:
-                ice = message["ice"]
-                out["ice"] = {
-                    "candidate": ice["candidate"],
-                    "sdpMLineIndex": int(ice.get("sdpMLineIndex") or 0),
-                }
-            await self._send(out)
+            if session_id in self.calls:
+                await self._send(words.json_peer(session_id, message))
 
         return send
 
@@ -887,29 +868,7 @@ def build_parser():
     mode.add_argument(
         "--room", metavar="ROOM_ID", help="join this room and call every member already there"
     )
-    mode.add_argument(
-        "--produce", action="store_true",
-        help="with --protocol json: register as a producer and offer the "
-        "test pattern to every consumer that starts a session",
-    )
-    mode.add_argument(
-        "--consume", metavar="PEER_ID",
-        help="with --protocol json: start a session with this producer "
-        "('first': the first producer the server lists or announces)",
-    )
-    parser.add_argument(
-        "--protocol", choices=("examples", "json"), default="examples",
-        help="the signalling protocol: the GStreamer examples' (HELLO, "
-        "SESSION, ROOM) or the JSON one of webrtcsink and webrtcsrc "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--protocol-version", choices=("v1_0", "v1_1"),
-        help="with --protocol json: send setProtocolVersion first",
-    )
-    parser.add_argument(
-        "--meta", metavar="NAME", help="with --produce: the display-name in the producer's meta"
-    )
+    words.add_json_arguments(parser, mode, "")
     parser.add_argument(
         "--offer-request", action="store_true",
         help="with --call: ask the callee to make the offer (OFFER_REQUEST)",
@@ -954,13 +913,7 @@ def parse_args(argv=None):
     options = parser.parse_args(argv)
     if options.offer_request and not options.call:
         parser.error("--offer-request needs --call")
-    if options.protocol == "json":
-        if options.call or options.room:
-            parser.error("--protocol json takes --produce or --consume, not --call or --room")
-        if not (options.produce or options.consume):
-            parser.error("--protocol json needs --produce or --consume")
-    elif options.produce or options.consume or options.protocol_version:
-        parser.error("--produce, --consume and --protocol-version need --protocol json")
+    words.check_json_arguments(parser, options)
     for name in ("frames", "duration", "timeout"):
         value = getattr(options, name)
         if value is not None and value <= 0:
