@@ -313,3 +313,26 @@ def backends(seeds=SEEDS):
     return [("memory", memory, 0)] + [
         (f"reordering-{seed}", reordering, seed) for seed in range(seeds)
     ]
+
+
+def variants(bases, module):
+    """
+    :returns: ``{name: class}``: each of ``bases`` (behaviour test classes
+        with ``fast_path``, ``backend`` and ``seed`` attributes) again over
+        Autobahn's own WebSocket paths and over the reordering backend with
+        :data:`SEEDS` seeds, for the module ``module`` to add to its globals.
+    """
+    made = {}
+    for base in bases:
+        name = f"{base.__name__}_PlainAutobahn"
+        made[name] = type(name, (base,), {"fast_path": False, "__module__": module})
+        for label, backend, seed in backends():
+            if label == "memory":
+                continue
+            name = f"{base.__name__}_Reordering{seed}"
+            made[name] = type(
+                name,
+                (base,),
+                {"backend": staticmethod(backend), "seed": seed, "__module__": module},
+            )
+    return made

@@ -304,6 +304,16 @@ class ClientFactory(WebSocketClientFactory):
         return client
 
 
+def upgrade_request(headers=b"", query=""):
+    """:returns: a WebSocket opening handshake for ``/`` (``query`` added), with ``headers``."""
+    key = base64.b64encode(os.urandom(16))
+    return (
+        b"GET /" + query.encode() + b" HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+        b"Sec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
+    )
+
+
 def frame(opcode, payload, fin=True, mask=True):
     """
     Encode one RFC 6455 frame as a client sends it.

@@ -511,6 +511,20 @@ class Server:
             body = _dechunk(body)
         return status, headers, body
 
+    async def upgrade_status(self, request, index=0, tls=None):
+        """
+        Send a raw opening handshake and read the answer's head.
+
+        :returns: its status (101 when upgraded; the connection is dropped).
+        """
+        raw = await self.raw(index, tls)
+        raw.transport.write(request)
+        await raw._until(lambda: b"\r\n\r\n" in raw.received, "the answer's head")
+        status = int(raw.received.split()[1])
+        raw.abort()
+        await raw.dropped()
+        return status
+
     async def get(self, path, index=0, tls=None):
         """:returns: ``(status, headers, body)`` of a plain ``GET path``."""
         return await self.http(

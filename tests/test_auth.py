@@ -17,19 +17,11 @@ from twisted.trial import unittest
 from signalling.server import auth
 from signalling.tools import token as token_tool
 from tests.certificates import write_certificate
+from tests.clients import upgrade_request
 from tests.servers import Server
 
 OLD = b"o" * 40
 NEW = b"n" * 40
-
-
-def upgrade(query="", headers=b""):
-    key = b"dGhlIHNhbXBsZSBub25jZQ=="
-    return (
-        b"GET /" + query.encode() + b" HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
-        b"Sec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
-    )
 
 
 class TokenTests(unittest.SynchronousTestCase):
@@ -118,28 +110,23 @@ class AuthMixin:
         self.server.tls = self.tls
         self.server.pem = pem
 
-    async def status_of(self, request):
-        raw = await self.server.raw()
-        raw.transport.write(request)
-        await raw._until(lambda: b"\r\n\r\n" in raw.received, "the answer's head")
-        status = int(raw.received.split()[1])
-        raw.abort()
-        await raw.dropped()
-        return status
+    def status(self, query="", headers=b""):
+        """:returns: (a Deferred of) the status a raw opening handshake gets."""
+        return self.server.upgrade_status(upgrade_request(headers, query))
 
     async def test_a_handshake_without_a_valid_token_gets_401(self):
-        self.assertEqual(await self.status_of(upgrade()), 401)
-        self.assertEqual(await self.status_of(upgrade("?token=nope")), 401)
+        self.assertEqual(await self.status(), 401)
+        self.assertEqual(await self.status("?token=nope"), 401)
         expired = auth.mint(NEW, -5, uid="a")
-        self.assertEqual(await self.status_of(upgrade("?token=" + expired)), 401)
+        self.assertEqual(await self.status("?token=" + expired), 401)
         self.assertEqual(
             self.server.stats.connections_refused,
             {"token_missing": 1, "token_invalid": 1, "token_expired": 1},
         )
         good = auth.mint(NEW, 60, uid="a")
-        self.assertEqual(await self.status_of(upgrade("?token=" + good)), 101)
+        self.assertEqual(await self.status("?token=" + good), 101)
         bearer = b"Authorization: Bearer " + good.encode() + b"\r\n"
-        self.assertEqual(await self.status_of(upgrade(headers=bearer)), 101)
+        self.assertEqual(await self.status(headers=bearer), 101)
         status, _, body = await self.server.get("/health")
         self.assertEqual((status, body), (200, b"OK\n"))
 
@@ -180,7 +167,7 @@ class AuthMixin:
             client = await self.server.connect(path="/?token=" + token)
             client.send_text("HELLO mallory")
             await client.closed()
-            self.assertEqual(await self.status_of(upgrade("?token=" + bad)), 401)
+            self.assertEqual(await self.status("?token=" + bad), 401)
             client = await self.server.connect(path="/?token=" + token)
             client.send_text("HELLO alice")
             await client.expect("HELLO")
@@ -209,8 +196,8 @@ class AuthMixin:
         with open(self.secrets, "wb") as f:
             f.write(OLD + b"\n")
         self.server.service.reload()
-        self.assertEqual(await self.status_of(upgrade("?token=" + old_token)), 401)
-        self.assertEqual(await self.status_of(upgrade("?token=" + auth.mint(OLD, 60))), 101)
+        self.assertEqual(await self.status("?token=" + old_token), 401)
+        self.assertEqual(await self.status("?token=" + auth.mint(OLD, 60)), 101)
 
 
 class PlaintextAuthTests(AuthMixin, unittest.TestCase):

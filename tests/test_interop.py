@@ -231,6 +231,39 @@ class JsonDialectTests(InteropMixin, unittest.TestCase):
 
     timeout = 90
 
+    async def meet(self, start_producer, start_consumer, consume=None, producer_args=(),
+                   consumer_args=()):
+        """
+        Start a producer (``start_producer``: :meth:`start_aiortc` or
+        :meth:`start_gst`), then a consumer of it (``consume``: its id when
+        None, or ``first``), and wait until the consumer's session started.
+
+        :returns: ``(producer, producer id, consumer, consumer id)``.
+        """
+        producer = start_producer(
+            "producer", "--protocol", "json", "--produce", *producer_args
+        )
+        await producer.wait_for("registered", STEP)
+        producer_id = producer.find("registered")[0]["uid"]
+        consumer = start_consumer(
+            "consumer", "--protocol", "json", "--consume", consume or producer_id, *consumer_args
+        )
+        await consumer.wait_for("session", STEP, peer=producer_id)
+        consumer_id = consumer.find("registered")[0]["uid"]
+        return producer, producer_id, consumer, consumer_id
+
+    async def assert_media_flows(self, producer, producer_id, consumer, consumer_id):
+        """Each side decodes the other's video; every candidate is a loopback one."""
+        await consumer.until(
+            lambda: consumer.frames_from(producer_id) >= FRAMES,
+            "the consumer to decode the producer's video", STEP,
+        )
+        await producer.until(
+            lambda: producer.frames_from(consumer_id) >= FRAMES,
+            "the producer to decode the consumer's video", STEP,
+        )
+        self.assert_loopback_candidates(producer, consumer)
+
     async def test_an_aiortc_consumer_plays_an_aiortc_producer(self):
         """
         A producer registers with a display name; a v1.1 consumer finds it
@@ -241,46 +274,23 @@ class JsonDialectTests(InteropMixin, unittest.TestCase):
         """
         await self.start_namespace()
         await self.start_server(tls=True)
-        producer = self.start_aiortc("producer", "--protocol", "json", "--produce", "--meta", "cam")
-        await producer.wait_for("registered", STEP)
-        producer_id = producer.find("registered")[0]["uid"]
-        consumer = self.start_aiortc(
-            "consumer", "--protocol", "json", "--consume", "first", "--protocol-version", "v1_1"
+        producer, producer_id, consumer, consumer_id = await self.meet(
+            self.start_aiortc, self.start_aiortc, "first",
+            ("--meta", "cam"), ("--protocol-version", "v1_1"),
         )
-        await consumer.wait_for("session", STEP, peer=producer_id)
-        consumer_id = consumer.find("registered")[0]["uid"]
         await producer.wait_for("offer-sent", STEP, peer=consumer_id)
         await consumer.wait_for("answer-sent", STEP, peer=producer_id)
-        await consumer.until(
-            lambda: consumer.frames_from(producer_id) >= FRAMES,
-            "the consumer to decode the producer's video", STEP,
-        )
-        await producer.until(
-            lambda: producer.frames_from(consumer_id) >= FRAMES,
-            "the producer to decode the consumer's video", STEP,
-        )
+        await self.assert_media_flows(producer, producer_id, consumer, consumer_id)
         await consumer.until(
             lambda: HELLO.format(producer_id) in consumer.messages_from(producer_id),
             "the producer's data channel greeting", STEP,
         )
-        self.assert_loopback_candidates(producer, consumer)
         await consumer.stop()
         self.assertEqual(consumer.exit_code, 0, consumer.output())
         await producer.wait_for("session-ended", STEP)
         self.assertTrue(producer.running, producer.output())
         for peer in (producer, consumer):
             self.assertEqual(peer.find("error"), [], peer.output())
-
-    async def assert_media_flows(self, producer, producer_id, consumer, consumer_id):
-        await consumer.until(
-            lambda: consumer.frames_from(producer_id) >= FRAMES,
-            "the consumer to decode the producer's video", STEP,
-        )
-        await producer.until(
-            lambda: producer.frames_from(consumer_id) >= FRAMES,
-            "the producer to decode the consumer's video", STEP,
-        )
-        self.assert_loopback_candidates(producer, consumer)
 
     async def test_a_gstreamer_consumer_plays_a_gstreamer_producer(self):
         """
@@ -291,12 +301,9 @@ class JsonDialectTests(InteropMixin, unittest.TestCase):
         """
         await self.start_namespace()
         await self.start_server(tls=True)
-        producer = self.start_gst("gst-producer", "--protocol", "json", "--produce")
-        await producer.wait_for("registered", STEP)
-        producer_id = producer.find("registered")[0]["uid"]
-        consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", producer_id)
-        await consumer.wait_for("session", STEP, peer=producer_id)
-        consumer_id = consumer.find("registered")[0]["uid"]
+        producer, producer_id, consumer, consumer_id = await self.meet(
+            self.start_gst, self.start_gst
+        )
         await producer.wait_for("offer-sent", STEP, peer=consumer_id)
         await self.assert_media_flows(producer, producer_id, consumer, consumer_id)
         await producer.stop()
@@ -308,20 +315,8 @@ class JsonDialectTests(InteropMixin, unittest.TestCase):
         """Across stacks, in plaintext: aiortc consumes GStreamer, GStreamer consumes aiortc."""
         await self.start_namespace()
         await self.start_server(tls=False)
-        gst_producer = self.start_gst("gst-producer", "--protocol", "json", "--produce")
-        await gst_producer.wait_for("registered", STEP)
-        gst_id = gst_producer.find("registered")[0]["uid"]
-        aio_consumer = self.start_aiortc("aio-consumer", "--protocol", "json", "--consume", gst_id)
-        await aio_consumer.wait_for("session", STEP, peer=gst_id)
-        aio_consumer_id = aio_consumer.find("registered")[0]["uid"]
-        await self.assert_media_flows(gst_producer, gst_id, aio_consumer, aio_consumer_id)
-        aio_producer = self.start_aiortc("aio-producer", "--protocol", "json", "--produce")
-        await aio_producer.wait_for("registered", STEP)
-        aio_id = aio_producer.find("registered")[0]["uid"]
-        gst_consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", aio_id)
-        await gst_consumer.wait_for("session", STEP, peer=aio_id)
-        gst_consumer_id = gst_consumer.find("registered")[0]["uid"]
-        await self.assert_media_flows(aio_producer, aio_id, gst_consumer, gst_consumer_id)
+        await self.assert_media_flows(*await self.meet(self.start_gst, self.start_aiortc))
+        await self.assert_media_flows(*await self.meet(self.start_aiortc, self.start_gst))
 
 
 class TokenTests(InteropMixin, unittest.TestCase):

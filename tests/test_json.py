@@ -715,21 +715,5 @@ class TLSRealSocketsTests(RealSocketsMoreMixin, unittest.TestCase):
     tls = True
 
 
-def _variants():
-    """The dialect tests over Autobahn's own paths, and over the reordering backend."""
-    made = {}
-    name = "DialectTests_PlainAutobahn"
-    made[name] = type(name, (DialectTests,), {"fast_path": False, "__module__": __name__})
-    for label, backend, seed in backends.backends():
-        if label == "memory":
-            continue
-        name = f"DialectTests_Reordering{seed}"
-        made[name] = type(
-            name,
-            (DialectTests,),
-            {"backend": staticmethod(backend), "seed": seed, "__module__": __name__},
-        )
-    return made
-
-
-globals().update(_variants())
+# The dialect tests over Autobahn's own paths, and over the reordering backend.
+globals().update(backends.variants([DialectTests], __name__))

@@ -6,8 +6,6 @@ refusals counted in the metrics. Unit tests of the counts, then a real
 server on loopback ports, plaintext and TLS.
 """
 
-import base64
-import os
 
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
@@ -18,7 +16,7 @@ from signalling.server.factory import DEFAULT_MAX_OUTPUT
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import Stats
 from tests.certificates import write_certificate
-from tests.clients import RawClient, eventually
+from tests.clients import RawClient, eventually, upgrade_request
 from tests.servers import Server, client_endpoint
 
 
@@ -60,15 +58,6 @@ class ConnectionLimitsTests(unittest.SynchronousTestCase):
         limits.release_websocket()
         self.assertTrue(limits.admit_websocket())
         self.assertEqual(stats.connections_refused, {"total": 1})
-
-
-def upgrade_request(headers=b""):
-    key = base64.b64encode(os.urandom(16))
-    return (
-        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
-        b"Sec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
-    )
 
 
 class RoomOutputTests(unittest.SynchronousTestCase):
@@ -205,12 +194,7 @@ class LimitsMixin:
             (b"", 101),
         ]
         for header, expected in cases:
-            raw = await server.raw()
-            raw.transport.write(upgrade_request(header))
-            await raw._until(lambda: b"\r\n\r\n" in raw.received, "the answer's head")
-            self.assertEqual(int(raw.received.split()[1]), expected, header)
-            raw.abort()
-            await raw.dropped()
+            self.assertEqual(await server.upgrade_status(upgrade_request(header)), expected, header)
         self.assertEqual(server.stats.connections_refused, {"origin": 2})
         await server.hello("native")
 

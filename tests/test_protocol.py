@@ -1091,38 +1091,23 @@ class RelayBatchingTests(unittest.TestCase):
         self.assertIn(b"\x8a\x01p", alice_transport.value())
 
 
-def _variants():
-    """
-    Run every behaviour class again: over Autobahn's own WebSocket paths
-    (``fast_path=False``), and over the reordering backend with
-    :data:`tests.backends.SEEDS` seeds.
-    """
-    behaviour = [
-        RegistrationTests,
-        SessionTests,
-        RoomTests,
-        LimitsTests,
-        KeepaliveTests,
-        HelloTimeoutTests,
-        LoggingTests,
-    ]
-    made = {}
-    for base in behaviour:
-        name = f"{base.__name__}_PlainAutobahn"
-        made[name] = type(name, (base,), {"fast_path": False, "__module__": __name__})
-        for label, backend, seed in backends.backends():
-            if label == "memory":
-                continue
-            name = f"{base.__name__}_Reordering{seed}"
-            made[name] = type(
-                name,
-                (base,),
-                {"backend": staticmethod(backend), "seed": seed, "__module__": __name__},
-            )
-    return made
-
-
-globals().update(_variants())
+# Every behaviour class again: over Autobahn's own WebSocket paths
+# (``fast_path=False``), and over the reordering backend with
+# :data:`tests.backends.SEEDS` seeds.
+globals().update(
+    backends.variants(
+        [
+            RegistrationTests,
+            SessionTests,
+            RoomTests,
+            LimitsTests,
+            KeepaliveTests,
+            HelloTimeoutTests,
+            LoggingTests,
+        ],
+        __name__,
+    )
+)
 
 
 class BackpressureTests(unittest.TestCase):
