@@ -1,8 +1,9 @@
 """
 What the server assumes about Autobahn's and Twisted's internals, checked
 by name: every override and private name of ``signalling/server/websocket.py``
-(the WebSocket layer) and the one private name of
-``signalling/server/listening.py`` (Twisted's reading of systemd's sockets). An
+(the WebSocket layer), the one private name of
+``signalling/server/listening.py`` (Twisted's reading of systemd's sockets)
+and the one of ``signalling/server/tls.py`` (the end of a TLS connection). An
 upgrade that changes one of them fails the test that names it, here,
 rather than a call in production.
 
@@ -229,8 +230,31 @@ class AutobahnProtocolTests(unittest.TestCase):
         self.assertIn("_maybe_tls_reason", source(autobahn_protocol))
 
 
+class AutobahnCycleTests(unittest.TestCase):
+    """What the WebSocket layer unlinks when a connection is lost."""
+
+    def test_is_closed_is_resolved_with_the_protocol_itself(self):
+        """``_unlink`` drops ``is_closed``, whose result is the protocol: a cycle."""
+        self.assertIn("txaio.resolve(self.is_closed, self)", source(WebSocketProtocol._connectionLost))
+        self.assertIn("self.is_closed = txaio.create_future()", source(WebSocketProtocol.__init__))
+
+
 class TwistedTests(unittest.TestCase):
     """Twisted, as the WebSocket layer, the TLS layer and listening use it."""
+
+    def test_tls_shutdown_gets_the_failure_made_while_reading(self):
+        """
+        ``signalling/server/tls.py`` overrides ``_tlsShutdownFinished(reason)``
+        to clean the failure ``_flushReceiveBIO`` makes (and keeps in a
+        local, a reference cycle through its traceback).
+        """
+        self.assertEqual(
+            list(inspect.signature(TLSMemoryBIOProtocol._tlsShutdownFinished).parameters),
+            ["self", "reason"],
+        )
+        flush = source(TLSMemoryBIOProtocol._flushReceiveBIO)
+        self.assertIn("Failure()", flush)
+        self.assertIn("self._tlsShutdownFinished(failure)", flush)
 
     def test_tls_layer_is_a_protocol_wrapper(self):
         """The hand-over to the pages swaps ``wrappedProtocol`` of the TLS layer."""
