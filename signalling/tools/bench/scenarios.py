@@ -413,6 +413,30 @@ async def _expect(connection, expected, timeout, what):
         raise ProtocolFailure(f"{what}: received {got[:60]!r}")
 
 
+async def _negotiate(offerer, answerer, wrap, timeout):
+    """
+    The negotiation of a call: the 4 KB offer, the answer, then 10 ICE
+    candidates each way, each message as ``wrap`` makes it of the bare
+    negotiation text, and each checked where it arrives.
+    """
+    offer = wrap(OFFER)
+    offerer.send_text(offer)
+    await _expect(answerer, offer, timeout, "the offer")
+    answer = wrap(ANSWER)
+    answerer.send_text(answer)
+    await _expect(offerer, answer, timeout, "the answer")
+    offerer_ice = [wrap(c) for c in CALLER_ICE]
+    answerer_ice = [wrap(c) for c in CALLEE_ICE]
+    for candidate in offerer_ice:
+        offerer.send_text(candidate)
+    for candidate in answerer_ice:
+        answerer.send_text(candidate)
+    for candidate in offerer_ice:
+        await _expect(answerer, candidate, timeout, "an offerer's ICE candidate")
+    for candidate in answerer_ice:
+        await _expect(offerer, candidate, timeout, "an answerer's ICE candidate")
+
+
 async def _call(control, spec, caller_uid, callee_uid, timeout):
     """One call from connect to close; :returns: its set-up time in seconds."""
     started = now()
@@ -432,18 +456,7 @@ async def _call(control, spec, caller_uid, callee_uid, timeout):
     try:
         caller.send_text(words.session(callee_uid))
         await _expect(caller, words.SESSION_OK, timeout, "SESSION")
-        caller.send_text(OFFER)
-        await _expect(callee, OFFER, timeout, "the offer")
-        callee.send_text(ANSWER)
-        await _expect(caller, ANSWER, timeout, "the answer")
-        for candidate in CALLER_ICE:
-            caller.send_text(candidate)
-        for candidate in CALLEE_ICE:
-            callee.send_text(candidate)
-        for candidate in CALLER_ICE:
-            await _expect(callee, candidate, timeout, "a caller ICE candidate")
-        for candidate in CALLEE_ICE:
-            await _expect(caller, candidate, timeout, "a callee ICE candidate")
+        await _negotiate(caller, callee, lambda text: text, timeout)
         set_up = now() - started
         # The caller hangs up; the server must then close the callee.
         caller.close()
@@ -470,22 +483,7 @@ async def _json_call(control, spec, timeout):
     started = now()
     consumer, producer, session_id = await control.json_session(timeout)
     try:
-        offer = _peer_message(session_id, OFFER)
-        producer.send_text(offer)
-        await _expect(consumer, offer, timeout, "the offer")
-        answer = _peer_message(session_id, ANSWER)
-        consumer.send_text(answer)
-        await _expect(producer, answer, timeout, "the answer")
-        consumer_ice = [_peer_message(session_id, c) for c in CALLER_ICE]
-        producer_ice = [_peer_message(session_id, c) for c in CALLEE_ICE]
-        for candidate in consumer_ice:
-            consumer.send_text(candidate)
-        for candidate in producer_ice:
-            producer.send_text(candidate)
-        for candidate in consumer_ice:
-            await _expect(producer, candidate, timeout, "a consumer ICE candidate")
-        for candidate in producer_ice:
-            await _expect(consumer, candidate, timeout, "a producer ICE candidate")
+        await _negotiate(producer, consumer, lambda text: _peer_message(session_id, text), timeout)
         set_up = now() - started
         # The consumer leaves; the producer is told the session ended.
         consumer.close()
