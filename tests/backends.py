@@ -336,3 +336,170 @@ def variants(bases, module):
                 {"backend": staticmethod(backend), "seed": seed, "__module__": module},
             )
     return made
+
+
+# The cluster: nodes on a real Redis.
+
+
+class RedisCluster:
+    """
+    ``nodes`` cluster nodes (:class:`signalling.cluster.backend.ClusterRegistry`,
+    each with its own two connections to one real ``redis-server``), seen
+    as one registry: each peer is registered on the next node in turn, and
+    every command goes to the node its peer is on. So a suite's peers are
+    spread over the nodes, and its sessions and rooms span them.
+
+    Unlike the backends above it runs on the real reactor: :meth:`settle`
+    is a Deferred that fires once every command has been answered and
+    everything each node sent has reached every node (a barrier through
+    every node's channel).
+    """
+
+    def __init__(self, redis_url, nodes=3, **kwargs):
+        from signalling.cluster.backend import ClusterRegistry
+        from signalling.cluster.redis import RedisAddress, RedisStore
+        from twisted.internet import reactor
+
+        self.nodes = []
+        self.stores = []
+        for _ in range(nodes):
+            store = RedisStore(reactor, RedisAddress(redis_url))
+            node = ClusterRegistry(store, reactor, **kwargs)
+            store.attach(node)
+            self.nodes.append(node)
+            self.stores.append(store)
+        self._next = 0
+        #: peer -> its node
+        self._node_of = {}
+        #: uid -> node of its latest registration
+        self._by_uid = {}
+        self._in_flight = set()
+
+    async def start(self):
+        """Start every node; returns once all of them serve."""
+        from tests.clients import eventually
+
+        for store in self.stores:
+            store.startService()
+        await eventually(lambda: all(node.up for node in self.nodes), "the nodes to reach Redis")
+
+    async def stop(self):
+        for store in self.stores:
+            await store.stopService()
+
+    # What the suites read.
+
+    @property
+    def peer_count(self):
+        return sum(node.peer_count for node in self.nodes)
+
+    @property
+    def session_count(self):
+        return sum(node.session_count for node in self.nodes)
+
+    @property
+    def room_count(self):
+        return len({
+            local.room for node in self.nodes for local in node._locals.values()
+            if local.room is not None
+        })
+
+    @property
+    def room_member_count(self):
+        return sum(node.room_member_count for node in self.nodes)
+
+    def is_empty(self):
+        """No node holds a peer (see :meth:`redis_keys` for Redis itself)."""
+        return all(node.is_empty() for node in self.nodes)
+
+    async def redis_keys(self):
+        """:returns: the keys Redis holds of peers, sessions and rooms (none when empty)."""
+        keys = await self.stores[0].call("keys")
+        prefix = b"sig:"
+        kept = (b"nodes", b"alive:", b"nu:", b"seq", b"rooms")
+        left = sorted(k for k in keys if not k[len(prefix):].startswith(kept))
+        rooms = await self.stores[0]._commands.execute_command("GET", "sig:rooms")
+        if rooms not in (None, b"0"):
+            left.append(b"sig:rooms=" + rooms)
+        return left
+
+    async def settle(self):
+        """Wait until every answer and every notification has arrived."""
+        from twisted.internet import defer as _defer
+        import os as _os
+
+        while self._in_flight:
+            await _defer.DeferredList(list(self._in_flight))
+        barriers = []
+        for sender in self.nodes:
+            for receiver in self.nodes:
+                token = _os.urandom(8).hex().encode()
+                barriers.append(receiver.expect_barrier(token))
+                sender.send_barrier(receiver.node, token)
+        await _defer.gatherResults(barriers)
+
+    # IRegistry, spread over the nodes.
+
+    def _track(self, result):
+        if isinstance(result, defer.Deferred):
+            finished = defer.Deferred()
+            self._in_flight.add(finished)
+
+            def done(outcome):
+                self._in_flight.discard(finished)
+                finished.callback(None)
+                return outcome
+
+            result.addBoth(done)
+        return result
+
+    def _node_for(self, uid):
+        return self._by_uid.get(uid) or self.nodes[0]
+
+    def _place(self, uid, peer):
+        node = self._node_of.get(peer)
+        if node is None:
+            node = self._node_of[peer] = self.nodes[self._next % len(self.nodes)]
+            self._next += 1
+        self._by_uid[uid] = node
+        return node
+
+    def register(self, uid, peer):
+        return self._track(self._place(uid, peer).register(uid, peer))
+
+    def welcome(self, peer_id, peer):
+        return self._track(self._place(peer_id, peer).welcome(peer_id, peer))
+
+    def remove(self, uid, peer):
+        node = self._node_of.get(peer, self.nodes[0])
+        return self._track(node.remove(uid, peer))
+
+    def peer_of(self, uid):
+        return self._node_for(uid).peer_of(uid)
+
+    def start_session(self, caller_uid, callee_uid):
+        return self._track(self._node_for(caller_uid).start_session(caller_uid, callee_uid))
+
+    def join_room(self, uid, room_id):
+        return self._track(self._node_for(uid).join_room(uid, room_id))
+
+    def room_message(self, sender_uid, target_uid, payload):
+        return self._track(self._node_for(sender_uid).room_message(sender_uid, target_uid, payload))
+
+    def room_members(self, uid):
+        return self._track(self._node_for(uid).room_members(uid))
+
+    def set_peer_status(self, peer_id, roles, meta, claimed_id):
+        return self._track(self._node_for(peer_id).set_peer_status(peer_id, roles, meta, claimed_id))
+
+    def json_peers(self, role):
+        return self._track(self.nodes[0].json_peers(role))
+
+    def start_json_session(self, peer_id, other_id, offer):
+        return self._track(self._node_for(peer_id).start_json_session(peer_id, other_id, offer))
+
+    def json_message(self, peer_id, message):
+        return self._track(self._node_for(peer_id).json_message(peer_id, message))
+
+    def end_json_session(self, peer_id, session_id, error=None):
+        return self._track(self._node_for(peer_id).end_json_session(peer_id, session_id, error))

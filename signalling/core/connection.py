@@ -38,6 +38,7 @@ from signalling.core.interfaces import (
     ILink,
     IPeer,
     SignallingError,
+    Unavailable,
 )
 
 #: Close codes the connection asks for.
@@ -62,6 +63,8 @@ SHUTDOWN_CAUSE = "the server is shutting down"
 REPLACED_CAUSE = "silent, replaced by a new connection for its uid"
 #: ... and of one whose peer did not read what was sent to it.
 TOO_SLOW_CAUSE = "too slow to read what is sent to it"
+#: ... and of one the backend can no longer serve (a cluster node lost Redis).
+UNAVAILABLE_CAUSE = "the cluster lost Redis"
 
 # Kinds of pending command.
 _HELLO = "hello"
@@ -206,6 +209,10 @@ class ConnectionCommon:
         self._closing = True
         self._stop_relaying()
         self._output.close(code, reason)
+
+    def unavailable(self):
+        """IPeer: the backend removed us, as it cannot serve us now: close with 1013."""
+        self._close_for(UNAVAILABLE_CAUSE, wire.CLOSE_TRY_AGAIN_LATER, "try again later")
     #: The reason a command past the rate is refused with.
     rate_limited = wire.RATE_LIMITED
 
@@ -711,6 +718,14 @@ class Connection(ConnectionCommon):
                 pending.reclaimed = True
                 if self._reclaim(pending):
                     return None
+            if isinstance(error, Unavailable):
+                self._refuse(
+                    wire.reason_for(error),
+                    "try again later",
+                    wire.kind_for(error),
+                    code=wire.CLOSE_TRY_AGAIN_LATER,
+                )
+                return None
             self._refuse(wire.reason_for(error), wire.CLOSE_INVALID_UID, wire.kind_for(error))
             return None
         if self.link is not None:
@@ -857,8 +872,8 @@ class Connection(ConnectionCommon):
         )
         self._send_text(wire.error(reason))
 
-    def _refuse(self, reason, close_reason, kind):
-        """Refuse the first message: ``ERROR``, then close with 1002."""
+    def _refuse(self, reason, close_reason, kind, code=CLOSE_PROTOCOL_ERROR):
+        """Refuse the first message: ``ERROR``, then close with ``code`` (1002)."""
         self._stats.hello_rejected(kind)
         self._log.info(
             "refused HELLO from {peer_addr}: {reason}",
@@ -867,7 +882,7 @@ class Connection(ConnectionCommon):
         )
         self._closing = True
         self._send_text(wire.error(reason))
-        self._output.close(CLOSE_PROTOCOL_ERROR, close_reason)
+        self._output.close(code, close_reason)
 
     def _hello_timed_out(self):
         self._hello_call = None

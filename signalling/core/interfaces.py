@@ -113,6 +113,13 @@ class TooManyRooms(SignallingError):
     """The server has as many rooms as it may have (``uid`` holds the room id)."""
 
 
+class Unavailable(SignallingError):
+    """
+    The backend cannot serve the request now (a cluster node lost its
+    Redis): the peer may try again later.
+    """
+
+
 class JsonRefused(SignallingError):
     """
     A request of the JSON dialect the registry refuses; the peer is sent
@@ -206,6 +213,14 @@ class IPeer(Interface):
 
     def replaced():
         """A new connection takes this peer's uid over: close (1008)."""
+
+    def unavailable():
+        """
+        The backend lost what this peer depends on (a cluster node lost its
+        Redis while the peer was in a room, or spoke the JSON dialect): the
+        peer has been removed from the registry and must close (1013, try
+        again later).
+        """
 
     def room_message(sender_uid, payload):
         """

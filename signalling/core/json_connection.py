@@ -29,7 +29,13 @@ from zope.interface import implementer
 
 from signalling.core import json_wire
 from signalling.core.connection import ConnectionCommon
-from signalling.core.interfaces import TEXT_FRAME, IJsonPeer, JsonRefused, SignallingError
+from signalling.core.interfaces import (
+    TEXT_FRAME,
+    IJsonPeer,
+    JsonRefused,
+    SignallingError,
+    Unavailable,
+)
 
 #: What a peer is told when its requests come faster than the rate allows.
 RATE_LIMITED = "rate limit exceeded"
@@ -190,6 +196,9 @@ class JsonConnection(ConnectionCommon):
         if not failure.check(SignallingError):
             return failure
         if not self._released:
+            if failure.check(Unavailable):
+                self.unavailable()
+                return None
             if failure.check(JsonRefused):
                 self._send_error(failure.value.details)
             elif self.uid is None:

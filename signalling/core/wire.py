@@ -184,6 +184,11 @@ def unknown_command(command):
     return f"unknown command {_echo(command, _COMMAND_ECHO_LIMIT)}"
 
 
+#: The reason of an ERROR for a request a cluster node cannot serve while
+#: it has lost its Redis (ext); after HELLO the connection closes with 1013.
+UNAVAILABLE = "server unavailable, try again later"
+#: Try again later: the close code of a connection the server cannot serve now.
+CLOSE_TRY_AGAIN_LATER = 1013
 EXPECTED_HELLO = "the first message must be 'HELLO <uid>'"
 BINARY_OUTSIDE_SESSION = "binary messages are only relayed inside a session"
 EMPTY_MESSAGE = "empty message"
@@ -209,6 +214,7 @@ _KINDS = {
     interfaces.AlreadyEngaged: "already_engaged",
     interfaces.RoomFull: "room_full",
     interfaces.TooManyRooms: "too_many_rooms",
+    interfaces.Unavailable: "unavailable",
 }
 
 
@@ -246,4 +252,6 @@ def reason_for(exc):
         return f"room {_echo(exc.uid)} is full"
     if kind == "too_many_rooms":
         return "too many rooms on this server"
+    if kind == "unavailable":
+        return UNAVAILABLE
     return "request failed"

@@ -1,0 +1,7 @@
+"""
+The cluster: every server process that points at one Redis is one logical
+signalling server (``--redis``). :mod:`signalling.cluster.scripts` holds the
+Lua that decides every command atomically inside Redis,
+:mod:`signalling.cluster.backend` the node's registry backend, and
+:mod:`signalling.cluster.redis` the node's two connections to Redis.
+"""

@@ -1,0 +1,243 @@
+"""
+A node's two connections to Redis, with txredisapi (a Twisted-native Redis
+client: its commands are Deferreds on the server's own reactor, and it
+parses replies with no thread and no second event loop).
+
+One connection carries every command (the scripts of
+:mod:`signalling.cluster.scripts`) and every relayed message, in order, so
+that what a peer causes reaches other nodes in the order it was caused; the
+other is subscribed to this node's channel. Each is a
+``twisted.application.internet.ClientService``: it reconnects on its own,
+with a capped back-off, whenever Redis goes away. The store reports to the
+node when both are ready (:meth:`ClusterRegistry.store_up`) and when either
+is lost (:meth:`ClusterRegistry.store_down`).
+"""
+
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.logger import Logger
+
+from signalling.cluster import scripts
+
+
+class RedisURLError(ValueError):
+    """A ``--redis`` URL that cannot be used."""
+
+
+class RedisAddress:
+    """Where Redis is: from ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://``."""
+
+    def __init__(self, url, password=None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise RedisURLError(f"{url!r}: the URL must start with redis:// or rediss://")
+        if not parts.hostname:
+            raise RedisURLError(f"{url!r}: no host")
+        self.tls = parts.scheme == "rediss"
+        self.host = parts.hostname
+        try:
+            self.port = parts.port or 6379
+        except ValueError:
+            raise RedisURLError(f"{url!r}: the port is not a number") from None
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise RedisURLError(f"{url!r}: the database must be a number")
+        self.db = int(path) if path else 0
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = password if password is not None else (
+            unquote(parts.password) if parts.password else None
+        )
+
+    def endpoint(self, reactor):
+        tcp = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=5)
+        if not self.tls:
+            return tcp
+        return endpoints.wrapClientTLS(ssl.optionsForClientTLS(self.host), tcp)
+
+    def __str__(self):
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+class _Commands(txredisapi.RedisProtocol):
+    def connectionLost(self, why):
+        txredisapi.RedisProtocol.connectionLost(self, why)
+        self.factory.store._lost(self)
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern, channel, message):
+        self.factory.store._message(message)
+
+    def connectionLost(self, why):
+        txredisapi.SubscriberProtocol.connectionLost(self, why)
+        self.factory.store._lost(self)
+
+
+class _Factory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, store, protocol_class, reply_timeout):
+        self.store = store
+        self.protocol_class = protocol_class
+        self.reply_timeout = reply_timeout
+
+    def buildProtocol(self, addr):
+        p = self.protocol_class(charset=None, replyTimeout=self.reply_timeout, convertNumbers=False)
+        p.factory = self
+        return p
+
+
+class RedisStore(service.Service):
+    """
+    The store of a :class:`signalling.cluster.backend.ClusterRegistry` on a
+    real Redis.
+
+    :param reactor: the reactor.
+    :param address: a :class:`RedisAddress`.
+    :param reply_timeout: seconds to wait for a reply before the connection
+        counts as lost.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, address, reply_timeout=5.0):
+        self._reactor = reactor
+        self._address = address
+        self._reply_timeout = reply_timeout
+        self._backend = None
+        self._shas = {}
+        self._commands = None
+        self._subscriber = None
+        self._services = []
+        self._was_up = False
+
+    def attach(self, backend):
+        """Serve ``backend`` (a :class:`ClusterRegistry`)."""
+        self._backend = backend
+
+    @property
+    def channel(self):
+        return scripts.PREFIX + "n:" + self._backend.node
+
+    def startService(self):
+        service.Service.startService(self)
+        policy = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0)
+        for protocol_class, prepare in (
+            (_Commands, self._prepare_commands),
+            (_Subscriber, self._prepare_subscriber),
+        ):
+            client = ClientService(
+                self._address.endpoint(self._reactor),
+                _Factory(self, protocol_class, self._reply_timeout),
+                retryPolicy=policy,
+                prepareConnection=prepare,
+            )
+            client.startService()
+            self._services.append(client)
+        self._backend.start()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self._backend.stop()
+        services, self._services = self._services, []
+        return defer.DeferredList([s.stopService() for s in services])
+
+    @defer.inlineCallbacks
+    def _login(self, p):
+        if self._address.password is not None:
+            args = ["AUTH"]
+            if self._address.username:
+                args.append(self._address.username)
+            yield p.execute_command(*args, self._address.password)
+        if self._address.db:
+            yield p.execute_command("SELECT", self._address.db)
+
+    @defer.inlineCallbacks
+    def _prepare_commands(self, p):
+        try:
+            yield self._login(p)
+            shas = {}
+            for name in scripts.SCRIPTS:
+                sha = yield p.execute_command("SCRIPT", "LOAD", scripts.source(name))
+                shas[name] = sha
+        except Exception as e:
+            self._log.warn("Redis at {address}: {error}", address=str(self._address), error=str(e))
+            p.transport.loseConnection()
+            raise
+        self._shas = shas
+        self._commands = p
+        self._ready()
+
+    @defer.inlineCallbacks
+    def _prepare_subscriber(self, p):
+        try:
+            yield self._login(p)
+            yield p.subscribe(self.channel)
+        except Exception as e:
+            self._log.warn("Redis at {address}: {error}", address=str(self._address), error=str(e))
+            p.transport.loseConnection()
+            raise
+        self._subscriber = p
+        self._ready()
+
+    def _ready(self):
+        if self._commands is not None and self._subscriber is not None:
+            self._log.info("cluster node {node} reached Redis at {address}", node=self._backend.node, address=str(self._address))
+            self._was_up = True
+            self._backend.store_up()
+
+    def _lost(self, p):
+        if p is self._commands:
+            self._commands = None
+        elif p is self._subscriber:
+            self._subscriber = None
+        else:
+            return
+        if self._was_up:
+            self._was_up = False
+            self._log.warn(
+                "cluster node {node} lost Redis at {address}",
+                node=self._backend.node,
+                address=str(self._address),
+            )
+        self._backend.store_down()
+
+    def _message(self, payload):
+        self._backend.delivered(payload)
+
+    # What the backend asks for.
+
+    def call(self, name, *args):
+        """Run script ``name``; a Deferred of its answer."""
+        p = self._commands
+        if p is None:
+            return defer.fail(ConnectionError("Redis is not reachable"))
+        try:
+            d = p.execute_command("EVALSHA", self._shas[name], 0, *args)
+        except Exception:
+            return defer.fail()
+        d.addErrback(self._failed, name)
+        return d
+
+    def _failed(self, failure, name):
+        if failure.check(txredisapi.ResponseError):
+            self._log.error(
+                "cluster script {name} failed: {error}", name=name, error=failure.getErrorMessage()
+            )
+        return failure
+
+    def publish(self, node, payload):
+        """Send ``payload`` to ``node``'s channel, after every command sent before."""
+        p = self._commands
+        if p is None:
+            return
+        try:
+            d = p.execute_command("PUBLISH", scripts.PREFIX + "n:" + node, payload)
+        except Exception:
+            return
+        d.addErrback(lambda f: None)

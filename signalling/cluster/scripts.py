@@ -1,0 +1,574 @@
+"""
+The cluster's commands, as Lua scripts that Redis runs atomically.
+
+Every decision the in-memory registry (:mod:`signalling.core.registry`)
+makes is made here, inside Redis, by one script per command: Redis runs one
+script at a time, so competing commands from any number of nodes resolve as
+"first one wins", as in one process. A script publishes the notifications
+its command causes to the channels of the nodes they are for before it
+returns, so that every node receives what concerns it in the one order in
+which Redis decided it.
+
+The keys (all under one prefix, :data:`PREFIX`):
+
+- ``p:<uid>``: a hash per registered peer: ``n`` its node, ``c`` its
+  connection on that node, ``d`` its dialect (``e`` the examples', ``j``
+  JSON), ``s`` its session partner, ``r`` its room; for the JSON dialect
+  ``o`` its roles (comma-separated) and ``m`` its meta (canonical JSON).
+- ``r:<room>``: a sorted set of the room's members, scored in join order;
+  ``rooms``: how many rooms have members.
+- ``o:<role>``: a sorted set of the JSON peers with that role, in the order
+  they took it; ``js:<id>``: a JSON session (``p`` producer, ``c``
+  consumer); ``jp:<uid>`` and ``jc:<uid>``: the sessions a JSON peer
+  produces and consumes.
+- ``seq``: a counter that orders joins and roles.
+- ``nodes``: the live nodes; ``alive:<node>``: a node's heartbeat, which
+  expires when the node stops refreshing it; ``nu:<node>``: the uids a node
+  holds, released together when it is found dead.
+
+A notification is one ``PUBLISH`` to ``n:<node>``: a kind byte, the
+comma-separated connection numbers it is for, then NUL-separated fields
+(uids and room ids never hold control characters; a free-form field, such
+as a room message, comes last).
+
+A script answers ``ok``, a value, or ``{"err", kind, argument}`` for a
+refusal (see :mod:`signalling.cluster.backend`).
+"""
+
+#: The prefix of every key and channel the cluster uses.
+PREFIX = "sig:"
+
+_PRELUDE = r"""
+local P = '%(prefix)s'
+
+local function notify(node, conns, kind, body)
+  redis.call('PUBLISH', P .. 'n:' .. node, kind .. conns .. '\0' .. body)
+end
+
+-- Tell several peers (a list of {node, conn}) the same thing: one message
+-- per node, in the order the nodes first appear.
+local function multicast(targets, kind, body)
+  local by, order = {}, {}
+  for _, t in ipairs(targets) do
+    local list = by[t[1]]
+    if not list then
+      list = {}
+      by[t[1]] = list
+      order[#order + 1] = t[1]
+    end
+    list[#list + 1] = t[2]
+  end
+  for _, node in ipairs(order) do
+    notify(node, table.concat(by[node], ','), kind, body)
+  end
+end
+
+local function where(uid)
+  return redis.call('HMGET', P .. 'p:' .. uid, 'n', 'c')
+end
+
+local function err(kind, arg)
+  return {'err', kind, arg}
+end
+
+-- uid's record if it is held by this node's connection, else nil.
+local function own(uid, node, conn)
+  local rec = redis.call('HMGET', P .. 'p:' .. uid, 'n', 'c', 'd', 's', 'r')
+  if rec[1] ~= node or rec[2] ~= conn then
+    return nil
+  end
+  return rec
+end
+
+local function forget(uid, node)
+  redis.call('DEL', P .. 'p:' .. uid)
+  redis.call('SREM', P .. 'nu:' .. node, uid)
+end
+
+local function leave_room(uid, room)
+  local key = P .. 'r:' .. room
+  redis.call('ZREM', key, uid)
+  local members = redis.call('ZRANGE', key, 0, -1)
+  if #members == 0 then
+    redis.call('DECR', P .. 'rooms')
+    return
+  end
+  local targets = {}
+  for i, member in ipairs(members) do
+    targets[i] = where(member)
+  end
+  multicast(targets, 'L', room .. '\0' .. uid)
+end
+
+-- The JSON dialect.
+
+local function json_end(session_id, ender, reason_kind)
+  -- End a JSON session: the side that is not ``ender`` is told.
+  local key = P .. 'js:' .. session_id
+  local s = redis.call('HMGET', key, 'p', 'c')
+  if not s[1] then
+    return
+  end
+  redis.call('DEL', key)
+  redis.call('SREM', P .. 'jp:' .. s[1], session_id)
+  redis.call('SREM', P .. 'jc:' .. s[2], session_id)
+  local other = s[2]
+  if ender == s[2] then
+    other = s[1]
+  end
+  local w = where(other)
+  if w[1] then
+    notify(w[1], w[2], 'e', session_id .. '\0' .. reason_kind)
+  end
+end
+
+local function listeners_told(peer_id, roles, meta)
+  local listeners = redis.call('ZRANGE', P .. 'o:listener', 0, -1)
+  local targets = {}
+  for _, listener in ipairs(listeners) do
+    targets[#targets + 1] = where(listener)
+  end
+  multicast(targets, 'u', peer_id .. '\0' .. roles .. '\0' .. meta)
+end
+
+local function remove_json(uid)
+  local sessions = redis.call('SUNION', P .. 'jp:' .. uid, P .. 'jc:' .. uid)
+  local meta = redis.call('HGET', P .. 'p:' .. uid, 'm') or 'null'
+  for _, session_id in ipairs(sessions) do
+    json_end(session_id, uid, '')
+  end
+  redis.call('DEL', P .. 'jp:' .. uid, P .. 'jc:' .. uid)
+  for _, role in ipairs({'producer', 'consumer', 'listener'}) do
+    redis.call('ZREM', P .. 'o:' .. role, uid)
+  end
+  return meta
+end
+
+-- Remove a peer whose record is rec ({node, conn, dialect, partner, room}):
+-- its partner goes too and is told, its room is told.
+local function remove_peer(uid, rec)
+  if rec[3] == 'j' then
+    local meta = remove_json(uid)
+    forget(uid, rec[1])
+    listeners_told(uid, '', meta)
+    return
+  end
+  forget(uid, rec[1])
+  if rec[4] then
+    local partner = rec[4]
+    local w = where(partner)
+    if w[1] then
+      forget(partner, w[1])
+      notify(w[1], w[2], 'E', uid)
+    end
+  end
+  if rec[5] then
+    leave_room(uid, rec[5])
+  end
+end
+
+-- Release everything a dead node held; exactly once, whoever notices.
+local function reap(node)
+  for _, uid in ipairs(redis.call('SMEMBERS', P .. 'nu:' .. node)) do
+    local rec = redis.call('HMGET', P .. 'p:' .. uid, 'n', 'c', 'd', 's', 'r')
+    if rec[1] == node then
+      remove_peer(uid, rec)
+    end
+  end
+  redis.call('DEL', P .. 'nu:' .. node)
+  redis.call('SREM', P .. 'nodes', node)
+end
+"""
+
+SCRIPTS = {}
+
+
+def _script(name, body):
+    SCRIPTS[name] = body
+
+
+# ARGV: uid, node, conn, dialect
+_script(
+    "register",
+    r"""
+local uid, node, conn, dialect = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('SISMEMBER', P .. 'nodes', node) == 0 then
+  return err('unavailable', uid)
+end
+local key = P .. 'p:' .. uid
+if redis.call('EXISTS', key) == 1 then
+  return err('uid_taken', uid)
+end
+redis.call('HSET', key, 'n', node, 'c', conn, 'd', dialect)
+redis.call('SADD', P .. 'nu:' .. node, uid)
+return 'ok'
+""",
+)
+
+# ARGV: uid, node, conn
+_script(
+    "remove",
+    r"""
+local uid = ARGV[1]
+local rec = own(uid, ARGV[2], ARGV[3])
+if rec then
+  remove_peer(uid, rec)
+end
+return 'ok'
+""",
+)
+
+# ARGV: caller, callee, node, conn
+_script(
+    "start_session",
+    r"""
+local caller, callee, node, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local a = own(caller, node, conn)
+if not a or a[3] ~= 'e' then
+  return err('peer_not_found', caller)
+end
+if a[4] or a[5] then
+  return err('already_engaged', caller)
+end
+if caller == callee then
+  return err('session_with_self', caller)
+end
+local b = redis.call('HMGET', P .. 'p:' .. callee, 'n', 'c', 'd', 's', 'r')
+if not b[1] or b[3] ~= 'e' then
+  return err('peer_not_found', callee)
+end
+if b[4] or b[5] then
+  return err('peer_busy', callee)
+end
+redis.call('HSET', P .. 'p:' .. caller, 's', callee)
+redis.call('HSET', P .. 'p:' .. callee, 's', caller)
+notify(node, conn, 'S', callee .. '\0' .. b[1] .. '\0' .. b[2] .. '\0' .. '1')
+notify(b[1], b[2], 'S', caller .. '\0' .. node .. '\0' .. conn .. '\0' .. '0')
+return 'ok'
+""",
+)
+
+# ARGV: uid, room, node, conn, max_members (0: none), max_rooms (0: none)
+_script(
+    "join_room",
+    r"""
+local uid, room, node, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_members, max_rooms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local rec = own(uid, node, conn)
+if not rec or rec[3] ~= 'e' then
+  return err('peer_not_found', uid)
+end
+if rec[4] or rec[5] then
+  return err('already_engaged', uid)
+end
+local key = P .. 'r:' .. room
+local size = redis.call('ZCARD', key)
+if size == 0 then
+  if max_rooms > 0 and tonumber(redis.call('GET', P .. 'rooms') or '0') >= max_rooms then
+    return err('too_many_rooms', room)
+  end
+  redis.call('INCR', P .. 'rooms')
+elseif max_members > 0 and size >= max_members then
+  return err('room_full', room)
+end
+local others = redis.call('ZRANGE', key, 0, -1)
+redis.call('ZADD', key, redis.call('INCR', P .. 'seq'), uid)
+redis.call('HSET', P .. 'p:' .. uid, 'r', room)
+notify(node, conn, 'J', room .. '\0' .. table.concat(others, '\0'))
+local targets = {}
+for i, member in ipairs(others) do
+  targets[i] = where(member)
+end
+multicast(targets, 'j', room .. '\0' .. uid)
+return 'ok'
+""",
+)
+
+# ARGV: sender, target, payload, node, conn
+_script(
+    "room_message",
+    r"""
+local sender, target, payload = ARGV[1], ARGV[2], ARGV[3]
+local rec = own(sender, ARGV[4], ARGV[5])
+if not rec or not rec[5] then
+  return err('not_in_room', sender)
+end
+if not redis.call('ZSCORE', P .. 'r:' .. rec[5], target) then
+  local t = redis.call('HMGET', P .. 'p:' .. target, 'n', 'd')
+  if t[1] and t[2] == 'e' then
+    return err('peer_not_in_room', target)
+  end
+  return err('peer_not_found', target)
+end
+local w = where(target)
+notify(w[1], w[2], 'R', sender .. '\0' .. payload)
+return 'ok'
+""",
+)
+
+# ARGV: uid, node, conn
+_script(
+    "room_members",
+    r"""
+local uid = ARGV[1]
+local rec = own(uid, ARGV[2], ARGV[3])
+if not rec or not rec[5] then
+  return err('not_in_room', uid)
+end
+local members = redis.call('ZRANGE', P .. 'r:' .. rec[5], 0, -1)
+local others = {}
+for _, member in ipairs(members) do
+  if member ~= uid then
+    others[#others + 1] = member
+  end
+end
+return {'ok', others}
+""",
+)
+
+# The JSON dialect.
+
+# ARGV: peer_id, roles (comma-separated), meta (canonical JSON), claimed ('' or
+# the id), node, conn
+_script(
+    "set_peer_status",
+    r"""
+local peer_id, roles, meta, claimed = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = P .. 'p:' .. peer_id
+local rec = own(peer_id, ARGV[5], ARGV[6])
+if not rec or rec[3] ~= 'j' then
+  return err('json', "Peer '" .. peer_id .. "' hasn't been welcomed")
+end
+local old = redis.call('HMGET', key, 'o', 'm')
+local old_roles, old_meta = old[1] or '', old[2] or 'null'
+if roles == old_roles and meta == old_meta and claimed == peer_id then
+  return 'ok'
+end
+local has = {}
+for role in string.gmatch(roles, '[^,]+') do
+  has[role] = true
+end
+local had = {}
+for role in string.gmatch(old_roles, '[^,]+') do
+  had[role] = true
+end
+if has['producer'] and has['consumer'] then
+  return err('json', 'Cannot register peer ' .. peer_id .. ' as both producer and passive consumer')
+end
+if had['producer'] and not has['producer'] then
+  for _, session_id in ipairs(redis.call('SMEMBERS', P .. 'jp:' .. peer_id)) do
+    json_end(session_id, peer_id, '')
+  end
+elseif had['consumer'] and not has['consumer'] then
+  for _, session_id in ipairs(redis.call('SMEMBERS', P .. 'jc:' .. peer_id)) do
+    json_end(session_id, peer_id, '')
+  end
+end
+for _, role in ipairs({'producer', 'consumer', 'listener'}) do
+  local rkey = P .. 'o:' .. role
+  if has[role] then
+    if not redis.call('ZSCORE', rkey, peer_id) then
+      redis.call('ZADD', rkey, redis.call('INCR', P .. 'seq'), peer_id)
+    end
+  else
+    redis.call('ZREM', rkey, peer_id)
+  end
+end
+redis.call('HSET', key, 'o', roles, 'm', meta)
+listeners_told(peer_id, roles, meta)
+return 'ok'
+""",
+)
+
+# ARGV: role
+_script(
+    "json_peers",
+    r"""
+local ids = redis.call('ZRANGE', P .. 'o:' .. ARGV[1], 0, -1)
+local out = {}
+for _, peer_id in ipairs(ids) do
+  out[#out + 1] = peer_id
+  out[#out + 1] = redis.call('HGET', P .. 'p:' .. peer_id, 'm') or 'null'
+end
+return {'ok', out}
+""",
+)
+
+# ARGV: peer_id, other_id, offer ('' for none, else '1' .. the offer),
+# session_id, node, conn
+_script(
+    "start_json_session",
+    r"""
+local peer_id, other_id, offer, session_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local rec = own(peer_id, ARGV[5], ARGV[6])
+if not rec or rec[3] ~= 'j' then
+  return err('json', "Peer with ID '" .. peer_id .. "' not found")
+end
+local other = redis.call('HMGET', P .. 'p:' .. other_id, 'n', 'c', 'd', 'o')
+if not other[1] or other[3] ~= 'j' then
+  return err('json', "Peer with ID '" .. other_id .. "' not found")
+end
+local producer, consumer
+if redis.call('ZSCORE', P .. 'o:producer', other_id) then
+  producer, consumer = other_id, peer_id
+elseif redis.call('ZSCORE', P .. 'o:consumer', other_id) then
+  producer, consumer = peer_id, other_id
+else
+  local mine = redis.call('HGET', P .. 'p:' .. peer_id, 'o') or ''
+  return {'err', 'json_roles', peer_id, mine, other_id, other[4] or ''}
+end
+redis.call('HSET', P .. 'js:' .. session_id, 'p', producer, 'c', consumer)
+redis.call('SADD', P .. 'jp:' .. producer, session_id)
+redis.call('SADD', P .. 'jc:' .. consumer, session_id)
+local wc, wp = where(consumer), where(producer)
+notify(wc[1], wc[2], 'a', producer .. '\0' .. session_id)
+notify(wp[1], wp[2], 'b', consumer .. '\0' .. session_id .. '\0' .. offer)
+return {'ok', session_id}
+""",
+)
+
+# ARGV: peer_id, session_id, is_offer ('1' or ''), forwarded text, node, conn
+_script(
+    "json_message",
+    r"""
+local peer_id, session_id, is_offer, text = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local s = redis.call('HMGET', P .. 'js:' .. session_id, 'p', 'c')
+if not s[1] then
+  return 'ok'
+end
+if is_offer == '1' and peer_id == s[2] then
+  return err('json', 'cannot forward offer from "' .. peer_id .. '" to "' .. s[1] ..
+    '" as "' .. peer_id .. '" is not the producer')
+end
+local other
+if peer_id == s[1] then
+  other = s[2]
+elseif peer_id == s[2] then
+  other = s[1]
+else
+  return err('json', 'Peer ' .. peer_id .. ' is not part of ' .. session_id)
+end
+local w = where(other)
+notify(w[1], w[2], 'm', text)
+return 'ok'
+""",
+)
+
+# ARGV: peer_id, session_id, error ('' for none, else '1' .. the error)
+_script(
+    "end_json_session",
+    r"""
+local peer_id, session_id, reason = ARGV[1], ARGV[2], ARGV[3]
+local s = redis.call('HMGET', P .. 'js:' .. session_id, 'p', 'c')
+if not s[1] then
+  return 'ok'
+end
+if peer_id ~= s[1] and peer_id ~= s[2] then
+  return err('json', 'Peer ' .. peer_id .. ' is not part of ' .. session_id)
+end
+json_end(session_id, peer_id, reason)
+return 'ok'
+""",
+)
+
+# The nodes.
+
+# ARGV: node, ttl (ms). Refresh the node's heartbeat and release the nodes
+# whose heartbeat expired. Answers 'reaped' when this node was itself
+# released (it must resynchronise), else how many nodes it released.
+_script(
+    "heartbeat",
+    r"""
+local node, ttl = ARGV[1], ARGV[2]
+if redis.call('SISMEMBER', P .. 'nodes', node) == 0 then
+  return 'reaped'
+end
+redis.call('SET', P .. 'alive:' .. node, '1', 'PX', ttl)
+local released = 0
+for _, other in ipairs(redis.call('SMEMBERS', P .. 'nodes')) do
+  if redis.call('EXISTS', P .. 'alive:' .. other) == 0 then
+    reap(other)
+    released = released + 1
+  end
+end
+return released
+""",
+)
+
+# ARGV: node, ttl (ms), then for each live peer of the node: uid, conn,
+# dialect, partner ('' for none). Makes Redis agree with what the node
+# holds, after start-up or an outage: records of the node's peers that are
+# gone are removed (their partners and rooms told), its peers' uids are
+# claimed again where Redis lost them, sessions and rooms Redis holds for
+# them that the node does not know of are ended (the other sides told), and
+# its sessions between two of its own peers are recorded. Answers the uids
+# another node took meanwhile.
+_script(
+    "resync",
+    r"""
+local node, ttl = ARGV[1], ARGV[2]
+redis.call('SADD', P .. 'nodes', node)
+redis.call('SET', P .. 'alive:' .. node, '1', 'PX', ttl)
+local mine = {}
+for i = 3, #ARGV, 4 do
+  mine[ARGV[i]] = ARGV[i + 1]
+end
+for _, uid in ipairs(redis.call('SMEMBERS', P .. 'nu:' .. node)) do
+  local rec = redis.call('HMGET', P .. 'p:' .. uid, 'n', 'c', 'd', 's', 'r')
+  if rec[1] == node and mine[uid] ~= rec[2] then
+    remove_peer(uid, rec)
+  elseif rec[1] ~= node then
+    redis.call('SREM', P .. 'nu:' .. node, uid)
+  end
+end
+local lost = {}
+for i = 3, #ARGV, 4 do
+  local uid, conn, dialect, partner = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = P .. 'p:' .. uid
+  local rec = redis.call('HMGET', key, 'n', 'c', 'd', 's', 'r')
+  if rec[1] and (rec[1] ~= node or rec[2] ~= conn) then
+    lost[#lost + 1] = uid
+  else
+    if not rec[1] then
+      redis.call('HSET', key, 'n', node, 'c', conn, 'd', dialect)
+      redis.call('SADD', P .. 'nu:' .. node, uid)
+    end
+    if rec[5] then
+      leave_room(uid, rec[5])
+      redis.call('HDEL', key, 'r')
+    end
+    if dialect == 'j' then
+      -- its roles and sessions are not kept over an outage
+      local meta = remove_json(uid)
+      redis.call('HDEL', key, 'o', 'm')
+    end
+    if rec[4] and rec[4] ~= partner then
+      -- a session it does not know of: the other side goes, and is told
+      local w = where(rec[4])
+      if w[1] and w[1] ~= node then
+        forget(rec[4], w[1])
+        notify(w[1], w[2], 'E', uid)
+      end
+      redis.call('HDEL', key, 's')
+    end
+    if partner ~= '' then
+      redis.call('HSET', key, 's', partner)
+    end
+  end
+end
+return lost
+""",
+)
+
+# ARGV: none. Every key of the cluster (for the tests: is it empty?).
+_script(
+    "keys",
+    r"""
+return redis.call('KEYS', P .. '*')
+""",
+)
+
+
+def source(name, prefix=PREFIX):
+    """:returns: the Lua source of script ``name``, prelude included."""
+    return (_PRELUDE % {"prefix": prefix}) + SCRIPTS[name]
