@@ -407,6 +407,9 @@ class ClusterRegistry:
     def _claim(self, uid, peer, dialect):
         if not self.up:
             raise Unavailable(uid)
+        if self._holder.get(uid) in self._locals:
+            # Held by a peer of this node: no need to ask Redis.
+            raise UidTaken(uid)
         conn = self._adopt(uid, peer, dialect)
         d = self._call("register", uid, self.node, conn, dialect)
 

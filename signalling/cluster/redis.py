@@ -64,12 +64,18 @@ class RedisAddress:
 
 
 class _Commands(txredisapi.RedisProtocol):
+    def real(self):
+        """Itself (``ClientService`` hands over a proxy; this is what it wraps)."""
+        return self
+
     def connectionLost(self, why):
         txredisapi.RedisProtocol.connectionLost(self, why)
         self.factory.store._lost(self)
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
+    real = _Commands.real
+
     def messageReceived(self, pattern, channel, message):
         self.factory.store._message(message)
 
@@ -170,7 +176,7 @@ class RedisStore(service.Service):
             p.transport.loseConnection()
             raise
         self._shas = shas
-        self._commands = p
+        self._commands = p.real()
         self._ready()
 
     @defer.inlineCallbacks
@@ -182,7 +188,7 @@ class RedisStore(service.Service):
             self._log.warn("Redis at {address}: {error}", address=str(self._address), error=str(e))
             p.transport.loseConnection()
             raise
-        self._subscriber = p
+        self._subscriber = p.real()
         self._ready()
 
     def _ready(self):
@@ -230,6 +236,18 @@ class RedisStore(service.Service):
                 "cluster script {name} failed: {error}", name=name, error=failure.getErrorMessage()
             )
         return failure
+
+    def flush(self):
+        """
+        :returns: a Deferred fired once Redis answered everything sent
+            before, and this node left the cluster (a clean stop).
+        """
+        p = self._commands
+        if p is None:
+            return defer.succeed(None)
+        d = self.call("leave", self._backend.node)
+        d.addErrback(lambda f: None)
+        return d
 
     def publish(self, node, payload):
         """Send ``payload`` to ``node``'s channel, after every command sent before."""

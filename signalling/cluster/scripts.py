@@ -560,6 +560,17 @@ return lost
 """,
 )
 
+# ARGV: node. A node that stops cleanly leaves: whatever it still holds is
+# released now rather than when its heartbeat expires.
+_script(
+    "leave",
+    r"""
+redis.call('DEL', P .. 'alive:' .. ARGV[1])
+reap(ARGV[1])
+return 'ok'
+""",
+)
+
 # ARGV: none. Every key of the cluster (for the tests: is it empty?).
 _script(
     "keys",

@@ -70,6 +70,10 @@ class SignallingService(Service):
         run while the server runs, or None.
     :param token_keys: the :class:`signalling.server.auth.TokenKeys` that
         SIGHUP reloads, or None.
+    :param cluster: the :class:`signalling.cluster.redis.RedisStore` of a
+        cluster node (``--redis``), started before the ports listen and
+        stopped after the last connection closed (so that Redis hears of
+        every peer that left), or None.
     """
 
     _log = Logger()
@@ -86,6 +90,7 @@ class SignallingService(Service):
         log_observer=None,
         reclaimer=None,
         token_keys=None,
+        cluster=None,
     ):
         self._reactor = reactor
         self._ports = ports
@@ -97,6 +102,7 @@ class SignallingService(Service):
         self._log_observer = log_observer
         self.reclaimer = reclaimer
         self.token_keys = token_keys
+        self.cluster = cluster
         self._listening = None
         self._listening_ports = []
         self._watchdog = None
@@ -124,6 +130,8 @@ class SignallingService(Service):
 
     def startService(self):
         super().startService()
+        if self.cluster is not None and not self.cluster.running:
+            self.cluster.startService()
         self._listen()
 
     def _listen(self):
@@ -264,7 +272,17 @@ class SignallingService(Service):
         )
         self._listening_ports = []
         stopped.addCallback(lambda _: self._close_connections())
+        if self.cluster is not None:
+            stopped.addCallback(lambda _: self._stop_cluster())
         return stopped
+
+    def _stop_cluster(self):
+        """Once every peer's removal went out, let go of Redis."""
+        if not self.cluster.running:
+            return None
+        d = self.cluster.flush()
+        d.addBoth(lambda _: self.cluster.stopService())
+        return d
 
     def _open_connections(self):
         return sum(f.getConnectionCount() for f in self._ws_factories)

@@ -16,6 +16,8 @@ from signalling.server import factory as _factory
 from signalling.server import auth, limits, listening, logs, memory, protocol, tls, turn
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
+from signalling.cluster.backend import ClusterRegistry
+from signalling.cluster.redis import RedisAddress, RedisStore, RedisURLError
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
@@ -205,6 +207,12 @@ class Options(usage.Options):
         ["backlog", None, 4096,
          "Listen backlog of tcp:, ssl: and unix: ports that name none (the "
          "kernel caps it at net.core.somaxconn).", _positive(int)],
+        ["redis", None, None,
+         "Join the cluster of every server on this Redis (redis://HOST:PORT/DB, "
+         "or rediss:// for TLS): uids, sessions and rooms span the processes. "
+         "Default: none (this process alone, in memory).", str],
+        ["redis-password-file", None, None,
+         "A file holding the password of --redis (its first line).", str],
         ["trust-proxy", None, 0,
          "Trust this many hops of X-Forwarded-For for the peer address (behind "
          "a reverse proxy).", _non_negative_int],
@@ -283,6 +291,13 @@ class Options(usage.Options):
             self["port"] = [DEFAULT_PLAIN_PORT if self["disable-ssl"] else DEFAULT_PORT]
         if bool(self["turn-secret"]) != bool(self["turn-uri"]):
             raise usage.UsageError("--turn-secret and --turn-uri go together")
+        if self["redis-password-file"] is not None and self["redis"] is None:
+            raise usage.UsageError("--redis-password-file needs --redis")
+        if self["redis"] is not None:
+            try:
+                RedisAddress(self["redis"])
+            except RedisURLError as e:
+                raise usage.UsageError(f"--redis: {e}")
         health = self["health"]
         if not health.startswith("/") or health == "/" or "?" in health:
             raise usage.UsageError(
@@ -309,9 +324,24 @@ def makeService(config, reactor=None):
         log_observer = logs.json_observer()
     else:
         log_observer = None
-    registry = Registry(
-        max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
-    )
+    cluster = None
+    if config["redis"] is not None:
+        password = None
+        if config["redis-password-file"] is not None:
+            try:
+                with open(config["redis-password-file"], encoding="utf-8") as f:
+                    password = f.readline().strip()
+            except OSError as e:
+                raise SystemExit(f"signalling: --redis-password-file: {e.strerror}: {e.filename}")
+        cluster = RedisStore(reactor, RedisAddress(config["redis"], password))
+        registry = ClusterRegistry(
+            cluster, reactor, max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
+        )
+        cluster.attach(registry)
+    else:
+        registry = Registry(
+            max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
+        )
     stats = Stats()
     ports = []
     for description in config["port"]:
@@ -445,6 +475,7 @@ def makeService(config, reactor=None):
         log_observer=log_observer,
         reclaimer=reclaimer,
         token_keys=token_keys,
+        cluster=cluster,
     )
 
 

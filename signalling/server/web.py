@@ -85,13 +85,24 @@ def _script_json(value):
 
 
 class HealthResource(Resource):
-    """Answers ``200 OK`` with the body ``OK\\n`` while the server runs."""
+    """
+    Answers ``200 OK`` with the body ``OK\\n`` while the server runs; ``503``
+    while its registry cannot serve (a cluster node that has not reached
+    Redis, or lost it), so that a load balancer sends new clients elsewhere.
+    """
 
     isLeaf = True
+
+    def __init__(self, registry=None):
+        super().__init__()
+        self._registry = registry
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        if not getattr(self._registry, "up", True):
+            request.setResponseCode(503)
+            return b"UNAVAILABLE: the cluster cannot reach Redis\n"
         return b"OK\n"
 
     render_HEAD = render_GET
@@ -225,7 +236,7 @@ class SignallingRoot(Resource):
         super().__init__()
         self._websocket = WebSocketResource(ws_factory)
         self._health_path = health_path
-        self._health = HealthResource()
+        self._health = HealthResource(getattr(ws_factory, "registry", None))
         auth = getattr(ws_factory, "auth", None)
         self._page = PageResource(ice_servers, turn, auth)
         self._ice_servers = IceServersResource(ice_servers, turn, auth)
