@@ -192,7 +192,9 @@ class Client(Waiting, WebSocketClientProtocol):
         self.sendMessage(payload, isBinary=binary)
 
     def abort(self):
-        """Drop the connection without a close frame."""
+        """Drop the connection without a close frame (unless it is gone already)."""
+        if self.is_lost:
+            return
         self.transport.abortConnection()
 
     @property

@@ -306,6 +306,7 @@ class Server:
         command_rate=None,
         command_burst=None,
         dialect=None,
+        redis=None,
     ):
         """
         One port on 127.0.0.1: plaintext (``tcp:0``) or TLS (a bare
@@ -333,6 +334,7 @@ class Server:
             ("--command-rate", command_rate),
             ("--command-burst", command_burst),
             ("--dialect", dialect),
+            ("--redis", redis),
         ):
             if value is not None:
                 argv += [option, str(value)]

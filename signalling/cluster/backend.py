@@ -48,6 +48,7 @@ from signalling.core import json_wire
 from signalling.core.interfaces import (
     AlreadyEngaged,
     ILink,
+    IPeer,
     IRegistry,
     JsonRefused,
     NotInRoom,
@@ -153,6 +154,47 @@ class RemoteLink:
         """Another node's peer is not held back (the holder's output bound applies)."""
 
 
+@implementer(IPeer)
+class RemoteHolder:
+    """
+    The holder of a uid on another node, as a ``HELLO`` that wants the uid
+    back sees it (see ``Connection._reclaim``): its probe and its
+    replacement go through Redis to the holder's node.
+    """
+
+    def __init__(self, backend, uid):
+        self._backend = backend
+        self._uid = uid
+        self._where = None
+        self._probed = False
+        self.receiver = None
+
+    @property
+    def peer_addr(self):
+        node = self._where[0] if self._where else "another node"
+        return f"cluster node {node}"
+
+    def probe(self, timeout):
+        d = self._backend.probe_remote(self._uid, timeout)
+
+        def answered(result):
+            alive, self._where = result
+            self._probed = True
+            return alive
+
+        d.addCallback(answered)
+        d.addErrback(lambda f: True)
+        return d
+
+    def replaced(self):
+        if self._probed:
+            # Found silent by its probe: that very connection goes.
+            self._backend.replace_remote(self._uid, self._where)
+        else:
+            # A token for the uid takes it over at once, from whoever holds it.
+            self._backend.evict(self._uid)
+
+
 @implementer(ILink)
 class _Gone:
     """A link to a partner that already left this node: its messages go nowhere."""
@@ -230,6 +272,11 @@ class ClusterRegistry:
         self.nodes_released = 0
         self.resyncs = 0
         self._barriers = {}
+        #: Commands sent to Redis and not yet answered.
+        self.in_flight = 0
+        self._idle = []
+        #: Probes of this node's peers asked for by other nodes, by token.
+        self._probes = {}
         #: Callables told ``(up)`` whenever the node's availability changes.
         self.watchers = []
 
@@ -384,8 +431,35 @@ class ClusterRegistry:
     def _call(self, name, *args):
         if not self.up:
             raise Unavailable(args[0] if args else None)
-        d = self._store.call(name, *args)
+        d = self._track(self._store.call(name, *args))
         d.addCallbacks(_answer, self._store_failed)
+        return d
+
+    def _track(self, d):
+        self.in_flight += 1
+
+        def done(result):
+            self.in_flight -= 1
+            if not self.in_flight and self._idle:
+                # After what the answer causes (it runs on down this chain,
+                # and may send another command).
+                self._clock.callLater(0, self._maybe_idle)
+            return result
+
+        return d.addBoth(done)
+
+    def _maybe_idle(self):
+        if not self.in_flight:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+
+    def idle(self):
+        """:returns: a Deferred fired once no command of this node awaits Redis."""
+        if not self.in_flight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle.append(d)
         return d
 
     @staticmethod
@@ -434,17 +508,25 @@ class ClusterRegistry:
                 if other is not None:
                     other.peer.session_ended(uid)
             return None
-        d = self._store.call("remove", uid, self.node, conn)
+        d = self._track(self._store.call("remove", uid, self.node, conn))
         # If Redis is lost on the way, the resync removes what is left.
         d.addBoth(lambda _: None)
         return d
 
     def peer_of(self, uid):
+        """
+        :returns: the peer holding ``uid`` on this node; else, while Redis is
+            reachable, a stand-in for a holder on another node (whose probe
+            and replacement go through Redis), which may turn out to hold
+            nothing.
+        """
         conn = self._holder.get(uid)
         local = self._locals.get(conn)
-        if local is None or local.dialect != "e":
+        if local is not None:
+            return local.peer if local.dialect == "e" else None
+        if not self.up:
             return None
-        return local.peer
+        return RemoteHolder(self, uid)
 
     def start_session(self, caller_uid, callee_uid):
         conn = self._own(caller_uid)
@@ -566,6 +648,11 @@ class ClusterRegistry:
             if d is not None:
                 d.callback(None)
             return
+        if kind == b"A":
+            d = self._probes.pop(body[1:], None)
+            if d is not None and not d.called:
+                d.callback(body[:1] == b"1")
+            return
         fields = body.decode("utf-8").split("\0")
         for conn in head.decode().split(","):
             local = self._locals.get(conn)
@@ -616,6 +703,55 @@ class ClusterRegistry:
         elif kind == b"X":
             self._drop(conn)
             peer.replaced()
+        elif kind == b"P":
+            reply_node, token, timeout = fields[0], fields[1], float(fields[2])
+            answer = peer.probe(timeout)
+            answer.addErrback(lambda f: False)
+            answer.addCallback(
+                lambda alive: self.relay(reply_node, b"A\0" + (b"1" if alive else b"0") + token.encode())
+            )
+
+    # Reclaiming a uid held on another node.
+
+    def probe_remote(self, uid, timeout):
+        """
+        Ask the node holding ``uid`` to ping its peer.
+
+        :returns: a Deferred firing ``(alive, (node, conn))``: whether its
+            pong came back within ``timeout`` seconds (False when no node
+            answers in time), and where the holder was.
+        """
+        located = self._call("locate", uid)
+
+        def ask(where):
+            if not where:
+                return False, None
+            node, conn = _text(where[0]), _text(where[1])
+            token = uuid.uuid4().hex
+            d = self._probes[token.encode()] = defer.Deferred()
+            self.relay(
+                node, b"P" + conn.encode() + b"\0" + f"{self.node}\0{token}\0{timeout}".encode()
+            )
+            # The holder's node answers within ``timeout``; a node that
+            # cannot answer (gone, or far behind) counts as silent.
+            d.addTimeout(timeout + 1.0, self._clock, lambda *_: self._probes.pop(token.encode(), None) and False)
+            d.addCallback(lambda alive: (bool(alive), (node, conn)))
+            return d
+
+        located.addCallback(ask)
+        return located
+
+    def evict(self, uid):
+        """Remove whoever holds ``uid`` and have its node close it (1008)."""
+        if self.up:
+            self._store.call("evict", uid).addErrback(lambda f: None)
+
+    def replace_remote(self, uid, where):
+        """Remove ``uid``'s holder at ``where`` (``(node, conn)``) and have its node close it (1008)."""
+        if where is None or not self.up:
+            return
+        d = self._store.call("replace", uid, *where)
+        d.addErrback(lambda f: None)
 
     # For the tests: a barrier through the channels.
 

@@ -471,6 +471,51 @@ return 'ok'
 """,
 )
 
+# Reclaiming a uid whose holder is on another node.
+
+# ARGV: uid. Where its holder is: {node, conn}, or nothing.
+_script(
+    "locate",
+    r"""
+local w = redis.call('HMGET', P .. 'p:' .. ARGV[1], 'n', 'c', 'd')
+if not w[1] or w[3] ~= 'e' then
+  return {'ok', {}}
+end
+return {'ok', {w[1], w[2]}}
+""",
+)
+
+# ARGV: uid, node, conn. The holder (that connection, if it still holds the
+# uid) is removed as for any close, and its node told to close it (1008).
+_script(
+    "replace",
+    r"""
+local uid, node, conn = ARGV[1], ARGV[2], ARGV[3]
+local rec = own(uid, node, conn)
+if rec then
+  remove_peer(uid, rec)
+  notify(node, conn, 'X', uid)
+end
+return 'ok'
+""",
+)
+
+# ARGV: uid. Whoever holds the uid (of the examples' dialect) is removed as
+# for any close, and its node told to close it (1008): a token for the uid
+# takes it over at once.
+_script(
+    "evict",
+    r"""
+local uid = ARGV[1]
+local rec = redis.call('HMGET', P .. 'p:' .. uid, 'n', 'c', 'd', 's', 'r')
+if rec[1] and rec[3] == 'e' then
+  remove_peer(uid, rec)
+  notify(rec[1], rec[2], 'X', uid)
+end
+return 'ok'
+""",
+)
+
 # The nodes.
 
 # ARGV: node, ttl (ms). Refresh the node's heartbeat and release the nodes
