@@ -13,11 +13,16 @@ The cluster (``--redis``) with real servers and real clients, on a real
 
 import struct
 
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.error import ConnectError
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
 
 from tests import test_integration
 from tests._redis import RedisServer
 from tests.clients import WAIT, eventually
-from tests.servers import Server
+from tests.servers import ProcessMixin, Server, client_factory
 
 
 class ClusterServer:
@@ -169,3 +174,254 @@ class PlaintextClusterTests(ClusterIntegrationMixin, test_integration.PlaintextT
 
 class TLSClusterTests(ClusterIntegrationMixin, test_integration.TLSTests):
     """The integration suite, TLS through the project's own layer, on three nodes."""
+
+
+class ClusterProcessTests(ProcessMixin, TestCase):
+    """
+    Three ``twistd -n signalling --redis ...`` processes on one real Redis,
+    with real clients spread over them.
+    """
+
+    timeout = 90
+
+    async def asyncSetUp(self):
+        self.redis = RedisServer(self)
+        await self.redis.start()
+        self.nodes = []
+        for _ in range(3):
+            self.nodes.append(await self.start_node())
+
+    def setUp(self):
+        ProcessMixin.setUp(self)
+        return defer.ensureDeferred(self.asyncSetUp())
+
+    async def start_node(self, port=None):
+        """:returns: ``(process, port)`` of a node that serves (its /health says 200)."""
+        if port is None:
+            process, port = await self.start_server(
+                "tcp:{port}:interface=127.0.0.1", "--redis", self.redis.url
+            )
+        else:
+            process = self.spawn("--port", f"tcp:{port}:interface=127.0.0.1", "--redis", self.redis.url)
+            self.assertTrue((await self.wait_until_listening(process, port)), process.output)
+        await self.until_health(port, 200)
+        return process, port
+
+    async def health(self, port):
+        """:returns: the status of the node's /health."""
+        agent = Agent(reactor, pool=self.pool())
+        try:
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}/health".encode())
+        except ConnectError:
+            return None
+        await readBody(response)
+        return response.code
+
+    def pool(self):
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        return pool
+
+    async def until_health(self, port, status, timeout=15):
+        for _ in range(int(timeout / 0.05)):
+            if (await self.health(port)) == status:
+                return
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"/health on {port} did not answer {status}")
+
+    async def connect(self, node):
+        """:returns: an open client of node ``node`` (an index), closed on cleanup."""
+        port = self.nodes[node][1]
+        client = await client_factory_connect(port)
+        self.addCleanup(_close_client, client)
+        return client
+
+    async def hello(self, node, uid):
+        client = await self.connect(node)
+        client.send_text(f"HELLO {uid}")
+        await client.expect("HELLO")
+        return client
+
+    async def test_a_session_and_a_room_span_three_processes(self):
+        """
+        A session between two processes relays both ways, in order, and a
+        close reaches the partner after every message sent before it; a
+        room with a member on each process hears every join, message and
+        leave once, in one order.
+        """
+        a = await self.hello(0, "a")
+        b = await self.hello(1, "b")
+        a.send_text("SESSION b")
+        await a.expect("SESSION_OK")
+        for i in range(50):
+            a.send_text(f"to b {i}")
+        b.send_bytes(b"\x00binary")
+        await b.expect(*[f"to b {i}" for i in range(50)])
+        await a.expect(b"\x00binary")
+        for i in range(20):
+            a.send_text(f"last {i}")
+        a.close()
+        await b.expect(*[f"last {i}" for i in range(20)])
+        self.assertEqual((await b.closed())[0], 1000)
+
+        members = [await self.hello(i, f"m{i}") for i in range(3)]
+        for i, member in enumerate(members):
+            member.send_text("ROOM lobby")
+            await member.expect("ROOM_OK " + " ".join(f"m{j}" for j in range(i)))
+            for j in range(i):
+                await members[j].expect(f"ROOM_PEER_JOINED m{i}")
+        members[2].send_text("ROOM_PEER_MSG m0 hello from node 2")
+        await members[0].expect("ROOM_PEER_MSG m2 hello from node 2")
+        members[1].send_text("ROOM_PEER_LIST")
+        await members[1].expect("ROOM_PEER_LIST m0 m2")
+        members[0].close()
+        await members[1].expect("ROOM_PEER_LEFT m0")
+        await members[2].expect("ROOM_PEER_LEFT m0")
+        for member in members[1:]:
+            self.assertEqual(member.unread(), [])
+
+    async def test_twenty_hellos_for_one_uid_on_three_processes_register_exactly_one(self):
+        """Of 20 simultaneous HELLOs for one uid spread over three processes, exactly one wins."""
+        clients = [await self.connect(i % 3) for i in range(20)]
+        for client in clients:
+            client.send_text("HELLO contested")
+        answers = [await client.next() for client in clients]
+        self.assertEqual(answers.count("HELLO"), 1, answers)
+        self.assertEqual(
+            sorted(a for a in answers if a != "HELLO"),
+            ["ERROR peer uid 'contested' is already taken"] * 19,
+        )
+        for client, answer in zip(clients, answers):
+            if answer != "HELLO":
+                self.assertEqual((await client.closed())[0], 1002)
+
+    async def test_crossed_calls_across_processes_end_in_one_session(self):
+        """
+        a (on one process) calls b while b (on another) calls a: exactly
+        one gets SESSION_OK, then the other's SESSION line as a relayed
+        message; the other is told nothing, and the session relays.
+        """
+        for attempt in range(5):
+            a = await self.hello(0, f"x{attempt}")
+            b = await self.hello(1, f"y{attempt}")
+            a.send_text(f"SESSION y{attempt}")
+            b.send_text(f"SESSION x{attempt}")
+            await eventually(lambda: a.unread() or b.unread(), "a SESSION_OK")
+            winner, loser = (a, b) if a.unread() else (b, a)
+            winner_uid = f"x{attempt}" if winner is a else f"y{attempt}"
+            await winner.expect("SESSION_OK", f"SESSION {winner_uid}")
+            loser.send_text("ping")
+            await winner.expect("ping")
+            self.assertEqual((a.unread(), b.unread()), ([], []))
+            a.close()
+            await b.closed()
+
+    async def test_a_killed_process_releases_its_peers_within_seconds_exactly_once(self):
+        """
+        A process killed with SIGKILL is noticed within a few seconds: its
+        peers' partners on other processes are closed with 1000, its room
+        members are told ROOM_PEER_LEFT exactly once, and its uids are free.
+        """
+        doomed = await self.hello(2, "doomed")
+        partner = await self.hello(0, "partner")
+        partner.send_text("SESSION doomed")
+        await partner.expect("SESSION_OK")
+        inside = await self.hello(2, "inside")
+        watchers = [await self.hello(i, f"w{i}") for i in range(2)]
+        for client, expected in ((watchers[0], ""), (watchers[1], "w0"), (inside, "w0 w1")):
+            client.send_text("ROOM r")
+            await client.expect(f"ROOM_OK {expected}".rstrip() if expected else "ROOM_OK ")
+        await watchers[0].expect("ROOM_PEER_JOINED w1")
+        for watcher in watchers:
+            await watcher.expect("ROOM_PEER_JOINED inside")
+        killed_at = reactor.seconds()
+        self.nodes[2][0].transport.signalProcess("KILL")
+        self.assertEqual((await partner.closed(timeout=10))[0], 1000)
+        for watcher in watchers:
+            await watcher.expect("ROOM_PEER_LEFT inside")
+        self.assertLess(reactor.seconds() - killed_at, 6)
+        # Exactly once: nothing more comes, however many nodes noticed.
+        await task.deferLater(reactor, 2.5, lambda: None)
+        for watcher in watchers:
+            self.assertEqual(watcher.unread(), [])
+        again = await self.hello(1, "doomed")
+        again.send_text("ROOM_PEER_LIST")
+        await again.expect("ERROR not in a room")
+        # Restarted on its port, it rejoins without disturbing the others.
+        self.nodes[2] = await self.start_node(self.nodes[2][1])
+        back = await self.hello(2, "inside")
+        back.send_text("SESSION w0")
+        await back.expect("ERROR peer 'w0' busy")
+        watchers[1].send_text("ROOM_PEER_LIST")
+        await watchers[1].expect("ROOM_PEER_LIST w0")
+
+    async def test_redis_restarted_empty_is_survived_without_a_restart(self):
+        """
+        Redis goes away: /health answers 503, a HELLO gets ERROR and 1013, a
+        session across processes ends on both sides (1000) while one within
+        a process keeps relaying. Redis comes back empty: the nodes claim
+        their peers' uids and sessions again, then /health answers 200 and
+        new peers register.
+        """
+        local_a = await self.hello(0, "local-a")
+        local_b = await self.hello(0, "local-b")
+        local_a.send_text("SESSION local-b")
+        await local_a.expect("SESSION_OK")
+        far_a = await self.hello(0, "far-a")
+        far_b = await self.hello(1, "far-b")
+        far_a.send_text("SESSION far-b")
+        await far_a.expect("SESSION_OK")
+        idle = await self.hello(2, "idle")
+        await self.redis.kill()
+        self.assertEqual((await far_a.closed(timeout=10))[0], 1000)
+        self.assertEqual((await far_b.closed(timeout=10))[0], 1000)
+        await self.until_health(self.nodes[0][1], 503)
+        late = await self.connect(1)
+        late.send_text("HELLO late")
+        await late.expect("ERROR server unavailable, try again later")
+        self.assertEqual((await late.closed())[0], 1013)
+        local_a.send_text("still here")
+        await local_b.expect("still here")
+        await self.redis.restart()
+        for _, port in self.nodes:
+            await self.until_health(port, 200)
+        # The uids of live peers were claimed again, their session too.
+        taken = await self.connect(1)
+        taken.send_text("HELLO local-a")
+        await taken.expect("ERROR peer uid 'local-a' is already taken")
+        caller = await self.hello(2, "caller")
+        caller.send_text("SESSION local-b")
+        await caller.expect("ERROR peer 'local-b' busy")
+        caller.send_text("SESSION idle")
+        await caller.expect("SESSION_OK")
+        local_b.send_text("after")
+        await local_a.expect("after")
+        local_a.close()
+        self.assertEqual((await local_b.closed())[0], 1000)
+
+    async def test_a_node_answers_503_until_it_reaches_redis(self):
+        """A node started before Redis answers 503 and refuses HELLO, then serves once Redis is up."""
+        await self.redis.kill()
+        process, port = await self.start_server(
+            "tcp:{port}:interface=127.0.0.1", "--redis", self.redis.url
+        )
+        await self.until_health(port, 503)
+        await self.redis.restart()
+        await self.until_health(port, 200)
+        self.nodes.append((process, port))
+        await self.hello(3, "first")
+
+
+async def client_factory_connect(port):
+    factory = client_factory(f"ws://localhost:{port}/")
+    client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    await defer.Deferred.addTimeout(client.opened, WAIT, reactor)
+    return client
+
+
+async def _close_client(client):
+    if not client.is_lost:
+        client.close()
+        try:
+            await client.closed()
+        except Exception:
+            client.abort()
