@@ -21,6 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from tests import test_integration
 from tests._redis import RedisServer
+from tests.test_metrics import Scrape
 from tests.clients import WAIT, eventually
 from tests.servers import ProcessMixin, Server, client_factory
 
@@ -425,3 +426,47 @@ async def _close_client(client):
             await client.closed()
         except Exception:
             client.abort()
+
+
+class ClusterMetricsTests(TestCase):
+    """The metrics of a cluster node show Redis outages and the node's recovery."""
+
+    timeout = 60
+
+    async def test_an_outage_and_the_recovery_are_counted(self):
+        """
+        signalling_cluster_up follows Redis going away and coming back;
+        the outage and both resynchronisations (start-up, recovery) are
+        counted; /health answers 503 meanwhile.
+        """
+        redis = RedisServer(self)
+        await redis.start()
+        server = await Server.start(
+            self,
+            "--port", "tcp:0:interface=127.0.0.1",
+            "--metrics-port", "tcp:0:interface=127.0.0.1",
+            "--redis", redis.url,
+        )
+        await eventually(lambda: server.registry.up, "the node to reach Redis")
+
+        async def scrape():
+            status, _, body = await server.get("/metrics", 1)
+            self.assertEqual(status, 200)
+            return Scrape(body.decode("utf-8"))
+
+        before = await scrape()
+        self.assertEqual(before.value("signalling_cluster_up"), 1)
+        self.assertEqual(before.value("signalling_cluster_outages_total"), 0)
+        self.assertEqual(before.value("signalling_cluster_resyncs_total"), 1)
+        await redis.kill()
+        await eventually(lambda: not server.registry.up, "the node to notice")
+        during = await scrape()
+        self.assertEqual(during.value("signalling_cluster_up"), 0)
+        self.assertEqual(during.value("signalling_cluster_outages_total"), 1)
+        self.assertEqual((await server.get("/health"))[0], 503)
+        await redis.restart()
+        await eventually(lambda: server.registry.up, "the node to recover", 15)
+        after = await scrape()
+        self.assertEqual(after.value("signalling_cluster_up"), 1)
+        self.assertEqual(after.value("signalling_cluster_resyncs_total"), 2)
+        self.assertEqual((await server.get("/health"))[0], 200)

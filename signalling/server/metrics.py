@@ -155,6 +155,29 @@ class SignallingCollector:
             "TLS connections that closed before their handshake completed.",
             value=stats.tls_handshake_failures,
         )
+        if hasattr(registry, "outages"):
+            # A cluster node (--redis).
+            yield GaugeMetricFamily(
+                "signalling_cluster_up",
+                "1 while this node reaches Redis and serves, 0 during an outage.",
+                value=1 if registry.up else 0,
+            )
+            yield CounterMetricFamily(
+                "signalling_cluster_outages",
+                "Times this node lost Redis.",
+                value=registry.outages,
+            )
+            yield CounterMetricFamily(
+                "signalling_cluster_resyncs",
+                "Times this node made Redis agree with the peers it holds "
+                "(at start-up and after each outage).",
+                value=registry.resyncs,
+            )
+            yield CounterMetricFamily(
+                "signalling_cluster_nodes_released",
+                "Dead nodes whose peers this node released.",
+                value=registry.nodes_released,
+            )
 
 
 def metrics_resource(collector, process=True):
