@@ -36,8 +36,15 @@ class RedisServer:
     :ivar port: its port (kept over a restart).
     """
 
-    def __init__(self, testcase):
+    def __init__(self, testcase, password=None, tls=None):
+        """
+        :param password: the password clients must give (``requirepass``).
+        :param tls: a :class:`signalling.server.tls.CertificateFiles` to serve
+            TLS with (then only TLS, no plaintext port).
+        """
         self._testcase = testcase
+        self.password = password
+        self.tls = tls
         self._process = None
         self.port = None
         self.binary = shutil.which("redis-server")
@@ -49,6 +56,8 @@ class RedisServer:
 
     @property
     def url(self):
+        if self.tls is not None:
+            return f"rediss://localhost:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -66,6 +75,15 @@ class RedisServer:
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--dir", self._dir, "--logfile", "",
             ]
+            if self.password is not None:
+                argv += ["--requirepass", self.password]
+            if self.tls is not None:
+                argv[2] = "0"
+                argv += [
+                    "--tls-port", str(self.port), "--tls-cert-file", self.tls.cert,
+                    "--tls-key-file", self.tls.key, "--tls-ca-cert-file", self.tls.cert,
+                    "--tls-auth-clients", "no",
+                ]
             reactor.spawnProcess(process, self.binary, argv, env=dict(os.environ))
             self._process = process
             await eventually(

@@ -11,6 +11,7 @@ The cluster (``--redis``) with real servers and real clients, on a real
   start-up before Redis.
 """
 
+import os
 import struct
 
 from twisted.internet import defer, endpoints, reactor, task
@@ -21,6 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from tests import test_integration
 from tests._redis import RedisServer
+from tests.certificates import write_certificate
 from tests.test_metrics import Scrape
 from tests.clients import WAIT, eventually
 from tests.servers import ProcessMixin, Server, client_factory
@@ -470,3 +472,62 @@ class ClusterMetricsTests(TestCase):
         self.assertEqual(after.value("signalling_cluster_up"), 1)
         self.assertEqual(after.value("signalling_cluster_resyncs_total"), 2)
         self.assertEqual((await server.get("/health"))[0], 200)
+
+
+class RedisConnectionTests(TestCase):
+    """How a node reaches Redis: a password from a file, TLS (rediss://), bad URLs."""
+
+    timeout = 60
+
+    async def test_a_password_from_a_file(self):
+        """--redis-password-file's password opens Redis; without it the node never serves."""
+        redis = RedisServer(self, password="s3cret pass")
+        await redis.start()
+        password_file = self.mktemp()
+        with open(password_file, "w") as f:
+            f.write("s3cret pass\n")
+        server = await Server.start(
+            self, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url,
+            "--redis-password-file", password_file,
+        )
+        await eventually(lambda: server.registry.up, "the node to reach Redis")
+        client = await server.hello("with-password")
+        client.close()
+        refused = await Server.start(self, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url)
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertFalse(refused.registry.up)
+        self.assertEqual((await refused.get("/health"))[0], 503)
+
+    async def test_rediss_with_a_ca_file(self):
+        """rediss:// reaches a Redis that serves only TLS, trusting --redis-ca-file."""
+        files = write_certificate(os.path.abspath(self.mktemp()))
+        redis = RedisServer(self, tls=files)
+        await redis.start()
+        server = await Server.start(
+            self, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url,
+            "--redis-ca-file", files.cert,
+        )
+        await eventually(lambda: server.registry.up, "the node to reach Redis over TLS")
+        a = await server.hello("a")
+        b = await server.hello("b")
+        a.send_text("SESSION b")
+        await a.expect("SESSION_OK")
+        a.close()
+        await b.closed()
+
+    def test_bad_redis_options_are_usage_errors(self):
+        """A --redis URL that cannot be used, or a Redis option without --redis, is refused at once."""
+        from twisted.python import usage
+
+        from signalling.server.tap import Options
+
+        for argv in (
+            ["--redis", "http://127.0.0.1:6379"],
+            ["--redis", "redis://"],
+            ["--redis", "redis://127.0.0.1:port"],
+            ["--redis", "redis://127.0.0.1:6379/db"],
+            ["--redis-password-file", "f"],
+            ["--redis-ca-file", "f"],
+        ):
+            with self.assertRaises(usage.UsageError, msg=argv):
+                Options().parseOptions(argv)

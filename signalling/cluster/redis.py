@@ -24,6 +24,9 @@ from twisted.logger import Logger
 from signalling.cluster import scripts
 
 
+_BACKOFF = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0, jitter=lambda: 0)
+
+
 class RedisURLError(ValueError):
     """A ``--redis`` URL that cannot be used."""
 
@@ -31,7 +34,8 @@ class RedisURLError(ValueError):
 class RedisAddress:
     """Where Redis is: from ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://``."""
 
-    def __init__(self, url, password=None):
+    def __init__(self, url, password=None, ca_pem=None):
+        self.ca_pem = ca_pem
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
             raise RedisURLError(f"{url!r}: the URL must start with redis:// or rediss://")
@@ -56,17 +60,28 @@ class RedisAddress:
         tcp = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=5)
         if not self.tls:
             return tcp
-        return endpoints.wrapClientTLS(ssl.optionsForClientTLS(self.host), tcp)
+        trust = None
+        if self.ca_pem is not None:
+            trust = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(pem) for pem in _pems(self.ca_pem)]
+            )
+        return endpoints.wrapClientTLS(ssl.optionsForClientTLS(self.host, trustRoot=trust), tcp)
 
     def __str__(self):
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
 
+def _pems(data):
+    """:returns: each PEM certificate in ``data`` (bytes)."""
+    end = b"-----END CERTIFICATE-----"
+    return [part + end for part in data.split(end) if b"-----BEGIN CERTIFICATE-----" in part]
+
+
 class _Commands(txredisapi.RedisProtocol):
-    def real(self):
-        """Itself (``ClientService`` hands over a proxy; this is what it wraps)."""
-        return self
+    def connectionMade(self):
+        txredisapi.RedisProtocol.connectionMade(self)
+        self.factory.prepare(self)
 
     def connectionLost(self, why):
         txredisapi.RedisProtocol.connectionLost(self, why)
@@ -74,7 +89,9 @@ class _Commands(txredisapi.RedisProtocol):
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
-    real = _Commands.real
+    def connectionMade(self):
+        txredisapi.SubscriberProtocol.connectionMade(self)
+        self.factory.prepare(self)
 
     def messageReceived(self, pattern, channel, message):
         self.factory.store._message(message)
@@ -87,10 +104,12 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 class _Factory(protocol.Factory):
     noisy = False
 
-    def __init__(self, store, protocol_class, reply_timeout):
+    def __init__(self, store, protocol_class, reply_timeout, prepare):
         self.store = store
         self.protocol_class = protocol_class
         self.reply_timeout = reply_timeout
+        #: Called with each new connection: log in, and get it ready.
+        self.prepare = prepare
 
     def buildProtocol(self, addr):
         p = self.protocol_class(charset=None, replyTimeout=self.reply_timeout, convertNumbers=False)
@@ -121,6 +140,8 @@ class RedisStore(service.Service):
         self._subscriber = None
         self._services = []
         self._was_up = False
+        #: Connections in a row that were lost or rejected before they were ready.
+        self._failures = 0
 
     def attach(self, backend):
         """Serve ``backend`` (a :class:`ClusterRegistry`)."""
@@ -132,16 +153,19 @@ class RedisStore(service.Service):
 
     def startService(self):
         service.Service.startService(self)
-        policy = backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0)
         for protocol_class, prepare in (
             (_Commands, self._prepare_commands),
             (_Subscriber, self._prepare_subscriber),
         ):
+            # Connections are got ready by the protocol itself rather than by
+            # ClientService's prepareConnection, which leaves a connection it
+            # rejects open and cannot take its loss. So ClientService counts
+            # every connection as made; the delay follows our own count of
+            # connections lost before they were ready.
             client = ClientService(
                 self._address.endpoint(self._reactor),
-                _Factory(self, protocol_class, self._reply_timeout),
-                retryPolicy=policy,
-                prepareConnection=prepare,
+                _Factory(self, protocol_class, self._reply_timeout, prepare),
+                retryPolicy=self._retry_delay,
             )
             client.startService()
             self._services.append(client)
@@ -152,6 +176,10 @@ class RedisStore(service.Service):
         self._backend.stop()
         services, self._services = self._services, []
         return defer.DeferredList([s.stopService() for s in services])
+
+    def _retry_delay(self, attempt):
+        """Seconds before the next attempt: 0.1 s, doubled per failure in a row, at most 2 s."""
+        return _BACKOFF(max(attempt, self._failures))
 
     @defer.inlineCallbacks
     def _login(self, p):
@@ -172,11 +200,10 @@ class RedisStore(service.Service):
                 sha = yield p.execute_command("SCRIPT", "LOAD", scripts.source(name))
                 shas[name] = sha
         except Exception as e:
-            self._log.warn("Redis at {address}: {error}", address=str(self._address), error=str(e))
-            p.transport.loseConnection()
-            raise
+            self._rejected(p, e)
+            return
         self._shas = shas
-        self._commands = p.real()
+        self._commands = p
         self._ready()
 
     @defer.inlineCallbacks
@@ -185,19 +212,28 @@ class RedisStore(service.Service):
             yield self._login(p)
             yield p.subscribe(self.channel)
         except Exception as e:
-            self._log.warn("Redis at {address}: {error}", address=str(self._address), error=str(e))
-            p.transport.loseConnection()
-            raise
-        self._subscriber = p.real()
+            self._rejected(p, e)
+            return
+        self._subscriber = p
         self._ready()
+
+    def _rejected(self, p, error):
+        """A connection could not be got ready (a wrong password, say): close it, try later."""
+        self._failures += 1
+        self._log.warn("Redis at {address}: {error}", address=str(self._address), error=str(error))
+        if p.transport is not None:
+            p.transport.loseConnection()
 
     def _ready(self):
         if self._commands is not None and self._subscriber is not None:
+            self._failures = 0
             self._log.info("cluster node {node} reached Redis at {address}", node=self._backend.node, address=str(self._address))
             self._was_up = True
             self._backend.store_up()
 
     def _lost(self, p):
+        if p is not self._commands and p is not self._subscriber:
+            self._failures += 1
         if p is self._commands:
             self._commands = None
         elif p is self._subscriber:

@@ -213,6 +213,9 @@ class Options(usage.Options):
          "Default: none (this process alone, in memory).", str],
         ["redis-password-file", None, None,
          "A file holding the password of --redis (its first line).", str],
+        ["redis-ca-file", None, None,
+         "Trust the certificates in this PEM file for a rediss:// --redis "
+         "(default: the system's trust store).", str],
         ["trust-proxy", None, 0,
          "Trust this many hops of X-Forwarded-For for the peer address (behind "
          "a reverse proxy).", _non_negative_int],
@@ -291,8 +294,9 @@ class Options(usage.Options):
             self["port"] = [DEFAULT_PLAIN_PORT if self["disable-ssl"] else DEFAULT_PORT]
         if bool(self["turn-secret"]) != bool(self["turn-uri"]):
             raise usage.UsageError("--turn-secret and --turn-uri go together")
-        if self["redis-password-file"] is not None and self["redis"] is None:
-            raise usage.UsageError("--redis-password-file needs --redis")
+        for option in ("redis-password-file", "redis-ca-file"):
+            if self[option] is not None and self["redis"] is None:
+                raise usage.UsageError(f"--{option} needs --redis")
         if self["redis"] is not None:
             try:
                 RedisAddress(self["redis"])
@@ -333,7 +337,14 @@ def makeService(config, reactor=None):
                     password = f.readline().strip()
             except OSError as e:
                 raise SystemExit(f"signalling: --redis-password-file: {e.strerror}: {e.filename}")
-        cluster = RedisStore(reactor, RedisAddress(config["redis"], password))
+        ca_pem = None
+        if config["redis-ca-file"] is not None:
+            try:
+                with open(config["redis-ca-file"], "rb") as f:
+                    ca_pem = f.read()
+            except OSError as e:
+                raise SystemExit(f"signalling: --redis-ca-file: {e.strerror}: {e.filename}")
+        cluster = RedisStore(reactor, RedisAddress(config["redis"], password, ca_pem))
         registry = ClusterRegistry(
             cluster, reactor, max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
         )
