@@ -240,6 +240,8 @@ class RedisStore(service.Service):
             self._subscriber = None
         else:
             return
+        if not self.running:
+            return  # stopping: the connections were closed on purpose
         if self._was_up:
             self._was_up = False
             self._log.warn(

@@ -48,7 +48,40 @@ def raise_file_limit(log=None):
 _SHUTDOWN_POLL = 0.05
 
 
-class SignallingService(Service):
+class GracefulStop:
+    """
+    SIGTERM and SIGINT stop the reactor, so that twistd stops the services
+    and exits with status 0 (the reactor's own handlers make twistd end by
+    re-raising the signal). Needs ``_reactor``, ``_log`` and a
+    ``_previous_handlers`` dict; call ``_reactor.callWhenRunning(self._install_stop_handlers)``
+    when started, and :meth:`_restore_stop_handlers` when stopped.
+    """
+
+    def _install_stop_handlers(self):
+        if not self.running:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, self._stop_signal)
+
+    def _restore_stop_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_signal(self, signum, frame):
+        self._log.info(
+            "received {signal}, shutting down", signal=signal.Signals(signum).name
+        )
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self):
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal during the shutdown
+
+
+class SignallingService(GracefulStop, Service):
     """
     :param reactor: the reactor (time, and thread-safe calls from signal
         handlers).
@@ -74,6 +107,8 @@ class SignallingService(Service):
         cluster node (``--redis``), started before the ports listen and
         stopped after the last connection closed (so that Redis hears of
         every peer that left), or None.
+    :param on_ready: called once every port listens (a worker of
+        ``--workers`` then tells its parent), or None.
     """
 
     _log = Logger()
@@ -91,7 +126,9 @@ class SignallingService(Service):
         reclaimer=None,
         token_keys=None,
         cluster=None,
+        on_ready=None,
     ):
+        self._on_ready = on_ready
         self._reactor = reactor
         self._ports = ports
         self._ws_factories = ws_factories
@@ -194,6 +231,8 @@ class SignallingService(Service):
             self._watchdog = self._notifier.start_watchdog(self._reactor)
         if self.reclaimer is not None:
             self.reclaimer.start()
+        if self._on_ready is not None:
+            self._on_ready()
 
         if self._handle_signals:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
@@ -206,23 +245,6 @@ class SignallingService(Service):
     def _sighup(self, signum, frame):
         self._reactor.callFromThread(self.reload)
 
-    def _install_stop_handlers(self):
-        if not self.running:
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[signum] = signal.signal(signum, self._stop_signal)
-
-    def _stop_signal(self, signum, frame):
-        self._log.info(
-            "received {signal}, shutting down", signal=signal.Signals(signum).name
-        )
-        self._reactor.callFromThread(self._stop_reactor)
-
-    def _stop_reactor(self):
-        try:
-            self._reactor.stop()
-        except ReactorNotRunning:
-            pass  # a second signal during the shutdown
 
     def reload(self):
         """
@@ -264,9 +286,7 @@ class SignallingService(Service):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        self._restore_stop_handlers()
         stopped = defer.gatherResults(
             [defer.maybeDeferred(port.stopListening) for port in self._listening_ports]
         )

@@ -81,6 +81,24 @@ class Notifier:
         ping.start(self.watchdog_interval, now=True)
         return ping
 
+    def start_watchdog_with(self, clock, healthy):
+        """
+        Like :meth:`start_watchdog`, but each ping goes out only while
+        ``healthy()`` holds (the parent of ``--workers``: while every worker
+        is alive), so that systemd's watchdog sees what the clients see.
+        """
+        if self.watchdog_interval is None or not self.enabled:
+            return None
+
+        def ping():
+            if healthy():
+                self.notify("WATCHDOG=1")
+
+        loop = LoopingCall(ping)
+        loop.clock = clock
+        loop.start(self.watchdog_interval, now=True)
+        return loop
+
     def close(self):
         """Release the socket."""
         if self._socket is not None:

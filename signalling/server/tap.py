@@ -5,7 +5,9 @@ The twistd plugin's options and service: ``twistd -n signalling``.
 import ipaddress
 import math
 import os
+import re
 import resource
+import sys
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -13,7 +15,7 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import auth, limits, listening, logs, memory, protocol, tls, turn
+from signalling.server import auth, limits, listening, logs, memory, protocol, tls, turn, workers
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.cluster.backend import ClusterRegistry
@@ -86,6 +88,13 @@ def _non_negative_float(value):
 
 
 _non_negative_float.coerceDoc = "Must be 0 or more."
+
+
+def _worker_fds(value):
+    try:
+        return workers.parse_worker_fds(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--worker-fds: {e}")
 
 
 class Options(usage.Options):
@@ -216,6 +225,18 @@ class Options(usage.Options):
         ["redis-ca-file", None, None,
          "Trust the certificates in this PEM file for a rediss:// --redis "
          "(default: the system's trust store).", str],
+        ["workers", None, 0,
+         "Run this many worker processes that accept on the same ports (this "
+         "process binds them and supervises the workers: it starts one again "
+         "when it ends, passes SIGHUP and SIGTERM on, and tells systemd it is "
+         "ready once every worker is). Needs --redis, which the workers share. "
+         "Each worker serves --metrics-port's number plus its index. "
+         "0: no workers, this process serves.", _non_negative_int],
+        ["worker-index", None, None, "(Set by --workers for a worker: its index.)", int],
+        ["worker-fds", None, None,
+         "(Set by --workers for a worker: the listening sockets it adopts.)", _worker_fds],
+        ["worker-pipe", None, None,
+         "(Set by --workers for a worker: where it tells the parent it is alive.)", int],
         ["trust-proxy", None, 0,
          "Trust this many hops of X-Forwarded-For for the peer address (behind "
          "a reverse proxy).", _non_negative_int],
@@ -285,7 +306,20 @@ class Options(usage.Options):
         print(f"signalling {signalling.__version__}")
         raise SystemExit(0)
 
+    def parseOptions(self, options=None):
+        #: The command line as given: a --workers parent starts its workers with it.
+        self["argv"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self):
+        if self["workers"] == 1:
+            self["workers"] = 0
+        if self["workers"] and self["redis"] is None:
+            raise usage.UsageError(
+                "--workers needs --redis: the workers share their peers, sessions and rooms through it"
+            )
+        if self["workers"] and self["worker-fds"] is not None:
+            raise usage.UsageError("--workers and --worker-fds do not go together")
         if self["disable-ssl"] and any(p.startswith("ssl:") for p in self["port"]):
             raise usage.UsageError("--disable-ssl conflicts with an ssl: --port")
         #: The default port listens on IPv6 too; a --port exactly as given.
@@ -307,6 +341,14 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--health must be a path such as /health, not {health!r}"
             )
+
+
+def _offset_port(description, offset):
+    """:returns: ``tcp:PORT...`` with ``offset`` added to PORT (other descriptions as they are)."""
+    match = re.match(r"^(tcp6?:(?:port=)?)(\d+)(.*)$", description)
+    if match is None or offset == 0:
+        return description
+    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
 
 
 def makeService(config, reactor=None):
@@ -366,12 +408,30 @@ def makeService(config, reactor=None):
             endpoint = None
         wrap = endpoint is not None
         endpoint = with_backlog(endpoint or description, config["backlog"])
-        ports.append((description, endpoint, listening.parse(reactor, description, endpoint), wrap))
+        if config["worker-fds"] is not None:
+            # A worker: the parent bound the port; it is adopted below.
+            ports.append((description, endpoint, None, wrap))
+        else:
+            ports.append((description, endpoint, listening.parse(reactor, description, endpoint), wrap))
         if config.get("default-port"):
             # The default listens on every IPv6 address as well, on a
             # socket of its own (IPv4 peers keep their IPv4 addresses).
             twin = listening.ipv6_twin(reactor, endpoint)
             ports.append((description + ":interface=\\:\\:", twin, twin, wrap))
+    if config["worker-fds"] is not None:
+        adopted = workers.adopted(reactor, config["worker-fds"])
+        if len(adopted) != len(ports):
+            raise SystemExit(
+                f"signalling: --worker-fds names {len(adopted)} sockets for {len(ports)} ports"
+            )
+        ports = [
+            (description, listen_on, endpoint, wrap)
+            for (description, listen_on, _, wrap), endpoint in zip(ports, adopted)
+            if endpoint is not None
+        ]
+    worker_index = config["worker-index"]
+    if worker_index is not None and config["metrics-port"] is not None:
+        config["metrics-port"] = _offset_port(config["metrics-port"], worker_index)
     metrics_endpoint = None
     if config["metrics-port"] is not None:
         metrics_endpoint = listening.parse(
@@ -380,7 +440,7 @@ def makeService(config, reactor=None):
             with_backlog(config["metrics-port"], config["backlog"]),
             "--metrics-port",
         )
-    if handle_signals:
+    if handle_signals and config["worker-fds"] is None:
         # Under twistd: a busy port is reported now, before a daemon forks
         # and could only write it to its log file.
         for description, listen_on, _, _ in ports:
@@ -427,6 +487,20 @@ def makeService(config, reactor=None):
         turn_credentials = turn.TurnCredentials(
             secret, config["turn-uri"], reactor, config["turn-ttl"]
         )
+    if config["workers"]:
+        return workers.Supervisor(
+            reactor,
+            [(description, endpoint) for description, _, endpoint, _ in ports],
+            config["workers"],
+            workers.worker_argv(config["argv"]),
+            notifier=Notifier(),
+            shutdown_timeout=config["shutdown-timeout"],
+            handle_signals=handle_signals,
+            log_observer=log_observer,
+        )
+    on_ready = None
+    if config["worker-pipe"] is not None:
+        on_ready = workers.WorkerPipe(config["worker-pipe"], reactor).when_serving(registry)
     listen, ws_factories = [], []
     for description, _, endpoint, wrap in ports:
         ws_factory = _factory.SignallingServerFactory(
@@ -487,6 +561,7 @@ def makeService(config, reactor=None):
         reclaimer=reclaimer,
         token_keys=token_keys,
         cluster=cluster,
+        on_ready=on_ready,
     )
 
 
