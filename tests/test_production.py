@@ -1098,3 +1098,62 @@ class UnitHardeningTests(ProductionMixin, unittest.TestCase):
             "ssl:{port}:interface=127.0.0.1", "--cert-path", self.cert_dir
         )
         yield self.hello(port, "restricted", pem=files.pem)
+
+
+class WorkersUnitTests(ProductionMixin, unittest.TestCase):
+    """
+    ``contrib/systemd/signalling-workers.service`` as systemd runs it: its
+    ExecStart options (with a test Redis, certificate and metrics port), the
+    socket handed over as file descriptor 3, ``$NOTIFY_SOCKET`` and
+    ``$WATCHDOG_USEC`` read by the test.
+    """
+
+    timeout = 90
+    UNITS = SystemdUnitTests.UNITS
+
+    @inlineCallbacks
+    def test_the_workers_unit_is_ready_once_every_worker_is_serves_and_stops_cleanly(self):
+        """
+        READY=1 comes once, after both workers are ready, with watchdog pings
+        after it; clients on the handed-over socket call each other across
+        the workers; SIGTERM (KillMode=mixed: to the main process alone)
+        closes them with 1001 and everything exits with status 0.
+        """
+        from tests._redis import RedisServer
+
+        redis = RedisServer(self)
+        yield Deferred.fromCoroutine(redis.start())
+        files = write_certificate(self.cert_dir)
+        argv = SystemdUnitTests.exec_start(self, "signalling-workers.service")
+        options = argv[argv.index("signalling") + 1:]
+        replaced = {
+            "--cert-path": self.cert_dir,
+            "--redis": redis.url,
+            "--workers": "2",
+            "--metrics-port": f"tcp:{free_port()}:interface=127.0.0.1",
+            "--port": "tls:systemd:domain=INET:index=0",
+        }
+        for i, option in enumerate(options):
+            if option in replaced:
+                options[i + 1] = replaced[option]
+        sock = self.listening_socket()
+        port = sock.getsockname()[1]
+        path, recorder = self.notify_socket()
+        server = self.spawn_process(
+            options, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}, inherit=sock,
+            own_pid=("WATCHDOG_PID",),
+        )
+        yield self.poll(lambda: recorder.times("READY=1"), "READY=1", 30, server)
+        self.assertEqual(len(re.findall(r"worker \d+ ready", server.output)), 2, server.output)
+        yield self.poll(lambda: recorder.times("WATCHDOG=1"), "a watchdog ping", 5, server)
+        clients = []
+        for i in range(10):
+            clients.append((yield self.hello(port, f"w{i}", pem=files.pem)))
+        for i in range(0, 10, 2):
+            clients[i].send_text(f"SESSION w{i + 1}")
+            self.assertEqual((yield clients[i].next_message()), "SESSION_OK")
+            yield self.assertRelays(clients[i], clients[i + 1])
+        elapsed, reason = yield self.terminate(server, 30)
+        self.assertStoppedCleanly(server, reason)
+        self.assertEqual(len(recorder.times("READY=1")), 1, recorder.datagrams)
+        self.assertEqual({c.remoteCloseCode for c in clients}, {1001})
