@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 
-from tests import test_integration
+from tests import test_integration, test_json
 from tests._redis import RedisServer
 from tests.certificates import write_certificate
 from tests.test_metrics import Scrape
@@ -60,6 +60,11 @@ class ClusterServer:
     @property
     def factory(self):
         return _AllFactories([node.factory for node in self.nodes])
+
+    @property
+    def service(self):
+        """The nodes' services as one: stopping it stops the whole cluster."""
+        return _AllServices([node.service for node in self.nodes])
 
     def server_connections(self):
         return [c for node in self.nodes for c in node.server_connections()]
@@ -130,6 +135,17 @@ class _AllFactories:
     def __setattr__(self, name, value):
         for factory in self._factories:
             setattr(factory, name, value)
+
+
+class _AllServices:
+    def __init__(self, services):
+        self._services = services
+
+    def __getattr__(self, name):
+        return getattr(self._services[0], name)
+
+    def stopService(self):
+        return defer.gatherResults([defer.maybeDeferred(s.stopService) for s in self._services])
 
 
 class ClusterIntegrationMixin:
@@ -531,3 +547,20 @@ class RedisConnectionTests(TestCase):
         ):
             with self.assertRaises(usage.UsageError, msg=argv):
                 Options().parseOptions(argv)
+
+
+class ClusterJsonMixin:
+    """The JSON dialect's real-socket suite, on three nodes (each client on the next node)."""
+
+    async def setUp(self):
+        self.redis = RedisServer(self)
+        await self.redis.start()
+        self.server = await ClusterServer.listening(self, self.tls, self.redis.url)
+
+
+class PlaintextClusterJsonTests(ClusterJsonMixin, test_json.PlaintextRealSocketsTests):
+    """webrtcsink-, webrtcsrc- and listener-like clients over plaintext, on three nodes."""
+
+
+class TLSClusterJsonTests(ClusterJsonMixin, test_json.TLSRealSocketsTests):
+    """webrtcsink-, webrtcsrc- and listener-like clients over TLS, on three nodes."""
