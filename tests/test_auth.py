@@ -160,6 +160,48 @@ class AuthMixin:
         client.send_text('{"type":"setPeerStatus","roles":["listener"]}')
         self.assertEqual(json.loads(await client.next())["type"], "peerStatusChanged")
 
+    async def test_a_token_for_one_protocol_is_refused_on_a_path_pinned_to_the_other(self):
+        """
+        A valid token that names only JSON roles (a viewer's) gets 403 on a
+        path pinned to the examples' protocol and passes on one pinned to
+        JSON; a token naming a uid, or nothing, passes on both.
+        """
+        self.server.factory.dialect_paths = {"/ex": "examples", "/gst": "json"}
+        viewer = auth.mint(NEW, 60, roles=["consumer"])
+        caller = auth.mint(NEW, 60, uid="alice")
+        anything = auth.mint(NEW, 60)
+        statuses = {}
+        for name, token in (("viewer", viewer), ("caller", caller), ("anything", anything)):
+            for path in ("/ex", "/gst"):
+                request = upgrade_request(b"", "?token=" + token).replace(
+                    b"GET /?", f"GET {path}?".encode(), 1
+                )
+                statuses[name, path] = await self.server.upgrade_status(request)
+        self.assertEqual(
+            statuses,
+            {
+                ("viewer", "/ex"): 403, ("viewer", "/gst"): 101,
+                ("caller", "/ex"): 101, ("caller", "/gst"): 101,
+                ("anything", "/ex"): 101, ("anything", "/gst"): 101,
+            },
+        )
+        self.assertEqual(self.server.stats.connections_refused, {"token_not_allowed": 1})
+
+    async def test_on_an_auto_port_the_first_message_is_refused_for_the_other_protocol(self):
+        """
+        On a port where the first message chooses: HELLO with a token that
+        names only JSON roles gets ERROR and a close (1002); the same token
+        welcomes a JSON client.
+        """
+        viewer = auth.mint(NEW, 60, roles=["consumer"])
+        client = await self.server.connect(path="/?token=" + viewer)
+        client.send_text("HELLO anyone")
+        self.assertEqual(await client.next(), "ERROR the token does not allow the protocol 'examples'")
+        self.assertEqual((await client.closed())[0], 1002)
+        client = await self.server.connect(path="/?token=" + viewer)
+        client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.assertEqual(json.loads(await client.next())["type"], "welcome")
+
     async def test_no_token_appears_in_the_logs(self):
         token = auth.mint(NEW, 60, uid="alice")
         bad = auth.mint(OLD, 60, uid="alice")

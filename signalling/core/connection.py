@@ -647,6 +647,11 @@ class Connection(ConnectionCommon):
             self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
             return
         grant = self._output.grant
+        if grant is not None and not grant.allows_dialect("examples"):
+            self._refuse(
+                wire.not_allowed("the protocol", "examples"), NOT_ALLOWED_CLOSE, "not_allowed"
+            )
+            return
         if grant is not None and not grant.allows_uid(uid):
             self._refuse(wire.not_allowed("uid", uid), NOT_ALLOWED_CLOSE, "not_allowed")
             return

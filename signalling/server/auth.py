@@ -12,7 +12,12 @@ WebSocket traffic. Its claims say what the connection may do:
 - ``roles``: the roles of the JSON dialect it may take;
 - ``rooms``: the rooms it may join; ``calls``: the uids it may call.
 
-A claim left out allows anything of its kind. The secrets file holds one
+A claim left out allows anything of its kind. A token that names only JSON
+roles (a viewer's, say) is for the JSON dialect alone: on a port or path
+pinned to the examples' protocol its handshake is refused with 403, and on
+an ``auto`` port a ``HELLO`` with it is refused, so that it cannot register
+any uid it likes. (A token naming a uid serves both: the call page and its
+stream viewer share one.) The secrets file holds one
 secret a line: every one is accepted (two during a rotation), the first
 signs; SIGHUP reloads it. Tokens are never logged.
 """
@@ -78,6 +83,15 @@ class Grant:
         self.roles = _names(claims.get("roles"))
         self.rooms = _names(claims.get("rooms"))
         self.calls = _names(claims.get("calls"))
+
+    def allows_dialect(self, dialect):
+        """:returns: whether the token is for ``dialect`` (``examples`` or ``json``)."""
+        if dialect == "json":
+            return True
+        # Roles alone: a token for the JSON dialect only.
+        return self.roles is None or any(
+            claim is not None for claim in (self.uid, self.rooms, self.calls)
+        )
 
     def allows_uid(self, uid):
         return self.uid is None or uid == self.uid

@@ -436,6 +436,14 @@ class ServerProtocol(WebSocketServerProtocol):
             except TokenRefused as e:
                 self.factory.stats.connection_refused("token_" + e.reason)
                 raise ConnectionDeny(401, "A valid token is needed")
+            pinned = self.factory.dialect
+            paths = self.factory.dialect_paths
+            if paths:
+                pinned = paths.get(request.path, pinned)
+            if pinned != "auto" and not self.grant.allows_dialect(pinned):
+                # A valid token, for the other protocol.
+                self.factory.stats.connection_refused("token_not_allowed")
+                raise ConnectionDeny(403, "The token does not allow this protocol")
         allowed = self.factory.allowed_origins
         if allowed:
             origin = request.headers.get("origin")
