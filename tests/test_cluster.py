@@ -564,3 +564,51 @@ class PlaintextClusterJsonTests(ClusterJsonMixin, test_json.PlaintextRealSockets
 
 class TLSClusterJsonTests(ClusterJsonMixin, test_json.TLSRealSocketsTests):
     """webrtcsink-, webrtcsrc- and listener-like clients over TLS, on three nodes."""
+
+
+class ClusterTokenTests(TestCase):
+    """Issue 13's mechanisms through the cluster: a token for a uid held on another node."""
+
+    timeout = 60
+
+    async def test_a_token_for_the_uid_takes_it_over_from_another_node_at_once(self):
+        """
+        alice holds her uid on one node (in a session); a HELLO on another
+        node with a token for alice takes it over at once: the holder is
+        closed with 1008, its partner with 1000, and the newcomer registered.
+        """
+        from signalling.server.auth import mint
+
+        redis = RedisServer(self)
+        await redis.start()
+        secrets = os.path.abspath(self.mktemp())
+        secret = b"s" * 40
+        with open(secrets, "wb") as f:
+            f.write(secret + b"\n")
+        nodes = [
+            await Server.start(
+                self, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url,
+                "--auth-secret", secrets,
+            )
+            for _ in range(2)
+        ]
+        await eventually(lambda: all(n.registry.up for n in nodes), "the nodes to reach Redis")
+        token = mint(secret, 60, uid="alice")
+        bob = await nodes[0].connect(path="/?token=" + mint(secret, 60, uid="bob"))
+        bob.send_text("HELLO bob")
+        await bob.expect("HELLO")
+        old = await nodes[0].connect(path="/?token=" + token)
+        old.send_text("HELLO alice")
+        await old.expect("HELLO")
+        bob.send_text("SESSION alice")
+        await bob.expect("SESSION_OK")
+        new = await nodes[1].connect(path="/?token=" + token)
+        new.send_text("HELLO alice")
+        await new.expect("HELLO")
+        self.assertEqual((await old.closed())[0], 1008)
+        self.assertEqual((await bob.closed())[0], 1000)
+        other = await nodes[0].connect(path="/?token=" + mint(secret, 60, uid="carol"))
+        other.send_text("HELLO carol")
+        await other.expect("HELLO")
+        other.send_text("SESSION alice")
+        await other.expect("SESSION_OK")
