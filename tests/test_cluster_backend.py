@@ -1,0 +1,216 @@
+"""
+The cluster node's own logic (:class:`signalling.cluster.backend.ClusterRegistry`)
+on a fake store and a fake clock: what it does when Redis goes away and
+comes back, its heartbeat, probes of another node's peer, and how it reads
+its channel. (The scripts themselves run on a real Redis in
+``tests/test_backends.py`` and ``tests/test_cluster.py``.)
+"""
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from signalling.cluster.backend import ClusterRegistry, decode_frames, encode_frames
+from signalling.core.interfaces import BINARY_FRAME, TEXT_FRAME, Unavailable
+from tests.helpers import FakePeer
+
+
+class FakeStore:
+    """Records what the node asks of Redis; the test answers."""
+
+    def __init__(self):
+        self.calls = []
+        self.published = []
+
+    def call(self, name, *args):
+        d = defer.Deferred()
+        self.calls.append((name, args, d))
+        return d
+
+    def publish(self, node, payload):
+        self.published.append((node, payload))
+
+    def answer(self, name, reply):
+        """Answer the oldest pending call of script ``name``."""
+        for i, (called, args, d) in enumerate(self.calls):
+            if called == name and not d.called:
+                d.callback(reply)
+                return args
+        raise AssertionError(f"no pending {name}: {self.calls}")
+
+
+class Peer(FakePeer):
+    def unavailable(self):
+        self.calls.append(("unavailable",))
+
+
+class NodeTestCase(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.store = FakeStore()
+        self.node = ClusterRegistry(self.store, self.clock, node="here")
+        self.node.store_up()
+        self.store.answer("resync", [])
+        self.assertTrue(self.node.up)
+
+    def register(self, uid):
+        peer = Peer(uid)
+        d = self.node.register(uid, peer)
+        args = self.store.answer("register", b"ok")
+        self.successResultOf(d)
+        return peer, args[2]
+
+    def deliver(self, kind, conns, *fields):
+        self.node.delivered(kind + conns.encode() + b"\0" + "\0".join(fields).encode())
+
+
+class OutageTests(NodeTestCase):
+    def test_losing_redis_ends_what_spans_nodes_and_keeps_what_does_not(self):
+        """
+        A peer in a session with another node's peer is told the session
+        ended; a room member is closed as unavailable; a session within the
+        node and an idle peer are untouched and the local session relays.
+        """
+        far, far_conn = self.register("far")
+        a, a_conn = self.register("a")
+        b, b_conn = self.register("b")
+        member, member_conn = self.register("member")
+        idle, _ = self.register("idle")
+        self.deliver(b"S", far_conn, "x", "there", "7", "1")
+        self.deliver(b"S", a_conn, "b", "here", b_conn, "1")
+        self.deliver(b"S", b_conn, "a", "here", a_conn, "0")
+        self.deliver(b"J", member_conn, "r", "")
+        told = []
+        self.node.watchers.append(told.append)
+        self.node.store_down()
+        self.assertEqual((self.node.up, self.node.outages, told), (False, 1, [False]))
+        self.assertEqual(far.calls[-1], ("session_ended", "x"))
+        self.assertEqual(member.calls[-1], ("unavailable",))
+        self.assertEqual(idle.calls, [])
+        a.send(b"still", False)
+        self.assertEqual(b.frames, [(b"still", False)])
+        self.assertEqual(self.node.peer_count, 3)
+
+    def test_commands_during_an_outage_are_refused_at_once(self):
+        """Register, call, join and JSON requests raise Unavailable; nothing reaches the store."""
+        (a, _), = [self.register("a")]
+        self.node.store_down()
+        before = len(self.store.calls)
+        self.assertRaises(Unavailable, self.node.register, "new", Peer("new"))
+        self.assertRaises(Unavailable, self.node.start_session, "a", "b")
+        self.assertRaises(Unavailable, self.node.join_room, "a", "r")
+        self.assertRaises(Unavailable, self.node.json_peers, "producer")
+        self.assertEqual(len(self.store.calls), before)
+
+    def test_a_close_during_an_outage_ends_a_session_within_the_node(self):
+        """The partner on this node is told at once, and both are let go; Redis is told at the resync."""
+        a, a_conn = self.register("a")
+        b, b_conn = self.register("b")
+        self.deliver(b"S", a_conn, "b", "here", b_conn, "1")
+        self.deliver(b"S", b_conn, "a", "here", a_conn, "0")
+        self.node.store_down()
+        before = len(self.store.calls)
+        self.assertIsNone(self.node.remove("a", a))
+        self.assertEqual(b.calls[-1], ("session_ended", "a"))
+        self.assertTrue(self.node.is_empty())
+        self.assertEqual(len(self.store.calls), before)
+
+    def test_the_resync_claims_what_the_node_holds_and_replaces_peers_whose_uid_went(self):
+        """
+        Back from an outage, the node sends every live peer (uid, conn,
+        dialect, partner); a uid another node took meanwhile closes its
+        peer here (replaced); then the node serves again.
+        """
+        a, a_conn = self.register("a")
+        b, b_conn = self.register("b")
+        lost, lost_conn = self.register("lost")
+        self.deliver(b"S", a_conn, "b", "here", b_conn, "1")
+        self.deliver(b"S", b_conn, "a", "here", a_conn, "0")
+        self.node.store_down()
+        self.node.store_up()
+        self.assertFalse(self.node.up)
+        args = self.store.answer("resync", [b"lost"])
+        self.assertEqual(args[:2], ("here", "3000"))
+        peers = [args[i:i + 4] for i in range(2, len(args), 4)]
+        self.assertEqual(
+            sorted(peers),
+            sorted([("a", a_conn, "e", "b"), ("b", b_conn, "e", "a"), ("lost", lost_conn, "e", "")]),
+        )
+        self.assertEqual(lost.calls, [("replaced",)])
+        self.assertTrue(self.node.up)
+        self.assertEqual(self.node.peer_count, 2)
+
+
+class HeartbeatTests(NodeTestCase):
+    def test_a_node_found_released_by_the_others_resynchronises(self):
+        """A heartbeat answered 'reaped' stops serving and resynchronises; released nodes are counted."""
+        self.node.start()
+        self.addCleanup(self.node.stop)
+        self.clock.advance(1.0)
+        self.store.answer("heartbeat", 2)
+        self.assertEqual(self.node.nodes_released, 2)
+        self.clock.advance(1.0)
+        self.store.answer("heartbeat", b"reaped")
+        self.assertFalse(self.node.up)
+        self.store.answer("resync", [])
+        self.assertTrue(self.node.up)
+        self.assertEqual(self.node.resyncs, 2)
+
+    def test_no_heartbeat_while_redis_is_away(self):
+        """While Redis is away the node sends no heartbeat (the store would fail it anyway)."""
+        self.node.start()
+        self.addCleanup(self.node.stop)
+        self.node.store_down()
+        before = len(self.store.calls)
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.store.calls), before)
+
+
+class ProbeTests(NodeTestCase):
+    def test_a_holder_on_a_node_that_does_not_answer_counts_as_silent(self):
+        """The probe goes to the holder's node; with no answer within the timeout (+1 s) it is False."""
+        d = self.node.probe_remote("x", 0.5)
+        self.store.answer("locate", [b"ok", [b"there", b"4"]])
+        [(node, payload)] = self.store.published
+        self.assertEqual(node, "there")
+        self.assertTrue(payload.startswith(b"P4\0here\0"))
+        self.assertNoResult(d)
+        self.clock.advance(1.5)
+        self.assertEqual(self.successResultOf(d), (False, ("there", "4")))
+
+    def test_the_holders_node_answers_alive(self):
+        """The holder's node's answer ('A', alive) ends the probe with True at once."""
+        d = self.node.probe_remote("x", 0.5)
+        self.store.answer("locate", [b"ok", [b"there", b"4"]])
+        token = self.store.published[0][1].split(b"\0")[2]
+        self.node.delivered(b"A\0" + b"1" + token)
+        self.assertEqual(self.successResultOf(d), (True, ("there", "4")))
+
+    def test_a_probe_asked_of_this_node_pings_its_peer_and_answers(self):
+        """Another node's 'P' pings the local holder and answers on the asker's channel."""
+        peer, conn = self.register("held")
+        peer.alive = False
+        self.deliver(b"P", conn, "asker", "tok", "0.5")
+        self.assertEqual(peer.calls[-1], ("probe", 0.5))
+        self.assertEqual(self.store.published[-1], ("asker", b"A\x000tok"))
+
+
+class ChannelTests(NodeTestCase):
+    def test_relayed_frames_survive_the_trip(self):
+        """Frames relayed to another node's peer are encoded and decoded unchanged, empty ones too."""
+        frames = [(TEXT_FRAME, b"hello"), (BINARY_FRAME, b"\x00\x01"), (TEXT_FRAME, b"")]
+        self.assertEqual(decode_frames(encode_frames(frames)), frames)
+
+    def test_messages_for_a_connection_that_left_are_dropped(self):
+        """Notifications and frames for a connection no longer here touch nobody."""
+        peer, conn = self.register("a")
+        self.node.remove("a", peer)
+        self.deliver(b"R", conn, "b", "hi")
+        self.node.delivered(b"M" + conn.encode() + b"\0" + encode_frames([(TEXT_FRAME, b"x")]))
+        self.assertEqual((peer.calls, peer.frames), ([], []))
+
+    def test_a_room_message_keeps_its_text_whole(self):
+        """A room message's text is the last field: whatever it holds reaches the member as sent."""
+        peer, conn = self.register("a")
+        self.deliver(b"R", conn, "b", "a\0b c")
+        self.assertEqual(peer.calls, [("room_message", "b", "a\0b c")])
