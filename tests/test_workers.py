@@ -24,6 +24,7 @@ class WorkerOptionsTests(TestCase):
     """What --workers asks for, and what a worker is started with."""
 
     def test_workers_need_redis(self):
+        """--workers without --redis is a usage error; --workers 1 means no workers."""
         from twisted.python import usage
 
         with self.assertRaises(usage.UsageError):
@@ -36,15 +37,18 @@ class WorkerOptionsTests(TestCase):
         self.assertEqual(options["workers"], 0)
 
     def test_a_worker_gets_the_parents_options_less_workers(self):
+        """Every option but --workers (either spelling) is handed to the workers."""
         argv = ["--port", "tcp:1", "--workers", "3", "--redis", "r", "--workers=4", "--health", "/h"]
         self.assertEqual(worker_argv(argv), ["--port", "tcp:1", "--redis", "r", "--health", "/h"])
 
     def test_each_worker_serves_metrics_on_its_own_port(self):
+        """A tcp: --metrics-port moves by the worker's index; other descriptions stay."""
         self.assertEqual(_offset_port("tcp:9100:interface=127.0.0.1", 2), "tcp:9102:interface=127.0.0.1")
         self.assertEqual(_offset_port("tcp:port=9100", 1), "tcp:port=9101")
         self.assertEqual(_offset_port("unix:/run/m.sock", 1), "unix:/run/m.sock")
 
     def test_bad_worker_fds_are_usage_errors(self):
+        """A --worker-fds value that names no socket is refused."""
         from twisted.python import usage
 
         for spec in ("x", "3:AF_PACKET", "3", "-1:AF_INET"):
