@@ -298,6 +298,29 @@ class ClusterProcessTests(ProcessMixin, TestCase):
         for member in members[1:]:
             self.assertEqual(member.unread(), [])
 
+    async def test_concurrent_joins_on_three_processes_form_one_order_every_member_sees(self):
+        """
+        Nine peers on three processes join one room at the same moment:
+        each sees the members before it (ROOM_OK), then itself, then the
+        joins after it (ROOM_PEER_JOINED): the same order for all, and the
+        one ROOM_PEER_LIST gives.
+        """
+        members = [await self.hello(i % 3, f"j{i}") for i in range(9)]
+        for member in members:
+            member.send_text("ROOM together")
+        views = []
+        for i, member in enumerate(members):
+            first = await member.next()
+            self.assertTrue(first.startswith("ROOM_OK"), first)
+            before = first[len("ROOM_OK "):].split()
+            after = [(await member.next()) for _ in range(8 - len(before))]
+            self.assertTrue(all(a.startswith("ROOM_PEER_JOINED ") for a in after), after)
+            views.append(before + [f"j{i}"] + [a.split()[1] for a in after])
+        self.assertEqual(len({tuple(view) for view in views}), 1, views)
+        self.assertEqual(sorted(views[0]), sorted(f"j{i}" for i in range(9)))
+        members[0].send_text("ROOM_PEER_LIST")
+        await members[0].expect("ROOM_PEER_LIST " + " ".join(m for m in views[0] if m != "j0"))
+
     async def test_twenty_hellos_for_one_uid_on_three_processes_register_exactly_one(self):
         """Of 20 simultaneous HELLOs for one uid spread over three processes, exactly one wins."""
         clients = [await self.connect(i % 3) for i in range(20)]
