@@ -47,7 +47,7 @@ class RedisServer:
         self.tls = tls
         self._process = None
         self.port = None
-        self.binary = shutil.which("redis-server")
+        self.binary = shutil.which("redis-server") or shutil.which("valkey-server")
         if self.binary is None:
             missing_requirement("redis-server; install the Debian package redis-server")
         self._dir = os.path.abspath(testcase.mktemp())
