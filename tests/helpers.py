@@ -60,6 +60,9 @@ class FakePeer:
     def replaced(self):
         self.calls.append(("replaced",))
 
+    def unavailable(self):
+        self.calls.append(("unavailable",))
+
     def send(self, payload, is_binary):
         """Relay one message to the partner through the link handed over."""
         self.link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))

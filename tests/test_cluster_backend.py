@@ -39,9 +39,7 @@ class FakeStore:
         raise AssertionError(f"no pending {name}: {self.calls}")
 
 
-class Peer(FakePeer):
-    def unavailable(self):
-        self.calls.append(("unavailable",))
+Peer = FakePeer
 
 
 class NodeTestCase(unittest.TestCase):

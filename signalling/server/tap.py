@@ -499,8 +499,10 @@ def makeService(config, reactor=None):
             log_observer=log_observer,
         )
     on_ready = None
+    pipe = None
     if config["worker-pipe"] is not None:
-        on_ready = workers.WorkerPipe(config["worker-pipe"], reactor).when_serving(registry)
+        pipe = workers.WorkerPipe(config["worker-pipe"], reactor)
+        on_ready = pipe.when_serving(registry)
     listen, ws_factories = [], []
     for description, _, endpoint, wrap in ports:
         ws_factory = _factory.SignallingServerFactory(
@@ -538,6 +540,8 @@ def makeService(config, reactor=None):
             else ws_factory
         )
         listen.append((description, endpoint, factory))
+    if pipe is not None and handle_signals:
+        pipe.stop_in_step([f for _, f in ws_factories])
     if metrics_endpoint is not None:
         collector = SignallingCollector(stats, registry, ws_factories)
         metrics_site = Site(metrics_resource(collector))

@@ -32,6 +32,7 @@ import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -44,6 +45,8 @@ ALIVE_INTERVAL = 1.0
 WORKER_TIMEOUT = 10.0
 #: Seconds without an ``alive`` line after which the watchdog pings stop.
 UNHEALTHY_AFTER = 3 * ALIVE_INTERVAL
+#: Seconds the workers get to mark themselves as stopping before SIGTERM.
+PREPARE_TIMEOUT = 2.0
 #: The file descriptor a worker writes ``ready`` and ``alive`` on.
 PIPE_FD = 3
 #: Environment variables the workers do not inherit: systemd's notification
@@ -87,6 +90,8 @@ class _Worker(protocol.ProcessProtocol):
         self.ready = False
         self.last_alive = None
         self.ended = defer.Deferred()
+        #: Fires once the worker marked itself as stopping (SIGUSR2).
+        self.stopping = defer.Deferred()
         self._buffer = b""
 
     def childDataReceived(self, fd, data):
@@ -106,9 +111,10 @@ class _Worker(protocol.ProcessProtocol):
         return self.transport.pid if self.transport is not None else None
 
     def signal(self, name):
+        """Send a signal (a name Twisted knows, such as ``TERM``, or a number); a gone process is fine."""
         try:
             self.transport.signalProcess(name)
-        except Exception:
+        except ProcessExitedAlready:
             pass
 
 
@@ -266,6 +272,9 @@ class Supervisor(GracefulStop, Service):
         if self.workers.get(worker.index) is not worker:
             return
         worker.last_alive = self._reactor.seconds()
+        if line == b"stopping" and not worker.stopping.called:
+            self._log.info("worker {index} is stopping", index=worker.index)
+            worker.stopping.callback(None)
         if line == b"ready" and not worker.ready:
             worker.ready = True
             self._log.info("worker {index} ready (pid {pid})", index=worker.index, pid=worker.pid)
@@ -353,6 +362,17 @@ class Supervisor(GracefulStop, Service):
             self._previous_sighup = None
         self._restore_stop_handlers()
         workers = list(self.workers.values())
+        # First every worker marks itself as stopping, then every worker
+        # closes its connections: so no peer is told its partner on
+        # another worker left (1000) when the whole server stops (1001).
+        for worker in workers:
+            worker.signal(signal.SIGUSR2)
+        prepared = defer.DeferredList([w.stopping for w in workers], consumeErrors=True)
+        prepared.addTimeout(PREPARE_TIMEOUT, self._reactor, lambda *_: None)
+        prepared.addBoth(lambda _: self._terminate(workers))
+        return prepared
+
+    def _terminate(self, workers):
         for worker in workers:
             worker.signal("TERM")
         ended = defer.DeferredList([w.ended for w in workers])
@@ -448,6 +468,22 @@ class WorkerPipe:
                 registry.watchers.append(lambda up: up and self.ready())
 
         return listening
+
+    def stop_in_step(self, factories):
+        """
+        On SIGUSR2 (the supervisor's first step of a stop), mark the
+        server as stopping before any worker closes a connection: a
+        partner on another worker that goes from then on is closed with
+        1001, as in one process, not 1000 as if it had left. Then say
+        ``stopping``; SIGTERM follows.
+        """
+
+        def prepare():
+            for factory in factories:
+                factory.begin_shutdown()
+            self._write(b"stopping\n")
+
+        signal.signal(signal.SIGUSR2, lambda signum, frame: self._reactor.callFromThread(prepare))
 
     def ready(self):
         if self._loop is not None:
