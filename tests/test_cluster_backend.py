@@ -212,3 +212,39 @@ class ChannelTests(NodeTestCase):
         peer, conn = self.register("a")
         self.deliver(b"R", conn, "b", "a\0b c")
         self.assertEqual(peer.calls, [("room_message", "b", "a\0b c")])
+
+
+class JsonCountTests(NodeTestCase):
+    def welcome(self, peer_id):
+        peer = Peer(peer_id)
+        peer.json_session_started = lambda *a: peer.calls.append(("started",) + a)
+        peer.json_session_ended = lambda *a: peer.calls.append(("ended",) + a)
+        d = self.node.welcome(peer_id, peer)
+        args = self.store.answer("register", b"ok")
+        self.successResultOf(d)
+        return peer, args[2]
+
+    def test_json_sessions_are_counted_on_their_consumers_node(self):
+        """
+        A session this node's peer consumes counts from its start until the
+        other side ends it, the peer ends it, or the peer gives up the
+        consumer role (which ended them).
+        """
+        peer, conn = self.welcome("c")
+        for session_id in ("s1", "s2", "s3"):
+            self.deliver(b"a", conn, "producer", session_id)
+        self.assertEqual(self.node.json_session_count, 3)
+        self.deliver(b"e", conn, "s1", "")
+        self.assertEqual(self.node.json_session_count, 2)
+        d = self.node.end_json_session("c", "s2")
+        self.store.answer("end_json_session", b"ok")
+        self.successResultOf(d)
+        self.assertEqual(self.node.json_session_count, 1)
+        d = self.node.set_peer_status("c", ["listener"], None, None)
+        self.store.answer("set_peer_status", b"ok")
+        self.assertEqual(self.node.json_session_count, 1, "it never had the consumer role")
+        d = self.node.set_peer_status("c", ["consumer"], None, None)
+        self.store.answer("set_peer_status", b"ok")
+        d = self.node.set_peer_status("c", [], None, None)
+        self.store.answer("set_peer_status", b"ok")
+        self.assertEqual(self.node.json_session_count, 0)

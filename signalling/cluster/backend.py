@@ -212,7 +212,7 @@ _GONE = _Gone()
 class _Local:
     """What the node keeps of one of its peers."""
 
-    __slots__ = ("uid", "peer", "dialect", "partner", "room")
+    __slots__ = ("uid", "peer", "dialect", "partner", "room", "consuming", "roles")
 
     def __init__(self, uid, peer, dialect):
         self.uid = uid
@@ -221,6 +221,9 @@ class _Local:
         #: ``(partner_uid, node, conn, caller)`` while in a session.
         self.partner = None
         self.room = None
+        #: The JSON dialect: ids of the sessions it is the consumer of, and its roles.
+        self.consuming = None
+        self.roles = ()
 
 
 @implementer(IRegistry)
@@ -305,7 +308,8 @@ class ClusterRegistry:
 
     @property
     def json_session_count(self):
-        return 0
+        """JSON sessions this node's peers consume (each counted on its consumer's node)."""
+        return sum(len(local.consuming) for local in self._locals.values() if local.consuming)
 
     def is_empty(self):
         """:returns: True when this node holds no peer."""
@@ -574,7 +578,17 @@ class ClusterRegistry:
             self.node,
             conn,
         )
-        d.addCallback(lambda _: None)
+
+        def done(_):
+            local = self._locals.get(conn)
+            if local is None:
+                return
+            if "consumer" in local.roles and "consumer" not in roles:
+                # Giving the role up ended its sessions as consumer.
+                local.consuming = None
+            local.roles = tuple(roles)
+
+        d.addCallback(done)
         return d
 
     def json_peers(self, role):
@@ -622,7 +636,13 @@ class ClusterRegistry:
         d = self._call(
             "end_json_session", peer_id, session_id, "" if error is None else "1" + error
         )
-        d.addCallback(lambda _: None)
+
+        def done(_):
+            local = self._locals.get(self._holder.get(peer_id))
+            if local is not None and local.consuming:
+                local.consuming.discard(session_id)
+
+        d.addCallback(done)
         return d
 
     # What Redis delivers on this node's channel.
@@ -693,11 +713,16 @@ class ClusterRegistry:
             peer_id, roles, meta = fields[0], fields[1], "\0".join(fields[2:])
             peer.peer_status_changed(peer_id, _roles(roles), json.loads(meta))
         elif kind == b"a":
+            if local.consuming is None:
+                local.consuming = set()
+            local.consuming.add(fields[1])
             peer.json_session_started(fields[0], fields[1])
         elif kind == b"b":
             offer = "\0".join(fields[2:])
             peer.json_start_session(fields[0], fields[1], offer[1:] if offer else None)
         elif kind == b"e":
+            if local.consuming:
+                local.consuming.discard(fields[0])
             reason = "\0".join(fields[1:])
             peer.json_session_ended(fields[0], reason[1:] if reason else None)
         elif kind == b"X":
