@@ -48,7 +48,6 @@ from signalling.core import json_wire
 from signalling.core.interfaces import (
     AlreadyEngaged,
     ILink,
-    IPeer,
     IRegistry,
     JsonRefused,
     NotInRoom,
@@ -154,12 +153,12 @@ class RemoteLink:
         """Another node's peer is not held back (the holder's output bound applies)."""
 
 
-@implementer(IPeer)
 class RemoteHolder:
     """
     The holder of a uid on another node, as a ``HELLO`` that wants the uid
-    back sees it (see ``Connection._reclaim``): its probe and its
-    replacement go through Redis to the holder's node.
+    back sees it (see ``Connection._reclaim``, which uses ``probe``,
+    ``replaced`` and ``peer_addr`` of :meth:`IRegistry.peer_of`'s answer):
+    its probe and its replacement go through Redis to the holder's node.
     """
 
     def __init__(self, backend, uid):

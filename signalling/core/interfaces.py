@@ -52,6 +52,11 @@ What a backend may do, and every connection copes with:
    ``session_started`` may write straight to the partner's connection (on
    this node; it may take several messages at once) or carry messages
    through the backend.
+7. **Be unavailable for a while.** A backend that cannot serve (a cluster
+   node that lost its Redis) refuses commands with :class:`Unavailable`, and
+   may remove a peer whose state spans what it lost, telling it
+   :meth:`IPeer.unavailable` (or :meth:`IPeer.session_ended`, for a session
+   with another node's peer).
 
 What the connection side guarantees under every such order (see
 ``docs/protocol.md``): no notification or relayed message before the reply
@@ -292,7 +297,9 @@ class IRegistry(Interface):
         """
         :returns: the :class:`IPeer` registered as ``uid`` if it is
             connected to this node (so that a new ``HELLO`` for its uid can
-            ask whether it is still alive), else None.
+            ask whether it is still alive), else None. A cluster node may
+            answer, for a uid held elsewhere, a stand-in whose ``probe``,
+            ``replaced`` and ``peer_addr`` go through the backend.
         """
 
     def start_session(caller_uid, callee_uid):
