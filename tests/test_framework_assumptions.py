@@ -294,3 +294,73 @@ class TwistedTests(unittest.TestCase):
         text = source(_twistd_unix.UnixApplicationRunner.postApplication)
         self.assertIn("except Exception", text)
         self.assertIn("statusPipe", text)
+
+
+class TxRedisApiTests(unittest.TestCase):
+    """
+    What ``signalling/cluster/redis.py`` relies on in txredisapi, checked on
+    its protocol classes fed Redis's replies in memory.
+    """
+
+    def protocol(self, cls):
+        import txredisapi
+
+        p = getattr(txredisapi, cls)(charset=None, replyTimeout=5.0, convertNumbers=False)
+        # Its timers (the reply timeout; the rest of a read after a bulk
+        # string, handled in a later turn) follow this clock.
+        self.clock = Clock()
+        p.callLater = self.clock.callLater
+        transport = StringTransport()
+        p.makeConnection(transport)
+        return p, transport
+
+    def feed(self, p, data):
+        """Hand ``data`` to ``p`` and run the turns it schedules to finish reading it."""
+        p.dataReceived(data)
+        while any(call.getTime() <= self.clock.seconds() for call in self.clock.getDelayedCalls()):
+            self.clock.advance(0)
+
+    def test_commands_are_sent_at_once_and_answered_in_order_as_bytes(self):
+        """
+        ``execute_command`` writes the command at once (RESP), connectionMade
+        needs nothing more without password or database, and with
+        ``charset=None`` and ``convertNumbers=False`` a bulk reply stays bytes
+        (a uid "123" stays b"123"), an integer reply is an int, a nested
+        array a list, and a Redis error fails the Deferred.
+        """
+        p, transport = self.protocol("RedisProtocol")
+        self.assertTrue(p.connected)
+        results = []
+        for args in (("EVALSHA", "abc", 0, "x"), ("PUBLISH", "ch", b"\x00raw"), ("GET", "k")):
+            p.execute_command(*args).addBoth(results.append)
+        self.assertEqual(
+            transport.value(),
+            b"*4\r\n$7\r\nEVALSHA\r\n$3\r\nabc\r\n$1\r\n0\r\n$1\r\nx\r\n"
+            b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nch\r\n$4\r\n\x00raw\r\n"
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+        )
+        self.feed(p, b"*2\r\n$2\r\nok\r\n*1\r\n$3\r\n123\r\n:3\r\n-ERR nope\r\n")
+        self.assertEqual(results[:2], [[b"ok", [b"123"]], 3])
+        self.assertIn("nope", results[2].getErrorMessage())
+
+    def test_a_subscriber_hands_over_each_message_with_its_channel(self):
+        """``messageReceived(pattern, channel, message)`` gets every published message, as bytes."""
+        p, _ = self.protocol("SubscriberProtocol")
+        got = []
+        p.messageReceived = lambda pattern, channel, message: got.append((channel, message))
+        p.subscribe("sig:n:x")
+        self.feed(p, b"*3\r\n$9\r\nsubscribe\r\n$7\r\nsig:n:x\r\n:1\r\n")
+        self.feed(p, b"*3\r\n$7\r\nmessage\r\n$7\r\nsig:n:x\r\n$3\r\nS\x001\r\n")
+        self.assertEqual(got, [(b"sig:n:x", b"S\x001")])
+
+    def test_a_lost_connection_fails_what_awaits_an_answer(self):
+        """Commands waiting for an answer fail when the connection is lost (the node then counts an outage)."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        p, _ = self.protocol("RedisProtocol")
+        d = p.execute_command("GET", "k")
+        p.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d)
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
