@@ -15,8 +15,10 @@ from signalling.core import json_wire
 from signalling.core.interfaces import JsonRefused, PeerNotFound, UidTaken
 from signalling.core.registry import Registry
 from signalling.server.factory import DEFAULT_DIALECT_WAIT
+from signalling.server.protocol import DIALECT_RECHECK, DIALECT_RECHECKS
 from signalling.server.metrics import SignallingCollector
 from tests import backends
+from tests.clients import eventually
 from tests.servers import Loopback, Server
 
 
@@ -314,6 +316,34 @@ class DialectTests(unittest.TestCase):
         self.assertEqual(set(welcome), {"type", "peerId"})
         self.assertEqual(welcome["type"], "welcome")
         self.assertEqual(len(welcome["peerId"]), 36)
+
+    def test_input_that_waits_unread_when_the_wait_ends_still_chooses(self):
+        """
+        A loaded server can reach the end of the wait before the first
+        message that came in time: while input waits unread, the connection
+        is not welcomed; once read, a HELLO makes it the examples' dialect.
+        Input that stays unread does not hold the choice for ever.
+        """
+        client = self.net.client()
+        [protocol] = self.net.factory.connections
+        protocol.has_unread_input = lambda: True
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT + 1)
+        self.net.flush()
+        self.assertEqual(client.drain(), [])
+        client.send_text("HELLO late-reader")
+        self.net.flush()
+        self.assertEqual(client.drain(), ["HELLO"])
+        other = self.net.client()
+        [stuck] = [p for p in self.net.factory.connections if p is not protocol]
+        stuck.has_unread_input = lambda: True
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT)
+        for _ in range(DIALECT_RECHECKS - 1):
+            self.net.clock.advance(DIALECT_RECHECK)
+        self.net.flush()
+        self.assertEqual(other.drain(), [])
+        self.net.clock.advance(DIALECT_RECHECK)
+        self.net.flush()
+        self.assertEqual([obj(m)["type"] for m in other.drain()], ["welcome"])
 
     def test_hello_first_is_the_examples_dialect_and_nothing_else_is_sent(self):
         client = self.net.hello("alice")
@@ -691,6 +721,21 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         pinned = await self.server.connect(path="/gst")
         self.assertEqual((await self.next_json(pinned))["type"], "welcome")
         self.assertLess(reactor.seconds() - started, DEFAULT_DIALECT_WAIT)
+
+    async def test_unread_input_is_seen_in_the_socket(self):
+        """
+        ``has_unread_input`` sees a frame the server has not read yet: in
+        the kernel's buffer (plaintext) or behind the TLS layer.
+        """
+        client = await self.server.connect()
+        [protocol] = list(self.server.factory.connections)
+        self.assertFalse(protocol.has_unread_input())
+        protocol.transport.pauseProducing()
+        client.send_text("HELLO unread")
+        await eventually(protocol.has_unread_input, "the frame to wait in the socket")
+        protocol.transport.resumeProducing()
+        await client.expect("HELLO")
+        self.assertFalse(protocol.has_unread_input())
 
     async def test_shutdown_closes_json_peers_with_1001(self):
         producer, producer_id = await self.welcomed()

@@ -34,6 +34,10 @@ DIALECTS = (AUTO, EXAMPLES, JSON)
 #: Round trips (the kernel's estimate for the connection) added to the
 #: wait for a first message, so that a far client's HELLO is in time.
 DIALECT_RTTS = 3
+#: When the wait is over but input waits unread: seconds before looking
+#: again, and how many times (then the connection is welcomed as JSON).
+DIALECT_RECHECK = 0.05
+DIALECT_RECHECKS = 100
 
 
 @implementer(IConnectionOutput)
@@ -80,10 +84,24 @@ class _Signalling:
         if dialect == AUTO:
             rtt = self.tcp_rtt() or 0.0
             self._choosing = factory.clock.callLater(
-                factory.dialect_wait + DIALECT_RTTS * rtt, self._begin, JsonConnection
+                factory.dialect_wait + DIALECT_RTTS * rtt, self._waited, 0
             )
         else:
             self._begin(JsonConnection if dialect == JSON else self.connection_class)
+
+    def _waited(self, rechecks):
+        """
+        The wait is over with no first message handled: welcome a JSON
+        client, unless input already came and waits to be read (a loaded
+        server reaches timers before the input of the same moment); then
+        look again a little later, for a bounded time.
+        """
+        if rechecks < DIALECT_RECHECKS and self.has_unread_input():
+            self._choosing = self.factory.clock.callLater(
+                DIALECT_RECHECK, self._waited, rechecks + 1
+            )
+            return
+        self._begin(JsonConnection)
 
     def _begin(self, connection_class):
         # Back to the class default: one key fewer in every connection's

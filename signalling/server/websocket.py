@@ -385,6 +385,26 @@ class ServerProtocol(WebSocketServerProtocol):
             return None
         return struct.unpack_from("I", info, _TCPI_RTT)[0] / 1e6
 
+    def has_unread_input(self):
+        """
+        :returns: whether bytes from the peer wait unread: in the kernel's
+            socket buffer (peeked), in OpenSSL's, or in Autobahn's own (a
+            turn of input left for later). A busy server may reach a timer
+            before the input that came in time for it.
+        """
+        if self.data:
+            return True
+        transport = self.transport
+        try:
+            handle = transport.getHandle()
+            if isinstance(handle, SSL.Connection):
+                if handle.pending():
+                    return True
+                handle = transport.transport.getHandle()
+            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (AttributeError, OSError):
+            return False
+
     # Sending.
 
     def write_frames(self, frames):
