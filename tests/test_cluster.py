@@ -554,6 +554,24 @@ class RedisConnectionTests(TestCase):
         a.close()
         await b.closed()
 
+    def test_node_timeout_sets_the_heartbeat(self):
+        """--node-timeout is how long a silent process lives on; the heartbeat goes thrice as often at least."""
+        from twisted.internet.task import Clock
+        from twisted.python import usage
+
+        from signalling.server.tap import Options, makeService
+
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--node-timeout", "0.5"])
+        options = Options()
+        options.parseOptions(
+            ["--port", "tcp:0", "--redis", "redis://127.0.0.1:1/0", "--node-timeout", "2.4"]
+        )
+        service = makeService(options, reactor=Clock())
+        registry = service.cluster._backend
+        self.assertEqual(registry._ttl_ms, "2400")
+        self.assertAlmostEqual(registry._heartbeat_every, 0.8)
+
     def test_bad_redis_options_are_usage_errors(self):
         """A --redis URL that cannot be used, or a Redis option without --redis, is refused at once."""
         from twisted.python import usage

@@ -222,6 +222,11 @@ class Options(usage.Options):
          "Default: none (this process alone, in memory).", str],
         ["redis-password-file", None, None,
          "A file holding the password of --redis (its first line).", str],
+        ["node-timeout", None, 3.0,
+         "With --redis: seconds after its last heartbeat (sent every second, "
+         "or a third of this if less) that a process counts as dead and the "
+         "others release its peers. Raise it on machines so loaded that a "
+         "process can stall for that long.", _positive(float, 1.0)],
         ["redis-ca-file", None, None,
          "Trust the certificates in this PEM file for a rediss:// --redis "
          "(default: the system's trust store).", str],
@@ -388,7 +393,12 @@ def makeService(config, reactor=None):
                 raise SystemExit(f"signalling: --redis-ca-file: {e.strerror}: {e.filename}")
         cluster = RedisStore(reactor, RedisAddress(config["redis"], password, ca_pem))
         registry = ClusterRegistry(
-            cluster, reactor, max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
+            cluster,
+            reactor,
+            max_room_members=config["max-room-members"],
+            max_rooms=config["max-rooms"],
+            heartbeat=min(1.0, config["node-timeout"] / 3),
+            ttl=config["node-timeout"],
         )
         cluster.attach(registry)
     else:
