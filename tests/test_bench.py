@@ -903,6 +903,8 @@ class ClusterTests(ProcessMixin, unittest.TestCase):
         self.assertTrue(result["ok"], result)
         self.assertEqual(result["registered_per_node"], [15, 15])
         self.assertEqual(result["answered"], 30)
+        self.assertGreater(result["answer_seconds"], 0)
+        self.assertEqual(result["answers_per_s"], 30 / result["answer_seconds"])
         self.assertEqual(len(result["rss_after_kb_each"]), 2)
         self.assertEqual(result["rss_after_kb"], sum(result["rss_after_kb_each"]))
         self.assertEqual(len(result["rss_per_peer_bytes_each"]), 2)

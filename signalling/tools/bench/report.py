@@ -86,6 +86,7 @@ COLUMNS = {
         ("storm s", "storm_seconds", "{:.2f}"),
         ("registered", "registered", "{}"),
         ("answered", "answered", "{}"),
+        ("answers s", "answer_seconds", "{:.2f}"),
         ("RSS/peer B", "rss_per_peer_bytes", "{:,.0f}"),
         ("RSS KiB", "rss_after_kb", "{:,}"),
     ],

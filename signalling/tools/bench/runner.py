@@ -655,6 +655,7 @@ def run_idle(pool, target, params, probe):
     storm_seconds = (max(lasts) - start_at) if lasts else None
     answered = sum(r["answered"] for r in results)
     failures = sum(r["failures"] for r in results)
+    answer_seconds = max(r["answered_by"] for r in results) - min(r["asked_from"] for r in results)
     per_node = [sum(s["registered_per_node"][n] for s in stormed) for n in range(len(nodes))]
     per_peer = None
     if rss_before is not None and rss_after is not None and registered:
@@ -687,6 +688,9 @@ def run_idle(pool, target, params, probe):
         "redis_rss_after_kb": redis_after,
         "redis_rss_per_peer_bytes": redis_per_peer,
         "answered": answered,
+        #: From the first question to the last answer, all processes together.
+        "answer_seconds": answer_seconds,
+        "answers_per_s": answered / answer_seconds if answer_seconds > 0 else None,
         "source_addresses": len(spec["source_hosts"]),
         "reasons": _reasons(results),
         "ok": registered == spec["peers"] and answered == registered,

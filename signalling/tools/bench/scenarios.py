@@ -669,7 +669,8 @@ async def idle(spec, control):
     """
     N peers opened in a storm and registered, held idle, then each asked
     one question (a ``SESSION`` to a uid nobody has) that every server
-    answers with ``ERROR``.
+    answers with ``ERROR`` (at most ``storm_concurrency`` questions of a
+    process on their way at once).
 
     A peer of the storm may take ``spec["storm_timeout"]`` seconds to be
     registered: a connection dropped from a full listen queue is retried
@@ -739,11 +740,16 @@ async def idle(spec, control):
             return None
         return f"answered {reply[:60]!r}"
 
-    answers = await asyncio.gather(*(ask(c) for c in peers))
+    # As many questions on their way at once as connections in the storm:
+    # with many peers, each question a command for a cluster's Redis, all
+    # at once would wait longer than the timeout in the server's queues.
+    asked_from = now()
+    answers = await bounded_gather([ask(c) for c in peers], spec["storm_concurrency"])
+    answered_by = now()
     silent = Failures()
     for answer in answers:
         if answer is not None:
-            silent.add(answer)
+            silent.add(describe(answer) if isinstance(answer, BaseException) else answer)
     unclosed = await control.close_all(peers, timeout)
     return {
         "peers": len(indices),
@@ -751,6 +757,8 @@ async def idle(spec, control):
         "failures": failures.count,
         "reasons": failures.reasons + silent.reasons,
         "answered": len(peers) - silent.count,
+        "asked_from": asked_from,
+        "answered_by": answered_by,
         "last": last,
         "unclosed": unclosed,
         "cpu": cpu_storm,
