@@ -14,11 +14,13 @@ import importlib.util
 import io
 import json
 import os
+import re
 import socket
 import struct
 import sys
 
 import http.client
+import shutil
 import time
 
 from twisted.internet import defer, reactor, threads, utils
@@ -29,6 +31,7 @@ from signalling.tools.bench.runner import Pool, ServerProbe, run_scenario
 from signalling.core.connection import Connection
 from signalling.core.registry import Registry
 from signalling.server.protocol import SignallingServerProtocol
+from tests._interop import missing_requirement
 from tests._redis import RedisServer
 from tests.clients import pause
 from tests.servers import ProcessMixin, Server
@@ -1015,3 +1018,59 @@ class ClusterReportTests(unittest.TestCase):
         self.assertEqual(probe.pid, os.getpid())
         self.assertIsNone(ServerProbe(None).rss_each())
         self.assertRaises(runner.BenchError, ServerProbe(2**22 + 12345).cpu)
+
+
+class ClusterScalingScriptTests(unittest.TestCase):
+    """benchmarks/cluster-scaling: its own Redis and nodes, every phase, all stopped after."""
+
+    timeout = 180
+
+    async def test_scaling_and_capacity_with_tiny_sizes(self):
+        if shutil.which("redis-server") is None:
+            missing_requirement("redis-server; install the Debian package redis-server")
+        script = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "benchmarks",
+            "cluster-scaling",
+        )
+        out = os.path.abspath(self.mktemp())
+        stdout, stderr, code = await utils.getProcessOutputAndValue(
+            sys.executable,
+            [
+                script, "--out", out, "--nodes", "0,2", "--transports", "plain", "--rounds", "1",
+                "--duration", "0.5", "--processes", "1", "--capacity-peers", "200",
+                "--capacity-nodes", "2",
+            ],
+            env=dict(os.environ),
+            reactor=reactor,
+        )  # fmt: skip
+        self.assertEqual(code, 0, stdout.decode() + stderr.decode())
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["failures"], [])
+        relay = {row["server"]: row for row in summary["tables"]["relay-plain"]}
+        self.assertEqual(
+            set(relay),
+            {"1 process, no Redis", "2 nodes", "2 nodes, every pair within a node",
+             "2 nodes, every pair across nodes"},
+        )  # fmt: skip
+        self.assertEqual(relay["2 nodes"]["cross_share_placed"], 0.5)
+        self.assertEqual(relay["2 nodes, every pair across nodes"]["cross_share"], 1.0)
+        self.assertGreater(relay["2 nodes"]["node_cpu_per_unit"], 0)
+        self.assertIn("setup-plain", summary["tables"])
+        [capacity] = summary["tables"]["capacity"]
+        self.assertEqual(
+            (capacity["registered"], capacity["answered"], capacity["registered_per_node"]),
+            (200, 200, [100, 100]),
+        )
+        with open(os.path.join(out, "summary.md")) as f:
+            self.assertIn("### Capacity: idle registered peers", f.read())
+        # Every node it started was stopped (and shut down cleanly).
+        logs = os.path.join(out, "logs")
+        nodes = [name for name in os.listdir(logs) if re.search(r"-node\d+\.log$", name)]
+        self.assertEqual(len(nodes), 1 + 1 + 2 + 2)  # certificate, baseline, 2 nodes, capacity
+        for name in nodes:
+            with open(os.path.join(logs, name)) as f:
+                text = f.read()
+            self.assertIn("Server Shut Down", text, name)
+            self.assertNotIn("Traceback", text, name)

@@ -112,7 +112,8 @@ COLUMNS = {
 CLUSTER_COLUMNS = {
     "relay": [
         ("nodes", "nodes", "{}"),
-        ("cross", "cross_share", "{:.0%}"),
+        ("pairs across", "cross_share_placed", "{:.0%}"),
+        ("traffic across", "cross_share", "{:.0%}"),
         ("same p50", "rtt_same_p50_ms", "{:.2f}"),
         ("same p99", "rtt_same_p99_ms", "{:.2f}"),
         ("cross p50", "rtt_cross_p50_ms", "{:.2f}"),
@@ -120,7 +121,7 @@ CLUSTER_COLUMNS = {
     ],
     "setup": [
         ("nodes", "nodes", "{}"),
-        ("cross", "cross_share", "{:.0%}"),
+        ("across", "cross_share", "{:.0%}"),
         ("same p50", "setup_same_p50_ms", "{:.1f}"),
         ("same p99", "setup_same_p99_ms", "{:.1f}"),
         ("cross p50", "setup_cross_p50_ms", "{:.1f}"),
