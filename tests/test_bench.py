@@ -1021,7 +1021,7 @@ class ClusterReportTests(unittest.TestCase):
 
 
 class ClusterScalingScriptTests(unittest.TestCase):
-    """benchmarks/cluster-scaling: its own Redis and nodes, every phase, all stopped after."""
+    """benchmarks/cluster-scaling: its own Redis and nodes, every phase (TLS storm included), all stopped after."""
 
     timeout = 180
 
@@ -1039,7 +1039,7 @@ class ClusterScalingScriptTests(unittest.TestCase):
             [
                 script, "--out", out, "--nodes", "0,2", "--transports", "plain", "--rounds", "1",
                 "--duration", "0.5", "--processes", "1", "--capacity-peers", "200",
-                "--capacity-nodes", "2",
+                "--capacity-nodes", "2", "--storm-peers", "40",
             ],
             env=dict(os.environ),
             reactor=reactor,
@@ -1058,6 +1058,9 @@ class ClusterScalingScriptTests(unittest.TestCase):
         self.assertEqual(relay["2 nodes, every pair across nodes"]["cross_share"], 1.0)
         self.assertGreater(relay["2 nodes"]["node_cpu_per_unit"], 0)
         self.assertIn("setup-plain", summary["tables"])
+        storm = {row["server"]: row for row in summary["tables"]["storm-tls"]}
+        self.assertEqual(set(storm), {"2 nodes", "1 node", "1 process, no Redis"})
+        self.assertTrue(all(row["ok"] and row["hellos_per_s"] > 0 for row in storm.values()), storm)
         [capacity] = summary["tables"]["capacity"]
         self.assertEqual(
             (capacity["registered"], capacity["answered"], capacity["registered_per_node"]),
@@ -1068,7 +1071,9 @@ class ClusterScalingScriptTests(unittest.TestCase):
         # Every node it started was stopped (and shut down cleanly).
         logs = os.path.join(out, "logs")
         nodes = [name for name in os.listdir(logs) if re.search(r"-node\d+\.log$", name)]
-        self.assertEqual(len(nodes), 1 + 1 + 2 + 2)  # certificate, baseline, 2 nodes, capacity
+        # The certificate's; the scaling's baseline and 2 nodes; the storm's
+        # 2 nodes, 1 node and baseline; the capacity's 2 nodes.
+        self.assertEqual(len(nodes), 1 + 3 + 4 + 2)
         for name in nodes:
             with open(os.path.join(logs, name)) as f:
                 text = f.read()

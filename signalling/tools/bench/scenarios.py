@@ -211,23 +211,28 @@ class Control:
         """Report ``info`` to the parent; :returns: its answer, once every process is there."""
         return await self._sync(step, info)
 
-    async def connect(self, timeout, source_host=None, node=None):
+    async def connect(self, timeout, source_host=None, node=None, first=None):
         """
         :param node: the node to connect to (an index); by default the
             next one in turn.
+        :param first: a text message sent the moment the connection opens.
         :returns: an open connection, tracked for the final cleanup.
         """
         if node is None:
             node = self._next
             self._next += 1
-        connection = await connect(self.endpoints[node % len(self.endpoints)], timeout, source_host)
+        connection = await connect(self.endpoints[node % len(self.endpoints)], timeout, source_host, first)
         self.connections.add(connection)
         return connection
 
     async def hello(self, uid, timeout, source_host=None, node=None):
-        """:returns: a connection registered as ``uid``."""
-        connection = await self.connect(timeout, source_host, node)
-        connection.send_text(words.hello(uid))
+        """
+        :returns: a connection registered as ``uid``. The ``HELLO`` goes out
+            the moment the connection opens, as the examples' clients send
+            it: on a port that speaks both dialects, a server takes a
+            connection silent for ``--dialect-wait`` for a JSON client.
+        """
+        connection = await self.connect(timeout, source_host, node, first=words.hello(uid))
         reply = await connection.recv_text(timeout)
         if reply != words.HELLO:
             connection.abort()
