@@ -283,6 +283,29 @@ class BrokenServerTests(unittest.TestCase):
         self.assertEqual(result["registered"], 30)
         self.assertEqual(result["answered"], 29)
 
+    async def test_idle_counts_a_refusal_as_no_answer(self):
+        """
+        A peer refused with "try again later" (a cluster node that lost
+        Redis) did not answer: the idle scenario fails and counts it.
+        """
+
+        class RefusesOnePeer(SignallingServerProtocol):
+            refused = False
+
+            def onMessage(self, payload, isBinary):
+                if payload.startswith(b"SESSION ") and not RefusesOnePeer.refused:
+                    RefusesOnePeer.refused = True
+                    self.sendMessage(b"ERROR server unavailable, try again later")
+                    return
+                super().onMessage(payload, isBinary)
+
+        server = await self.broken_server(RefusesOnePeer)
+        result = await bench("idle", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(RefusesOnePeer.refused)
+        self.assertFalse(result["ok"])
+        self.assertEqual((result["answered"], result["unavailable"]), (29, 1))
+        self.assertTrue(any("unavailable" in r for r in result["reasons"]), result["reasons"])
+
     async def test_soak_reports_a_room_left_with_a_member(self):
         """A server that keeps one leaver in its room fails the soak's check."""
 

@@ -130,6 +130,7 @@ CLUSTER_COLUMNS = {
     "idle": [
         ("nodes", "nodes", "{}"),
         ("per node", "registered_per_node", "{}"),
+        ("refused", "unavailable", "{}"),
         ("Redis B/peer", "redis_rss_per_peer_bytes", "{:,.0f}"),
     ],
     "rooms": [("nodes", "nodes", "{}")],

@@ -688,6 +688,8 @@ def run_idle(pool, target, params, probe):
         "redis_rss_after_kb": redis_after,
         "redis_rss_per_peer_bytes": redis_per_peer,
         "answered": answered,
+        #: Questions refused as "try again later" (a cluster node without Redis).
+        "unavailable": sum(r["unavailable"] for r in results),
         #: From the first question to the last answer, all processes together.
         "answer_seconds": answer_seconds,
         "answers_per_s": answered / answer_seconds if answer_seconds > 0 else None,

@@ -41,6 +41,9 @@ _ERROR = words.ERROR + " "
 _ROOM_OK = words.ROOM_OK + " "
 _JOINED = words.ROOM_PEER_JOINED + " "
 _MESSAGE = words.ROOM_PEER_MSG + " "
+#: In the ERROR of a server that cannot serve for now (a cluster node that
+#: lost Redis): a refusal, not an answer.
+_UNAVAILABLE = "try again later"
 
 #: How many connections one process opens at once while setting up.
 SETUP_CONCURRENCY = 100
@@ -742,6 +745,9 @@ async def idle(spec, control):
             if json_dialect
             else reply.startswith(_ERROR)
         ):
+            if _UNAVAILABLE in reply:
+                # Refused, not answered: a cluster node that lost Redis.
+                return f"unavailable: {reply[:60]!r}"
             return None
         return f"answered {reply[:60]!r}"
 
@@ -752,9 +758,11 @@ async def idle(spec, control):
     answers = await bounded_gather([ask(c) for c in peers], spec["storm_concurrency"])
     answered_by = now()
     silent = Failures()
+    unavailable = 0
     for answer in answers:
         if answer is not None:
             silent.add(describe(answer) if isinstance(answer, BaseException) else answer)
+            unavailable += isinstance(answer, str) and answer.startswith("unavailable")
     unclosed = await control.close_all(peers, timeout)
     return {
         "peers": len(indices),
@@ -762,6 +770,7 @@ async def idle(spec, control):
         "failures": failures.count,
         "reasons": failures.reasons + silent.reasons,
         "answered": len(peers) - silent.count,
+        "unavailable": unavailable,
         "asked_from": asked_from,
         "answered_by": answered_by,
         "last": last,
