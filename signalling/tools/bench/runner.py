@@ -649,6 +649,11 @@ def run_idle(pool, target, params, probe):
     rss_after = probe.rss_kb()
     redis_after = probe.redis_rss_kb()
     run.answer(None)
+    # At most storm_concurrency questions of a process on their way at once,
+    # each bounded by the timeout.
+    asks = math.ceil(spec["peers"] / len(pool) / max(spec["storm_concurrency"], 1))
+    run.sync("answered", within=timeout * (asks + 1) + GRACE)
+    run.answer(None)
     results = run.results(within=3 * timeout + GRACE)
     registered = sum(s["registered"] for s in stormed)
     lasts = [s["last"] for s in stormed if s["last"] is not None]

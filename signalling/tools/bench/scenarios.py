@@ -763,6 +763,10 @@ async def idle(spec, control):
         if answer is not None:
             silent.add(describe(answer) if isinstance(answer, BaseException) else answer)
             unavailable += isinstance(answer, str) and answer.startswith("unavailable")
+    # Every process's peers answer before any closes: a server's work on a
+    # crowd of closes (for a cluster node, a command to Redis each) would
+    # slow the others' answers.
+    await control.sync("answered", None)
     unclosed = await control.close_all(peers, timeout)
     return {
         "peers": len(indices),
