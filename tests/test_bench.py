@@ -14,19 +14,27 @@ import importlib.util
 import io
 import json
 import os
+import re
 import socket
 import struct
 import sys
 
-from twisted.internet import reactor, threads, utils
+import http.client
+import shutil
+import time
+
+from twisted.internet import defer, reactor, threads, utils
 from twisted.trial import unittest
 
-from signalling.tools.bench import cli, report, wsclient
+from signalling.tools.bench import cli, report, runner, scenarios, wsclient
 from signalling.tools.bench.runner import Pool, ServerProbe, run_scenario
 from signalling.core.connection import Connection
 from signalling.core.registry import Registry
 from signalling.server.protocol import SignallingServerProtocol
-from tests.servers import Server
+from tests._interop import missing_requirement
+from tests._redis import RedisServer
+from tests.clients import pause
+from tests.servers import ProcessMixin, Server
 
 #: Bound for one expected message in the scenarios that should pass.
 TIMEOUT = 5.0
@@ -43,21 +51,27 @@ TINY = {
 }
 
 
-def bench(name, url, timeout=TIMEOUT, ca_file=None, **params):
+def bench(name, url, timeout=TIMEOUT, ca_file=None, pid=None, redis_pid=None, **params):
     """
     Run scenario ``name`` against ``url`` with two client processes, from a
     thread; this process is the server, so its pid gives the server's CPU
-    and memory.
+    and memory (unless ``pid`` names others).
 
+    :param url: a URL, or a list of them (the nodes of a cluster).
     :returns: a Deferred that fires with the result.
     """
     spec = dict(TINY[name], timeout=timeout)
     spec.update(params)
-    target = wsclient.Target(url, ca_file=ca_file)
+    if isinstance(url, list):
+        target = [wsclient.Target(u, ca_file=ca_file) for u in url]
+    else:
+        target = wsclient.Target(url, ca_file=ca_file)
 
     def work():
         with Pool(2, "asyncio") as pool:
-            return run_scenario(pool, name, target, spec, os.getpid())
+            return run_scenario(
+                pool, name, target, spec, os.getpid() if pid is None else pid, redis_pid
+            )
 
     return threads.deferToThread(work)
 
@@ -268,6 +282,29 @@ class BrokenServerTests(unittest.TestCase):
         self.assertFalse(result["ok"])
         self.assertEqual(result["registered"], 30)
         self.assertEqual(result["answered"], 29)
+
+    async def test_idle_counts_a_refusal_as_no_answer(self):
+        """
+        A peer refused with "try again later" (a cluster node that lost
+        Redis) did not answer: the idle scenario fails and counts it.
+        """
+
+        class RefusesOnePeer(SignallingServerProtocol):
+            refused = False
+
+            def onMessage(self, payload, isBinary):
+                if payload.startswith(b"SESSION ") and not RefusesOnePeer.refused:
+                    RefusesOnePeer.refused = True
+                    self.sendMessage(b"ERROR server unavailable, try again later")
+                    return
+                super().onMessage(payload, isBinary)
+
+        server = await self.broken_server(RefusesOnePeer)
+        result = await bench("idle", server.url(), timeout=SHORT_TIMEOUT)
+        self.assertTrue(RefusesOnePeer.refused)
+        self.assertFalse(result["ok"])
+        self.assertEqual((result["answered"], result["unavailable"]), (29, 1))
+        self.assertTrue(any("unavailable" in r for r in result["reasons"]), result["reasons"])
 
     async def test_soak_reports_a_room_left_with_a_member(self):
         """A server that keeps one leaver in its room fails the soak's check."""
@@ -690,3 +727,378 @@ class WebSocketClientTests(unittest.TestCase):
             expected = bytes(b ^ key[i % 4] for i, b in enumerate(data))
             self.assertEqual(wsclient._py_apply_mask(data, key), expected)
             self.assertEqual(wsclient.apply_mask(data, key), expected)
+
+
+# Servers of several nodes (a cluster on one Redis).
+
+
+class PlacementTests(unittest.TestCase):
+    """Which node each peer of a relay pair or a call goes to."""
+
+    def test_the_share_of_relay_pairs_across_nodes_is_the_one_asked(self):
+        """Of P pairs, P x share cross nodes (within one per node), for any share and node count."""
+        for nodes in (2, 3, 4):
+            for share in (0.0, 0.1, 0.25, 0.5, 2 / 3, 0.75, 1.0):
+                for pairs in (4, 50, 200):
+                    placed = [scenarios.relay_nodes(i, nodes, share) for i in range(pairs)]
+                    crossing = sum(a != b for a, b in placed)
+                    self.assertLessEqual(abs(crossing - pairs * share), nodes, (nodes, share, pairs))
+                    self.assertTrue(all(0 <= n < nodes for pair in placed for n in pair))
+
+    def test_every_node_carries_the_same_load(self):
+        """Whatever the share, every node holds as many peers as the others (to a pair)."""
+        for nodes in (2, 3, 4):
+            for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+                pairs = 60 * nodes
+                load = [0] * nodes
+                for callee, caller in (scenarios.relay_nodes(i, nodes, share) for i in range(pairs)):
+                    load[callee] += 1
+                    load[caller] += 1
+                self.assertLessEqual(max(load) - min(load), 2, (nodes, share, load))
+
+    def test_each_set_up_worker_crosses_at_the_share_however_many_calls_it_makes(self):
+        """A fast worker and a slow one both cross nodes in the share asked."""
+        for share in (0.0, 0.3, 0.5, 1.0):
+            for worker, calls in ((0, 7), (3, 100)):
+                placed = [scenarios.call_nodes(worker, k, 20, 4, share) for k in range(calls)]
+                crossing = sum(a != b for a, b in placed)
+                self.assertLessEqual(abs(crossing - calls * share), 1, (share, worker, calls))
+
+    def test_the_default_share_is_that_of_peers_placed_independently(self):
+        """(N-1)/N for N nodes unless asked; nothing crosses on one node."""
+        self.assertEqual(runner.cross_share({}, 1), 0.0)
+        self.assertEqual(runner.cross_share({"cross_share": 1.0}, 1), 0.0)
+        self.assertEqual(runner.cross_share({"cross_share": None}, 2), 0.5)
+        self.assertEqual(runner.cross_share({}, 4), 0.75)
+        self.assertEqual(runner.cross_share({"cross_share": 0.0}, 4), 0.0)
+        self.assertEqual([scenarios.relay_nodes(i, 1, 1.0) for i in range(3)], [(0, 0)] * 3)
+
+
+class NodeRoutingTests(unittest.TestCase):
+    """A client process's connections go to the node they are meant for."""
+
+    async def test_a_named_node_or_else_the_next_in_turn(self):
+        servers = [await Server.listening(self, tls=False) for _ in range(2)]
+        endpoints = [wsclient.Endpoint(wsclient.Target(s.url())) for s in servers]
+        loop = asyncio.new_event_loop()
+        control = scenarios.Control(endpoints, sync=None, first=1)
+
+        async def register():
+            # Named nodes, then two more in turn from node 1: 1, 0.
+            for uid, node in (("on0", 0), ("on1", 1), ("next1", None), ("next0", None)):
+                await control.hello(uid, TIMEOUT, node=node)
+
+        await threads.deferToThread(loop.run_until_complete, register())
+        try:
+            self.assertEqual(control.nodes, 2)
+            self.assertIs(control.endpoint, endpoints[0])
+            self.assertEqual(
+                [sorted(s.registry._peers) for s in servers], [["next0", "on0"], ["next1", "on1"]]
+            )
+        finally:
+            await threads.deferToThread(loop.run_until_complete, control.cleanup())
+            loop.close()
+        for server in servers:
+            await server.wait_for_connections(0)
+
+
+def redis_publishes(port):
+    """:returns: how many PUBLISH commands the Redis server on ``port`` ran (blocking)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while True:
+            data += sock.recv(65536)
+            head, _, rest = data.partition(b"\r\n")
+            if head.startswith(b"$") and len(rest) >= int(head[1:]):
+                break
+    for line in rest.decode().splitlines():
+        if line.startswith("cmdstat_publish:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def health(port):
+    """:returns: the status of ``GET /health`` on ``port``, or None (blocking)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+class ClusterTests(ProcessMixin, unittest.TestCase):
+    """
+    The scenarios against two real ``twistd -n signalling --redis``
+    processes on one real ``redis-server``: peers spread over both nodes,
+    relay pairs and calls placed within or across nodes as asked (Redis
+    counts the relays that crossed), CPU and memory per process and Redis's.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        ProcessMixin.setUp(self)
+        return defer.ensureDeferred(self.start_cluster())
+
+    async def start_cluster(self):
+        self.redis = RedisServer(self)
+        await self.redis.start()
+        self.ports = []
+        self.pids = []
+        for _ in range(2):
+            process, port = await self.start_server(
+                "tcp:{port}:interface=127.0.0.1", "--redis", self.redis.url
+            )
+            self.ports.append(port)
+            self.pids.append(process.transport.pid)
+        deadline = time.monotonic() + 15
+        for port in self.ports:
+            while (await threads.deferToThread(health, port)) != 200:
+                if time.monotonic() > deadline:
+                    self.fail(f"/health on {port} did not answer 200")
+                await pause(0.05)
+        self.urls = [f"ws://127.0.0.1:{port}/" for port in self.ports]
+        self.redis_pid = self.redis._process.transport.pid
+
+    def bench(self, name, **params):
+        return bench(name, self.urls, pid=self.pids, redis_pid=self.redis_pid, **params)
+
+    def publishes(self):
+        return threads.deferToThread(redis_publishes, self.redis.port)
+
+    def assertClusterCpu(self, result):
+        """Each node's CPU, their sum and Redis's are there."""
+        self.assertEqual(result["nodes"], 2)
+        self.assertEqual(len(result["server_cpu_percent_each"]), 2)
+        self.assertAlmostEqual(result["server_cpu_percent"], sum(result["server_cpu_percent_each"]))
+        self.assertGreaterEqual(result["redis_cpu_percent"], 0)
+
+    async def test_relay_pairs_cross_nodes_in_the_share_asked(self):
+        """
+        Half the pairs across the nodes: their round trips and times are
+        kept apart. All on one node: nothing goes through Redis. All across:
+        every round trip does.
+        """
+        result = await self.bench("relay", pairs=4, cross_share=0.5)
+        self.assertTrue(result["ok"], result)
+        self.assertClusterCpu(result)
+        self.assertEqual(result["cross_share_placed"], 0.5)
+        self.assertGreater(result["round_trips_cross"], 0)
+        self.assertGreater(result["round_trips"], result["round_trips_cross"])
+        self.assertAlmostEqual(result["cross_share"], result["round_trips_cross"] / result["round_trips"])
+        for kind in ("same", "cross"):
+            self.assertGreater(result[f"rtt_{kind}_p50_ms"], 0)
+            self.assertLessEqual(result[f"rtt_{kind}_p50_ms"], result[f"rtt_{kind}_p99_ms"])
+
+        before = await self.publishes()
+        same = await self.bench("relay", pairs=4, cross_share=0.0)
+        between = await self.publishes()
+        cross = await self.bench("relay", pairs=4, cross_share=1.0)
+        after = await self.publishes()
+        self.assertTrue(same["ok"] and cross["ok"], (same, cross))
+        self.assertEqual((same["cross_share"], same["round_trips_cross"]), (0.0, 0))
+        self.assertIsNone(same["rtt_cross_p50_ms"])
+        self.assertEqual(cross["cross_share"], 1.0)
+        self.assertIsNone(cross["rtt_same_p50_ms"])
+        # Sessions and closes publish a few notices; relayed messages only across.
+        self.assertLess(between - before, 50)
+        self.assertGreaterEqual(after - between, cross["round_trips"])
+
+    async def test_calls_cross_nodes_in_the_share_asked(self):
+        """Every call across the nodes, then none: set-up times apart, all calls whole."""
+        cross = await self.bench("setup", cross_share=1.0)
+        self.assertTrue(cross["ok"], cross)
+        self.assertClusterCpu(cross)
+        self.assertGreater(cross["calls"], 0)
+        self.assertEqual(cross["calls_cross"], cross["calls"])
+        self.assertEqual(cross["cross_share"], 1.0)
+        self.assertIsNone(cross["setup_same_p50_ms"])
+        self.assertGreater(cross["setup_cross_p99_ms"], 0)
+        same = await self.bench("setup", cross_share=0.0)
+        self.assertTrue(same["ok"], same)
+        self.assertEqual((same["calls_cross"], same["cross_share"]), (0, 0.0))
+        self.assertGreater(same["setup_same_p50_ms"], 0)
+
+    async def test_idle_peers_spread_over_the_nodes_and_all_answer(self):
+        """Idle: half the peers on each node, all answer; memory per node and Redis's."""
+        result = await self.bench("idle")
+        self.assertTrue(result["ok"], result)
+        self.assertEqual(result["registered_per_node"], [15, 15])
+        self.assertEqual(result["answered"], 30)
+        self.assertGreater(result["answer_seconds"], 0)
+        self.assertEqual(result["answers_per_s"], 30 / result["answer_seconds"])
+        self.assertEqual(len(result["rss_after_kb_each"]), 2)
+        self.assertEqual(result["rss_after_kb"], sum(result["rss_after_kb_each"]))
+        self.assertEqual(len(result["rss_per_peer_bytes_each"]), 2)
+        self.assertGreater(result["redis_rss_after_kb"], 0)
+        self.assertIsNotNone(result["redis_rss_per_peer_bytes"])
+        self.assertClusterCpu(result)
+
+    async def test_rooms_and_the_command_line(self):
+        """
+        Rooms with members on both nodes; and signalling-bench with the
+        nodes' URLs and pids separated by commas: a table with the nodes'
+        columns, the CPU of each process, Redis's.
+        """
+        rooms = await self.bench("rooms")
+        self.assertTrue(rooms["ok"], rooms)
+        path = self.mktemp()
+        status, stdout, stderr = await run_cli(
+            ",".join(self.urls), "--server-pid", ",".join(map(str, self.pids)),
+            "--redis-pid", str(self.redis_pid), "--scenarios", "relay,setup",
+            "--pairs", "4", "--duration", "0.5", "--warmup", "0", "--setup-workers", "2",
+            "--cross-share", "0.5", "--processes", "2", "--loop", "asyncio", "--json", path,
+        )  # fmt: skip
+        self.assertEqual(status, cli.EXIT_OK, stderr)
+        with open(path) as f:
+            relay, setup = [json.loads(line) for line in f]
+        self.assertEqual(relay["url"], ",".join(self.urls))
+        self.assertEqual((relay["nodes"], relay["cross_share_placed"]), (2, 0.5))
+        self.assertEqual(setup["cross_share_asked"], 0.5)
+        self.assertIn("2 nodes ws://", stderr)
+        for header in ("cross p99", "same p99", "Redis CPU"):
+            self.assertIn(header, stdout)
+
+
+class ClusterCommandLineTests(unittest.TestCase):
+    """The command line of servers with several nodes."""
+
+    def setUp(self):
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def test_nodes_and_pids_separated_by_commas(self):
+        options = cli.parse_args(
+            ["ws://a:1,wss://b:2/x", "--server-pid", f"{os.getpid()},{os.getppid()}",
+             "--cross-share", "0.25", "--compare", "ws://c:3"]
+        )  # fmt: skip
+        self.assertEqual(options.url, ["ws://a:1", "wss://b:2/x"])
+        self.assertEqual(options.server_pid, [os.getpid(), os.getppid()])
+        self.assertEqual(options.compare, ["ws://c:3"])
+        self.assertEqual(cli.scenario_params("relay", options)["cross_share"], 0.25)
+        self.assertIsNone(cli.scenario_params("setup", cli.parse_args(["ws://a:1"]))["cross_share"])
+
+    def test_bad_cluster_command_lines_are_refused(self):
+        for argv in (
+            ["ws://a:1,"],
+            ["ws://a:1,http://b:2"],
+            ["ws://a:1,ws://b:2", "--cross-share", "1.5"],
+            ["ws://a:1", "--cross-share", "0.5"],
+            ["ws://a:1", "--server-pid", "1,x"],
+            ["ws://a:1", "--compare-redis-pid", "1"],
+            ["ws://a:1", "--server-pid", str(2**22 + 12345)],
+        ):
+            exc = self.assertRaises(SystemExit, cli.parse_args, argv)
+            self.assertEqual(exc.code, 2, argv)
+
+
+class ClusterReportTests(unittest.TestCase):
+    """Tables, comparisons and verdicts for servers of several processes."""
+
+    def result(self, **fields):
+        base = {
+            "scenario": "relay", "pairs": 4, "inflight": 2, "size": 100, "duration": 1.0,
+            "messages_per_s": 1000.0, "rtt_p50_ms": 1.0, "rtt_p99_ms": 2.0, "rtt_max_ms": 3.0,
+            "errors": 0, "ok": True, "generator_cpu_percent": [10.0],
+        }  # fmt: skip
+        base.update(fields)
+        return base
+
+    def test_the_busiest_process_or_redis_is_the_bottleneck(self):
+        self.assertEqual(report.bottleneck(40, [30], 150, 2, redis_percent=95), "redis")
+        self.assertEqual(report.bottleneck(95, [30], 190, 2, redis_percent=95), "server+redis")
+        self.assertEqual(report.bottleneck(95, [95], 190, 2, redis_percent=10), "both")
+        self.assertEqual(report.bottleneck(None, [30], redis_percent=90), "redis")
+
+    def test_tables_show_nodes_cross_share_and_each_process(self):
+        single = self.result(target="one")
+        cluster = self.result(
+            target="four", nodes=4, cross_share=0.75, rtt_same_p50_ms=0.5, rtt_same_p99_ms=1.5,
+            rtt_cross_p50_ms=2.5, rtt_cross_p99_ms=4.5, server_cpu_percent=160.0,
+            server_cpu_percent_each=[40.0, 40.0, 40.0, 40.0], redis_cpu_percent=30.0,
+        )  # fmt: skip
+        self.assertNotIn("cross p99", report.scenario_table([single]))
+        table = report.scenario_table([single, cluster])
+        for text in ("cross p99", "4.50", "75%", "160% (40 40 40 40)", "Redis CPU", "30%"):
+            self.assertIn(text, table)
+        comparison = report.compare([cluster, single], "four", "one")
+        cross = comparison["metrics"]["rtt_cross_p99_ms"]
+        self.assertEqual((cross["four"], cross["one"], cross["ratio"]), (4.5, None, None))
+        self.assertIn("cross-node round trip p99", report.comparison_table(comparison))
+        self.assertNotIn("rtt_cross_p99_ms", report.compare([single, single], "one", "one")["metrics"])
+
+    def test_a_probe_of_several_processes_sums_them(self):
+        pids = [os.getpid(), os.getppid()]
+        probe = ServerProbe(pids, redis_pid=os.getpid())
+        self.assertEqual(len(probe.cpu_each()), 2)
+        # (This process's memory may move between two readings.)
+        self.assertLessEqual(abs(probe.rss_kb() - sum(probe.rss_each())), 1024)
+        self.assertGreater(probe.redis_rss_kb(), 1000)
+        self.assertEqual(probe.pid, os.getpid())
+        self.assertIsNone(ServerProbe(None).rss_each())
+        self.assertRaises(runner.BenchError, ServerProbe(2**22 + 12345).cpu)
+
+
+class ClusterScalingScriptTests(unittest.TestCase):
+    """benchmarks/cluster-scaling: its own Redis and nodes, every phase (TLS storm included), all stopped after."""
+
+    timeout = 180
+
+    async def test_scaling_and_capacity_with_tiny_sizes(self):
+        if shutil.which("redis-server") is None:
+            missing_requirement("redis-server; install the Debian package redis-server")
+        script = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "benchmarks",
+            "cluster-scaling",
+        )
+        out = os.path.abspath(self.mktemp())
+        stdout, stderr, code = await utils.getProcessOutputAndValue(
+            sys.executable,
+            [
+                script, "--out", out, "--nodes", "0,2", "--transports", "plain", "--rounds", "1",
+                "--duration", "0.5", "--processes", "1", "--capacity-peers", "200",
+                "--capacity-nodes", "2", "--storm-peers", "40",
+            ],
+            env=dict(os.environ),
+            reactor=reactor,
+        )  # fmt: skip
+        self.assertEqual(code, 0, stdout.decode() + stderr.decode())
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["failures"], [])
+        relay = {row["server"]: row for row in summary["tables"]["relay-plain"]}
+        self.assertEqual(
+            set(relay),
+            {"1 process, no Redis", "2 nodes", "2 nodes, every pair within a node",
+             "2 nodes, every pair across nodes"},
+        )  # fmt: skip
+        self.assertEqual(relay["2 nodes"]["cross_share_placed"], 0.5)
+        self.assertEqual(relay["2 nodes, every pair across nodes"]["cross_share"], 1.0)
+        self.assertGreater(relay["2 nodes"]["node_cpu_per_unit"], 0)
+        self.assertIn("setup-plain", summary["tables"])
+        storm = {row["server"]: row for row in summary["tables"]["storm-tls"]}
+        self.assertEqual(set(storm), {"2 nodes", "1 node", "1 process, no Redis"})
+        self.assertTrue(all(row["ok"] and row["hellos_per_s"] > 0 for row in storm.values()), storm)
+        [capacity] = summary["tables"]["capacity"]
+        self.assertEqual(
+            (capacity["registered"], capacity["answered"], capacity["registered_per_node"]),
+            (200, 200, [100, 100]),
+        )
+        with open(os.path.join(out, "summary.md")) as f:
+            self.assertIn("### Capacity: idle registered peers", f.read())
+        # Every node it started was stopped (and shut down cleanly).
+        logs = os.path.join(out, "logs")
+        nodes = [name for name in os.listdir(logs) if re.search(r"-node\d+\.log$", name)]
+        # The certificate's; the scaling's baseline and 2 nodes; the storm's
+        # 2 nodes, 1 node and baseline; the capacity's 2 nodes.
+        self.assertEqual(len(nodes), 1 + 3 + 4 + 2)
+        for name in nodes:
+            with open(os.path.join(logs, name)) as f:
+                text = f.read()
+            self.assertIn("Server Shut Down", text, name)
+            self.assertNotIn("Traceback", text, name)

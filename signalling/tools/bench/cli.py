@@ -88,6 +88,35 @@ def _target(text):
     return text
 
 
+def _nodes(text):
+    """A server's URL, or its nodes' URLs separated by commas: a list of URLs."""
+    urls = [u.strip() for u in text.split(",")]
+    if not all(urls):
+        raise argparse.ArgumentTypeError(f"an empty URL in {text!r}")
+    return [_target(u) for u in urls]
+
+
+def _pids(text):
+    """A process id, or several separated by commas: a list of them."""
+    try:
+        pids = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a process id or a list of them: {text!r}") from None
+    if any(p <= 0 for p in pids):
+        raise argparse.ArgumentTypeError(f"process ids are above 0: {text!r}")
+    return pids
+
+
+def _share(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1: {text!r}")
+    return value
+
+
 def build_parser():
     """:returns: the ``argparse`` parser of ``signalling-bench``."""
     parser = argparse.ArgumentParser(
@@ -100,11 +129,33 @@ def build_parser():
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("url", type=_target, help="ws:// or wss:// URL of the server")
-    parser.add_argument("--server-pid", type=int, help="the server's process id, for its CPU and memory (/proc)")
+    parser.add_argument(
+        "url", type=_nodes,
+        help="ws:// or wss:// URL of the server; for a server of several nodes "
+        "(a cluster on one Redis), their URLs separated by commas: the clients "
+        "spread over them in turn",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server-pid", type=_pids,
+        help="the server's process id, for its CPU and memory (/proc); several "
+        "separated by commas (a cluster's nodes, in the order of their URLs, or "
+        "the workers of one port): summed, and each shown",
+    )  # fmt: skip
+    parser.add_argument(
+        "--redis-pid", type=int,
+        help="the process id of the Redis server a cluster uses, for its CPU and memory",
+    )  # fmt: skip
     parser.add_argument("--name", default="A", help="name of the server at URL in the reports")
-    parser.add_argument("--compare", metavar="URL2", type=_target, help="a second server to run the same scenarios against")
-    parser.add_argument("--compare-pid", type=int, help="the second server's process id")
+    parser.add_argument("--compare", metavar="URL2", type=_nodes, help="a second server (or its nodes, separated by commas) to run the same scenarios against")
+    parser.add_argument("--compare-pid", type=_pids, help="the second server's process id(s)")
+    parser.add_argument("--compare-redis-pid", type=int, help="the second server's Redis process id")
+    parser.add_argument(
+        "--cross-share", type=_share,
+        help="for relay and setup against a server of several nodes: the share "
+        "(0 to 1) of pairs and calls whose two peers go to different nodes "
+        "(default: (N-1)/N for N nodes, what a peer choosing its node "
+        "independently of its partner gives on average)",
+    )  # fmt: skip
     parser.add_argument("--compare-name", default="B", help="name of the second server in the reports")
     parser.add_argument("--rounds", type=_positive(int), help="rounds of every scenario (default: 1, or 2 with --compare)")
     parser.add_argument(
@@ -203,6 +254,15 @@ def parse_args(argv):
     options = parser.parse_args(argv)
     if options.compare_pid is not None and not options.compare:
         parser.error("--compare-pid needs --compare")
+    for pid in (options.server_pid or []) + (options.compare_pid or []) + [
+        p for p in (options.redis_pid, options.compare_redis_pid) if p is not None
+    ]:
+        if not os.path.exists(f"/proc/{pid}"):
+            parser.error(f"no process {pid} (its CPU and memory are read from /proc/{pid})")
+    if options.compare_redis_pid is not None and not options.compare:
+        parser.error("--compare-redis-pid needs --compare")
+    if options.cross_share is not None and len(options.url) < 2 and len(options.compare or []) < 2:
+        parser.error("--cross-share needs a server of several nodes (URLs separated by commas)")
     if options.compare and options.compare_name == options.name:
         parser.error("--name and --compare-name must differ")
     if not options.scenarios and not options.plot:
@@ -244,12 +304,14 @@ def _scenario_params(name, options):
             "warmup": options.warmup,
             "duration": options.duration,
             "timeout": timeout,
+            "cross_share": options.cross_share,
         }
     if name == "setup":
         return {
             "workers_per_target": options.setup_workers,
             "duration": options.duration,
             "timeout": timeout,
+            "cross_share": options.cross_share,
         }
     if name == "idle":
         return {
@@ -311,6 +373,13 @@ def _clean(result):
     }
 
 
+def _urls(target):
+    """:returns: a target's URL, or its nodes' URLs."""
+    if isinstance(target, list):
+        return f"{len(target)} nodes " + ",".join(t.url for t in target)
+    return target.url
+
+
 def run(options, out):
     """
     Run everything ``options`` asks for.
@@ -322,14 +391,19 @@ def run(options, out):
 
         plot.check_available()
     soft, hard = raise_nofile()
-    targets = [(options.name, Target(options.url, options.insecure, options.ca_file), options.server_pid)]
+
+    def nodes(urls):
+        made = [Target(url, options.insecure, options.ca_file) for url in urls]
+        return made[0] if len(made) == 1 else made
+
+    targets = [(options.name, nodes(options.url), (options.server_pid, options.redis_pid))]
     if options.compare:
         targets.append(
-            (options.compare_name, Target(options.compare, options.insecure, options.ca_file), options.compare_pid)
+            (options.compare_name, nodes(options.compare), (options.compare_pid, options.compare_redis_pid))
         )
     out.progress(
         f"signalling-bench: {options.processes} client processes, open files limit {soft} (hard {hard}); "
-        + ", ".join(f"{name} = {target.url}" for name, target, _ in targets)
+        + ", ".join(f"{name} = {_urls(target)}" for name, target, _ in targets)
     )
     results = {name: [] for name in options.scenarios}
     status = EXIT_OK
@@ -343,10 +417,10 @@ def run(options, out):
         for round_number in range(1, options.rounds + 1):
             for scenario in options.scenarios:
                 params = scenario_params(scenario, options)
-                for name, target, pid in targets:
+                for name, target, pids in targets:
                     out.progress(f"  round {round_number}: {scenario} against {name} ...")
                     try:
-                        result = run_scenario(pool, scenario, target, params, pid)
+                        result = run_scenario(pool, scenario, target, params, *pids)
                     except BenchError as e:
                         out.progress(f"signalling-bench: {scenario} against {name} failed:\n{e}")
                         return EXIT_BENCH_FAILED
@@ -369,12 +443,12 @@ def run(options, out):
                 pairs = min(options.pairs, load)
                 inflight = max(1, round(load / pairs))
                 params = dict(scenario_params("relay", options), pairs=pairs, inflight=inflight)
-                for name, target, pid in targets:
+                for name, target, pids in targets:
                     out.progress(
                         f"  sweep: relay, {pairs} pairs x {inflight} in flight, against {name} ..."
                     )
                     try:
-                        result = run_scenario(pool, "relay", target, params, pid)
+                        result = run_scenario(pool, "relay", target, params, *pids)
                     except BenchError as e:
                         out.progress(f"signalling-bench: the sweep failed against {name}:\n{e}")
                         return EXIT_BENCH_FAILED

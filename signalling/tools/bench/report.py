@@ -11,7 +11,7 @@ SATURATED = 85.0
 
 #: Metrics only meaningful in the first round, on a server started just
 #: before: later rounds reuse memory that earlier scenarios freed.
-FIRST_ROUND_ONLY = {"rss_per_peer_bytes"}
+FIRST_ROUND_ONLY = {"rss_per_peer_bytes", "redis_rss_per_peer_bytes"}
 
 #: The metrics compared between two servers, per scenario:
 #: ``(key, label, higher_is_better)``.
@@ -42,6 +42,27 @@ METRICS = {
     ],
 }
 
+#: More metrics compared when either server has several nodes.
+CLUSTER_METRICS = {
+    "relay": [
+        ("cross_share", "share of round trips across nodes", None),
+        ("rtt_same_p50_ms", "same-node round trip p50 (ms)", False),
+        ("rtt_same_p99_ms", "same-node round trip p99 (ms)", False),
+        ("rtt_cross_p50_ms", "cross-node round trip p50 (ms)", False),
+        ("rtt_cross_p99_ms", "cross-node round trip p99 (ms)", False),
+    ],
+    "setup": [
+        ("cross_share", "share of calls across nodes", None),
+        ("setup_same_p50_ms", "same-node set-up p50 (ms)", False),
+        ("setup_same_p99_ms", "same-node set-up p99 (ms)", False),
+        ("setup_cross_p50_ms", "cross-node set-up p50 (ms)", False),
+        ("setup_cross_p99_ms", "cross-node set-up p99 (ms)", False),
+    ],
+    "idle": [
+        ("redis_rss_per_peer_bytes", "Redis RSS per idle peer (bytes, round 1)", False),
+    ],
+}
+
 #: The columns of each scenario's table: ``(header, key, format)``.
 COLUMNS = {
     "relay": [
@@ -65,6 +86,7 @@ COLUMNS = {
         ("storm s", "storm_seconds", "{:.2f}"),
         ("registered", "registered", "{}"),
         ("answered", "answered", "{}"),
+        ("answers s", "answer_seconds", "{:.2f}"),
         ("RSS/peer B", "rss_per_peer_bytes", "{:,.0f}"),
         ("RSS KiB", "rss_after_kb", "{:,}"),
     ],
@@ -84,6 +106,35 @@ COLUMNS = {
         ("messages", "messages_received", "{}"),
         ("of", "messages_expected", "{}"),
     ],
+}
+
+#: More columns when a server of the table has several nodes.
+CLUSTER_COLUMNS = {
+    "relay": [
+        ("nodes", "nodes", "{}"),
+        ("pairs across", "cross_share_placed", "{:.0%}"),
+        ("traffic across", "cross_share", "{:.0%}"),
+        ("same p50", "rtt_same_p50_ms", "{:.2f}"),
+        ("same p99", "rtt_same_p99_ms", "{:.2f}"),
+        ("cross p50", "rtt_cross_p50_ms", "{:.2f}"),
+        ("cross p99", "rtt_cross_p99_ms", "{:.2f}"),
+    ],
+    "setup": [
+        ("nodes", "nodes", "{}"),
+        ("across", "cross_share", "{:.0%}"),
+        ("same p50", "setup_same_p50_ms", "{:.1f}"),
+        ("same p99", "setup_same_p99_ms", "{:.1f}"),
+        ("cross p50", "setup_cross_p50_ms", "{:.1f}"),
+        ("cross p99", "setup_cross_p99_ms", "{:.1f}"),
+    ],
+    "idle": [
+        ("nodes", "nodes", "{}"),
+        ("per node", "registered_per_node", "{}"),
+        ("refused", "unavailable", "{}"),
+        ("Redis B/peer", "redis_rss_per_peer_bytes", "{:,.0f}"),
+    ],
+    "rooms": [("nodes", "nodes", "{}")],
+    "soak": [("nodes", "nodes", "{}")],
 }
 
 TITLES = {
@@ -120,24 +171,30 @@ def percentiles(samples):
     return {"p50": rank(0.50), "p99": rank(0.99), "max": ordered[-1] * 1000}
 
 
-def bottleneck(server_percent, generator_percents, machine_percent=None, cores=None):
+def bottleneck(server_percent, generator_percents, machine_percent=None, cores=None, redis_percent=None):
     """
+    :param server_percent: the CPU of the server's busiest process (each
+        process runs one thread, so saturates at one core).
+    :param redis_percent: the CPU of the Redis server a cluster shares, or None.
     :returns: which side ran out of CPU: ``"server"``, ``"generator"``,
-        ``"both"``; ``"machine"`` when neither did but every core of the
-        machine was busy (other programs took the rest); ``"neither"``
-        (waiting on something else: the network, a timer, the protocol's
-        round trips); or ``"unknown"`` without the server's pid.
+        ``"both"``, ``"redis"`` (or several joined by ``+``, e.g.
+        ``"server+redis"``); ``"machine"`` when none did but every core of
+        the machine was busy (other programs, or the other processes of a
+        cluster, took the rest); ``"neither"`` (waiting on something else:
+        the network, a timer, the protocol's round trips); or ``"unknown"``
+        without the server's pid.
     """
     generator = bool(generator_percents) and max(generator_percents) >= SATURATED
+    redis = redis_percent is not None and redis_percent >= SATURATED
     if server_percent is None:
-        return "generator" if generator else "unknown"
+        sides = [n for n, full in (("generator", generator), ("redis", redis)) if full]
+        return "+".join(sides) if sides else "unknown"
     server = server_percent >= SATURATED
-    if server and generator:
+    if server and generator and not redis:
         return "both"
-    if server:
-        return "server"
-    if generator:
-        return "generator"
+    sides = [n for n, full in (("server", server), ("generator", generator), ("redis", redis)) if full]
+    if sides:
+        return "+".join(sides)
     if machine_percent is not None and cores and machine_percent >= SATURATED * cores:
         return "machine"
     return "neither"
@@ -154,6 +211,27 @@ def _format(value, fmt):
 
 def _percent(value):
     return "-" if value is None else f"{value:.0f}%"
+
+
+def _server_cpu(result):
+    """The server's CPU: in all, and each process's when there are several."""
+    total = _percent(result.get("server_cpu_percent"))
+    each = result.get("server_cpu_percent_each") or []
+    if len(each) > 1:
+        total += " (" + " ".join(f"{p:.0f}" for p in each) + ")"
+    return total
+
+
+def is_cluster(results):
+    """:returns: whether a server of ``results`` has several nodes."""
+    return any((r.get("nodes") or 1) > 1 for r in results)
+
+
+def _format_cell(value, fmt):
+    """:func:`_format`, and a list (one value per node) joined by slashes."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(_format(v, fmt) for v in value)
+    return _format(value, fmt)
 
 
 def table(rows, headers):
@@ -174,10 +252,14 @@ def scenario_table(results):
     """
     name = results[0]["scenario"]
     columns = COLUMNS[name]
+    if is_cluster(results):
+        columns = columns + CLUSTER_COLUMNS.get(name, [])
+    redis = any(r.get("redis_cpu_percent") is not None for r in results)
     headers = ["server", "round"] + [c[0] for c in columns] + [
         "ok",
         "listen drops",
         "server CPU",
+    ] + (["Redis CPU"] if redis else []) + [
         "generator CPU",
         "machine CPU",
         "bottleneck",
@@ -186,11 +268,14 @@ def scenario_table(results):
     for result in results:
         rows.append(
             [result.get("target", "-"), str(result.get("round", 1))]
-            + [_format(result.get(key), fmt) for _, key, fmt in columns]
+            + [_format_cell(result.get(key), fmt) for _, key, fmt in columns]
             + [
                 "yes" if result.get("ok") else "NO",
                 _format(result.get("listen_drops"), "{:,}"),
-                _percent(result.get("server_cpu_percent")),
+                _server_cpu(result),
+            ]
+            + ([_percent(result.get("redis_cpu_percent"))] if redis else [])
+            + [
                 " ".join(_percent(p) for p in result.get("generator_cpu_percent", [])),
                 _percent(result.get("machine_cpu_percent"))
                 + (f" of {result['machine_cores'] * 100}%" if result.get("machine_cores") else ""),
@@ -222,7 +307,8 @@ def compare(results, ours, theirs):
     """
     name = results[0]["scenario"]
     metrics = {}
-    for key, label, higher in METRICS[name]:
+    wanted = METRICS[name] + (CLUSTER_METRICS.get(name, []) if is_cluster(results) else [])
+    for key, label, higher in wanted:
         medians = {}
         for side in (ours, theirs):
             values = [
@@ -257,7 +343,7 @@ def comparison_table(comparison):
     rows = []
     for metric in comparison["metrics"].values():
         ratio = metric["ratio"]
-        if ratio is None:
+        if ratio is None or metric["higher_is_better"] is None:
             better = "-"
         elif ratio == 1:
             better = "same"

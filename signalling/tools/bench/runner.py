@@ -58,36 +58,90 @@ def sleep_until(moment):
         time.sleep(delay)
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read_proc(pid, name):
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BenchError(f"process {pid} is gone (no /proc/{pid}/{name})") from None
+
+
+def process_cpu(pid):
+    """:returns: user plus system CPU seconds of process ``pid`` (and its waited-for children)."""
+    stat = _read_proc(pid, "stat")
+    # The command name may hold spaces; the fields after it do not.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def process_rss_kb(pid):
+    """:returns: the resident memory (``VmRSS``) of process ``pid``, in KiB, or None."""
+    for line in _read_proc(pid, "status").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return None
+
+
+def _pids(pid):
+    if pid is None:
+        return []
+    if isinstance(pid, int):
+        return [pid]
+    return list(pid)
+
+
 class ServerProbe:
     """
-    Reads a server process's CPU time and resident memory from ``/proc``.
-    Without a pid every reading is None.
+    Reads the CPU time and resident memory of a server's processes from
+    ``/proc``: one process, or several (the nodes of a cluster, or the
+    workers sharing one port), summed, and each on its own; and those of the
+    Redis server a cluster shares, apart. Without a pid every reading is
+    None.
+
+    :param pid: a process id, a list of them, or None.
+    :param redis_pid: the Redis server's process id, or None.
     """
 
-    _ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    def __init__(self, pid=None, redis_pid=None):
+        self.pids = _pids(pid)
+        self.redis_pid = redis_pid
 
-    def __init__(self, pid=None):
-        self.pid = pid
+    @property
+    def pid(self):
+        """The first process's id (None without any)."""
+        return self.pids[0] if self.pids else None
+
+    def cpu_each(self):
+        """:returns: each process's CPU seconds (:func:`process_cpu`), or None."""
+        return [process_cpu(pid) for pid in self.pids] if self.pids else None
 
     def cpu(self):
-        """:returns: user plus system CPU seconds of the process (and its waited-for children)."""
-        if self.pid is None:
+        """:returns: user plus system CPU seconds of the processes, summed."""
+        each = self.cpu_each()
+        return None if each is None else sum(each)
+
+    def rss_each(self):
+        """:returns: each process's resident memory in KiB, or None."""
+        if not self.pids:
             return None
-        with open(f"/proc/{self.pid}/stat") as f:
-            stat = f.read()
-        # The command name may hold spaces; the fields after it do not.
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / self._ticks
+        each = [process_rss_kb(pid) for pid in self.pids]
+        return None if None in each else each
 
     def rss_kb(self):
-        """:returns: the process's resident memory (``VmRSS``), in KiB."""
-        if self.pid is None:
-            return None
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return None
+        """:returns: the processes' resident memory (``VmRSS``), summed, in KiB."""
+        each = self.rss_each()
+        return None if each is None else sum(each)
+
+    def redis_cpu(self):
+        """:returns: the Redis server's CPU seconds, or None."""
+        return None if self.redis_pid is None else process_cpu(self.redis_pid)
+
+    def redis_rss_kb(self):
+        """:returns: the Redis server's resident memory in KiB, or None."""
+        return None if self.redis_pid is None else process_rss_kb(self.redis_pid)
 
 
 def machine_cpu():
@@ -134,10 +188,12 @@ def tcp_counters():
 
 
 class Reading:
-    """The server's CPU time, the machine's and the TCP counters, at one moment."""
+    """The server's CPU time (and Redis's), the machine's and the TCP counters, at one moment."""
 
     def __init__(self, probe):
-        self.server_cpu = probe.cpu()
+        self.server_cpu_each = probe.cpu_each()
+        self.server_cpu = None if self.server_cpu_each is None else sum(self.server_cpu_each)
+        self.redis_cpu = probe.redis_cpu()
         self.machine = machine_cpu()
         self.tcp = tcp_counters()
 
@@ -179,10 +235,10 @@ def _worker_main(pipe, index, loop_choice="auto"):
             return
         if message[0] == "quit":
             return
-        _, name, target, spec = message
+        _, name, targets, spec = message
         try:
             with asyncio.Runner(loop_factory=new_loop) as runner:
-                result = runner.run(_run_scenario(name, target, spec, pipe))
+                result = runner.run(_run_scenario(name, targets, spec, pipe))
         except _Aborted:
             pipe.send(("aborted", None))
         except BaseException:  # noqa: B036 - report everything to the parent
@@ -191,7 +247,7 @@ def _worker_main(pipe, index, loop_choice="auto"):
             pipe.send(("done", result))
 
 
-async def _run_scenario(name, target, spec, pipe):
+async def _run_scenario(name, targets, spec, pipe):
     loop = asyncio.get_running_loop()
 
     async def sync(step, info):
@@ -201,7 +257,8 @@ async def _run_scenario(name, target, spec, pipe):
             raise _Aborted()
         return reply[1]
 
-    control = Control(Endpoint(target), sync)
+    # Each process starts its round-robin over the nodes at another node.
+    control = Control([Endpoint(t) for t in targets], sync, first=spec["worker"])
     try:
         return await SCENARIOS[name](spec, control)
     finally:
@@ -264,14 +321,16 @@ class Pool:
 
     def start(self, name, target, spec):
         """
-        Start scenario ``name`` in every process; :returns: a :class:`_Run`
-        to follow it through its steps.
+        Start scenario ``name`` in every process against ``target`` (a
+        :class:`Target`, or a list of them: the nodes of one server);
+        :returns: a :class:`_Run` to follow it through its steps.
         """
         if self.broken:
             raise BenchError("the client processes are gone after an earlier failure")
+        targets = as_nodes(target)
         count = len(self._workers)
         for index, (_, pipe) in enumerate(self._workers):
-            pipe.send(("run", name, target, dict(spec, worker=index, workers=count)))
+            pipe.send(("run", name, targets, dict(spec, worker=index, workers=count)))
         return _Run(self)
 
     def _receive_all(self, within):
@@ -334,6 +393,28 @@ class _Run:
 # The scenarios, parent side.
 
 
+def as_nodes(target):
+    """:returns: ``target`` (a :class:`Target` or a sequence of them) as a tuple of nodes."""
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise ValueError("a server needs at least one node")
+        return tuple(target)
+    return (target,)
+
+
+def cross_share(params, nodes):
+    """
+    :returns: the share of pairs and calls whose two peers go to different
+        nodes: ``params["cross_share"]`` when given (0 to 1), else what
+        placing each peer on a node of its own choosing gives on average,
+        ``(nodes - 1) / nodes``; 0 for one node.
+    """
+    if nodes <= 1:
+        return 0.0
+    share = params.get("cross_share")
+    return (nodes - 1) / nodes if share is None else float(share)
+
+
 def new_tag():
     """:returns: a short prefix for the uids and room ids of one scenario run."""
     return "b" + secrets.token_hex(3)
@@ -348,21 +429,34 @@ def _cpu_fields(before, after, wall, results):
     :param before: the :class:`Reading` at the start of the window.
     :param after: the :class:`Reading` at its end.
     """
-    server_cpu = None
-    if before.server_cpu is not None and after.server_cpu is not None:
-        server_cpu = 100.0 * (after.server_cpu - before.server_cpu) / max(wall, 1e-9)
+    wall = max(wall, 1e-9)
+    server_cpu = each = None
+    if before.server_cpu_each is not None and after.server_cpu_each is not None:
+        each = [100.0 * (b - a) / wall for a, b in zip(before.server_cpu_each, after.server_cpu_each)]
+        server_cpu = sum(each)
+    redis_cpu = None
+    if before.redis_cpu is not None and after.redis_cpu is not None:
+        redis_cpu = 100.0 * (after.redis_cpu - before.redis_cpu) / wall
     machine = machine_percent(before.machine, after.machine)
     generator = [100.0 * r["cpu"] / max(r["wall"], 1e-9) for r in results]
     drops = None
     if before.tcp is not None and after.tcp is not None:
         drops = after.tcp.get("ListenDrops", 0) - before.tcp.get("ListenDrops", 0)
     return {
+        #: All the server's processes together (one core is 100).
         "server_cpu_percent": server_cpu,
+        #: Each of them (one entry for a server of one process).
+        "server_cpu_percent_each": each,
+        "redis_cpu_percent": redis_cpu,
         "generator_cpu_percent": generator,
         "machine_cpu_percent": machine,
         "machine_cores": os.cpu_count(),
         "listen_drops": drops,
-        "bottleneck": report.bottleneck(server_cpu, generator, machine, os.cpu_count()),
+        # Each server process and Redis run one thread: one of them
+        # saturates at a core, whatever the others do.
+        "bottleneck": report.bottleneck(
+            max(each) if each else None, generator, machine, os.cpu_count(), redis_cpu
+        ),
     }
 
 
@@ -381,7 +475,8 @@ def run_relay(pool, target, params, probe):
         ``duration``, ``timeout``.
     :returns: the result.
     """
-    spec = dict(params, tag=new_tag())
+    nodes = len(as_nodes(target))
+    spec = dict(params, tag=new_tag(), cross_share=cross_share(params, nodes))
     timeout = spec["timeout"]
     run = pool.start("relay", target, spec)
     ready = run.sync("ready", within=timeout * (spec["pairs"] / 50 + 3) + GRACE)
@@ -395,10 +490,14 @@ def run_relay(pool, target, params, probe):
     sleep_until(window_end)
     after = Reading(probe)
     results = run.results(within=3 * timeout + GRACE)
-    samples = report.merge_samples(r["samples"] for r in results)
+    same = report.merge_samples(r["samples_same"] for r in results)
+    cross = report.merge_samples(r["samples_cross"] for r in results)
     round_trips = sum(r["round_trips"] for r in results)
+    round_trips_cross = sum(r["round_trips_cross"] for r in results)
+    pairs_made = sum(r["pairs"] for r in results)
+    pairs_cross = sum(r["pairs_cross"] for r in results)
     errors = sum(r["errors"] for r in results)
-    latency = report.percentiles(samples)
+    latency = report.percentiles(report.merge_samples([same, cross]))
     result = {
         "pairs": spec["pairs"],
         "pairs_failed": failed,
@@ -406,6 +505,7 @@ def run_relay(pool, target, params, probe):
         "size": spec["size"],
         "duration": spec["duration"],
         "round_trips": round_trips,
+        "round_trips_cross": round_trips_cross,
         "relayed_messages": 2 * round_trips,
         "messages_per_s": 2 * round_trips / spec["duration"],
         "rtt_p50_ms": latency["p50"],
@@ -415,8 +515,43 @@ def run_relay(pool, target, params, probe):
         "reasons": ([r["reason"] for r in ready if r["reason"]] + _reasons(results))[:5],
         "ok": failed == 0 and errors == 0 and round_trips > 0,
     }
+    result.update(
+        _split_fields(
+            "rtt", nodes, spec["cross_share"], pairs_made, pairs_cross,
+            round_trips, round_trips_cross, same, cross,
+        )
+    )  # fmt: skip
     result.update(_cpu_fields(before, after, spec["duration"], results))
     return result
+
+
+def _split_fields(prefix, nodes, share, placed, placed_cross, count, count_cross, same, cross):
+    """
+    The part of a relay or set-up result that tells same-node pairs from
+    cross-node ones.
+
+    :param share: the share of pairs or calls asked to cross.
+    :param placed: pairs (relay) or calls (set-up) made; ``placed_cross``
+        of them across nodes.
+    :param count: round trips (relay) or calls (set-up) counted;
+        ``count_cross`` of them across nodes.
+    :param same: the times of the same-node ones (seconds).
+    :param cross: the times of the cross-node ones.
+    """
+    same_latency = report.percentiles(same)
+    cross_latency = report.percentiles(cross)
+    return {
+        "nodes": nodes,
+        "cross_share_asked": share,
+        #: Of the pairs (relay) or calls (set-up) made, the share across nodes.
+        "cross_share_placed": placed_cross / placed if placed else None,
+        #: Of the round trips (relay) or calls (set-up) counted, the share across nodes.
+        "cross_share": count_cross / count if count else None,
+        f"{prefix}_same_p50_ms": same_latency["p50"],
+        f"{prefix}_same_p99_ms": same_latency["p99"],
+        f"{prefix}_cross_p50_ms": cross_latency["p50"],
+        f"{prefix}_cross_p99_ms": cross_latency["p99"],
+    }
 
 
 def run_setup(pool, target, params, probe):
@@ -425,7 +560,8 @@ def run_setup(pool, target, params, probe):
 
     :param params: ``workers_per_target`` (C), ``duration``, ``timeout``.
     """
-    spec = dict(params, tag=new_tag())
+    nodes = len(as_nodes(target))
+    spec = dict(params, tag=new_tag(), cross_share=cross_share(params, nodes))
     timeout = spec["timeout"]
     run = pool.start("setup", target, spec)
     run.sync("ready", within=GRACE)
@@ -437,14 +573,18 @@ def run_setup(pool, target, params, probe):
     after = Reading(probe)
     wall = now() - start_at
     calls = sum(r["calls"] for r in results)
+    calls_cross = sum(r["calls_cross"] for r in results)
     failures = sum(r["failures"] for r in results)
     ends = [r["last_end"] for r in results if r["last_end"] is not None]
     elapsed = (max(ends) - start_at) if ends else spec["duration"]
-    latency = report.percentiles(report.merge_samples(r["samples"] for r in results))
+    same = report.merge_samples(r["samples_same"] for r in results)
+    cross = report.merge_samples(r["samples_cross"] for r in results)
+    latency = report.percentiles(report.merge_samples([same, cross]))
     result = {
         "workers": spec["workers_per_target"],
         "duration": spec["duration"],
         "calls": calls,
+        "calls_cross": calls_cross,
         "failures": failures,
         "calls_per_s": calls / elapsed if elapsed > 0 else 0.0,
         "setup_p50_ms": latency["p50"],
@@ -453,6 +593,9 @@ def run_setup(pool, target, params, probe):
         "reasons": _reasons(results),
         "ok": failures == 0 and calls > 0,
     }
+    result.update(
+        _split_fields("setup", nodes, spec["cross_share"], calls, calls_cross, calls, calls_cross, same, cross)
+    )
     result.update(_cpu_fields(before, after, wall, results))
     return result
 
@@ -486,11 +629,14 @@ def run_idle(pool, target, params, probe):
         ``timeout``, ``source_addresses`` (0 for automatic).
     """
     spec = dict(params, tag=new_tag())
-    spec["source_hosts"] = source_hosts(target, spec["peers"], spec.get("source_addresses", 0))
+    nodes = as_nodes(target)
+    spec["source_hosts"] = source_hosts(nodes[0], spec["peers"], spec.get("source_addresses", 0))
     timeout = spec["timeout"]
     run = pool.start("idle", target, spec)
     run.sync("ready", within=GRACE)
+    rss_before_each = probe.rss_each()
     rss_before = probe.rss_kb()
+    redis_before = probe.redis_rss_kb()
     start_at = now() + LEAD
     run.answer(start_at)
     sleep_until(start_at)
@@ -499,7 +645,14 @@ def run_idle(pool, target, params, probe):
     stormed = run.sync("stormed", within=spec["storm_timeout"] * (waves + 1) + GRACE)
     after = Reading(probe)
     stormed_at = now()
+    rss_after_each = probe.rss_each()
     rss_after = probe.rss_kb()
+    redis_after = probe.redis_rss_kb()
+    run.answer(None)
+    # At most storm_concurrency questions of a process on their way at once,
+    # each bounded by the timeout.
+    asks = math.ceil(spec["peers"] / len(pool) / max(spec["storm_concurrency"], 1))
+    run.sync("answered", within=timeout * (asks + 1) + GRACE)
     run.answer(None)
     results = run.results(within=3 * timeout + GRACE)
     registered = sum(s["registered"] for s in stormed)
@@ -507,9 +660,21 @@ def run_idle(pool, target, params, probe):
     storm_seconds = (max(lasts) - start_at) if lasts else None
     answered = sum(r["answered"] for r in results)
     failures = sum(r["failures"] for r in results)
+    answer_seconds = max(r["answered_by"] for r in results) - min(r["asked_from"] for r in results)
+    per_node = [sum(s["registered_per_node"][n] for s in stormed) for n in range(len(nodes))]
     per_peer = None
     if rss_before is not None and rss_after is not None and registered:
         per_peer = (rss_after - rss_before) * 1024 / registered
+    redis_per_peer = None
+    if redis_before is not None and redis_after is not None and registered:
+        redis_per_peer = (redis_after - redis_before) * 1024 / registered
+    # Per node, when there is one process per node (in the nodes' order).
+    per_peer_each = None
+    if rss_before_each and rss_after_each and len(rss_after_each) == len(nodes) > 1:
+        per_peer_each = [
+            (b - a) * 1024 / n if n else None
+            for a, b, n in zip(rss_before_each, rss_after_each, per_node)
+        ]
     result = {
         "peers": spec["peers"],
         "registered": registered,
@@ -519,7 +684,20 @@ def run_idle(pool, target, params, probe):
         "rss_before_kb": rss_before,
         "rss_after_kb": rss_after,
         "rss_per_peer_bytes": per_peer,
+        "nodes": len(nodes),
+        "registered_per_node": per_node,
+        "rss_before_kb_each": rss_before_each,
+        "rss_after_kb_each": rss_after_each,
+        "rss_per_peer_bytes_each": per_peer_each,
+        "redis_rss_before_kb": redis_before,
+        "redis_rss_after_kb": redis_after,
+        "redis_rss_per_peer_bytes": redis_per_peer,
         "answered": answered,
+        #: Questions refused as "try again later" (a cluster node without Redis).
+        "unavailable": sum(r["unavailable"] for r in results),
+        #: From the first question to the last answer, all processes together.
+        "answer_seconds": answer_seconds,
+        "answers_per_s": answered / answer_seconds if answer_seconds > 0 else None,
         "source_addresses": len(spec["source_hosts"]),
         "reasons": _reasons(results),
         "ok": registered == spec["peers"] and answered == registered,
@@ -629,13 +807,22 @@ RUNNERS = {
 }
 
 
-def run_scenario(pool, name, target, params, pid=None):
+def run_scenario(pool, name, target, params, pid=None, redis_pid=None):
     """
     Run one scenario against ``target`` with ``params``.
 
-    :param pid: the server's process id, for its CPU and memory.
-    :returns: the result, with ``scenario`` and ``url`` in it.
+    :param target: a :class:`~signalling.tools.bench.wsclient.Target`, or a
+        list of them: the nodes of one server (a cluster), over which the
+        clients spread.
+    :param pid: the server's process id, for its CPU and memory; or a list
+        of them (a server of several processes), summed.
+    :param redis_pid: the process id of the Redis server a cluster shares.
+    :returns: the result, with ``scenario`` and ``url`` (the nodes' URLs,
+        comma-separated) in it.
     """
-    result = {"scenario": name, "url": target.url}
-    result.update(RUNNERS[name](pool, target, params, ServerProbe(pid)))
+    nodes = as_nodes(target)
+    result = {"scenario": name, "url": ",".join(t.url for t in nodes)}
+    probe = ServerProbe(pid, redis_pid)
+    result.update(RUNNERS[name](pool, nodes if len(nodes) > 1 else nodes[0], params, probe))
+    result.setdefault("nodes", len(nodes))
     return result

@@ -16,10 +16,18 @@ every result, so that a reader can tell whether the generator kept up.
 
 Every wait is bounded by ``spec["timeout"]`` (for any one expected message)
 or by the scenario's duration; a scenario always ends by itself.
+
+A target may be several *nodes* (server processes that are one logical
+server, a cluster): :class:`Control` holds an endpoint per node. Idle peers
+and room members are spread over the nodes in turn; the two peers of each
+relay pair and of each call are placed by :func:`place`, so that a chosen
+share of them sit on different nodes (``spec["cross_share"]``), and their
+round trips and set-up times are kept apart (same node, across nodes).
 """
 
 import asyncio
 import json
+import math
 import resource
 import time
 from array import array
@@ -33,6 +41,9 @@ _ERROR = words.ERROR + " "
 _ROOM_OK = words.ROOM_OK + " "
 _JOINED = words.ROOM_PEER_JOINED + " "
 _MESSAGE = words.ROOM_PEER_MSG + " "
+#: In the ERROR of a server that cannot serve for now (a cluster node that
+#: lost Redis): a refusal, not an answer.
+_UNAVAILABLE = "try again later"
 
 #: How many connections one process opens at once while setting up.
 SETUP_CONCURRENCY = 100
@@ -77,6 +88,50 @@ class Failures:
 def mine(total, spec):
     """:returns: the indices out of ``total`` that this process handles."""
     return range(spec["worker"], total, spec["workers"])
+
+
+def crosses(turn, share, phase=0.0):
+    """
+    :returns: whether item ``turn`` of a sequence is one of the ``share``
+        (0 to 1) that cross: spread evenly, so that any run of items holds
+        ``share`` of them within one (``phase``, 0 to 1, shifts the pattern).
+    """
+    return math.floor((turn + 1) * share + phase) > math.floor(turn * share + phase)
+
+
+def place(home, turn, nodes, share, phase=0.0):
+    """
+    :returns: ``(callee's node, caller's node)`` of a pair whose callee
+        lives on node ``home``: the caller is on the same node, or (for
+        ``share`` of the turns) on another node, the other nodes taken in
+        turn.
+    """
+    if nodes <= 1 or not crosses(turn, share, phase):
+        return home, home
+    # The how-manieth crossing of this sequence picks the other node.
+    crossing = math.floor(turn * share + phase)
+    return home, (home + 1 + crossing % (nodes - 1)) % nodes
+
+
+def relay_nodes(index, nodes, share):
+    """
+    :returns: ``(callee's node, caller's node)`` of relay pair ``index``:
+        the callees in turn on every node, and on each node ``share`` of
+        its pairs with their caller elsewhere, so that every node carries
+        the same load.
+    """
+    home = index % nodes
+    return place(home, index // nodes, nodes, share, home / nodes)
+
+
+def call_nodes(worker, count, workers, nodes, share):
+    """
+    :returns: ``(callee's node, caller's node)`` of call ``count`` (from 0)
+        of set-up worker ``worker`` of ``workers``: each worker's calls
+        cross at ``share`` however fast they go.
+    """
+    home = (worker + count) % nodes
+    return place(home, count, nodes, share, worker / max(workers, 1))
 
 
 def make_uid(spec, *parts):
@@ -126,33 +181,61 @@ def _peer_message(session_id, inner):
 
 class Control:
     """
-    A client process's side of the scenario: the endpoint to connect to,
-    every connection opened (so that none outlives the scenario), and the
-    synchronisation with the parent.
+    A client process's side of the scenario: the endpoints to connect to
+    (one per node of the server), every connection opened (so that none
+    outlives the scenario), and the synchronisation with the parent.
 
-    :param endpoint: the :class:`~signalling.tools.bench.wsclient.Endpoint`.
+    :param endpoints: a :class:`~signalling.tools.bench.wsclient.Endpoint`,
+        or a list of them, one per node.
     :param sync: ``async (step, info) -> answer``, given by the process.
+    :param first: the node a connection opened without naming one goes to
+        first; later ones go to the next node in turn.
     """
 
-    def __init__(self, endpoint, sync):
-        self.endpoint = endpoint
+    def __init__(self, endpoints, sync, first=0):
+        if not isinstance(endpoints, (list, tuple)):
+            endpoints = [endpoints]
+        self.endpoints = list(endpoints)
         self._sync = sync
+        self._next = first
         self.connections = set()
+
+    @property
+    def endpoint(self):
+        """The first node's endpoint."""
+        return self.endpoints[0]
+
+    @property
+    def nodes(self):
+        """How many nodes the server has."""
+        return len(self.endpoints)
 
     async def sync(self, step, info=None):
         """Report ``info`` to the parent; :returns: its answer, once every process is there."""
         return await self._sync(step, info)
 
-    async def connect(self, timeout, source_host=None):
-        """:returns: an open connection, tracked for the final cleanup."""
-        connection = await connect(self.endpoint, timeout, source_host)
+    async def connect(self, timeout, source_host=None, node=None, first=None):
+        """
+        :param node: the node to connect to (an index); by default the
+            next one in turn.
+        :param first: a text message sent the moment the connection opens.
+        :returns: an open connection, tracked for the final cleanup.
+        """
+        if node is None:
+            node = self._next
+            self._next += 1
+        connection = await connect(self.endpoints[node % len(self.endpoints)], timeout, source_host, first)
         self.connections.add(connection)
         return connection
 
-    async def hello(self, uid, timeout, source_host=None):
-        """:returns: a connection registered as ``uid``."""
-        connection = await self.connect(timeout, source_host)
-        connection.send_text(words.hello(uid))
+    async def hello(self, uid, timeout, source_host=None, node=None):
+        """
+        :returns: a connection registered as ``uid``. The ``HELLO`` goes out
+            the moment the connection opens, as the examples' clients send
+            it: on a port that speaks both dialects, a server takes a
+            connection silent for ``--dialect-wait`` for a JSON client.
+        """
+        connection = await self.connect(timeout, source_host, node, first=words.hello(uid))
         reply = await connection.recv_text(timeout)
         if reply != words.HELLO:
             connection.abort()
@@ -161,9 +244,9 @@ class Control:
 
     # The JSON dialect (webrtcsink and webrtcsrc's protocol).
 
-    async def welcomed(self, timeout, source_host=None):
+    async def welcomed(self, timeout, source_host=None, node=None):
         """:returns: ``(connection, peer id)``, welcomed by the server."""
-        connection = await self.connect(timeout, source_host)
+        connection = await self.connect(timeout, source_host, node)
         reply = await connection.recv_text(timeout)
         message = _json_message(reply)
         if message.get("type") != "welcome":
@@ -171,9 +254,9 @@ class Control:
             raise ProtocolFailure(f"expected welcome, received {reply[:60]!r}")
         return connection, message["peerId"]
 
-    async def producer(self, timeout, source_host=None):
+    async def producer(self, timeout, source_host=None, node=None):
         """:returns: ``(connection, peer id)`` of a producer whose status is set."""
-        connection, peer_id = await self.welcomed(timeout, source_host)
+        connection, peer_id = await self.welcomed(timeout, source_host, node)
         connection.send_text(_PRODUCER_STATUS)
         connection.send_text(_LIST)
         reply = await connection.recv_text(timeout)
@@ -182,10 +265,13 @@ class Control:
             raise ProtocolFailure(f"list was answered {reply[:60]!r}")
         return connection, peer_id
 
-    async def json_session(self, timeout):
-        """:returns: ``(consumer, producer, session id)``: a session of the JSON dialect."""
-        producer, producer_id = await self.producer(timeout)
-        consumer, _ = await self.welcomed(timeout)
+    async def json_session(self, timeout, nodes=(None, None)):
+        """
+        :param nodes: the producer's and the consumer's nodes.
+        :returns: ``(consumer, producer, session id)``: a session of the JSON dialect.
+        """
+        producer, producer_id = await self.producer(timeout, node=nodes[0])
+        consumer, _ = await self.welcomed(timeout, node=nodes[1])
         consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
         started = _json_message(await consumer.recv_text(timeout))
         asked = _json_message(await producer.recv_text(timeout))
@@ -226,6 +312,14 @@ class Control:
 # relay
 
 
+class _Tally:
+    """Round trips within the measured window, and their times."""
+
+    def __init__(self):
+        self.samples = array("d")
+        self.count = 0
+
+
 class _RelayState:
     """What all pairs of one process share during the relay scenario."""
 
@@ -233,8 +327,9 @@ class _RelayState:
         self.window_start = window_start
         self.window_end = window_end
         self.size = size
-        self.samples = array("d")
-        self.count = 0
+        #: Pairs whose two peers are on one node, and across two nodes.
+        self.same = _Tally()
+        self.cross = _Tally()
         self.errors = Failures()
 
 
@@ -247,10 +342,12 @@ class _RelayPair:
     the oldest message still on the way is the one whose echo comes next.
     """
 
-    def __init__(self, caller, callee, state, loop, prefix=b"", suffix=b""):
+    def __init__(self, caller, callee, state, loop, prefix=b"", suffix=b"", cross=False):
         self.caller = caller
         self.callee = callee
         self.state = state
+        self.cross = cross
+        self.tally = state.cross if cross else state.same
         # The JSON dialect wraps the sequence number in a peer message.
         self.prefix = prefix
         self.suffix = suffix
@@ -293,8 +390,9 @@ class _RelayPair:
             state.errors.add(f"echo of message {seq} is wrong or out of order")
         if moment < state.window_end:
             if moment >= state.window_start:
-                state.samples.append(moment - sent_at)
-                state.count += 1
+                tally = self.tally
+                tally.samples.append(moment - sent_at)
+                tally.count += 1
             self.send_next(moment)
         elif not self.sent and not self.done.done():
             self.done.set_result(None)
@@ -317,19 +415,23 @@ async def relay(spec, control):
     size = max(spec["size"], 16)
     loop = asyncio.get_running_loop()
 
+    share = spec.get("cross_share", 0.0)
+
     async def make_pair(index):
+        nodes = relay_nodes(index, control.nodes, share)
+        cross = nodes[0] != nodes[1]
         if spec.get("dialect") == "json":
             # The consumer sends ICE candidates, the producer echoes them.
-            consumer, producer, session_id = await control.json_session(timeout)
-            return consumer, producer, session_id
+            consumer, producer, session_id = await control.json_session(timeout, nodes)
+            return consumer, producer, session_id, cross
         callee_uid = make_uid(spec, "r", index, "b")
-        callee = await control.hello(callee_uid, timeout)
-        caller = await control.hello(make_uid(spec, "r", index, "a"), timeout)
+        callee = await control.hello(callee_uid, timeout, node=nodes[0])
+        caller = await control.hello(make_uid(spec, "r", index, "a"), timeout, node=nodes[1])
         caller.send_text(words.session(callee_uid))
         reply = await caller.recv_text(timeout)
         if reply != words.SESSION_OK:
             raise ProtocolFailure(f"SESSION {callee_uid} was answered {reply!r}")
-        return caller, callee, None
+        return caller, callee, None, cross
 
     made = await bounded_gather(
         [make_pair(i) for i in mine(spec["pairs"], spec)], SETUP_CONCURRENCY
@@ -342,8 +444,10 @@ async def relay(spec, control):
     window_end = window_start + spec["duration"]
     state = _RelayState(window_start, window_end, size)
     pairs = [
-        _RelayPair(caller, callee, state, loop, *_relay_wrapping(session_id))
-        for caller, callee, session_id in (m for m in made if not isinstance(m, BaseException))
+        _RelayPair(caller, callee, state, loop, *_relay_wrapping(session_id), cross=cross)
+        for caller, callee, session_id, cross in (
+            m for m in made if not isinstance(m, BaseException)
+        )
     ]
 
     await sleep_until(start_at)
@@ -361,8 +465,11 @@ async def relay(spec, control):
     await control.close_all([p.callee for p in pairs], timeout)
     return {
         "pairs": len(pairs),
-        "round_trips": state.count,
-        "samples": state.samples,
+        "pairs_cross": sum(p.cross for p in pairs),
+        "round_trips": state.same.count + state.cross.count,
+        "round_trips_cross": state.cross.count,
+        "samples_same": state.same.samples,
+        "samples_cross": state.cross.samples,
         "errors": state.errors.count,
         "reasons": state.errors.reasons,
         "unclosed": unclosed,
@@ -437,12 +544,16 @@ async def _negotiate(offerer, answerer, wrap, timeout):
         await _expect(offerer, candidate, timeout, "an answerer's ICE candidate")
 
 
-async def _call(control, spec, caller_uid, callee_uid, timeout):
-    """One call from connect to close; :returns: its set-up time in seconds."""
+async def _call(control, spec, caller_uid, callee_uid, timeout, nodes=(None, None)):
+    """
+    One call from connect to close; :returns: its set-up time in seconds.
+
+    :param nodes: the callee's and the caller's nodes.
+    """
     started = now()
     opened = await asyncio.gather(
-        control.hello(callee_uid, timeout),
-        control.hello(caller_uid, timeout),
+        control.hello(callee_uid, timeout, node=nodes[0]),
+        control.hello(caller_uid, timeout, node=nodes[1]),
         return_exceptions=True,
     )
     for result in opened:
@@ -473,7 +584,7 @@ async def _call(control, spec, caller_uid, callee_uid, timeout):
         control.connections.discard(callee)
 
 
-async def _json_call(control, spec, timeout):
+async def _json_call(control, spec, timeout, nodes=(None, None)):
     """
     One session of the JSON dialect from connect to close: a producer and a
     consumer connect and are welcomed, the producer registers, the consumer
@@ -481,7 +592,7 @@ async def _json_call(control, spec, timeout):
     candidates each way; :returns: its set-up time in seconds.
     """
     started = now()
-    consumer, producer, session_id = await control.json_session(timeout)
+    consumer, producer, session_id = await control.json_session(timeout, nodes)
     try:
         await _negotiate(producer, consumer, lambda text: _peer_message(session_id, text), timeout)
         set_up = now() - started
@@ -512,27 +623,30 @@ async def setup(spec, control):
     workers = list(mine(spec["workers_per_target"], spec))
     start_at = await control.sync("ready", {"workers": len(workers)})
     deadline = start_at + spec["duration"]
-    times = array("d")
+    #: Set-up times of calls with both peers on one node, and across nodes.
+    times = {False: array("d"), True: array("d")}
+    share = spec.get("cross_share", 0.0)
     failures = Failures()
     ends = []
 
     async def worker(index):
         count = consecutive = 0
         while now() < deadline and consecutive < MAX_CONSECUTIVE_FAILURES:
+            nodes = call_nodes(index, count, spec["workers_per_target"], control.nodes, share)
             count += 1
             try:
                 if spec.get("dialect") == "json":
-                    times.append(await _json_call(control, spec, timeout))
+                    took = await _json_call(control, spec, timeout, nodes)
                 else:
-                    times.append(
-                        await _call(
-                            control,
-                            spec,
-                            make_uid(spec, "s", index, count, "a"),
-                            make_uid(spec, "s", index, count, "b"),
-                            timeout,
-                        )
+                    took = await _call(
+                        control,
+                        spec,
+                        make_uid(spec, "s", index, count, "a"),
+                        make_uid(spec, "s", index, count, "b"),
+                        timeout,
+                        nodes,
                     )
+                times[nodes[0] != nodes[1]].append(took)
                 consecutive = 0
                 ends.append(now())
             except (OSError, ConnectionClosed, ProtocolFailure, TimeoutError) as e:
@@ -544,8 +658,10 @@ async def setup(spec, control):
     await asyncio.gather(*(worker(i) for i in workers))
     cpu = cpu_seconds() - cpu_start
     return {
-        "calls": len(times),
-        "samples": times,
+        "calls": len(times[False]) + len(times[True]),
+        "calls_cross": len(times[True]),
+        "samples_same": times[False],
+        "samples_cross": times[True],
         "failures": failures.count,
         "reasons": failures.reasons,
         "last_end": max(ends) if ends else None,
@@ -561,7 +677,8 @@ async def idle(spec, control):
     """
     N peers opened in a storm and registered, held idle, then each asked
     one question (a ``SESSION`` to a uid nobody has) that every server
-    answers with ``ERROR``.
+    answers with ``ERROR`` (at most ``storm_concurrency`` questions of a
+    process on their way at once).
 
     A peer of the storm may take ``spec["storm_timeout"]`` seconds to be
     registered: a connection dropped from a full listen queue is retried
@@ -577,15 +694,20 @@ async def idle(spec, control):
 
     json_dialect = spec.get("dialect") == "json"
 
+    nodes = control.nodes
+    registered_per_node = [0] * nodes
+
     async def open_peer(index):
         source = sources[index % len(sources)]
+        node = index % nodes
         if json_dialect:
-            connection, _ = await control.producer(spec["storm_timeout"], source)
+            connection, _ = await control.producer(spec["storm_timeout"], source, node)
         else:
             connection = await control.hello(
-                make_uid(spec, "i", index), spec["storm_timeout"], source
+                make_uid(spec, "i", index), spec["storm_timeout"], source, node
             )
         hello_times.append(now())
+        registered_per_node[node] += 1
         return connection
 
     await sleep_until(start_at)
@@ -603,7 +725,8 @@ async def idle(spec, control):
             peers.append(result)
     last = max(hello_times) if hello_times else None
     await control.sync(
-        "stormed", {"registered": len(peers), "last": last}
+        "stormed",
+        {"registered": len(peers), "last": last, "registered_per_node": registered_per_node},
     )
 
     if json_dialect:
@@ -622,14 +745,28 @@ async def idle(spec, control):
             if json_dialect
             else reply.startswith(_ERROR)
         ):
+            if _UNAVAILABLE in reply:
+                # Refused, not answered: a cluster node that lost Redis.
+                return f"unavailable: {reply[:60]!r}"
             return None
         return f"answered {reply[:60]!r}"
 
-    answers = await asyncio.gather(*(ask(c) for c in peers))
+    # As many questions on their way at once as connections in the storm:
+    # with many peers, each question a command for a cluster's Redis, all
+    # at once would wait longer than the timeout in the server's queues.
+    asked_from = now()
+    answers = await bounded_gather([ask(c) for c in peers], spec["storm_concurrency"])
+    answered_by = now()
     silent = Failures()
+    unavailable = 0
     for answer in answers:
         if answer is not None:
-            silent.add(answer)
+            silent.add(describe(answer) if isinstance(answer, BaseException) else answer)
+            unavailable += isinstance(answer, str) and answer.startswith("unavailable")
+    # Every process's peers answer before any closes: a server's work on a
+    # crowd of closes (for a cluster node, a command to Redis each) would
+    # slow the others' answers.
+    await control.sync("answered", None)
     unclosed = await control.close_all(peers, timeout)
     return {
         "peers": len(indices),
@@ -637,6 +774,9 @@ async def idle(spec, control):
         "failures": failures.count,
         "reasons": failures.reasons + silent.reasons,
         "answered": len(peers) - silent.count,
+        "unavailable": unavailable,
+        "asked_from": asked_from,
+        "answered_by": answered_by,
         "last": last,
         "unclosed": unclosed,
         "cpu": cpu_storm,
@@ -692,7 +832,10 @@ async def _room(control, spec, number, timeout, loop):
     uids = [make_uid(spec, "m", number, j) for j in range(size)]
     errors = Failures()
     started = now()
-    connections = await asyncio.gather(*(control.hello(uid, timeout) for uid in uids))
+    # The members of a room spread over the nodes in turn.
+    connections = await asyncio.gather(
+        *(control.hello(uid, timeout, node=number + j) for j, uid in enumerate(uids))
+    )
     members = [
         _Member(uid, connection, size - 1 - j, size - 1, loop)
         for j, (uid, connection) in enumerate(zip(uids, connections))

@@ -163,8 +163,10 @@ class Connection(asyncio.Protocol):
     :ivar close_code: the code of the server's close frame, if one came.
     """
 
-    def __init__(self, loop, endpoint):
+    def __init__(self, loop, endpoint, first=None):
         self._loop = loop
+        #: A text message sent the moment the handshake completes, or None.
+        self._first = first
         self.transport = None
         key = base64.b64encode(_random_bytes(16))
         self._accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
@@ -251,6 +253,11 @@ class Connection(asyncio.Protocol):
         if accept != self._accept:
             return self._fail_handshake("bad Sec-WebSocket-Accept")
         self._handshaking = False
+        if self._first is not None:
+            # At once, as a client that speaks first does, rather than once
+            # the coroutine waiting for the handshake runs again (a busy
+            # event loop may take a while to get there).
+            self.send_text(self._first)
         self.opened.set_result(self)
         return data[end + 4:]
 
@@ -409,17 +416,19 @@ class Connection(asyncio.Protocol):
         return not self._handshaking and not self._close_sent and not self.closed.done()
 
 
-async def connect(endpoint, timeout=10.0, source_host=None):
+async def connect(endpoint, timeout=10.0, source_host=None, first=None):
     """
     Open a WebSocket connection and complete the opening handshake.
 
     :param endpoint: an :class:`Endpoint`.
     :param source_host: bind to this local IPv4 address first (to spread
         many connections over several loopback addresses).
+    :param first: a text message to send as soon as the handshake is
+        complete, before this coroutine resumes.
     :returns: an open :class:`Connection`.
     """
     loop = asyncio.get_running_loop()
-    connection = Connection(loop, endpoint)
+    connection = Connection(loop, endpoint, first)
     sock = None
     async with asyncio.timeout(timeout):
         try:
