@@ -554,6 +554,30 @@ class RedisConnectionTests(TestCase):
         a.close()
         await b.closed()
 
+    async def test_redis_connections_rely_on_tcp_keepalive_not_on_reply_timeouts(self):
+        """
+        A node reads Redis's replies late when it is itself far behind (a
+        mass close): that is no outage, so no reply timeout applies; a
+        Redis gone for good is found by TCP keepalive, set on both
+        connections (probes after 5 s, every 2 s, 3 of them).
+        """
+        import socket as _socket
+
+        redis = RedisServer(self)
+        await redis.start()
+        server = await Server.start(self, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url)
+        await eventually(lambda: server.registry.up, "the node to reach Redis")
+        store = server.service.cluster
+        for p in (store._commands, store._subscriber):
+            self.assertIsNone(p.replyTimeout)
+            sock = p.transport.getHandle()
+            self.assertEqual(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE), 1)
+            self.assertEqual(
+                [sock.getsockopt(_socket.IPPROTO_TCP, option) for option in
+                 (_socket.TCP_KEEPIDLE, _socket.TCP_KEEPINTVL, _socket.TCP_KEEPCNT)],
+                [5, 2, 3],
+            )
+
     def test_node_timeout_sets_the_heartbeat(self):
         """--node-timeout is how long a silent process lives on; the heartbeat goes thrice as often at least."""
         from twisted.internet.task import Clock

@@ -13,6 +13,7 @@ node when both are ready (:meth:`ClusterRegistry.store_up`) and when either
 is lost (:meth:`ClusterRegistry.store_down`).
 """
 
+import socket
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -78,9 +79,33 @@ def _pems(data):
     return [part + end for part in data.split(end) if b"-----BEGIN CERTIFICATE-----" in part]
 
 
+#: TCP keepalive of the connections to Redis: first probe after 5 s of
+#: silence, then every 2 s, dead after 3 unanswered (about 11 s): found by
+#: the kernel, however busy the process is.
+KEEPALIVE = (5, 2, 3)
+
+
+def _keep_alive(transport):
+    """Turn TCP keepalive on for ``transport``'s socket (under TLS, the TCP one's)."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if handle is not None and not hasattr(handle, "setsockopt"):
+        handle = getattr(getattr(transport, "transport", None), "getHandle", lambda: None)()
+    if handle is None or not hasattr(handle, "setsockopt"):
+        return
+    idle, interval, count = KEEPALIVE
+    try:
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Commands(txredisapi.RedisProtocol):
     def connectionMade(self):
         txredisapi.RedisProtocol.connectionMade(self)
+        _keep_alive(self.transport)
         self.factory.prepare(self)
 
     def connectionLost(self, why):
@@ -91,6 +116,7 @@ class _Commands(txredisapi.RedisProtocol):
 class _Subscriber(txredisapi.SubscriberProtocol):
     def connectionMade(self):
         txredisapi.SubscriberProtocol.connectionMade(self)
+        _keep_alive(self.transport)
         self.factory.prepare(self)
 
     def messageReceived(self, pattern, channel, message):
@@ -125,12 +151,16 @@ class RedisStore(service.Service):
     :param reactor: the reactor.
     :param address: a :class:`RedisAddress`.
     :param reply_timeout: seconds to wait for a reply before the connection
-        counts as lost.
+        counts as lost, or None (the default): a node that is itself far
+        behind (closing thousands of connections at once) reads replies
+        late though Redis answered at once, and must not take that for an
+        outage. A Redis that is gone for good is found by TCP keepalives
+        (:data:`KEEPALIVE`), one that restarts by its closed connection.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, address, reply_timeout=5.0):
+    def __init__(self, reactor, address, reply_timeout=None):
         self._reactor = reactor
         self._address = address
         self._reply_timeout = reply_timeout
