@@ -128,7 +128,7 @@ class OutageTests(NodeTestCase):
         self.node.store_up()
         self.assertFalse(self.node.up)
         args = self.store.answer("resync", [b"lost"])
-        self.assertEqual(args[:2], ("here", "3000"))
+        self.assertEqual(args[:2], ("here", "5000"))
         peers = [args[i:i + 4] for i in range(2, len(args), 4)]
         self.assertEqual(
             sorted(peers),

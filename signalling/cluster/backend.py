@@ -78,7 +78,7 @@ _ERRORS = {
 #: Seconds between two heartbeats of a node.
 HEARTBEAT = 1.0
 #: Seconds after its last heartbeat that a node counts as dead.
-NODE_TTL = 3.0
+NODE_TTL = 5.0
 
 
 def _text(value):

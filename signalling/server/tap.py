@@ -222,7 +222,7 @@ class Options(usage.Options):
          "Default: none (this process alone, in memory).", str],
         ["redis-password-file", None, None,
          "A file holding the password of --redis (its first line).", str],
-        ["node-timeout", None, 3.0,
+        ["node-timeout", None, 5.0,
          "With --redis: seconds after its last heartbeat (sent every second, "
          "or a third of this if less) that a process counts as dead and the "
          "others release its peers. Raise it on machines so loaded that a "
