@@ -32,6 +32,10 @@ class TokenTests(unittest.SynchronousTestCase):
         return path, auth.TokenKeys(path)
 
     def test_a_valid_token_grants_what_its_claims_say(self):
+        """
+        A valid token allows the uid, rooms, calls and roles it names and no
+        others; what it does not name is not limited.
+        """
         _, keys = self.keys(NEW)
         grant = keys.check(auth.mint(NEW, 60, uid="alice", rooms=["r1"], calls=["bob"]))
         self.assertTrue(grant.allows_uid("alice"))
@@ -46,6 +50,11 @@ class TokenTests(unittest.SynchronousTestCase):
         self.assertFalse(open_grant.allows_roles(["producer"]))
 
     def test_missing_bad_expired_and_foreign_tokens_are_refused_by_reason(self):
+        """
+        No token or an empty one is refused as missing, an expired one as expired;
+        garbage, another secret's, one without exp, with ill-typed claims or signed
+        with another algorithm as invalid.
+        """
         _, keys = self.keys(NEW)
         cases = [
             (None, "missing"),
@@ -63,6 +72,10 @@ class TokenTests(unittest.SynchronousTestCase):
             self.assertEqual(caught.exception.reason, reason, token)
 
     def test_both_secrets_are_accepted_during_a_rotation_and_reload_reads_the_file(self):
+        """
+        While the file holds two secrets, tokens signed with either pass; once it
+        holds only the new one, a reload refuses the old secret's tokens.
+        """
         path, keys = self.keys(NEW, OLD)
         keys.check(auth.mint(OLD, 60))
         keys.check(auth.mint(NEW, 60))
@@ -73,6 +86,7 @@ class TokenTests(unittest.SynchronousTestCase):
         keys.check(auth.mint(NEW, 60))
 
     def test_a_secrets_file_must_hold_long_secrets(self):
+        """An empty, blank, short-secret or missing secrets file is a configuration error."""
         path = self.mktemp()
         for content in (b"", b"\n \n", b"short\n"):
             with open(path, "wb") as f:
@@ -81,6 +95,10 @@ class TokenTests(unittest.SynchronousTestCase):
         self.assertRaises(auth.AuthConfigError, auth.read_secrets, path + ".missing")
 
     def test_signalling_token_mints_with_the_first_secret(self):
+        """
+        ``signalling-token`` prints a token signed with the file's first secret,
+        for the uid and room asked for.
+        """
         path, keys = self.keys(NEW, OLD)
         out = io.StringIO()
         self.patch(sys, "stdout", out)
@@ -115,6 +133,11 @@ class AuthMixin:
         return self.server.upgrade_status(upgrade_request(headers, query))
 
     async def test_a_handshake_without_a_valid_token_gets_401(self):
+        """
+        A handshake with no token, a bad or an expired one gets 401, counted by
+        reason; a valid token in the query or a Bearer header gets 101, and
+        /health needs none.
+        """
         self.assertEqual(await self.status(), 401)
         self.assertEqual(await self.status("?token=nope"), 401)
         expired = auth.mint(NEW, -5, uid="a")
@@ -131,6 +154,11 @@ class AuthMixin:
         self.assertEqual((status, body), (200, b"OK\n"))
 
     async def test_a_connection_may_do_what_its_token_allows_and_nothing_else(self):
+        """
+        HELLO with a uid the token does not allow is an ERROR and a close (1002);
+        with the allowed uid, a call or room the token does not name is an ERROR
+        (counted as not_allowed), and one it names goes through.
+        """
         token = auth.mint(NEW, 60, uid="alice", rooms=["r1"], calls=["bob"])
         mallory = await self.server.connect(path="/?token=" + token)
         mallory.send_text("HELLO mallory")
@@ -148,6 +176,10 @@ class AuthMixin:
         self.assertEqual(self.server.stats.errors.get("not_allowed"), 2)
 
     async def test_a_json_peer_may_take_only_the_roles_its_token_allows(self):
+        """
+        A JSON peer asking for a role its token does not name gets an error; one
+        it names is granted.
+        """
         token = auth.mint(NEW, 60, roles=["consumer", "listener"])
         client = await self.server.connect(path="/?token=" + token)
         client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
@@ -203,6 +235,10 @@ class AuthMixin:
         self.assertEqual(json.loads(await client.next())["type"], "welcome")
 
     async def test_no_token_appears_in_the_logs(self):
+        """
+        Neither a token, good or bad, nor its signature, nor a secret is logged,
+        while the uid is.
+        """
         token = auth.mint(NEW, 60, uid="alice")
         bad = auth.mint(OLD, 60, uid="alice")
         with capturedLogs() as events:
@@ -223,6 +259,10 @@ class AuthMixin:
             self.assertNotIn(part, text)
 
     async def test_a_token_for_the_uid_takes_it_over_at_once(self):
+        """
+        A second connection with a token for the uid takes it over: the first is
+        closed (1008) at once, without a ping to check that it is alive.
+        """
         token = auth.mint(NEW, 60, uid="alice")
         old = await self.server.connect(path="/?token=" + token)
         old.send_text("HELLO alice")
@@ -234,6 +274,10 @@ class AuthMixin:
         self.assertEqual(old.pings, 0)
 
     async def test_a_reload_rotates_the_secrets(self):
+        """
+        Once the secrets file has changed, a reload of the service refuses tokens
+        of the old secret (401) and accepts those of the new one.
+        """
         old_token = auth.mint(NEW, 60)
         with open(self.secrets, "wb") as f:
             f.write(OLD + b"\n")

@@ -183,6 +183,10 @@ class JsonScenarioTests(unittest.TestCase):
         return server
 
     async def test_idle_registers_every_producer_and_every_one_is_answered(self):
+        """
+        Idle: every producer is registered and answered, and the memory per peer
+        is reported.
+        """
         server = await self.json_server()
         result = await bench("idle", server.url("/json"), dialect="json")
         self.assertTrue(result["ok"], result)
@@ -190,6 +194,10 @@ class JsonScenarioTests(unittest.TestCase):
         self.assertIsNotNone(result["rss_per_peer_bytes"])
 
     async def test_relay_sends_peer_messages_both_ways_in_order(self):
+        """
+        Relay: peer messages make round trips without errors, relayed as JSON
+        messages and none as examples ones.
+        """
         server = await self.json_server()
         result = await bench("relay", server.url("/json"), dialect="json", size=300)
         self.assertTrue(result["ok"], result)
@@ -199,6 +207,10 @@ class JsonScenarioTests(unittest.TestCase):
         self.assertEqual(server.stats.session_messages, 0)
 
     async def test_setup_makes_whole_json_sessions(self):
+        """
+        Setup: whole JSON sessions are made without a failure, and nothing is
+        left on the server after.
+        """
         server = await self.json_server()
         result = await bench("setup", server.url("/json"), dialect="json")
         self.assertTrue(result["ok"], result)
@@ -208,6 +220,7 @@ class JsonScenarioTests(unittest.TestCase):
         self.assertTrue(server.registry.is_empty())
 
     def test_json_runs_only_the_scenarios_it_changes(self):
+        """``--dialect json`` with a scenario it does not change (rooms) is refused."""
         with self.assertRaises(SystemExit):
             cli.parse_args(["ws://127.0.0.1:1/", "--dialect", "json", "--scenarios", "rooms"])
 
@@ -543,6 +556,10 @@ class RoomPeakTests(unittest.TestCase):
     timeout = 60
 
     async def test_reports_memory_around_each_crowd_and_the_crowd_leaves(self):
+        """
+        Each round of 30 members joining one room is reported with the memory
+        after each second, and the crowd leaves nothing behind.
+        """
         server = await Server.listening(self, tls=True)
         script = os.path.join(
             os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -778,6 +795,10 @@ class NodeRoutingTests(unittest.TestCase):
     """A client process's connections go to the node they are meant for."""
 
     async def test_a_named_node_or_else_the_next_in_turn(self):
+        """
+        A peer registers on the node it names, or else on the next node in turn
+        from the first one given.
+        """
         servers = [await Server.listening(self, tls=False) for _ in range(2)]
         endpoints = [wsclient.Endpoint(wsclient.Target(s.url())) for s in servers]
         loop = asyncio.new_event_loop()
@@ -972,6 +993,10 @@ class ClusterCommandLineTests(unittest.TestCase):
         self.patch(sys, "stderr", self.stderr)
 
     def test_nodes_and_pids_separated_by_commas(self):
+        """
+        Nodes' URLs and pids are separated by commas; ``--cross-share`` goes to
+        the scenarios, None unless given.
+        """
         options = cli.parse_args(
             ["ws://a:1,wss://b:2/x", "--server-pid", f"{os.getpid()},{os.getppid()}",
              "--cross-share", "0.25", "--compare", "ws://c:3"]
@@ -983,6 +1008,11 @@ class ClusterCommandLineTests(unittest.TestCase):
         self.assertIsNone(cli.scenario_params("setup", cli.parse_args(["ws://a:1"]))["cross_share"])
 
     def test_bad_cluster_command_lines_are_refused(self):
+        """
+        An empty or non-WebSocket node URL, a bad or absent pid, a cross share
+        out of range or on one node, and a Redis pid to compare with nothing are
+        refused (exit 2).
+        """
         for argv in (
             ["ws://a:1,"],
             ["ws://a:1,http://b:2"],
@@ -1009,12 +1039,20 @@ class ClusterReportTests(unittest.TestCase):
         return base
 
     def test_the_busiest_process_or_redis_is_the_bottleneck(self):
+        """
+        Redis near a full core is the bottleneck, or shares it with the server;
+        a Redis that is not busy leaves the verdict to the others.
+        """
         self.assertEqual(report.bottleneck(40, [30], 150, 2, redis_percent=95), "redis")
         self.assertEqual(report.bottleneck(95, [30], 190, 2, redis_percent=95), "server+redis")
         self.assertEqual(report.bottleneck(95, [95], 190, 2, redis_percent=10), "both")
         self.assertEqual(report.bottleneck(None, [30], redis_percent=90), "redis")
 
     def test_tables_show_nodes_cross_share_and_each_process(self):
+        """
+        Tables and comparisons show the cross share, cross-node round trips and
+        each process's CPU only when a server of several nodes is in them.
+        """
         single = self.result(target="one")
         cluster = self.result(
             target="four", nodes=4, cross_share=0.75, rtt_same_p50_ms=0.5, rtt_same_p99_ms=1.5,
@@ -1032,6 +1070,10 @@ class ClusterReportTests(unittest.TestCase):
         self.assertNotIn("rtt_cross_p99_ms", report.compare([single, single], "one", "one")["metrics"])
 
     def test_a_probe_of_several_processes_sums_them(self):
+        """
+        A probe of several pids reads each and sums them, Redis apart; no pid
+        reads nothing, and a pid that does not exist is an error.
+        """
         pids = [os.getpid(), os.getppid()]
         probe = ServerProbe(pids, redis_pid=os.getpid())
         self.assertEqual(len(probe.cpu_each()), 2)
@@ -1049,6 +1091,10 @@ class ClusterScalingScriptTests(unittest.TestCase):
     timeout = 180
 
     async def test_scaling_and_capacity_with_tiny_sizes(self):
+        """
+        With tiny sizes every phase makes its table without a failure, and every
+        node the script started was shut down cleanly.
+        """
         if shutil.which("redis-server") is None:
             missing_requirement("redis-server; install the Debian package redis-server")
         script = os.path.join(

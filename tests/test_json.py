@@ -30,6 +30,7 @@ class ParseTests(unittest.SynchronousTestCase):
     """What the server takes, and what it drops without a reply."""
 
     def test_every_message_of_the_protocol_is_parsed(self):
+        """Every message a peer may send is parsed, its optional fields None when absent."""
         cases = {
             '{"type":"setProtocolVersion","version":"v1_1"}': {"version": "v1_1"},
             '{"type":"setPeerStatus","roles":["producer","listener"],"meta":{"name":"x"}}': {
@@ -62,6 +63,10 @@ class ParseTests(unittest.SynchronousTestCase):
             self.assertEqual(message.fields, fields, text)
 
     def test_what_upstream_cannot_parse_is_dropped(self):
+        """
+        What the upstream server would fail to parse (not JSON, an unknown or
+        server-only type, a missing or ill-typed field) parses to None.
+        """
         for text in [
             "HELLO 1",
             "not json",
@@ -88,6 +93,10 @@ class ParseTests(unittest.SynchronousTestCase):
             self.assertIsNone(json_wire.parse(text), text)
 
     def test_a_peer_message_is_forwarded_as_sent_unless_it_carries_more(self):
+        """
+        A peer message is forwarded as its very text; one with extra fields is
+        sent again with only the fields the protocol knows.
+        """
         plain = '{"sessionId":"s","type":"peer","ice":{"sdpMLineIndex":1,"candidate":"c"}}'
         self.assertEqual(json_wire.peer_message(json_wire.parse(plain)), plain)
         extra = '{"type":"peer","sessionId":"s","x":1,"sdp":{"type":"answer","sdp":"v=0","y":2}}'
@@ -97,6 +106,10 @@ class ParseTests(unittest.SynchronousTestCase):
         )
 
     def test_what_the_server_sends_names_every_field_null_included(self):
+        """
+        The server's messages name every field, null for an empty one; v1_0's
+        endSession has no error, v1_1's endSessionV1_1 has one.
+        """
         self.assertEqual(obj(json_wire.welcome("a")), {"type": "welcome", "peerId": "a"})
         self.assertEqual(
             obj(json_wire.peer_status_changed("a", [], None)),
@@ -145,18 +158,24 @@ class RegistryTests(unittest.SynchronousTestCase):
         return peer
 
     def test_ids_are_unique_across_both_dialects(self):
+        """An id taken in one dialect cannot be taken in the other."""
         self.registry.register("taken", object())
         self.assertRaises(UidTaken, self.registry.welcome, "taken", Recorder())
         self.peer("json-id")
         self.assertRaises(UidTaken, self.registry.register, "json-id", object())
 
     def test_the_examples_commands_do_not_find_json_peers(self):
+        """An examples session cannot be started to or from a JSON peer: it is not found."""
         self.peer("json-id")
         self.registry.register("caller", object())
         self.assertRaises(PeerNotFound, self.registry.start_session, "caller", "json-id")
         self.assertRaises(PeerNotFound, self.registry.start_session, "json-id", "caller")
 
     def test_listeners_hear_of_every_status_and_of_a_leave(self):
+        """
+        Listeners hear of every status set, their own included, and of a peer
+        that leaves (with no roles); a peer that is no listener hears nothing.
+        """
         listener = self.peer("l", "listener")
         self.assertEqual(listener.told, [("peer_status_changed", "l", ["listener"], None)])
         producer = self.peer("p", "producer", meta={"n": 1})
@@ -166,6 +185,10 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(listener.told[-1], ("peer_status_changed", "p", [], {"n": 1}))
 
     def test_the_same_status_again_changes_nothing_when_it_names_the_peer(self):
+        """
+        The same status set again tells the listeners nothing if it names the
+        peer's own id, and tells them again if it does not.
+        """
         listener = self.peer("l", "listener")
         self.registry.set_peer_status("l", ["listener"], None, "l")
         self.assertEqual(len(listener.told), 1)
@@ -173,6 +196,9 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(len(listener.told), 2)
 
     def test_producer_and_consumer_at_once_is_refused(self):
+        """
+        Asking for the producer and the consumer roles at once is refused, in upstream's words.
+        """
         self.peer("x")
         e = self.assertRaises(
             JsonRefused, self.registry.set_peer_status, "x", ["producer", "consumer"], None, None
@@ -180,6 +206,7 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(e.details, "Cannot register peer x as both producer and passive consumer")
 
     def test_lists_name_producers_and_consumers_with_their_meta(self):
+        """The lists of producers and of consumers name each, in turn, with its meta."""
         self.peer("p1", "producer", meta={"a": 1})
         self.peer("c1", "consumer")
         self.peer("p2", "producer", "listener")
@@ -187,6 +214,10 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(self.registry.json_peers("consumer"), [("c1", None)])
 
     def test_a_session_with_a_producer_tells_the_consumer_then_the_producer(self):
+        """
+        A session asked of a producer tells the asker that it started and the
+        producer to start it, with no offer.
+        """
         producer = self.peer("p", "producer")
         consumer = self.peer("c")
         session_id = self.registry.start_json_session("c", "p", None)
@@ -194,6 +225,7 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(producer.told, [("json_start_session", "c", session_id, None)])
 
     def test_a_producer_may_start_a_session_with_a_passive_consumer(self):
+        """A producer may start a session with a passive consumer, with an offer."""
         producer = self.peer("p", "producer")
         consumer = self.peer("c", "consumer")
         session_id = self.registry.start_json_session("p", "c", "v=0 offer")
@@ -201,6 +233,10 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(producer.told, [("json_start_session", "c", session_id, "v=0 offer")])
 
     def test_a_session_needs_a_producer_or_a_consumer_on_the_other_side(self):
+        """
+        A session between peers none of which is a producer or a passive consumer
+        is refused, and so is one with a peer that does not exist.
+        """
         self.peer("a", "listener")
         self.peer("b")
         e = self.assertRaises(JsonRefused, self.registry.start_json_session, "a", "b", None)
@@ -222,6 +258,10 @@ class RegistryTests(unittest.SynchronousTestCase):
         return json_wire.parse(json.dumps({"type": "peer", "sessionId": session_id, **inner}))
 
     def test_peer_messages_go_to_the_other_side(self):
+        """
+        A session's peer messages go to the other side: the offer to the consumer,
+        the answer to the producer.
+        """
         producer, consumer, session_id = self.session()
         offer = self.message(session_id, sdp={"type": "offer", "sdp": "o"})
         self.registry.json_message("p", offer)
@@ -231,6 +271,7 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(producer.told, [("json_peer_message", answer)])
 
     def test_a_consumer_may_not_send_an_offer(self):
+        """An offer from the consumer is refused and does not reach the producer."""
         producer, consumer, session_id = self.session()
         e = self.assertRaises(
             JsonRefused,
@@ -244,6 +285,10 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(producer.told, [])
 
     def test_a_message_for_an_unknown_session_is_dropped_and_a_stranger_refused(self):
+        """
+        A peer message for an unknown session is dropped without an error; one
+        from a peer outside the session is refused; neither reaches the session.
+        """
         producer, consumer, session_id = self.session()
         self.registry.json_message("p", self.message("nope", ice={"candidate": "", "sdpMLineIndex": 0}))
         self.peer("x")
@@ -257,6 +302,10 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual((producer.told, consumer.told), ([], []))
 
     def test_ending_a_session_tells_the_other_side_once(self):
+        """
+        Ending a session tells the other side, with the reason, once; ending it
+        again does nothing.
+        """
         producer, consumer, session_id = self.session()
         self.registry.end_json_session("c", session_id, "bye")
         self.assertEqual(producer.told, [("json_session_ended", session_id, "bye")])
@@ -265,12 +314,17 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertEqual(self.registry.json_session_count, 0)
 
     def test_a_stranger_cannot_end_a_session(self):
+        """A peer outside a session cannot end it: the session stands."""
         producer, consumer, session_id = self.session()
         self.peer("x")
         self.assertRaises(JsonRefused, self.registry.end_json_session, "x", session_id)
         self.assertEqual(self.registry.json_session_count, 1)
 
     def test_giving_up_a_role_or_leaving_ends_its_sessions(self):
+        """
+        A producer that gives up its role, or a peer that leaves, ends its
+        sessions and the other side is told; at the end the registry is empty.
+        """
         producer, consumer, session_id = self.session()
         self.registry.set_peer_status("p", ["listener"], None, None)
         self.assertEqual(consumer.told, [("json_session_ended", session_id, None)])
@@ -306,6 +360,10 @@ class DialectTests(unittest.TestCase):
         return [obj(m) for m in client.drain()]
 
     def test_a_silent_connection_is_welcomed_after_the_wait(self):
+        """
+        A connection that sends nothing is welcomed, with a UUID, once the wait
+        ends and not before.
+        """
         client = self.net.client()
         self.net.clock.advance(DEFAULT_DIALECT_WAIT - 0.01)
         self.net.flush()
@@ -346,12 +404,14 @@ class DialectTests(unittest.TestCase):
         self.assertEqual([obj(m)["type"] for m in other.drain()], ["welcome"])
 
     def test_hello_first_is_the_examples_dialect_and_nothing_else_is_sent(self):
+        """A HELLO first makes the connection the examples' dialect: no welcome follows."""
         client = self.net.hello("alice")
         self.net.clock.advance(10)
         self.net.flush()
         self.assertEqual(client.drain(), [])
 
     def test_set_protocol_version_first_is_the_json_dialect_at_once(self):
+        """setProtocolVersion first is welcomed at once, at the version it names."""
         client = self.net.client()
         client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
         self.net.flush()
@@ -372,18 +432,25 @@ class DialectTests(unittest.TestCase):
         self.assertTrue(client.is_live and squatter.is_live)
 
     def test_a_pinned_port_welcomes_at_once(self):
+        """On a port pinned to the JSON dialect a connection is welcomed at once."""
         self.net.factory.dialect = "json"
         client = self.net.client()
         self.net.flush()
         self.assertEqual(obj(client.drain()[0])["type"], "welcome")
 
     def test_a_pinned_path_welcomes_at_once(self):
+        """On a path pinned to the JSON dialect a connection is welcomed at once."""
         self.net.factory.dialect_paths = {"/": "json"}
         client = self.net.client()
         self.net.flush()
         self.assertEqual(obj(client.drain()[0])["type"], "welcome")
 
     def test_a_whole_session_between_a_producer_and_a_consumer(self):
+        """
+        A listener, a producer and a consumer: status notices, the list, a
+        session started, its messages relayed byte for byte and ended, and the
+        producer's leave; nothing stays in the registry.
+        """
         listener, listener_id = self.json_client()
         listener.send_text('{"type":"setPeerStatus","roles":["listener"],"meta":null}')
         self.assertEqual(
@@ -433,6 +500,10 @@ class DialectTests(unittest.TestCase):
         self.assertTrue(self.net.registry.is_empty())
 
     def test_the_metrics_count_json_peers_sessions_and_messages_by_dialect(self):
+        """
+        The metrics count peers and sessions by dialect, and the messages and
+        bytes relayed in JSON sessions.
+        """
         producer, producer_id = self.json_client()
         producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
         consumer, consumer_id = self.json_client()
@@ -465,6 +536,10 @@ class DialectTests(unittest.TestCase):
         self.net.flush()
 
     def test_errors_go_to_the_peer_that_caused_them_and_garbage_is_dropped(self):
+        """
+        Garbage is dropped without a reply and is not a first message; a refused
+        request is an error to its sender, whose connection stays open.
+        """
         client, peer_id = self.json_client()
         for garbage in ("HELLO x", "{", '{"type":"what"}', '{"type":"newPeer"}'):
             client.send_text(garbage)
@@ -486,6 +561,7 @@ class DialectTests(unittest.TestCase):
         self.assertTrue(client.is_live)
 
     def test_requests_past_the_rate_are_refused_and_a_flood_is_closed_with_1008(self):
+        """Requests past the burst get a rate-limit error; a flood is closed with 1008."""
         self.net.factory.command_rate = 1.0
         self.net.factory.command_burst = 3
         client, _ = self.json_client()
@@ -500,6 +576,7 @@ class DialectTests(unittest.TestCase):
         self.assertEqual(client.remoteCloseCode, 1008)
 
     def test_welcome_and_leave_are_logged_with_the_peer_id(self):
+        """A JSON peer's welcome and its disconnection are logged with its id."""
         with capturedLogs() as events:
             client, peer_id = self.json_client()
             client.close()
@@ -509,6 +586,7 @@ class DialectTests(unittest.TestCase):
         self.assertTrue(any(f"peer {peer_id} at " in line and "disconnected" in line for line in lines), lines)
 
     def test_a_v1_1_peer_is_told_why_its_session_ended(self):
+        """A v1_1 peer gets endSessionV1_1 with the error the other side gave."""
         producer = self.net.client()
         producer.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
         self.net.flush()
@@ -527,6 +605,10 @@ class DialectTests(unittest.TestCase):
         )
 
     def test_a_json_peer_and_an_examples_peer_share_the_port_but_not_their_ids(self):
+        """
+        On one port, HELLO with a JSON peer's id is refused, and an examples
+        SESSION to that id finds no peer.
+        """
         client, peer_id = self.json_client()
         examples = self.net.client()
         examples.send_text(f"HELLO {peer_id}")
@@ -631,6 +713,10 @@ class RealSocketsMoreMixin(RealSocketsMixin):
     """Every refusal, the versions, the wait, and shutdown, over real sockets."""
 
     async def test_every_refusal_is_an_error_to_its_sender_only(self):
+        """
+        Each refused request is an error to its sender alone; the session the
+        refusals were about stands, and the others hear nothing of them.
+        """
         listener, listener_id = await self.welcomed()
         listener.send_text('{"type":"setPeerStatus","roles":["listener"]}')
         await self.next_json(listener)
@@ -687,6 +773,10 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         self.assertEqual(listener.unread(), [])
 
     async def test_a_v1_0_peer_gets_end_session_and_a_v1_1_peer_end_session_v1_1(self):
+        """
+        A session's end reaches a v1_1 peer as endSessionV1_1 with its error and
+        a v1_0 peer as endSession, whichever form the other side sent.
+        """
         old, old_id = await self.welcomed('{"type":"setProtocolVersion","version":"v1_0"}')
         new, new_id = await self.welcomed('{"type":"setProtocolVersion","version":"v1_1"}')
         old.send_text('{"type":"setPeerStatus","roles":["producer"]}')
@@ -709,6 +799,10 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         self.assertEqual(await self.next_json(old), {"type": "endSession", "sessionId": second})
 
     async def test_a_silent_client_is_welcomed_after_the_wait_and_at_once_on_a_pinned_path(self):
+        """
+        A silent client is welcomed once the wait ends (and soon after), and at
+        once on a path pinned to the JSON dialect.
+        """
         started = reactor.seconds()
         client = await self.server.connect()
         welcome = await self.next_json(client)
@@ -738,6 +832,10 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         self.assertFalse(protocol.has_unread_input())
 
     async def test_shutdown_closes_json_peers_with_1001(self):
+        """
+        Shutting the server down closes JSON peers in a session with 1001 and
+        leaves the registry empty.
+        """
         producer, producer_id = await self.welcomed()
         producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
         producer.send_text('{"type":"list"}')  # answered once the status is set
