@@ -1148,3 +1148,45 @@ class ClusterScalingScriptTests(unittest.TestCase):
                 text = f.read()
             self.assertIn("Server Shut Down", text, name)
             self.assertNotIn("Traceback", text, name)
+
+
+class WorkersScriptTests(unittest.TestCase):
+    """benchmarks/workers-storm and benchmarks/workers-capacity, with tiny sizes."""
+
+    timeout = 180
+
+    async def run_script(self, name, *args):
+        if shutil.which("redis-server") is None:
+            missing_requirement("redis-server; install the Debian package redis-server")
+        script = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name
+        )
+        out = os.path.abspath(self.mktemp())
+        os.makedirs(out)
+        stdout, stderr, code = await utils.getProcessOutputAndValue(
+            "/bin/bash", [script, *args],
+            env=dict(os.environ, OUT=out, PYTHON=sys.executable), reactor=reactor,
+        )  # fmt: skip
+        output = stdout.decode() + stderr.decode()
+        self.assertEqual(code, 0, output)
+        with open(os.path.join(out, "results.jsonl")) as f:
+            return [json.loads(line) for line in f], output
+
+    async def test_workers_capacity_registers_and_asks_every_peer(self):
+        """Every peer of a tiny capacity run on two workers registers and answers; no node is released."""
+        rows, output = await self.run_script("workers-capacity", "200", "2")
+        [row] = rows
+        self.assertEqual((row["registered"], row["answered"], row["failures"]), (200, 200, 0))
+        self.assertEqual(len(row["server_cpu_percent_each"]), 2)
+        self.assertIn("released by the others: 0; lost Redis: 0", output)
+
+    async def test_workers_storm_compares_four_workers_with_one_process(self):
+        """A tiny TLS storm runs against four workers and one process, alternating, twice each."""
+        rows, _ = await self.run_script("workers-storm", "40")
+        # The runs (the file also holds the comparison of their medians).
+        rows = [row for row in rows if "target" in row]
+        self.assertEqual(
+            sorted((row["target"], row["round"]) for row in rows),
+            sorted([(t, r) for t in ("4 workers", "1 process, no Redis") for r in (1, 2)]),
+        )
+        self.assertTrue(all(row["ok"] and row["registered"] == 40 for row in rows), rows)
