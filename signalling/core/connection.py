@@ -669,6 +669,10 @@ class Connection(ConnectionCommon):
         pending = self._pending = _Pending(kind, payload, is_binary, uid)
         if kind in _GATED and self._queued is None:
             self._queued = []
+        self._ask(pending, method, *args)
+
+    def _ask(self, pending, method, *args):
+        """Call the registry for ``pending``; its answer goes to :meth:`_answered` or :meth:`_refused`."""
         try:
             result = method(*args)
         except SignallingError:
@@ -786,18 +790,7 @@ class Connection(ConnectionCommon):
             peer_addr=self._output.peer_addr,
         )
         holder.replaced()
-        try:
-            result = self._server.registry.register(pending.uid, self)
-        except SignallingError:
-            self._refused(Failure(), pending)
-            return
-        if isinstance(result, defer.Deferred):
-            result.addCallbacks(
-                self._answered, self._refused, callbackArgs=(pending,), errbackArgs=(pending,)
-            )
-            result.addErrback(self._unexpected)
-        else:
-            self._answered(result, pending)
+        self._ask(pending, self._server.registry.register, pending.uid, self)
 
     def probe(self, timeout):
         """IPeer: is the peer still there? (a Deferred firing True or False)"""
