@@ -7,26 +7,11 @@ killed or restarted (empty, on the same port) at will.
 import os
 import shutil
 
-from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import reactor
 
 from tests._interop import missing_requirement
 from tests.clients import eventually
-from tests.servers import free_port
-
-
-class _RedisProcess(ProcessProtocol):
-    def __init__(self):
-        self.output = b""
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
+from tests.servers import ServerProcess, free_port
 
 
 class RedisServer:
@@ -60,16 +45,12 @@ class RedisServer:
             return f"rediss://localhost:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
 
-    @property
-    def running(self):
-        return self._process is not None and not self._process.ended.called
-
-    async def start(self):
-        """Start it (on a free port the first time, on the same port again after)."""
+    async def start(self, keep_port=False):
+        """Start it on a free port (or, with ``keep_port``, on the one it had)."""
         for attempt in range(3):
-            if not self._keep_port:
+            if not keep_port:
                 self.port = free_port()
-            process = _RedisProcess()
+            process = ServerProcess()
             argv = [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
@@ -87,30 +68,24 @@ class RedisServer:
             reactor.spawnProcess(process, self.binary, argv, env=dict(os.environ))
             self._process = process
             await eventually(
-                lambda: b"Ready to accept connections" in process.output or process.ended.called,
+                lambda: "Ready to accept connections" in process.output or not process.running,
                 "redis-server to start",
                 15,
             )
-            if not process.ended.called:
+            if process.running:
                 return
-            if b"Address already in use" not in process.output:
+            if "Address already in use" not in process.output or keep_port:
                 break
-        raise AssertionError("redis-server did not start:\n" + process.output.decode(errors="replace"))
-
-    _keep_port = False
+        raise AssertionError("redis-server did not start:\n" + process.output)
 
     async def restart(self):
         """Kill it and start an empty one on the same port."""
         await self.kill()
-        self._keep_port = True
-        try:
-            await self.start()
-        finally:
-            self._keep_port = False
+        await self.start(keep_port=True)
 
     async def kill(self):
         """Stop it at once (SIGKILL)."""
         process = self._process
-        if process is not None and not process.ended.called:
+        if process is not None and process.running:
             process.transport.signalProcess("KILL")
-            await process.ended
+            await process.wait()

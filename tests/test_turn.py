@@ -14,8 +14,7 @@ import shutil
 import socket
 import sys
 
-from twisted.internet import defer, reactor, utils
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import reactor, utils
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial import unittest
@@ -25,7 +24,7 @@ from signalling.server.auth import mint
 from signalling.server.tap import Options
 from tests._interop import missing_requirement
 from tests.clients import eventually
-from tests.servers import Server
+from tests.servers import Server, ServerProcess
 
 SECRET = b"test-turn-secret"
 ALLOCATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_turn_allocate.py")
@@ -76,22 +75,6 @@ def free_udp_port():
         return s.getsockname()[1]
 
 
-class TurnServer(ProcessProtocol):
-    """Debian's coturn on loopback, with the REST API's shared secret."""
-
-    def __init__(self):
-        self.output = b""
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-
 class AllocationTests(unittest.TestCase):
     """Real allocations on a real coturn with the server's credentials."""
 
@@ -103,7 +86,7 @@ class AllocationTests(unittest.TestCase):
             missing_requirement("coturn's turnserver; install the Debian package coturn")
         port = free_udp_port()
         relay = free_udp_port()
-        coturn = TurnServer()
+        coturn = ServerProcess()
         argv = [
             binary, "-n", "--listening-ip=127.0.0.1", f"--listening-port={port}",
             "--relay-ip=127.0.0.1", f"--min-port={relay}", f"--max-port={relay + 20}",
@@ -116,17 +99,17 @@ class AllocationTests(unittest.TestCase):
         reactor.spawnProcess(coturn, binary, argv, env=dict(os.environ))
 
         async def stop():
-            if not coturn.ended.called:
+            if coturn.running:
                 coturn.transport.signalProcess("KILL")
-            await coturn.ended
+            await coturn.wait()
 
         self.addCleanup(stop)
         await eventually(
-            lambda: b"Total General servers" in coturn.output or coturn.ended.called,
+            lambda: "Total General servers" in coturn.output or not coturn.running,
             "coturn to listen",
             15,
         )
-        self.assertFalse(coturn.ended.called, coturn.output.decode(errors="replace"))
+        self.assertTrue(coturn.running, coturn.output)
         return port
 
     async def allocate(self, port, username, password):
