@@ -591,8 +591,6 @@ class ClusterRegistry:
         return d
 
     def json_peers(self, role):
-        if not self.up:
-            raise Unavailable(None)
         d = self._call("json_peers", role)
 
         def listed(flat):

@@ -102,6 +102,15 @@ end
 
 -- The JSON dialect.
 
+-- The roles in a comma-separated list, as a set.
+local function role_set(text)
+  local set = {}
+  for role in string.gmatch(text, '[^,]+') do
+    set[role] = true
+  end
+  return set
+end
+
 local function json_end(session_id, ender, reason_kind)
   -- End a JSON session: the side that is not ``ender`` is told.
   local key = P .. 'js:' .. session_id
@@ -344,14 +353,7 @@ local old_roles, old_meta = old[1] or '', old[2] or 'null'
 if roles == old_roles and meta == old_meta and claimed == peer_id then
   return 'ok'
 end
-local has = {}
-for role in string.gmatch(roles, '[^,]+') do
-  has[role] = true
-end
-local had = {}
-for role in string.gmatch(old_roles, '[^,]+') do
-  had[role] = true
-end
+local has, had = role_set(roles), role_set(old_roles)
 if has['producer'] and has['consumer'] then
   return err('json', 'Cannot register peer ' .. peer_id .. ' as both producer and passive consumer')
 end

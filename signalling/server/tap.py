@@ -348,6 +348,15 @@ class Options(usage.Options):
             )
 
 
+def _option_file(config, option):
+    """:returns: the bytes of the file an option names; one line for the operator if it cannot be read."""
+    try:
+        with open(config[option], "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"signalling: --{option}: {e.strerror}: {e.filename}")
+
+
 def _offset_port(description, offset):
     """:returns: ``tcp:PORT...`` with ``offset`` added to PORT (other descriptions as they are)."""
     match = re.match(r"^(tcp6?:(?:port=)?)(\d+)(.*)$", description)
@@ -379,18 +388,11 @@ def makeService(config, reactor=None):
     if config["redis"] is not None:
         password = None
         if config["redis-password-file"] is not None:
-            try:
-                with open(config["redis-password-file"], encoding="utf-8") as f:
-                    password = f.readline().strip()
-            except OSError as e:
-                raise SystemExit(f"signalling: --redis-password-file: {e.strerror}: {e.filename}")
+            lines = _option_file(config, "redis-password-file").decode("utf-8").splitlines()
+            password = lines[0].strip() if lines else ""
         ca_pem = None
         if config["redis-ca-file"] is not None:
-            try:
-                with open(config["redis-ca-file"], "rb") as f:
-                    ca_pem = f.read()
-            except OSError as e:
-                raise SystemExit(f"signalling: --redis-ca-file: {e.strerror}: {e.filename}")
+            ca_pem = _option_file(config, "redis-ca-file")
         cluster = RedisStore(reactor, RedisAddress(config["redis"], password, ca_pem))
         registry = ClusterRegistry(
             cluster,
