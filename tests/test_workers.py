@@ -56,9 +56,29 @@ class WorkerOptionsTests(TestCase):
                 Options().parseOptions(["--worker-fds", spec])
 
 
-#: Pairs in the dead-worker test: enough that some pair spans the two
-#: workers (all 20 on one side each by chance: about one in a million).
-PAIRS = 20
+#: Most connections the dead-worker test opens to reach both workers.
+MAX_PEERS = 200
+
+
+def _worker_of(client, pids):
+    """:returns: which of the processes ``pids`` holds the server side of ``client``'s connection."""
+    local_port = client.transport.getHost().port
+    for pid in pids:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+        with open(f"/proc/{pid}/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].split(":")[1], 16)
+                if remote_port == local_port and fields[9] in inodes:
+                    return pid
+    raise AssertionError(f"no process of {list(pids)} holds the connection from port {local_port}")
 
 
 class WorkersTests(ProcessMixin, TestCase):
@@ -120,61 +140,95 @@ class WorkersTests(ProcessMixin, TestCase):
     async def test_workers_share_the_port_and_the_peers(self):
         """
         Two workers accept on the one port; peers that landed on different
-        workers call each other and share a room; each worker serves its
-        own metrics port, and together they hold every peer.
+        workers call each other; each worker serves its own metrics port,
+        counting its own peers, and together they hold every peer.
         """
         metrics_port = free_port()
         server, port = self.spawn_parent(2, "--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1")
         await self.all_ready(server, 2)
-        clients = [await self.hello(port, f"p{i}") for i in range(40)]
+        pids = self.ready_pids(server)
+        # At least 40 peers, and more until both workers hold some (the
+        # kernel may hand one worker many accepts in a row).
+        clients, on = [], {pids[0]: [], pids[1]: []}
+        while len(clients) < 40 or not all(on.values()):
+            self.assertLess(len(clients), MAX_PEERS, {p: len(c) for p, c in on.items()})
+            client = await self.hello(port, f"p{len(clients)}")
+            client.uid = f"p{len(clients)}"
+            on[_worker_of(client, pids.values())].append(client)
+            clients.append(client)
         texts = [await self.metrics(metrics_port), await self.metrics(metrics_port + 1)]
         counts = [
             int(float(re.search(r'^signalling_peers\{dialect="examples"\} (\S+)$', text, re.M).group(1)))
             for text in texts
         ]
-        self.assertEqual(sum(counts), 40, counts)
+        self.assertEqual(sum(counts), len(clients), counts)
         self.assertTrue(all(counts), f"every worker accepts: {counts}")
-        for i in range(0, 40, 2):
-            clients[i].send_text(f"SESSION p{i + 1}")
-            await clients[i].expect("SESSION_OK")
-            clients[i].send_text("over")
-            await clients[i + 1].expect("over")
+        self.assertEqual(counts, [len(on[pids[0]]), len(on[pids[1]])])
+        # The first pair spans the workers; the rest as they came.
+        first = (on[pids[0]][0], on[pids[1]][0])
+        rest = [c for c in clients if c not in first]
+        for a, b in [first] + list(zip(rest[0::2], rest[1::2])):
+            a.send_text(f"SESSION {b.uid}")
+            await a.expect("SESSION_OK")
+            a.send_text("over")
+            await b.expect("over")
 
     async def test_a_dead_worker_is_started_again_and_its_peers_released(self):
         """
         A worker killed with SIGKILL is started again by the parent; its
-        peers' partners on the other worker are closed (1000) and the port
-        keeps serving throughout.
+        peers' partners on the other worker are closed (1000), a pair on
+        the other worker keeps relaying, and the port keeps serving
+        throughout.
         """
         server, port = self.spawn_parent(2)
         await self.all_ready(server, 2)
         pids = self.ready_pids(server)
-        clients = [await self.hello(port, f"k{i}") for i in range(PAIRS * 2)]
-        for i in range(0, PAIRS * 2, 2):
-            clients[i].send_text(f"SESSION k{i + 1}")
-            await clients[i].expect("SESSION_OK")
+        # Peers until both workers hold two (the kernel may give one worker
+        # many accepts in a row); which worker holds a peer, from /proc.
+        on = {pids[0]: [], pids[1]: []}
+        for i in range(MAX_PEERS):
+            client = await self.hello(port, f"k{i}")
+            client.uid = f"k{i}"
+            on[_worker_of(client, pids.values())].append(client)
+            if all(len(held) >= 2 for held in on.values()):
+                break
+        doomed, survivor = on[pids[0]], on[pids[1]]
+        self.assertTrue(len(doomed) >= 2 and len(survivor) >= 2, {p: len(c) for p, c in on.items()})
+        pairs = [(doomed[0], survivor[0]), (survivor[1], doomed[1])]
+        for a, b in pairs:
+            a.send_text(f"SESSION {b.uid}")
+            await a.expect("SESSION_OK")
+        extra_a = await self._on_worker(port, pids[1], "extra-a", pids.values())
+        extra_b = await self._on_worker(port, pids[1], "extra-b", pids.values())
+        extra_a.send_text(f"SESSION {extra_b.uid}")
+        await extra_a.expect("SESSION_OK")
         os.kill(pids[0], 9)
         await self.until(
             lambda: self.ready_pids(server).get(0) not in (None, pids[0]),
             lambda: f"worker 0 to be started again:\n{server.output}",
         )
         self.assertIn("worker 0 (pid", server.output)
-        # Every pair with a peer on the dead worker ended on both sides
-        # (the other side within the cluster's few seconds); the others relay.
-        told = 0
-        for i in range(0, PAIRS * 2, 2):
-            a, b = clients[i], clients[i + 1]
-            if a.is_lost or b.is_lost:
-                # The side on the dead worker lost its TCP connection (no
-                # close code); the other, if it lived elsewhere, got 1000.
-                codes = {(await a.closed(timeout=10))[0], (await b.closed(timeout=10))[0]} - {None}
-                self.assertLessEqual(codes, {1000})
-                told += bool(codes)
-            else:
-                a.send_text("still here")
-                await b.expect("still here")
-        self.assertGreater(told, 0)
+        # The side on the dead worker lost its TCP connection (no close
+        # code); its partner on the other worker got 1000, once the cluster
+        # released the dead one.
+        for a, b in pairs:
+            dead, alive = (a, b) if a in doomed else (b, a)
+            self.assertEqual((await dead.closed(timeout=10))[0], None)
+            self.assertEqual((await alive.closed(timeout=10))[0], 1000)
+        extra_a.send_text("still here")
+        await extra_b.expect("still here")
         await self.hello(port, "after-the-restart")
+
+    async def _on_worker(self, port, pid, uid, pids, tries=MAX_PEERS):
+        """:returns: a client registered as ``uid`` on the worker ``pid`` (others are closed)."""
+        for attempt in range(tries):
+            client = await self.hello(port, f"{uid}-{attempt}")
+            client.uid = f"{uid}-{attempt}"
+            if _worker_of(client, pids) == pid:
+                return client
+            client.close()
+            await client.closed()
+        self.fail(f"no connection reached worker {pid} in {tries} tries")
 
     async def test_sighup_is_passed_on_and_sigterm_stops_everything(self):
         """

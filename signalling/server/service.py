@@ -48,6 +48,22 @@ def raise_file_limit(log=None):
 _SHUTDOWN_POLL = 0.05
 
 
+class TwistdService(Service):
+    """
+    A service twistd runs as the application's own: it logs to
+    ``_log_observer`` (set by the subclass, or None for twistd's text log).
+    """
+
+    _log_observer = None
+
+    def setServiceParent(self, parent):
+        # twistd logs to an ILogObserver component of its application, when
+        # there is one (the documented way for a .tac file to choose it).
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+
 class GracefulStop:
     """
     SIGTERM and SIGINT stop the reactor, so that twistd stops the services
@@ -81,7 +97,7 @@ class GracefulStop:
             pass  # a second signal during the shutdown
 
 
-class SignallingService(GracefulStop, Service):
+class SignallingService(GracefulStop, TwistdService):
     """
     :param reactor: the reactor (time, and thread-safe calls from signal
         handlers).
@@ -147,13 +163,6 @@ class SignallingService(GracefulStop, Service):
         self._previous_handlers = {}
         #: Fires with the listening ports once every port listens.
         self.ready = defer.Deferred()
-
-    def setServiceParent(self, parent):
-        # twistd logs to an ILogObserver component of its application, when
-        # there is one (the documented way for a .tac file to choose it).
-        if self._log_observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, self._log_observer)
-        super().setServiceParent(parent)
 
     @property
     def listening_ports(self):

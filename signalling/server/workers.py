@@ -28,16 +28,17 @@ The parent supervises them:
 
 import os
 import signal
+import socket
 import sys
 
-from twisted.application.service import Service
 from twisted.internet import defer, protocol
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from signalling.server.listening import FamilyUnavailable
-from signalling.server.service import GracefulStop
+from signalling.server.service import GracefulStop, TwistdService
 
 #: Seconds between a worker's ``alive`` lines.
 ALIVE_INTERVAL = 1.0
@@ -118,7 +119,7 @@ class _Worker(protocol.ProcessProtocol):
             pass
 
 
-class Supervisor(GracefulStop, Service):
+class Supervisor(GracefulStop, TwistdService):
     """
     The parent of ``--workers N``.
 
@@ -179,15 +180,6 @@ class Supervisor(GracefulStop, Service):
         self.ready = defer.Deferred()
 
     # Starting.
-
-    def setServiceParent(self, parent):
-        # As SignallingService: twistd logs to the application's ILogObserver.
-        from twisted.logger import ILogObserver
-        from twisted.python.components import Componentized
-
-        if self._log_observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, self._log_observer)
-        super().setServiceParent(parent)
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -398,8 +390,6 @@ class Supervisor(GracefulStop, Service):
 
 def _family(port):
     """:returns: the name of a listening port's address family (AF_INET, AF_INET6, AF_UNIX)."""
-    import socket
-
     family = getattr(port, "addressFamily", None)
     if family is None:
         family = port.socket.family
@@ -413,10 +403,6 @@ def adopted(reactor, spec):
     :returns: per port, an ``AdoptedStreamServerEndpoint`` on the socket the
         parent handed over, or None.
     """
-    import socket
-
-    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-
     endpoints = []
     for item in spec.split(","):
         if item == "-":
@@ -431,8 +417,6 @@ def adopted(reactor, spec):
 
 def parse_worker_fds(spec):
     """Check a ``--worker-fds`` value; :returns: it."""
-    import socket
-
     for item in spec.split(","):
         if item == "-":
             continue
