@@ -17,6 +17,8 @@ DEFAULT_KEEPALIVE = 30.0
 DEFAULT_HELLO_TIMEOUT = 30.0
 #: Bytes kept for a peer that does not read, by default, before it is closed.
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+#: See :attr:`SignallingServerFactory.fits_unchecked`.
+FITS_UNCHECKED = 64 * 1024
 #: Largest ``meta`` a JSON peer may set, by default (bytes of its JSON).
 DEFAULT_MAX_META = 64 * 1024
 #: Commands a connection may send, by default: 200 a second on average, and
@@ -147,6 +149,10 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.web = web
         self.close_timeout = close_timeout
         self.max_output = max_output
+        #: Output up to this size is queued for a peer that reads without a
+        #: look at the bound: the transport's buffer (64 KiB) takes it, and
+        #: says when the peer stops reading.
+        self.fits_unchecked = min(FITS_UNCHECKED, max_output)
         self.max_meta_size = max_meta_size
         self.max_fragments = max_fragments
         self.command_rate = command_rate

@@ -38,10 +38,6 @@ DIALECT_RTTS = 3
 #: again, and how many times (then the connection is welcomed as JSON).
 DIALECT_RECHECK = 0.05
 DIALECT_RECHECKS = 100
-#: Output smaller than this is queued without a look at the output bound
-#: while the peer reads (the bound is far larger): the transport's own
-#: buffer takes it, and tells when the peer stops reading.
-_FITS_UNCOUNTED = 64 * 1024
 
 
 @implementer(IConnectionOutput)
@@ -248,7 +244,7 @@ class _Signalling:
         # to what we send (a relayed room message carries a prefix).
         if self.state == _OPEN:
             size = len(text)
-            if self.output_blocked or size > _FITS_UNCOUNTED:
+            if self.output_blocked or size > self.factory.fits_unchecked:
                 # A character is up to 4 bytes in UTF-8.
                 if not self._fits(size if text.isascii() else len(text.encode("utf-8"))):
                     return
@@ -262,7 +258,9 @@ class _Signalling:
                 size = len(frames[0][1])
             else:
                 size = sum(len(payload) for _, payload in frames)
-            if (self.output_blocked or size > _FITS_UNCOUNTED) and not self._fits(size):
+            if (
+                self.output_blocked or size > self.factory.fits_unchecked
+            ) and not self._fits(size):
                 return
             self.write_frames(frames)
             if self.output_blocked:
