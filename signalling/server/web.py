@@ -78,6 +78,11 @@ def parse_ice_server(text):
     return server
 
 
+def has_credentials(server):
+    """:returns: whether an ``RTCIceServer`` dictionary carries credentials (a TURN password)."""
+    return "username" in server or "credential" in server
+
+
 def _script_json(value):
     """:returns: ``value`` as JSON that is safe inside a ``<script>`` element."""
     text = json.dumps(value, sort_keys=True)
@@ -109,11 +114,22 @@ class HealthResource(Resource):
 
 
 def _request_token(request):
-    """:returns: a plain HTTP request's token: ``?token=`` or ``Authorization: Bearer``."""
+    """
+    :returns: a plain HTTP request's token: ``?token=`` or ``Authorization:
+        Bearer``; None for none, and for an ``Authorization`` header of
+        another scheme (``Basic``) or one that is not ASCII.
+    """
     values = request.args.get(b"token")
     if values:
         return values[0].decode("utf-8", "replace")
-    scheme, _, value = (request.getHeader(b"authorization") or "").partition(" ")
+    header = request.getHeader(b"authorization")
+    if not header:
+        return None
+    try:
+        header = header.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    scheme, _, value = header.strip().partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
 
 
@@ -174,14 +190,22 @@ class PageResource(Resource):
         self._ice_servers = list(ice_servers)
         self._turn = turn
         self._config = _script_json({"iceServers": self._ice_servers})
+        #: What a page asked for without a valid token gets when tokens are
+        #: on: the ICE servers that carry no credentials (STUN).
+        self._public_config = _script_json(
+            {"iceServers": [s for s in self._ice_servers if not has_credentials(s)]}
+        )
 
     def render_GET(self, request):
         scheme = "wss" if request.isSecure() else "ws"
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-        config = self._config
-        if self._turn is not None and self._may_relay(request):
+        if not self._may_relay(request):
+            config = self._public_config
+        elif self._turn is not None:
             # Fresh TURN credentials with every page.
             config = _script_json({"iceServers": self._ice_servers + self._turn.ice_servers()})
+        else:
+            config = self._config
         body = self._template.safe_substitute(
             ws_url=html.escape(f"{scheme}://{host}/"), config=config
         )
@@ -197,7 +221,10 @@ class PageResource(Resource):
     render_HEAD = render_GET
 
     def _may_relay(self, request):
-        """With tokens on, only a page asked for with a valid token gets TURN credentials."""
+        """
+        With tokens on, only a page asked for with a valid token gets TURN
+        credentials: the ``--ice-server`` ones and ``--turn-secret``'s.
+        """
         if self._auth is None:
             return True
         try:
