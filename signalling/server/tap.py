@@ -23,6 +23,7 @@ from signalling.cluster.redis import RedisAddress, RedisStore, RedisURLError
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
+from signalling.server import web
 from signalling.server.web import parse_ice_server, with_pages
 
 _log = Logger()
@@ -88,6 +89,16 @@ def _non_negative_float(value):
 
 
 _non_negative_float.coerceDoc = "Must be 0 or more."
+
+
+def _prefix_length(value):
+    number = int(value)
+    if not 1 <= number <= 128:
+        raise ValueError(f"must be from 1 to 128, not {value}")
+    return number
+
+
+_prefix_length.coerceDoc = "From 1 to 128."
 
 
 def _worker_fds(value):
@@ -244,7 +255,17 @@ class Options(usage.Options):
          "(Set by --workers for a worker: where it tells the parent it is alive.)", int],
         ["trust-proxy", None, 0,
          "Trust this many hops of X-Forwarded-For for the peer address (behind "
-         "a reverse proxy).", _non_negative_int],
+         "a reverse proxy), on connections from --unlimited-address networks "
+         "(the proxy's) only; a value that is not an IP address is refused "
+         "with 400.", _non_negative_int],
+        ["ipv6-prefix-length", None, limits.DEFAULT_IPV6_PREFIX,
+         "IPv6 clients are counted against --max-connections-per-address by "
+         "this prefix (one home or machine commonly holds a whole /64); 128 "
+         "counts each address alone.", _prefix_length],
+        ["http-timeout", None, web.DEFAULT_HTTP_TIMEOUT,
+         "Seconds a plain HTTP connection (the page, /health) may stay idle "
+         "between requests, and may take to send one request whole; then it "
+         "is closed.", _positive(float)],
     ]
 
     compData = usage.Completions(
@@ -483,6 +504,7 @@ def makeService(config, reactor=None):
         config["max-connections"] or default_max_connections(),
         config["unlimited-address"] or limits.DEFAULT_EXEMPT,
         stats,
+        config["ipv6-prefix-length"],
     )
     token_keys = None
     if config["auth-secret"] is not None:
@@ -544,7 +566,11 @@ def makeService(config, reactor=None):
         )
         ws_factories.append((description, ws_factory))
         with_pages(
-            ws_factory, config["health"].encode("utf-8"), config["ice-server"], turn_credentials
+            ws_factory,
+            config["health"].encode("utf-8"),
+            config["ice-server"],
+            turn_credentials,
+            config["http-timeout"],
         )
         factory = (
             tls.ServerTLSFactory(server_tls, ws_factory, stats, connection_limits)
