@@ -10,15 +10,24 @@ addresses:
   never exempt, and refused when they are not IP addresses; logs name only
   a parsed address;
 - malformed ``Authorization`` headers on the pages;
-- static TURN passwords only for a page asked for with a valid token.
+- static TURN passwords only for a page asked for with a valid token;
+- the server's own page (with ``--allowed-origin``) only under a name the
+  server knows it has (``--server-name``, its certificate, localhost, IPs).
 
 Unit tests first, then the pages in memory on one clock, then a real server
 on loopback ports (plaintext and TLS), then the real ``twistd`` process.
 """
 
+import datetime
+import ipaddress
 import json
+import os
 
 import txaio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import endpoints, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import inlineCallbacks
@@ -33,10 +42,11 @@ from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from signalling.core.registry import Registry
-from signalling.server import tap, web
+from signalling.server import tap, tls, web
 from signalling.server.auth import mint
 from signalling.server.factory import OPEN_HANDSHAKE_TIMEOUT, SignallingServerFactory
 from signalling.server.limits import REFUSED, ConnectionLimits, parse_address
+from signalling.server.websocket import ServerNames, host_name
 from tests.certificates import write_certificate
 from tests.clients import RawClient, eventually, upgrade_request
 from tests.helpers import parse, unwrap
@@ -69,7 +79,7 @@ TURN_WITH_PASSWORD = "turn://user:s3cret-password@127.0.0.1:3478"
 STUN = "stun:127.0.0.1:3478"
 
 
-# Units: the counts.
+# Units: the counts, the names.
 
 class AddressKeyTests(unittest.SynchronousTestCase):
     """What :class:`ConnectionLimits` counts a client address as."""
@@ -143,8 +153,93 @@ class AddressKeyTests(unittest.SynchronousTestCase):
                 parse_address(text)
 
 
+def certificate_files(directory, names):
+    """Write a self-signed certificate for the DNS ``names``; :returns: its CertificateFiles."""
+    os.makedirs(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(n) for n in names]
+                + [x509.IPAddress(ipaddress.ip_address("192.0.2.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    files = tls.CertificateFiles(
+        os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    )
+    with open(files.cert, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(files.key, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return files
+
+
+class ServerNamesTests(unittest.SynchronousTestCase):
+    """The names whose pages are the server's own (:class:`ServerNames`)."""
+
+    def test_localhost_ip_literals_and_given_names_are_own(self):
+        """localhost, any IP literal and the names given are the server's; other names not."""
+        names = ServerNames(["Signalling.Example.org.", "*.rooms.example.org"])
+        for host in (
+            "localhost",
+            "127.0.0.1",
+            "203.0.113.9",
+            "::1",
+            "signalling.example.org",
+            "a.rooms.example.org",
+        ):
+            self.assertIn(host, names)
+        for host in ("evil.example", "example.org", "b.a.rooms.example.org", "rooms.example.org"):
+            self.assertNotIn(host, names)
+
+    def test_the_certificates_dns_names_are_own_and_follow_a_reload(self):
+        """
+        The DNS names of the TLS certificate (a wildcard covering one label)
+        are the server's; after a reload, those of the new certificate.
+        """
+        directory = self.mktemp()
+        files = certificate_files(directory, ["signalling.test", "*.wild.test"])
+        server_tls = tls.ServerTLS(files)
+        names = ServerNames((), server_tls)
+        self.assertIn("signalling.test", names)
+        self.assertIn("a.wild.test", names)
+        self.assertNotIn("wild.test", names)
+        self.assertNotIn("other.test", names)
+        other = certificate_files(directory + "-2", ["other.test"])
+        for name in ("cert", "key"):
+            os.replace(getattr(other, name), getattr(files, name))
+        self.assertTrue(server_tls.reload())
+        self.assertIn("other.test", names)
+        self.assertNotIn("signalling.test", names)
+
+    def test_host_name_of_a_host_header(self):
+        """The host of ``host[:port]``, lower case; an IPv6 literal without brackets."""
+        self.assertEqual(host_name("Example.org:8443"), "example.org")
+        self.assertEqual(host_name("example.org"), "example.org")
+        self.assertEqual(host_name("[::1]:8443"), "::1")
+        self.assertEqual(host_name("127.0.0.1:80"), "127.0.0.1")
+
+
 class OptionTests(unittest.TestCase):
-    """``--ipv6-prefix-length`` and ``--http-timeout``."""
+    """``--ipv6-prefix-length``, ``--http-timeout`` and ``--server-name``."""
 
     def factory(self, *argv):
         """:returns: the WebSocket factory ``makeService`` builds for ``tcp:8080`` and ``argv``."""
@@ -175,6 +270,19 @@ class OptionTests(unittest.TestCase):
         self.assertIn("--http-timeout", str(tap.Options()))
         site = self.factory("--http-timeout", "3").web
         self.assertEqual((site.timeOut, site.request_timeout), (3.0, 3.0))
+
+    def test_server_name(self):
+        """None by default, repeatable, host names only, described in the help, handed to the factory."""
+        self.assertEqual(parse()["server-name"], [])
+        for value in ("https://example.org", "example.org:8443", ""):
+            self.assert_refused("--server-name", value)
+        self.assertIn("--server-name", str(tap.Options()))
+        names = self.factory(
+            "--server-name", "signalling.example.org", "--server-name", "other.example.org"
+        ).server_names
+        self.assertIn("signalling.example.org", names)
+        self.assertIn("other.example.org", names)
+        self.assertNotIn("third.example.org", names)
 
 # The pages in memory, on one clock.
 
@@ -565,6 +673,43 @@ class BoundsMixin:
         _, body = await self.get(server, "/")
         self.assertIn(b"s3cret-password", body)
 
+    # The server's own page, and DNS rebinding.
+
+    async def origin_status(self, server, host, origin):
+        port = server.port_number()
+        request = upgrade_request(
+            b"Origin: " + origin.format(port=port).encode() + b"\r\n"
+        ).replace(b"Host: localhost\r\n", b"Host: " + host.format(port=port).encode() + b"\r\n")
+        return await server.upgrade_status(request)
+
+    async def test_the_own_page_exception_needs_a_name_the_server_has(self):
+        """
+        With --allowed-origin, an origin equal to the Host header is the
+        server's own page only under localhost, an IP literal or a
+        --server-name, and only for http and https: a page of another site
+        reached through a name that resolves to the server gets 403.
+        """
+        server = await self.start(
+            "--allowed-origin", "https://app.example.org",
+            "--server-name", "signalling.example.org",
+        )
+        cases = [
+            ("evil.example:{port}", "http://evil.example:{port}", 403),
+            ("evil.example:{port}", "https://evil.example:{port}", 403),
+            ("evil.example", "http://evil.example", 403),
+            ("localhost:{port}", "ftp://localhost:{port}", 403),
+            ("localhost:{port}", "https://localhost:{port}", 101),
+            ("127.0.0.1:{port}", "http://127.0.0.1:{port}", 101),
+            ("[::1]:{port}", "http://[::1]:{port}", 101),
+            ("signalling.example.org:{port}", "https://signalling.example.org:{port}", 101),
+            ("signalling.example.org", "https://SIGNALLING.example.org", 101),
+            ("localhost:{port}", "https://app.example.org", 101),
+        ]
+        for host, origin, expected in cases:
+            status = await self.origin_status(server, host, origin)
+            self.assertEqual(status, expected, (host, origin))
+        self.assertEqual(server.stats.connections_refused, {"origin": 4})
+
 
 class PlaintextBoundsTests(BoundsMixin, unittest.TestCase):
     tls = False
@@ -572,6 +717,29 @@ class PlaintextBoundsTests(BoundsMixin, unittest.TestCase):
 
 class TLSBoundsTests(BoundsMixin, unittest.TestCase):
     tls = True
+
+    async def test_the_certificates_names_are_the_servers_own(self):
+        """Over TLS, the DNS names of the served certificate count as the server's own."""
+        cert_dir = self.mktemp()
+        files = certificate_files(cert_dir, ["localhost", "signalling.test"])
+        with open(files.cert, "rb") as f:
+            pem = f.read()
+        server = await Server.start(
+            self, "--port", "ssl:0:interface=127.0.0.1", "--cert-path", cert_dir,
+            "--allowed-origin", "https://app.example.org",
+        )
+        server.tls = True
+        server.pem = pem
+        self.assertEqual(
+            await self.origin_status(
+                server, "signalling.test:{port}", "https://signalling.test:{port}"
+            ),
+            101,
+        )
+        self.assertEqual(
+            await self.origin_status(server, "other.test:{port}", "https://other.test:{port}"),
+            403,
+        )
 
 
 # The real twistd process.

@@ -25,6 +25,7 @@ from signalling.server.service import SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
 from signalling.server import web
 from signalling.server.web import parse_ice_server, with_pages
+from signalling.server.websocket import ServerNames
 
 _log = Logger()
 
@@ -280,6 +281,7 @@ class Options(usage.Options):
         self["dialect-path"] = {}
         self["allowed-origin"] = []
         self["turn-uri"] = []
+        self["server-name"] = []
 
     def opt_turn_uri(self, uri):
         """A TURN server for --turn-secret's credentials, e.g. turn:turn.example.org:3478 or turns:turn.example.org:5349?transport=tcp. Repeatable."""
@@ -295,6 +297,13 @@ class Options(usage.Options):
                 f"--allowed-origin: expected https://HOST or https://HOST:PORT, not {origin!r}"
             )
         self["allowed-origin"].append(origin)
+
+    def opt_server_name(self, name):
+        """A host name of this server (e.g. signalling.example.org): with --allowed-origin, a page served under it, on the host and port the handshake names, counts as the server's own page. localhost, IP addresses and the DNS names of the --cert-path certificate count without it. Repeatable."""
+        name = name.strip().rstrip(".")
+        if not name or any(c in name for c in ":/[]@ ") or name.startswith("*") and not name.startswith("*."):
+            raise usage.UsageError(f"--server-name: expected a host name, not {name!r}")
+        self["server-name"].append(name)
 
     def opt_dialect_path(self, pin):
         """PATH=DIALECT: connections that upgrade on this path (e.g. /webrtcsink=json or /=examples) speak that dialect (examples or json) from the start, with no wait. Repeatable."""
@@ -506,6 +515,7 @@ def makeService(config, reactor=None):
         stats,
         config["ipv6-prefix-length"],
     )
+    server_names = ServerNames(config["server-name"], server_tls)
     token_keys = None
     if config["auth-secret"] is not None:
         try:
@@ -563,6 +573,7 @@ def makeService(config, reactor=None):
             allowed_origins=config["allowed-origin"],
             auth=token_keys,
             reclaim_timeout=config["reclaim-timeout"],
+            server_names=server_names,
         )
         ws_factories.append((description, ws_factory))
         with_pages(

@@ -20,6 +20,7 @@ relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
 ``onClose``.
 """
 
+import ipaddress
 import socket
 import struct
 import time
@@ -223,17 +224,67 @@ def normalize_origin(origin):
     return origin.strip().rstrip("/").lower()
 
 
-def _origin_allowed(origin, allowed, host):
+def host_name(netloc):
+    """
+    :returns: the host of ``host[:port]`` (a ``Host`` header, an origin's
+        part after ``://``), lower case, an IPv6 literal without its brackets.
+    """
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    host, colon, port = netloc.rpartition(":")
+    if colon and port.isdigit():
+        return host
+    return netloc
+
+
+class ServerNames:
+    """
+    The host names the server knows are its own, for the origin check:
+    ``localhost``, any IP literal, the ``names`` given (``--server-name``)
+    and the DNS names of the TLS certificate it serves (as reloaded). A
+    wildcard name, ``*.example.org``, covers one label (``a.example.org``).
+
+    :param names: host names.
+    :param server_tls: a :class:`signalling.server.tls.ServerTLS`, or None.
+    """
+
+    def __init__(self, names=(), server_tls=None):
+        self._names = frozenset(n.strip().lower().rstrip(".") for n in names) | {"localhost"}
+        self._tls = server_tls
+
+    def __contains__(self, host):
+        host = host.rstrip(".")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return True
+        label, dot, parent = host.partition(".")
+        wildcard = "*." + parent if dot and label else None
+        for names in (self._names, self._tls.dns_names if self._tls is not None else ()):
+            if host in names or (wildcard is not None and wildcard in names):
+                return True
+        return False
+
+
+def _origin_allowed(origin, allowed, host, own_names):
     """
     :returns: whether a handshake with this ``Origin`` may go on: one of the
-        ``allowed`` origins, or the server's own (the page it serves, on
-        the host and port the request's ``Host`` names).
+        ``allowed`` origins, or the server's own: the page it serves, an
+        ``http``/``https`` origin naming the host and port of the
+        request's ``Host``, when that host is one of ``own_names`` (a
+        :class:`ServerNames`). Any other name may reach the server through
+        DNS (rebinding) and carry a page of another site.
     """
     origin = normalize_origin(origin)
     if origin in allowed:
         return True
-    netloc = origin.partition("://")[2]
-    return bool(host) and netloc == host.lower()
+    scheme, _, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or not host or netloc != host.strip().lower():
+        return False
+    return host_name(netloc) in own_names
 
 
 def asks_for_websocket(head):
@@ -486,7 +537,9 @@ class ServerProtocol(WebSocketServerProtocol):
         if allowed:
             origin = request.headers.get("origin")
             host = request.headers.get("host", "")
-            if origin is not None and not _origin_allowed(origin, allowed, host):
+            if origin is not None and not _origin_allowed(
+                origin, allowed, host, self.factory.server_names
+            ):
                 self.factory.stats.connection_refused("origin")
                 raise ConnectionDeny(403, "Origin not allowed")
         limits = self.factory.limits
