@@ -1163,6 +1163,20 @@ class BackpressureTests(unittest.TestCase):
         bob.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(alice_transport.producerState, "producing")
 
+    def test_when_the_server_closes_a_slow_reader_its_partner_is_read_again(self):
+        """
+        A connection the server closes for its own reasons (here: replaced
+        by a new connection for its uid) while it held its partner back lets
+        go of the partner at once, as one that closes by itself does.
+        """
+        alice, alice_transport = self.connect("alice")
+        bob, bob_transport = self.connect("bob")
+        alice.dataReceived(masked_frame(b"SESSION bob"))
+        bob_transport.producer.pauseProducing()
+        self.assertEqual(alice_transport.producerState, "paused")
+        bob.connection.replaced()
+        self.assertEqual(alice_transport.producerState, "producing")
+
     def test_a_room_member_that_does_not_read_is_closed_past_the_output_bound(self):
         """
         In a room, a member whose unread output passes ``max_output`` is

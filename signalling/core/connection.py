@@ -453,7 +453,11 @@ class Connection(ConnectionCommon):
             )
 
     def _stop_relaying(self):
-        self.link = None
+        link, self.link = self.link, None
+        if link is not None:
+            # Whatever this connection held back on its partner is let go
+            # now: closing() no longer finds the link.
+            link.set_backpressure(False)
 
     def _partner_backpressure(self, blocked):
         # The session behaves like the TCP stream it stands for.
