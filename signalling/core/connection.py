@@ -57,6 +57,11 @@ NOT_ALLOWED_CLOSE = "not allowed by the token"
 #: Commands refused for the rate in a row before the connection is closed.
 RATE_STRIKES = 20
 
+#: Why reading from a peer is paused when it does not read what is sent to
+#: it (its other reasons are the server's own: a partner that does not read,
+#: a turn of reading used up).
+OWN_OUTPUT = "own output"
+
 #: What the log says of a connection closed because the server stops.
 SHUTDOWN_CAUSE = "the server is shutting down"
 #: ... and of one whose uid a new connection took over.
@@ -247,9 +252,9 @@ class ConnectionCommon:
         cannot pile up replies), and neither is its session partner's.
         """
         if blocked:
-            self._output.pause_reading("own output")
+            self._output.pause_reading(OWN_OUTPUT)
         else:
-            self._output.resume_reading("own output")
+            self._output.resume_reading(OWN_OUTPUT)
         self._partner_backpressure(blocked)
 
     def too_slow(self):

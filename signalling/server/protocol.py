@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signalling.core.connection import SHUTDOWN_CAUSE, Connection
+from signalling.core.connection import OWN_OUTPUT, SHUTDOWN_CAUSE, Connection
 from signalling.core.json_connection import JsonConnection
 from signalling.core.interfaces import IConnectionOutput
 from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPEN
@@ -161,8 +161,9 @@ class _Signalling:
     def probe(self, timeout):
         """
         IConnectionOutput: ping the peer now; the Deferred fires True if its
-        pong comes back within ``timeout`` seconds, else False (at once for
-        a connection that is closing).
+        pong comes back within ``timeout`` seconds, or if the server itself
+        holds the peer's input back then (see :meth:`_probe_expired`), else
+        False (at once for a connection that is closing).
         """
         d = defer.Deferred()
         if self.state != _OPEN:
@@ -170,11 +171,28 @@ class _Signalling:
             return d
         if self._probe is None:
             payload = os.urandom(8)
-            call = self.factory.clock.callLater(timeout, self._end_probe, False)
+            call = self.factory.clock.callLater(timeout, self._probe_expired)
             self._probe = (payload, [], call)
             self.sendPing(payload)
         self._probe[1].append(d)
         return d
+
+    def _probe_expired(self):
+        """
+        No pong within the probe's time. Silent, unless reading from the
+        peer is paused for a reason of the server's own: its session
+        partner does not read (backpressure), or its turn of reading is
+        used up. Its pong then waits unread behind what it sent before,
+        over TCP behind up to megabytes of its own messages in the two
+        sides' socket buffers, where no reading of control frames could
+        reach it; and a peer that is held back sent until then. So it
+        counts as alive (were it dead, keepalive still ends it). Paused
+        because the peer does not read what is sent to it (``OWN_OUTPUT``),
+        it has not read the ping either: it is judged by its pong, like any
+        other peer.
+        """
+        pauses = self.read_pauses
+        self._end_probe(bool(pauses) and OWN_OUTPUT not in pauses)
 
     def _end_probe(self, alive):
         probe, self._probe = self._probe, None
