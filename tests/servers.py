@@ -116,13 +116,14 @@ class Loopback:
     :param flow_control: connect each client through :class:`FlowTransport`s
         (pausing a transport holds what arrives for it, and pushes back on
         the other end), instead of iosim's, which ignore pauses.
+    :param clock: the :class:`Clock`, if the test made it already.
     """
 
     def __init__(
         self, testcase, registry=None, backend=None, seed=0, flow_control=False,
-        **factory_kwargs
+        clock=None, **factory_kwargs
     ):
-        self.clock = Clock()
+        self.clock = Clock() if clock is None else clock
         self.flow_control = flow_control
         testcase.patch(txaio.config, "loop", self.clock)
         if registry is None:
@@ -134,15 +135,16 @@ class Loopback:
         )
         self.pumps = []
 
-    def client(self, protocol=None, answer_pings=True):
+    def client(self, protocol=None, answer_pings=True, path="/"):
         """
         :param protocol: the client class; :class:`tests.clients.Client` by
             default (a subclass may change what a client does).
         :param answer_pings: False for a client that never answers a ping,
             like a peer whose network died.
+        :param path: the path (and query) of its WebSocket URL.
         :returns: a new connected (and opened) client.
         """
-        client_factory = ClientFactory("ws://localhost")
+        client_factory = ClientFactory("ws://localhost" + path)
         client_factory.protocol = protocol or Client
         server = self.factory.buildProtocol(None)
         client = client_factory.buildProtocol(None)
@@ -187,9 +189,9 @@ class Loopback:
                 return
             clock.advance(wait)
 
-    def hello(self, uid, protocol=None, answer_pings=True):
+    def hello(self, uid, protocol=None, answer_pings=True, path="/"):
         """:returns: a client registered as ``uid``."""
-        client = self.client(protocol, answer_pings)
+        client = self.client(protocol, answer_pings, path)
         client.send_text(f"HELLO {uid}")
         self.flush()
         received = client.drain()

@@ -272,6 +272,10 @@ class ConnectionCommon:
         """Close for a server shutdown: code 1001."""
         self._close_for(SHUTDOWN_CAUSE, CLOSE_GOING_AWAY, "going away")
 
+    def token_ended(self, code, reason):
+        """The connection's token expired or was revoked: close with ``code`` and ``reason``."""
+        self._close_for(f"closed by the server: {reason}", code, reason)
+
     def _unexpected(self, failure):
         self._log.failure(
             "unexpected error for {uid} at {peer_addr}",
