@@ -6,6 +6,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
+from signalling.server.auth import TOKEN_REVOKED
 from signalling.server.limits import REFUSED
 from signalling.server.metrics import Stats
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
@@ -231,6 +232,25 @@ class SignallingServerFactory(WebSocketServerFactory):
         left. Every factory of a server is told before any closes.
         """
         self.shutting_down = True
+
+    def close_revoked(self):
+        """
+        Close (4001, ``token revoked``) every open connection whose token
+        was signed with a secret the token keys no longer hold (after a
+        reload).
+
+        :returns: how many.
+        """
+        if self.auth is None:
+            return 0
+        revoked = [
+            protocol
+            for protocol in self.connections
+            if protocol.grant is not None and self.auth.revoked(protocol.grant)
+        ]
+        for protocol in revoked:
+            protocol.token_ended(TOKEN_REVOKED)
+        return len(revoked)
 
     def close_all(self):
         """Close every open connection with 1001 (going away)."""

@@ -193,6 +193,11 @@ class Options(usage.Options):
          "signs, all are accepted, SIGHUP reloads it): every WebSocket then "
          "needs a token (?token= or Authorization: Bearer) minted with "
          "signalling-token, or is refused with 401.", str],
+        ["max-token-lifetime", None, auth.DEFAULT_MAX_LIFETIME,
+         "With --auth-secret: the longest a token may live, in seconds, from "
+         "its iat (or from the handshake if it has none); a token that lives "
+         "longer is refused with 401. 0: no limit. A connection is closed "
+         "(4001) when its token expires either way.", _non_negative_float],
         ["turn-secret", None, None,
          "A file holding the secret shared with the TURN server (coturn's "
          "static-auth-secret): the page and GET /ice-servers then hand out "
@@ -523,7 +528,9 @@ def makeService(config, reactor=None):
     token_keys = None
     if config["auth-secret"] is not None:
         try:
-            token_keys = auth.TokenKeys(config["auth-secret"])
+            token_keys = auth.TokenKeys(
+                config["auth-secret"], reactor, config["max-token-lifetime"]
+            )
         except auth.AuthConfigError as e:
             raise SystemExit(f"signalling: {e}")
     turn_credentials = None

@@ -435,6 +435,11 @@ class ServerProtocol(WebSocketServerProtocol):
         if not self._read_pauses and self.transport is not None:
             self.transport.resumeProducing()
 
+    @property
+    def read_pauses(self):
+        """The reasons reading from the peer is paused for (a frozenset; empty: reading)."""
+        return self._read_pauses
+
     def tcp_rtt(self):
         """
         :returns: the kernel's smoothed estimate of this connection's round
