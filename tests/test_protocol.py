@@ -281,6 +281,24 @@ class HeldBackHolderTests(ProtocolTestCase):
         self.assertEqual(bob.drain()[-1], "still here")
         self.close_all(alice, bob, newcomer)
 
+    def test_a_peer_held_back_longer_than_the_keepalive_is_not_dropped_for_it(self):
+        """
+        A peer held back by a partner that does not read, past the
+        keepalive's ping and pong time: its pong waits unread, and it is not
+        dropped for it. The partner, which heard no ping, is dropped; the
+        peer's session then ends as for any partner leaving: a clean 1000.
+        """
+        alice, bob = self.held_back_session()
+        self.net.clock.advance(5.0)  # the keepalive pings both
+        self.net.flush()
+        self.assertEqual(alice.pings, 1)
+        self.net.clock.advance(7.0)  # past the pong's time
+        self.net.flush()
+        self.assertFalse(bob.close_info[0])  # dropped, no close handshake
+        self.assertEqual(alice.close_info, (True, 1000, None))
+        self.assertEqual(self.net.factory.stats.keepalive_timeouts, 1)
+        self.close_all(alice, bob)
+
     def test_a_holder_that_does_not_read_is_replaced(self):
         """
         A holder whose own input is paused because it does not read what

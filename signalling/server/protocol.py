@@ -206,8 +206,16 @@ class _Signalling:
         it has not read the ping either: it is judged by its pong, like any
         other peer.
         """
+        self._end_probe(self._held_back())
+
+    def _held_back(self):
+        """
+        :returns: whether reading from the peer is paused for reasons of the
+            server's own only (see :meth:`_probe_expired`): a pong it sent
+            waits unread, through no fault of its own.
+        """
         pauses = self.read_pauses
-        self._end_probe(bool(pauses) and OWN_OUTPUT not in pauses)
+        return bool(pauses) and OWN_OUTPUT not in pauses
 
     def _end_probe(self, alive):
         probe, self._probe = self._probe, None
@@ -219,7 +227,17 @@ class _Signalling:
             d.callback(alive)
 
     def onAutoPingTimeout(self):
-        """Count the keepalive timeout; Autobahn then drops the connection."""
+        """
+        No pong in time: count the keepalive timeout, and Autobahn drops the
+        connection; unless the server holds the peer's input back (its
+        partner does not read), when its pong waits unread as for a probe
+        (:meth:`_probe_expired`): then it gets another keepalive timeout.
+        The partner that does not read is judged by its own pongs, and
+        once it reads again, or is dropped, this peer is read again.
+        """
+        if self._held_back():
+            self.wait_longer_for_pong()
+            return
         self.factory.stats.keepalive_timeouts += 1
         super().onAutoPingTimeout()
 

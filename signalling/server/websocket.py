@@ -440,6 +440,15 @@ class ServerProtocol(WebSocketServerProtocol):
         """The reasons reading from the peer is paused for (a frozenset; empty: reading)."""
         return self._read_pauses
 
+    def wait_longer_for_pong(self):
+        """
+        Give the keepalive ping in flight another ``autoPingTimeout``, on
+        the same timer as Autobahn's own (``_sendAutoPing``).
+        """
+        self.autoPingTimeoutCall = self.factory._batched_timer.call_later(
+            self.autoPingTimeout, self.onAutoPingTimeout
+        )
+
     def tcp_rtt(self):
         """
         :returns: the kernel's smoothed estimate of this connection's round
