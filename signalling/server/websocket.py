@@ -2,7 +2,7 @@
 The WebSocket layer under the signalling protocol: every Autobahn override
 and every use of an Autobahn or Twisted private name lives here, so that an
 upgrade that changes one shows in this module and in
-``tests/test_websocket_assumptions.py``, which checks each of them by name.
+``tests/test_framework_assumptions.py``, which checks each of them by name.
 
 :class:`ServerProtocol` is Autobahn's server protocol with what the server
 needs whatever the speed: plain HTTP requests handed over to the pages'
