@@ -95,6 +95,23 @@ class Reordering:
     def room_member_count(self):
         return self._inner.room_member_count
 
+    @property
+    def json_peer_count(self):
+        return self._inner.json_peer_count
+
+    @property
+    def json_session_count(self):
+        return self._inner.json_session_count
+
+    # IRegistryStatus: the wrapped registry's.
+    up = True
+    watchers = ()
+    spans_processes = False
+    outages = resyncs = nodes_released = 0
+
+    def counts_by_part(self):
+        return self._inner.counts_by_part()
+
     def is_empty(self):
         return self._inner.is_empty()
 

@@ -9,6 +9,7 @@ serving. The correctness checks are run against servers broken on purpose
 show that they catch what they are meant to catch.
 """
 
+import dataclasses
 import asyncio
 import importlib.util
 import io
@@ -29,6 +30,7 @@ from twisted.trial import unittest
 from signalling.tools.bench import cli, report, runner, scenarios, wsclient
 from signalling.tools.bench.runner import Pool, ServerProbe, run_scenario
 from signalling.core.connection import Connection
+from signalling.core.dialects import DIALECTS
 from signalling.core.registry import Registry
 from signalling.server.protocol import SignallingServerProtocol
 from tests._interop import missing_requirement
@@ -235,7 +237,9 @@ class BrokenServerTests(unittest.TestCase):
         """
         server = await Server.listening(self, tls=False)
         if connection is not None:
-            protocol = type("Broken", (protocol,), {"connection_class": connection})
+            server.factory.dialects = DIALECTS.replacing(
+                dataclasses.replace(DIALECTS["examples"], connection=connection)
+            )
         server.factory.protocol = protocol
         return server
 

@@ -12,6 +12,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.core import json_wire
+from signalling.core.dialects import DIALECTS
 from signalling.core.interfaces import JsonRefused, PeerNotFound, UidTaken
 from signalling.core.registry import Registry
 from signalling.server.factory import DEFAULT_DIALECT_WAIT
@@ -527,7 +528,7 @@ class DialectTests(unittest.TestCase):
         )
         consumer.send_text(candidate)
         self.net.flush()
-        collector = SignallingCollector(self.net.factory.stats, self.net.registry, [])
+        collector = SignallingCollector(self.net.factory.stats, self.net.registry, [], DIALECTS)
         samples = {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in collector.collect()

@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.trial import unittest
 
+from signalling.core.dialects import DIALECTS
 from signalling.server import auth
 from signalling.server.auth import DEFAULT_MAX_LIFETIME, TokenKeys, TokenRefused
 from signalling.server.metrics import SignallingCollector
@@ -276,7 +277,7 @@ class InMemoryTests(unittest.TestCase):
         self.keys.reload()
         self.net.factory.close_revoked()
         self.net.flush()
-        collector = SignallingCollector(self.net.factory.stats, self.net.registry, [])
+        collector = SignallingCollector(self.net.factory.stats, self.net.registry, [], DIALECTS)
         family = {f.name: f for f in collector.collect()}["signalling_token_closes"]
         self.assertEqual(
             sorted((sample.labels["reason"], sample.value) for sample in family.samples),

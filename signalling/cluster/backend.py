@@ -60,6 +60,7 @@ from signalling.core.interfaces import (
     TooManyRooms,
     UidTaken,
     Unavailable,
+    counts_by_part,
 )
 
 _ERRORS = {
@@ -278,7 +279,10 @@ class ClusterRegistry:
         #: Callables told ``(up)`` whenever the node's availability changes.
         self.watchers = []
 
-    # What the server reads.
+    # What the server reads (IRegistryStatus).
+
+    spans_processes = True
+    counts_by_part = counts_by_part
 
     @property
     def peer_count(self):

@@ -89,6 +89,17 @@ _OTHER = "other"
 _GATED = (_HELLO, _SESSION, _ROOM)
 
 
+def examples_token_allows(grant):
+    """
+    :returns: whether a token is for the examples' dialect: not one that
+        names JSON roles alone (a stream viewer's), which would otherwise
+        let its holder register any uid it likes.
+    """
+    return grant.roles is None or any(
+        claim is not None for claim in (grant.uid, grant.rooms, grant.calls)
+    )
+
+
 def take_token(connection, server):
     """
     Take a token from ``connection``'s bucket of commands (its ``_tokens``,
@@ -700,7 +711,7 @@ class Connection(ConnectionCommon):
             self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
             return
         grant = self._output.grant
-        if grant is not None and not grant.allows_dialect("examples"):
+        if grant is not None and not examples_token_allows(grant):
             self._refuse(
                 wire.not_allowed("the protocol", "examples"), NOT_ALLOWED_CLOSE, "not_allowed"
             )

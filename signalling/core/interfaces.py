@@ -266,20 +266,14 @@ class IJsonPeer(Interface):
         """The other side ended ``session_id`` (``error``: its reason, or None)."""
 
 
-class IRegistry(Interface):
+class IIds(Interface):
     """
-    Peers, sessions and rooms. Each method does all of its work or none of
-    it, raising a :class:`SignallingError` in the second case, so that
-    competing requests resolve as "first one wins". A method may return its
-    result directly or as a Deferred.
+    The part of a registry every dialect shares: one namespace of ids, and
+    letting go of one. Each method of a registry does all of its work or
+    none of it, raising a :class:`SignallingError` in the second case, so
+    that competing requests resolve as "first one wins". A method may return
+    its result directly or as a Deferred.
     """
-
-    def register(uid, peer):
-        """
-        Register ``peer`` under ``uid``.
-
-        :raises UidTaken: another peer holds ``uid``.
-        """
 
     def remove(uid, peer):
         """
@@ -300,6 +294,17 @@ class IRegistry(Interface):
             ask whether it is still alive), else None. A cluster node may
             answer, for a uid held elsewhere, a stand-in whose ``probe``,
             ``replaced`` and ``peer_addr`` go through the backend.
+        """
+
+
+class IExamplesRegistry(IIds):
+    """The registry's part for the examples' dialect: uids, sessions and rooms."""
+
+    def register(uid, peer):
+        """
+        Register ``peer`` under ``uid``.
+
+        :raises UidTaken: another peer holds ``uid``.
         """
 
     def start_session(caller_uid, callee_uid):
@@ -338,9 +343,14 @@ class IRegistry(Interface):
         :raises NotInRoom: the peer is in no room.
         """
 
-    # The JSON dialect. Peer ids share one namespace with the uids above;
-    # a JSON peer is not found by the commands above, nor an examples peer
-    # by these. Refusals raise JsonRefused with the upstream server's words.
+
+class IJsonRegistry(IIds):
+    """
+    The registry's part for the JSON dialect. Peer ids share one namespace
+    with the examples' uids; a JSON peer is not found by the examples'
+    commands, nor an examples peer by these. Refusals raise
+    :class:`JsonRefused` with the upstream server's words.
+    """
 
     def welcome(peer_id, peer):
         """
@@ -400,10 +410,48 @@ class IRegistry(Interface):
         :raises JsonRefused: ``peer_id`` is not in the session.
         """
 
-    peer_count = Attribute("How many peers are registered.")
-    session_count = Attribute("How many sessions are in progress.")
+
+class IRegistryStatus(Interface):
+    """
+    What the server reads of any backend: whether it can serve, and its
+    counts. The in-memory backend is always up and never spans processes.
+    """
+
+    up = Attribute("True while the backend can serve (a cluster node that reaches Redis).")
+    watchers = Attribute("A list of callables told ``up`` (a bool) each time it changes.")
+    spans_processes = Attribute(
+        "True for a backend shared by several processes (a cluster): its outages, "
+        "resyncs and released nodes mean something."
+    )
+    outages = Attribute("Times the backend stopped being able to serve.")
+    resyncs = Attribute("Times it made its shared state agree with what this process holds.")
+    nodes_released = Attribute("Dead processes whose peers it released.")
+    peer_count = Attribute("How many peers are registered (here), every dialect.")
+    session_count = Attribute("How many sessions of the examples' dialect are in progress.")
     room_count = Attribute("How many rooms have at least one member.")
     room_member_count = Attribute("How many peers are in a room.")
+    json_peer_count = Attribute("How many peers of the JSON dialect are registered.")
+    json_session_count = Attribute("How many sessions of the JSON dialect are in progress.")
+
+    def counts_by_part():
+        """
+        :returns: ``{part: (peers, sessions)}`` for each registry part it
+            serves, by the part's interface (:class:`IExamplesRegistry`,
+            :class:`IJsonRegistry`).
+        """
+
+
+class IRegistry(IExamplesRegistry, IJsonRegistry, IRegistryStatus):
+    """A backend that serves both dialects: what every backend here is."""
+
+
+def counts_by_part(registry):
+    """:returns: :meth:`IRegistryStatus.counts_by_part` from a registry's counts."""
+    json_peers = registry.json_peer_count
+    return {
+        IExamplesRegistry: (registry.peer_count - json_peers, registry.session_count),
+        IJsonRegistry: (json_peers, registry.json_session_count),
+    }
 
 
 class IConnectionOutput(Interface):

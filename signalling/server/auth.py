@@ -117,15 +117,6 @@ class Grant:
         self.expires = claims.get("exp")
         self.secret = secret
 
-    def allows_dialect(self, dialect):
-        """:returns: whether the token is for ``dialect`` (``examples`` or ``json``)."""
-        if dialect == "json":
-            return True
-        # Roles alone: a token for the JSON dialect only.
-        return self.roles is None or any(
-            claim is not None for claim in (self.uid, self.rooms, self.calls)
-        )
-
     def allows_uid(self, uid):
         return self.uid is None or uid == self.uid
 

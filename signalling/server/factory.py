@@ -7,6 +7,7 @@ from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
 from signalling.server.auth import TOKEN_REVOKED
+from signalling.core.dialects import DIALECTS
 from signalling.server.limits import REFUSED
 from signalling.server.metrics import Stats
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
@@ -134,6 +135,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         limits=None,
         count_addresses=False,
         dialect="auto",
+        dialects=DIALECTS,
         dialect_paths=None,
         dialect_wait=DEFAULT_DIALECT_WAIT,
         allowed_origins=(),
@@ -167,6 +169,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         #: The dialect of this port (auto, examples or json), and of paths
         #: pinned to one; seconds an auto connection waits for a first message.
         self.dialect = dialect
+        #: The dialects it speaks (signalling.core.dialects.DialectTable).
+        self.dialects = dialects
         self.dialect_paths = dict(dialect_paths or {})
         self.dialect_wait = dialect_wait
         #: Origins whose pages may open a WebSocket (besides the server's

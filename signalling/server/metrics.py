@@ -64,12 +64,17 @@ class SignallingCollector:
     :param registry: the signalling registry (peer, session, room counts).
     :param endpoints: ``[(label, factory)]`` of the WebSocket factories, one
         per listening port.
+    :param dialects: the :class:`signalling.core.dialects.DialectTable` the
+        server speaks: the ``dialect`` label of each registry part's counts.
     """
 
-    def __init__(self, stats, registry, endpoints):
+    def __init__(self, stats, registry, endpoints, dialects):
         self._stats = stats
         self._registry = registry
         self._endpoints = endpoints
+        self._labels = {}
+        for dialect in dialects:
+            self._labels.setdefault(dialect.registry_part, dialect.label)
 
     def collect(self):
         stats, registry = self._stats, self._registry
@@ -81,18 +86,18 @@ class SignallingCollector:
         for label, factory in self._endpoints:
             connections.add_metric([label], factory.getConnectionCount())
         yield connections
-        json_peers = getattr(registry, "json_peer_count", 0)
         peers = GaugeMetricFamily(
             "signalling_peers", "Registered peers, by dialect.", labels=["dialect"]
         )
-        peers.add_metric(["examples"], registry.peer_count - json_peers)
-        peers.add_metric(["json"], json_peers)
-        yield peers
         sessions = GaugeMetricFamily(
             "signalling_sessions", "Sessions in progress, by dialect.", labels=["dialect"]
         )
-        sessions.add_metric(["examples"], registry.session_count)
-        sessions.add_metric(["json"], getattr(registry, "json_session_count", 0))
+        for part, (peer_count, session_count) in registry.counts_by_part().items():
+            label = self._labels.get(part)
+            if label is not None:
+                peers.add_metric([label], peer_count)
+                sessions.add_metric([label], session_count)
+        yield peers
         yield sessions
         yield GaugeMetricFamily(
             "signalling_rooms", "Rooms with at least one member.", value=registry.room_count
@@ -166,7 +171,7 @@ class SignallingCollector:
             "TLS connections that closed before their handshake completed.",
             value=stats.tls_handshake_failures,
         )
-        if hasattr(registry, "outages"):
+        if registry.spans_processes:
             # A cluster node (--redis).
             yield GaugeMetricFamily(
                 "signalling_cluster_up",

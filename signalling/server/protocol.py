@@ -1,10 +1,10 @@
 """
 The signalling protocol on a WebSocket connection: Autobahn's callbacks
-adapted to the per-connection logic, which holds the protocol itself:
-:class:`signalling.core.connection.Connection` for the GStreamer examples'
-protocol, :class:`signalling.core.json_connection.JsonConnection` for the JSON
-one of webrtcsink and webrtcsrc. A port pinned to one dialect starts it at
-once; on an ``auto`` port the first message chooses.
+adapted to the per-connection logic, which holds the protocol itself, one
+class per dialect (the factory's :class:`signalling.core.dialects.DialectTable`
+says which). A port pinned to one dialect starts it at once; on an ``auto``
+port the first message chooses, and a silent connection gets the dialect
+whose clients wait for the server.
 
 :class:`SignallingServerProtocol` runs on the fast WebSocket layer,
 :class:`PlainSignallingServerProtocol` on Autobahn's own paths; the factory
@@ -17,8 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signalling.core.connection import OWN_OUTPUT, SHUTDOWN_CAUSE, Connection
-from signalling.core.json_connection import JsonConnection
+from signalling.core.connection import OWN_OUTPUT, SHUTDOWN_CAUSE
+from signalling.core.dialects import AUTO
 from signalling.core.interfaces import IConnectionOutput
 from signalling.server.auth import CLOSE_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED
 from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPEN
@@ -26,12 +26,6 @@ from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPE
 
 _log = Logger(namespace="signalling.core.connection.Connection")
 
-#: Dialects: the examples' protocol, the JSON one (gst-plugins-rs), or
-#: whichever the first message speaks.
-EXAMPLES = "examples"
-JSON = "json"
-AUTO = "auto"
-DIALECTS = (AUTO, EXAMPLES, JSON)
 #: Round trips (the kernel's estimate for the connection) added to the
 #: wait for a first message, so that a far client's HELLO is in time.
 DIALECT_RTTS = 3
@@ -47,19 +41,17 @@ _TOKEN_LABELS = {TOKEN_EXPIRED: "expired", TOKEN_REVOKED: "revoked"}
 class _Signalling:
     """
     The adapter, on either WebSocket layer: Autobahn's callbacks go to the
-    :class:`Connection`, and the connection's output goes to the wire.
+    connection's logic, and the connection's output goes to the wire.
 
-    :ivar connection: the :class:`Connection` or :class:`JsonConnection`,
-        once the WebSocket is open and its dialect known.
+    :ivar connection: the connection's logic (its dialect's class), once the
+        WebSocket is open and its dialect known.
     """
 
     connection = None
-    #: Starts the JSON dialect unless a first message chooses (auto ports).
+    #: Starts the silent connection's dialect unless a first message chooses (auto ports).
     _choosing = None
     #: ``(payload, [Deferred], timer)`` while a probe waits for its pong.
     _probe = None
-    #: What holds the protocol's logic for each connection.
-    connection_class = Connection
     #: Bytes written while the peer was not reading (output_blocked).
     _unread = 0
     #: Closes the connection when its token expires (with tokens only).
@@ -102,12 +94,12 @@ class _Signalling:
                 factory.dialect_wait + DIALECT_RTTS * rtt, self._waited, 0
             )
         else:
-            self._begin(JsonConnection if dialect == JSON else self.connection_class)
+            self._begin(factory.dialects[dialect])
 
     def _waited(self, rechecks):
         """
-        The wait is over with no first message handled: welcome a JSON
-        client, unless input already came and waits to be read (a loaded
+        The wait is over with no first message handled: begin the dialect
+        whose clients wait for the server (JSON), unless input already came and waits to be read (a loaded
         server reaches timers before the input of the same moment); then
         look again a little later, for a bounded time.
         """
@@ -116,13 +108,13 @@ class _Signalling:
                 DIALECT_RECHECK, self._waited, rechecks + 1
             )
             return
-        self._begin(JsonConnection)
+        self._begin(self.factory.dialects.for_silence)
 
-    def _begin(self, connection_class):
+    def _begin(self, dialect):
         # Back to the class default: one key fewer in every connection's
         # dictionary.
         self.__dict__.pop("_choosing", None)
-        self.connection = connection_class(self.factory, self)
+        self.connection = dialect.connection(self.factory, self)
         self.connection.opened()
 
     def onMessage(self, payload, isBinary):
@@ -132,11 +124,8 @@ class _Signalling:
             if self._choosing is None:
                 return  # closed already
             self._choosing.cancel()
-            self._begin(
-                JsonConnection
-                if not isBinary and payload.lstrip()[:1] == b"{"
-                else self.connection_class
-            )
+            dialects = self.factory.dialects
+            self._begin(dialects.for_first_message(payload, isBinary) or dialects.for_silence)
             connection = self.connection
         connection.received(payload, isBinary)
 

@@ -15,11 +15,12 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
-from signalling.server import auth, limits, listening, logs, memory, protocol, tls, turn, workers
+from signalling.server import auth, limits, listening, logs, memory, tls, turn, workers
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
 from signalling.cluster.backend import ClusterRegistry
 from signalling.cluster.redis import RedisAddress, RedisStore, RedisURLError
+from signalling.core.dialects import AUTO, DIALECTS
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
@@ -66,13 +67,17 @@ def _log_format(value):
 _log_format.coerceDoc = "One of text, json."
 
 
+#: What --dialect may be: auto, or a dialect of the table.
+_PORT_DIALECTS = (AUTO, *DIALECTS.names)
+
+
 def _dialect(value):
-    if value not in protocol.DIALECTS:
-        raise ValueError(f"must be one of {', '.join(protocol.DIALECTS)}, not {value!r}")
+    if value not in _PORT_DIALECTS:
+        raise ValueError(f"must be one of {', '.join(_PORT_DIALECTS)}, not {value!r}")
     return value
 
 
-_dialect.coerceDoc = "One of auto, examples, json."
+_dialect.coerceDoc = f"One of {', '.join(_PORT_DIALECTS)}."
 
 
 def _non_negative_int(value):
@@ -211,7 +216,7 @@ class Options(usage.Options):
          "the uid takes it at once). 0 (the default): a taken uid is refused "
          "at once, unless a token names it; try 2.",
          _non_negative_float],
-        ["dialect", None, protocol.AUTO,
+        ["dialect", None, AUTO,
          "The protocol the ports speak: examples (GStreamer's webrtc "
          "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
          "gstwebrtc-api), or auto: each connection's first message decides, "
@@ -317,10 +322,10 @@ class Options(usage.Options):
     def opt_dialect_path(self, pin):
         """PATH=DIALECT: connections that upgrade on this path (e.g. /webrtcsink=json or /=examples) speak that dialect (examples or json) from the start, with no wait. Repeatable."""
         path, sep, dialect = pin.rpartition("=")
-        if not sep or not path.startswith("/") or dialect not in (protocol.EXAMPLES, protocol.JSON):
+        if not sep or not path.startswith("/") or dialect not in DIALECTS:
+            choices = " or ".join(f"PATH={name}" for name in DIALECTS.names)
             raise usage.UsageError(
-                f"--dialect-path: expected PATH=examples or PATH=json with PATH "
-                f"starting with /, not {pin!r}"
+                f"--dialect-path: expected {choices} with PATH starting with /, not {pin!r}"
             )
         self["dialect-path"][path] = dialect
 
@@ -604,7 +609,7 @@ def makeService(config, reactor=None):
     if pipe is not None and handle_signals:
         pipe.stop_in_step([f for _, f in ws_factories])
     if metrics_endpoint is not None:
-        collector = SignallingCollector(stats, registry, ws_factories)
+        collector = SignallingCollector(stats, registry, ws_factories, DIALECTS)
         metrics_site = Site(metrics_resource(collector))
         metrics_site.noisy = False
         listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))

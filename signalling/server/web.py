@@ -99,14 +99,14 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry=None):
+    def __init__(self, registry):
         super().__init__()
         self._registry = registry
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        if not getattr(self._registry, "up", True):
+        if not self._registry.up:
             request.setResponseCode(503)
             return b"UNAVAILABLE: the cluster cannot reach Redis\n"
         return b"OK\n"
@@ -264,8 +264,8 @@ class SignallingRoot(Resource):
         super().__init__()
         self._websocket = UpgradeResource(ws_factory)
         self._health_path = health_path
-        self._health = HealthResource(getattr(ws_factory, "registry", None))
-        auth = getattr(ws_factory, "auth", None)
+        self._health = HealthResource(ws_factory.registry)
+        auth = ws_factory.auth
         self._page = PageResource(ice_servers, turn, auth)
         self._ice_servers = IceServersResource(ice_servers, turn, auth)
         self._files = _static_files()

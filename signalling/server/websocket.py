@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
+from signalling.core.dialects import AUTO
 from signalling.server.auth import TokenRefused, token_of
 from signalling.server.limits import REFUSED, host_of, parse_address
 from signalling.server.tls import tls_failure_reason
@@ -543,7 +544,7 @@ class ServerProtocol(WebSocketServerProtocol):
             paths = self.factory.dialect_paths
             if paths:
                 pinned = paths.get(request.path, pinned)
-            if pinned != "auto" and not self.grant.allows_dialect(pinned):
+            if pinned != AUTO and not self.factory.dialects[pinned].token_allows(self.grant):
                 # A valid token, for the other protocol.
                 self.factory.stats.connection_refused("token_not_allowed")
                 raise ConnectionDeny(403, "The token does not allow this protocol")

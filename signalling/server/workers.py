@@ -446,7 +446,7 @@ class WorkerPipe:
         """
 
         def listening():
-            if getattr(registry, "up", True):
+            if registry.up:
                 self.ready()
             else:
                 registry.watchers.append(lambda up: up and self.ready())

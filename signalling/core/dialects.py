@@ -1,0 +1,150 @@
+"""
+The dialects a port may speak, as values: one table maps each dialect's name
+to what the server needs to know of it, and the server reads the table
+rather than naming a dialect.
+
+- ``examples``: the protocol of GStreamer's webrtc examples (``HELLO``,
+  ``SESSION``, ``ROOM``), :class:`signalling.core.connection.Connection`;
+- ``json``: the protocol of gst-plugins-rs (``webrtcsink``, ``webrtcsrc``,
+  ``gstwebrtc-api``), :class:`signalling.core.json_connection.JsonConnection`.
+
+On a port that speaks every dialect (``auto``), a connection's first message
+chooses: the first dialect in the table that recognises it, in the table's
+order; a connection that says nothing for a while is welcomed in the
+dialect that waits for the server to speak first.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from signalling.core.connection import Connection, examples_token_allows
+from signalling.core.interfaces import IExamplesRegistry, IJsonRegistry
+from signalling.core.json_connection import JsonConnection, json_token_allows
+
+#: What a port (or a path) that lets the first message choose is set to.
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """
+    One dialect.
+
+    :ivar name: how options, paths and logs name it.
+    :ivar connection: the per-connection logic's class, built as
+        ``connection(server, output)`` (see
+        :class:`signalling.core.connection.ConnectionCommon`).
+    :ivar recognises: ``(payload, is_binary) -> bool``: whether a first
+        message is one of this dialect's.
+    :ivar speaks_first: True for the dialect whose clients wait for the
+        server (a silent connection on an ``auto`` port is welcomed in it).
+    :ivar token_allows: ``(grant) -> bool``: whether a token is for this
+        dialect at all (its claims apply in the connection's logic).
+    :ivar label: the value of the ``dialect`` label of its metrics.
+    :ivar registry_part: the interface of the registry it needs.
+    """
+
+    name: str
+    connection: type
+    recognises: Callable[[bytes, bool], bool]
+    token_allows: Callable[[object], bool]
+    registry_part: object
+    speaks_first: bool = False
+    label: str = field(default="")
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+
+class DialectTable:
+    """
+    The dialects a server speaks, in the order their first messages are
+    tried.
+
+    :param dialects: :class:`Dialect` values; names are unique, and at most
+        one speaks first.
+    """
+
+    def __init__(self, dialects):
+        self._dialects = tuple(dialects)
+        self._by_name = {d.name: d for d in self._dialects}
+        if len(self._by_name) != len(self._dialects) or AUTO in self._by_name:
+            raise ValueError("dialect names must be unique, and not 'auto'")
+        first = [d for d in self._dialects if d.speaks_first]
+        if len(first) > 1:
+            raise ValueError("at most one dialect speaks first")
+        #: The dialect a silent connection on an auto port gets, or None.
+        self.speaks_first = first[0] if first else None
+
+    def __iter__(self):
+        return iter(self._dialects)
+
+    def __getitem__(self, name):
+        return self._by_name[name]
+
+    def __contains__(self, name):
+        return name in self._by_name
+
+    @property
+    def names(self):
+        """The dialects' names, in order."""
+        return tuple(d.name for d in self._dialects)
+
+    def for_first_message(self, payload, is_binary):
+        """:returns: the first dialect that recognises a first message, or None."""
+        for dialect in self._dialects:
+            if dialect.recognises(payload, is_binary):
+                return dialect
+        return None
+
+    @property
+    def for_silence(self):
+        """The dialect a connection on an auto port that says nothing gets."""
+        return self.speaks_first or self._dialects[-1]
+
+    def replacing(self, dialect):
+        """:returns: a new table with ``dialect`` in place of the one of its name."""
+        return DialectTable(dialect if d.name == dialect.name else d for d in self._dialects)
+
+    def with_dialect(self, dialect, before=None):
+        """
+        :returns: a new table with ``dialect`` added (before the one named
+            ``before``, else last).
+        """
+        dialects = list(self._dialects)
+        index = len(dialects)
+        if before is not None:
+            index = dialects.index(self._by_name[before])
+        dialects.insert(index, dialect)
+        return DialectTable(dialects)
+
+
+def _is_json_object(payload, is_binary):
+    return not is_binary and payload.lstrip()[:1] == b"{"
+
+
+def _anything(payload, is_binary):
+    return True
+
+
+JSON = Dialect(
+    name="json",
+    connection=JsonConnection,
+    recognises=_is_json_object,
+    token_allows=json_token_allows,
+    registry_part=IJsonRegistry,
+    speaks_first=True,
+)
+EXAMPLES = Dialect(
+    name="examples",
+    connection=Connection,
+    recognises=_anything,
+    token_allows=examples_token_allows,
+    registry_part=IExamplesRegistry,
+)
+
+#: The server's dialects: a first message that is a JSON object speaks the
+#: JSON dialect, anything else the examples' one (whose clients send HELLO
+#: at once), and a silent connection is a JSON client waiting for welcome.
+DIALECTS = DialectTable([JSON, EXAMPLES])
