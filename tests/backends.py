@@ -166,8 +166,10 @@ class Reordering:
     def json_peers(self, role):
         return self._run(None, self._inner.json_peers, role)
 
-    def start_json_session(self, peer_id, other_id, offer):
-        return self._run(peer_id, self._inner.start_json_session, peer_id, other_id, offer)
+    def start_json_session(self, peer_id, other_id, offer, names=None):
+        return self._run(
+            peer_id, self._inner.start_json_session, peer_id, other_id, offer, names
+        )
 
     def json_message(self, peer_id, message):
         return self._run(peer_id, self._inner.json_message, peer_id, message)
@@ -495,8 +497,10 @@ class RedisCluster:
     def json_peers(self, role):
         return self._track(self.nodes[0].json_peers(role))
 
-    def start_json_session(self, peer_id, other_id, offer):
-        return self._track(self._node_for(peer_id).start_json_session(peer_id, other_id, offer))
+    def start_json_session(self, peer_id, other_id, offer, names=None):
+        return self._track(
+            self._node_for(peer_id).start_json_session(peer_id, other_id, offer, names)
+        )
 
     def json_message(self, peer_id, message):
         return self._track(self._node_for(peer_id).json_message(peer_id, message))

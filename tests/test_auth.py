@@ -192,6 +192,57 @@ class AuthMixin:
         client.send_text('{"type":"setPeerStatus","roles":["listener"]}')
         self.assertEqual(json.loads(await client.next())["type"], "peerStatusChanged")
 
+    async def json_peer(self, token):
+        """:returns: ``(client, peer id)``, welcomed on the JSON path with ``token``."""
+        client = await self.server.connect(path="/?token=" + token)
+        client.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        welcome = json.loads(await client.next())
+        self.assertEqual(welcome["type"], "welcome")
+        return client, welcome["peerId"]
+
+    async def test_a_json_token_names_its_peer_and_limits_whom_it_may_see_and_call(self):
+        """
+        JSON dialect (docs/protocol.md, "Tokens"): ``sub`` is the peer's
+        ``meta.name``, set by the server (a meta naming another name is
+        refused); ``calls`` limits startSession, ``list`` and the status
+        notices to peers whose name it lists. A token with uid, room and
+        call claims (the call page's) is held to them on the JSON side too.
+        """
+        viewer, _ = await self.json_peer(auth.mint(NEW, 60, uid="alice", rooms=["r1"], calls=["cam"]))
+        viewer.send_text('{"type":"setPeerStatus","roles":["listener"]}')
+        self.assertEqual(json.loads(await viewer.next())["meta"], {"name": "alice"})
+        cam, cam_id = await self.json_peer(auth.mint(NEW, 60, uid="cam", roles=["producer"]))
+        cam.send_text('{"type":"setPeerStatus","roles":["producer"],"meta":{"name":"impostor"}}')
+        self.assertEqual(
+            json.loads(await cam.next()),
+            {
+                "type": "error",
+                "details": "the token names this peer 'cam': its meta must be an object "
+                "without another name",
+            },
+        )
+        cam.send_text('{"type":"setPeerStatus","roles":["producer"],"meta":{"room":"hall"}}')
+        notice = json.loads(await viewer.next())
+        self.assertEqual((notice["peerId"], notice["meta"]), (cam_id, {"name": "cam", "room": "hall"}))
+        other, other_id = await self.json_peer(auth.mint(NEW, 60, uid="other", roles=["producer"]))
+        other.send_text('{"type":"setPeerStatus","roles":["producer"]}')
+        free, free_id = await self.json_peer(auth.mint(NEW, 60, roles=["producer"]))
+        free.send_text('{"type":"setPeerStatus","roles":["producer"],"meta":{"name":"cam2"}}')
+        viewer.send_text('{"type":"list"}')
+        listed = json.loads(await viewer.next())
+        self.assertEqual(listed["producers"], [{"id": cam_id, "meta": {"name": "cam", "room": "hall"}}])
+        for refused in (other_id, free_id):
+            viewer.send_text(json.dumps({"type": "startSession", "peerId": refused}))
+            self.assertEqual(
+                json.loads(await viewer.next()),
+                {"type": "error", "details": f"the token does not allow a session with '{refused}'"},
+            )
+        viewer.send_text(json.dumps({"type": "startSession", "peerId": cam_id}))
+        self.assertEqual(json.loads(await viewer.next())["type"], "sessionStarted")
+        self.assertEqual(json.loads(await cam.next())["type"], "startSession")
+        nodes = getattr(self.server, "nodes", [self.server])
+        self.assertEqual(sum(n.stats.errors.get("not_allowed", 0) for n in nodes), 1)
+
     async def test_a_token_for_one_protocol_is_refused_on_a_path_pinned_to_the_other(self):
         """
         A valid token that names only JSON roles (a viewer's) gets 403 on a

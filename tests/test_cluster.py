@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 
-from tests import test_integration, test_json
+from tests import test_auth, test_integration, test_json
 from tests._redis import RedisServer
 from tests.certificates import write_certificate
 from tests.test_metrics import Scrape
@@ -606,6 +606,54 @@ class PlaintextClusterJsonTests(ClusterJsonMixin, test_json.PlaintextRealSockets
 
 class TLSClusterJsonTests(ClusterJsonMixin, test_json.TLSRealSocketsTests):
     """webrtcsink-, webrtcsrc- and listener-like clients over TLS, on three nodes."""
+
+
+class ClusterJsonTokenMixin:
+    """
+    The JSON dialect's token claims with the peers spread over two nodes
+    (each client on the next node): the name check of ``calls`` runs in
+    Redis, against a producer held by another node.
+    """
+
+    timeout = 60
+
+    async def setUp(self):
+        redis = RedisServer(self)
+        await redis.start()
+        self.secrets = os.path.abspath(self.mktemp())
+        with open(self.secrets, "wb") as f:
+            f.write(test_auth.NEW + b"\n")
+        kind = "ssl" if self.tls else "tcp"
+        cert_dir = self.mktemp()
+        pem = write_certificate(cert_dir).pem
+        nodes = [
+            await Server.start(
+                self, "--port", f"{kind}:0:interface=127.0.0.1", "--cert-path", cert_dir,
+                "--redis", redis.url, "--auth-secret", self.secrets,
+            )
+            for _ in range(2)
+        ]
+        for node in nodes:
+            node.tls, node.pem = self.tls, pem
+        await eventually(lambda: all(n.registry.up for n in nodes), "the nodes to reach Redis")
+        self.server = ClusterServer(nodes)
+
+    json_peer = test_auth.AuthMixin.json_peer
+    test_a_json_token_names_its_peer_and_limits_whom_it_may_see_and_call = (
+        test_auth.AuthMixin.test_a_json_token_names_its_peer_and_limits_whom_it_may_see_and_call
+    )
+
+
+class PlaintextClusterJsonTokenTests(ClusterJsonTokenMixin, TestCase):
+    """JSON token claims over two nodes, plaintext."""
+
+    tls = False
+
+
+class TLSClusterJsonTokenTests(ClusterJsonTokenMixin, TestCase):
+    """JSON token claims over two nodes, TLS."""
+
+    tls = True
 
 
 class ClusterTokenTests(TestCase):

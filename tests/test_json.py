@@ -30,12 +30,22 @@ class ParseTests(unittest.SynchronousTestCase):
     """What the server takes, and what it drops without a reply."""
 
     def test_every_message_of_the_protocol_is_parsed(self):
-        """Every message a peer may send is parsed, its optional fields None when absent."""
+        """
+        Every message a peer may send is parsed, its optional fields None when
+        absent; a meta is kept as its canonical JSON text (keys sorted, no
+        spaces), ``null`` when absent.
+        """
         cases = {
             '{"type":"setProtocolVersion","version":"v1_1"}': {"version": "v1_1"},
-            '{"type":"setPeerStatus","roles":["producer","listener"],"meta":{"name":"x"}}': {
+            '{"type":"setPeerStatus","roles":["producer","listener"],'
+            '"meta":{"name":"x", "a": [1, {"b": null}]}}': {
                 "roles": ["producer", "listener"],
-                "meta": {"name": "x"},
+                "meta": '{"a":[1,{"b":null}],"name":"x"}',
+                "peerId": None,
+            },
+            '{"type":"setPeerStatus","roles":[]}': {
+                "roles": [],
+                "meta": "null",
                 "peerId": None,
             },
             '{"type":"startSession","peerId":"p"}': {"peerId": "p", "offer": None},
@@ -112,7 +122,7 @@ class ParseTests(unittest.SynchronousTestCase):
         """
         self.assertEqual(obj(json_wire.welcome("a")), {"type": "welcome", "peerId": "a"})
         self.assertEqual(
-            obj(json_wire.peer_status_changed("a", [], None)),
+            obj(json_wire.peer_status_changed("a", [], json_wire.NO_META)),
             {"type": "peerStatusChanged", "roles": [], "meta": None, "peerId": "a"},
         )
         self.assertEqual(
@@ -128,7 +138,7 @@ class ParseTests(unittest.SynchronousTestCase):
             {"type": "endSessionV1_1", "sessionId": "s", "error": "gone"},
         )
         self.assertEqual(
-            obj(json_wire.producer_list([("p", None)])),
+            obj(json_wire.producer_list([("p", json_wire.NO_META)])),
             {"type": "list", "producers": [{"id": "p", "meta": None}]},
         )
 
@@ -150,7 +160,7 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.registry = Registry()
         self.peers = {}
 
-    def peer(self, peer_id, *roles, meta=None):
+    def peer(self, peer_id, *roles, meta=json_wire.NO_META):
         peer = self.peers[peer_id] = Recorder()
         self.registry.welcome(peer_id, peer)
         if roles:
@@ -177,12 +187,12 @@ class RegistryTests(unittest.SynchronousTestCase):
         that leaves (with no roles); a peer that is no listener hears nothing.
         """
         listener = self.peer("l", "listener")
-        self.assertEqual(listener.told, [("peer_status_changed", "l", ["listener"], None)])
-        producer = self.peer("p", "producer", meta={"n": 1})
-        self.assertEqual(listener.told[-1], ("peer_status_changed", "p", ["producer"], {"n": 1}))
+        self.assertEqual(listener.told, [("peer_status_changed", "l", ["listener"], "null")])
+        producer = self.peer("p", "producer", meta='{"n":1}')
+        self.assertEqual(listener.told[-1], ("peer_status_changed", "p", ["producer"], '{"n":1}'))
         self.assertEqual(producer.told, [])
         self.registry.remove("p", producer)
-        self.assertEqual(listener.told[-1], ("peer_status_changed", "p", [], {"n": 1}))
+        self.assertEqual(listener.told[-1], ("peer_status_changed", "p", [], '{"n":1}'))
 
     def test_the_same_status_again_changes_nothing_when_it_names_the_peer(self):
         """
@@ -190,9 +200,9 @@ class RegistryTests(unittest.SynchronousTestCase):
         peer's own id, and tells them again if it does not.
         """
         listener = self.peer("l", "listener")
-        self.registry.set_peer_status("l", ["listener"], None, "l")
+        self.registry.set_peer_status("l", ["listener"], "null", "l")
         self.assertEqual(len(listener.told), 1)
-        self.registry.set_peer_status("l", ["listener"], None, None)
+        self.registry.set_peer_status("l", ["listener"], "null", None)
         self.assertEqual(len(listener.told), 2)
 
     def test_producer_and_consumer_at_once_is_refused(self):
@@ -201,17 +211,19 @@ class RegistryTests(unittest.SynchronousTestCase):
         """
         self.peer("x")
         e = self.assertRaises(
-            JsonRefused, self.registry.set_peer_status, "x", ["producer", "consumer"], None, None
+            JsonRefused, self.registry.set_peer_status, "x", ["producer", "consumer"], "null", None
         )
         self.assertEqual(e.details, "Cannot register peer x as both producer and passive consumer")
 
     def test_lists_name_producers_and_consumers_with_their_meta(self):
         """The lists of producers and of consumers name each, in turn, with its meta."""
-        self.peer("p1", "producer", meta={"a": 1})
+        self.peer("p1", "producer", meta='{"a":1}')
         self.peer("c1", "consumer")
         self.peer("p2", "producer", "listener")
-        self.assertEqual(self.registry.json_peers("producer"), [("p1", {"a": 1}), ("p2", None)])
-        self.assertEqual(self.registry.json_peers("consumer"), [("c1", None)])
+        self.assertEqual(
+            self.registry.json_peers("producer"), [("p1", '{"a":1}'), ("p2", "null")]
+        )
+        self.assertEqual(self.registry.json_peers("consumer"), [("c1", "null")])
 
     def test_a_session_with_a_producer_tells_the_consumer_then_the_producer(self):
         """
@@ -326,9 +338,9 @@ class RegistryTests(unittest.SynchronousTestCase):
         sessions and the other side is told; at the end the registry is empty.
         """
         producer, consumer, session_id = self.session()
-        self.registry.set_peer_status("p", ["listener"], None, None)
+        self.registry.set_peer_status("p", ["listener"], "null", None)
         self.assertEqual(consumer.told, [("json_session_ended", session_id, None)])
-        self.registry.set_peer_status("p", ["producer"], None, None)
+        self.registry.set_peer_status("p", ["producer"], "null", None)
         second = self.registry.start_json_session("c", "p", None)
         self.registry.remove("c", consumer)
         self.assertEqual(producer.told[-1], ("json_session_ended", second, None))
@@ -586,13 +598,16 @@ class DialectTests(unittest.TestCase):
         self.assertTrue(any(f"peer {peer_id} at " in line and "disconnected" in line for line in lines), lines)
 
     def test_a_v1_1_peer_is_told_why_its_session_ended(self):
-        """A v1_1 peer gets endSessionV1_1 with the error the other side gave."""
+        """A v1_1 peer gets endSessionV1_1 with the error the other (v1_1) side gave."""
         producer = self.net.client()
         producer.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
         self.net.flush()
         producer_id = obj(producer.drain()[0])["peerId"]
         producer.send_text('{"type":"setPeerStatus","roles":["producer"]}')
-        consumer, consumer_id = self.json_client()
+        consumer = self.net.client()
+        consumer.send_text('{"type":"setProtocolVersion","version":"v1_1"}')
+        self.net.flush()
+        consumer.drain()
         consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
         session_id = self.received(consumer)[0]["sessionId"]
         self.received(producer)
@@ -774,8 +789,10 @@ class RealSocketsMoreMixin(RealSocketsMixin):
 
     async def test_a_v1_0_peer_gets_end_session_and_a_v1_1_peer_end_session_v1_1(self):
         """
-        A session's end reaches a v1_1 peer as endSessionV1_1 with its error and
-        a v1_0 peer as endSession, whichever form the other side sent.
+        A session's end reaches a v1_1 peer as endSessionV1_1 and a v1_0 peer
+        as endSession, whichever form the other side sent. A v1_0 peer's
+        endSessionV1_1 that carries an error is refused, as upstream refuses
+        it, and ends nothing; without an error it ends the session.
         """
         old, old_id = await self.welcomed('{"type":"setProtocolVersion","version":"v1_0"}')
         new, new_id = await self.welcomed('{"type":"setProtocolVersion","version":"v1_1"}')
@@ -789,8 +806,17 @@ class RealSocketsMoreMixin(RealSocketsMixin):
             json.dumps({"type": "endSessionV1_1", "sessionId": session_id, "error": "codec"})
         )
         self.assertEqual(
+            await self.next_json(old),
+            {
+                "type": "error",
+                "details": f"Invalid end session message with error from peer '{old_id}', "
+                "minimum protocol version is 1.1",
+            },
+        )
+        old.send_text(json.dumps({"type": "endSessionV1_1", "sessionId": session_id}))
+        self.assertEqual(
             await self.next_json(new),
-            {"type": "endSessionV1_1", "sessionId": session_id, "error": "codec"},
+            {"type": "endSessionV1_1", "sessionId": session_id, "error": None},
         )
         new.send_text(json.dumps({"type": "startSession", "peerId": old_id}))
         second = (await self.next_json(new))["sessionId"]

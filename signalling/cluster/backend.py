@@ -108,10 +108,6 @@ def _roles(text):
     return [role for role in text.split(",") if role] if text else []
 
 
-def _meta(text):
-    return json.dumps(text, sort_keys=True, separators=(",", ":"))
-
-
 def encode_frames(frames):
     """``(first_byte, payload)`` pairs as one byte string (first byte, 4-byte length, payload)."""
     out = bytearray()
@@ -572,7 +568,7 @@ class ClusterRegistry:
             "set_peer_status",
             peer_id,
             ",".join(roles),
-            _meta(meta),
+            meta,
             claimed_id if claimed_id is not None else "",
             self.node,
             conn,
@@ -595,13 +591,13 @@ class ClusterRegistry:
 
         def listed(flat):
             return [
-                (_text(flat[i]), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)
+                (_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)
             ]
 
         d.addCallback(listed)
         return d
 
-    def start_json_session(self, peer_id, other_id, offer):
+    def start_json_session(self, peer_id, other_id, offer, names=None):
         conn = self._own(peer_id)
         if conn is None:
             raise JsonRefused(f"Peer with ID '{peer_id}' not found")
@@ -614,6 +610,8 @@ class ClusterRegistry:
             session_id,
             self.node,
             conn,
+            "" if names is None else json.dumps(sorted(names)),
+            json_wire.not_allowed_session(other_id),
         )
         d.addCallback(_text)
         return d
@@ -708,7 +706,7 @@ class ClusterRegistry:
             peer.room_message(sender, payload)
         elif kind == b"u":
             peer_id, roles, meta = fields[0], fields[1], "\0".join(fields[2:])
-            peer.peer_status_changed(peer_id, _roles(roles), json.loads(meta))
+            peer.peer_status_changed(peer_id, _roles(roles), meta)
         elif kind == b"a":
             if local.consuming is None:
                 local.consuming = set()

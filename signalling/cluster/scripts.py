@@ -397,7 +397,8 @@ return {'ok', out}
 )
 
 # ARGV: peer_id, other_id, offer ('' for none, else '1' .. the offer),
-# session_id, node, conn
+# session_id, node, conn, names ('' for any, else a JSON list the other's
+# meta.name must be in), the refusal's text for a name not in it
 _script(
     "start_json_session",
     r"""
@@ -406,9 +407,22 @@ local rec = own(peer_id, ARGV[5], ARGV[6])
 if not rec or rec[3] ~= 'j' then
   return err('json', "Peer with ID '" .. peer_id .. "' not found")
 end
-local other = redis.call('HMGET', P .. 'p:' .. other_id, 'n', 'c', 'd', 'o')
+local other = redis.call('HMGET', P .. 'p:' .. other_id, 'n', 'c', 'd', 'o', 'm')
 if not other[1] or other[3] ~= 'j' then
   return err('json', "Peer with ID '" .. other_id .. "' not found")
+end
+if ARGV[7] ~= '' then
+  local meta = cjson.decode(other[5] or 'null')
+  local name = type(meta) == 'table' and meta['name'] or nil
+  local allowed = false
+  for _, n in ipairs(cjson.decode(ARGV[7])) do
+    if n == name then
+      allowed = true
+    end
+  end
+  if not allowed then
+    return err('json', ARGV[8])
+  end
 end
 local producer, consumer
 if redis.call('ZSCORE', P .. 'o:producer', other_id) then

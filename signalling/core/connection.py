@@ -57,6 +57,14 @@ NOT_ALLOWED_CLOSE = "not allowed by the token"
 #: Commands refused for the rate in a row before the connection is closed.
 RATE_STRIKES = 20
 
+#: Bytes of input a connection may have held while a command is pending (a
+#: registry answer, a Redis round trip, a reclaim probe): past it, reading
+#: stops until the held input is handled, and TCP pushes back on the peer.
+#: At least one message is always held, whatever its size.
+MAX_HELD_INPUT = 64 * 1024
+#: The reason reading is paused for while that much is held.
+HELD_INPUT = "held input"
+
 #: What the log says of a connection closed because the server stops.
 SHUTDOWN_CAUSE = "the server is shutting down"
 #: ... and of one whose uid a new connection took over.
@@ -171,6 +179,7 @@ class ConnectionCommon:
         "uid",
         "cause",
         "_held",
+        "_held_bytes",
         "_queued",
         "_closing",
         "_released",
@@ -188,8 +197,10 @@ class ConnectionCommon:
         self._stats = server.stats
         self.uid = None
         self.cause = None
-        #: Input held while a request is pending (a deque), else None.
+        #: Input held while a request is pending (a deque), else None, and
+        #: its size in bytes.
         self._held = None
+        self._held_bytes = 0
         #: ``(method, *args)`` held while a reply is owed, else None.
         self._queued = None
         #: True once we stop handling input.
@@ -202,6 +213,49 @@ class ConnectionCommon:
         self._tokens = None
         self._tokens_at = 0.0
         self._strikes = 0
+
+    # Input.
+
+    def received(self, payload, is_binary):
+        """
+        One message arrived: handle it, or hold it while a command is
+        pending (reading stops once :data:`MAX_HELD_INPUT` bytes are held).
+        """
+        if self._closing:
+            return
+        if self._pending:
+            held = self._held
+            if held is None:
+                held = self._held = deque()
+            held.append((payload, is_binary))
+            self._held_bytes += len(payload)
+            if self._held_bytes >= MAX_HELD_INPUT:
+                self._output.pause_reading(HELD_INPUT)
+            return
+        self._handle(payload, is_binary)
+
+    def _resume(self):
+        """Handle the input that arrived while a command was pending, in order."""
+        if self._resuming:
+            return  # the loop below goes on
+        self._resuming = True
+        try:
+            held = self._held
+            while held and not self._pending and not self._closing:
+                payload, is_binary = held.popleft()
+                self._held_bytes -= len(payload)
+                self._handle(payload, is_binary)
+            if self._held is not None and not self._held:
+                self._held = None
+            if self._held_bytes < MAX_HELD_INPUT:
+                self._output.resume_reading(HELD_INPUT)
+        finally:
+            self._resuming = False
+
+    def _drop_held(self):
+        """The connection is ending: what is held is never handled."""
+        self._held = None
+        self._held_bytes = 0
 
     def _close_for(self, cause, code, reason):
         """Stop handling input and close with ``code`` and ``reason`` (``cause`` for the log)."""
@@ -342,20 +396,6 @@ class Connection(ConnectionCommon):
             self._server.hello_timeout, self._hello_timed_out
         )
 
-    def received(self, payload, is_binary):
-        """
-        One message arrived: relay it in a session, else handle it as a
-        command (or hold it while a command is pending).
-        """
-        if self._closing:
-            return
-        if self._pending is not None:
-            if self._held is None:
-                self._held = deque()
-            self._held.append((payload, is_binary))
-            return
-        self._handle(payload, is_binary)
-
     def _handle(self, payload, is_binary):
         """Relay one message in a session; else handle it as a command."""
         link = self.link
@@ -393,7 +433,7 @@ class Connection(ConnectionCommon):
             # Whatever this connection held back on its partner is let go.
             self.link.set_backpressure(False)
         self.link = None
-        self._held = None
+        self._drop_held()
         self._queued = None
         self._cancel_hello_call()
         if self.uid is not None:
@@ -840,20 +880,6 @@ class Connection(ConnectionCommon):
             self._open_gate()
         if self._held:
             self._resume()
-
-    def _resume(self):
-        """Handle the input that arrived while a command was pending."""
-        if self._resuming:
-            return  # the loop below goes on
-        self._resuming = True
-        try:
-            held = self._held
-            while held and self._pending is None and not self._closing:
-                self._handle(*held.popleft())
-            if self._held is not None and not self._held:
-                self._held = None
-        finally:
-            self._resuming = False
 
     # Output and closing.
 

@@ -363,17 +363,23 @@ class IRegistry(Interface):
         """
 
     def json_peers(role):
-        """:returns: ``[(peer_id, meta)]`` of the peers with ``role``, oldest first."""
+        """
+        :returns: ``[(peer_id, meta)]`` of the peers with ``role``, oldest
+            first; each meta is canonical JSON text
+            (:func:`signalling.core.json_wire.canonical`).
+        """
 
-    def start_json_session(peer_id, other_id, offer):
+    def start_json_session(peer_id, other_id, offer, names=None):
         """
         Start a session between ``peer_id`` and ``other_id``: the producer
         among them is told :meth:`IJsonPeer.json_start_session`, after the
         consumer :meth:`IJsonPeer.json_session_started`.
 
+        :param names: None, or the names (a token's ``calls``) the other
+            peer's ``meta.name`` must be one of.
         :returns: the new session id.
         :raises JsonRefused: ``other_id`` is unknown, or neither a producer nor
-            a consumer.
+            a consumer, or not named in ``names``.
         """
 
     def json_message(peer_id, message):

@@ -20,14 +20,13 @@ Where this server differs from the upstream one, on purpose:
 """
 
 import uuid
-from collections import deque
-
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from signalling.core import json_wire
+from signalling.core.echo import quote
 from signalling.core.connection import ConnectionCommon
 from signalling.core.interfaces import (
     TEXT_FRAME,
@@ -84,17 +83,6 @@ class JsonConnection(ConnectionCommon):
         peer_id = self._peer_id = str(uuid.uuid4())
         self._call(self._welcomed, self._server.registry.welcome, peer_id, self)
 
-    def received(self, payload, is_binary):
-        """One message arrived: handle it, or hold it while a request is pending."""
-        if self._closing:
-            return
-        if self._pending:
-            if self._held is None:
-                self._held = deque()
-            self._held.append((payload, is_binary))
-            return
-        self._handle(payload, is_binary)
-
     def _handle(self, payload, is_binary):
         if is_binary:
             return  # dropped, as upstream does
@@ -111,6 +99,8 @@ class JsonConnection(ConnectionCommon):
         registry = self._server.registry
         kind = message.type
         if kind == "peer":
+            if len(message.fields["sessionId"]) > json_wire.MAX_ID_LENGTH:
+                return  # no such session: dropped, as for any unknown one
             if message.text is not None:
                 # Forwarded as it came: no re-encoding on the relay path.
                 message.raw = payload
@@ -119,27 +109,30 @@ class JsonConnection(ConnectionCommon):
         if not self._rate_allows():
             return
         fields = message.fields
+        grant = self._output.grant
         if kind == "setPeerStatus":
-            grant = self._output.grant
-            if grant is not None and not grant.allows_roles(fields["roles"]):
-                self._send_error(
-                    f"the token does not allow the roles {json_wire.roles_debug(fields['roles'])}",
-                    "not_allowed",
-                )
+            self._set_peer_status(registry, grant, fields)
+        elif kind == "startSession":
+            peer_id = fields["peerId"]
+            if len(peer_id) > json_wire.MAX_ID_LENGTH:
+                # Names nobody: answered here, with a bounded echo.
+                self._send_error(json_wire.peer_not_found(peer_id))
                 return
+            names = grant.calls if grant is not None else None
             self._call(
                 None,
-                registry.set_peer_status,
+                registry.start_json_session,
                 self.uid,
-                fields["roles"],
-                fields["meta"],
-                fields["peerId"],
-            )
-        elif kind == "startSession":
-            self._call(
-                None, registry.start_json_session, self.uid, fields["peerId"], fields["offer"]
+                peer_id,
+                fields["offer"],
+                names,
             )
         elif kind == "endSession" or kind == "endSessionV1_1":
+            if fields["error"] is not None and self.version == json_wire.V1_0:
+                self._send_error(json_wire.end_needs_v1_1(self.uid))
+                return
+            if len(fields["sessionId"]) > json_wire.MAX_ID_LENGTH:
+                return  # no such session, as for any unknown one
             self._call(
                 None, registry.end_json_session, self.uid, fields["sessionId"], fields["error"]
             )
@@ -154,6 +147,43 @@ class JsonConnection(ConnectionCommon):
                 )
             else:
                 self.version = fields["version"]
+
+    def _set_peer_status(self, registry, grant, fields):
+        """
+        ``setPeerStatus``: within what the token allows (its ``roles``; its
+        ``sub`` names the peer: ``meta.name``), and with a ``meta`` no
+        larger than the server keeps.
+        """
+        roles = fields["roles"]
+        meta = fields["meta"]
+        if grant is not None:
+            if not grant.allows_roles(roles):
+                self._send_error(
+                    f"the token does not allow the roles {json_wire.roles_debug(roles)}",
+                    "not_allowed",
+                )
+                return
+            if grant.uid is not None:
+                named = json_wire.named(meta, grant.uid)
+                if named is None:
+                    self._send_error(
+                        f"the token names this peer {quote(grant.uid)}: its meta must be "
+                        "an object without another name",
+                        "not_allowed",
+                    )
+                    return
+                meta = named
+        size = len(meta) if meta.isascii() else len(meta.encode("utf-8"))
+        limit = self._server.max_meta_size
+        if size > limit:
+            self._send_error(json_wire.meta_too_large(self.uid, size, limit), "meta_too_large")
+            return
+        self._call(None, registry.set_peer_status, self.uid, roles, meta, fields["peerId"])
+
+    def _may_call(self, meta):
+        """:returns: whether the token's ``calls`` (if any) name the peer with ``meta``."""
+        grant = self._output.grant
+        return grant is None or grant.calls is None or json_wire.meta_name(meta) in grant.calls
 
     # Asking the registry.
 
@@ -221,23 +251,12 @@ class JsonConnection(ConnectionCommon):
             method(*args)
 
     def _listed(self, producers):
-        self._send_text(json_wire.producer_list(producers))
+        """Answer ``list``: the producers, those the token may call."""
+        self._send_text(json_wire.producer_list(p for p in producers if self._may_call(p[1])))
 
     def _listed_consumers(self, consumers):
-        self._send_text(json_wire.consumer_list(consumers))
-
-    def _resume(self):
-        if self._resuming:
-            return
-        self._resuming = True
-        try:
-            held = self._held
-            while held and not self._pending and not self._closing:
-                self._handle(*held.popleft())
-            if self._held is not None and not self._held:
-                self._held = None
-        finally:
-            self._resuming = False
+        """Answer ``listConsumers``: the consumers, those the token may call."""
+        self._send_text(json_wire.consumer_list(c for c in consumers if self._may_call(c[1])))
 
     # IJsonPeer: what the registry tells this peer.
 
@@ -249,8 +268,11 @@ class JsonConnection(ConnectionCommon):
         return False
 
     def peer_status_changed(self, peer_id, roles, meta):
-        if not self._later(self.peer_status_changed, peer_id, roles, meta):
-            self._send_text(json_wire.peer_status_changed(peer_id, roles, meta))
+        if self._later(self.peer_status_changed, peer_id, roles, meta):
+            return
+        if peer_id != self.uid and not self._may_call(meta):
+            return  # a peer the token does not let this one see
+        self._send_text(json_wire.peer_status_changed(peer_id, roles, meta))
 
     def json_session_started(self, peer_id, session_id):
         if not self._later(self.json_session_started, peer_id, session_id):
@@ -291,7 +313,7 @@ class JsonConnection(ConnectionCommon):
         if self._released:
             return
         self._released = self._closing = True
-        self._held = None
+        self._drop_held()
         self._queued = None
         if self.uid is not None:
             self._release(self.uid)

@@ -6,11 +6,22 @@ elements (``webrtcsink``, ``webrtcsrc``, the ``gstwebrtc-api`` library) and of
 Text frames, one JSON object each, with a ``"type"`` in camelCase. What the
 upstream server cannot parse it drops without a reply, and so does this
 module: :func:`parse` returns None for invalid JSON, an unknown type, a
-missing or mistyped field. Fields the upstream types declare as optional are
-sent as ``null``, never left out (clients read them). Standard library only.
+missing or mistyped field, and so are what upstream would take but this
+server does not: a message nested too deeply for the decoder, an object with
+a key twice (checked as one value, read as another by the peer it is
+forwarded to), and ``meta`` nested more than :data:`MAX_DEPTH` levels.
+Fields the upstream types declare as optional are sent as ``null``, never
+left out (clients read them).
+
+A peer's ``meta`` is held as its canonical JSON text (:func:`canonical`):
+it costs about its size, whatever its shape, and every reply that carries
+it embeds the text as it is, so no stored value can fail another client's
+reply. Standard library only.
 """
 
 import json
+
+from signalling.core.echo import clip, quote
 
 #: Roles of a peer, in the words of the protocol.
 PRODUCER = "producer"
@@ -25,8 +36,62 @@ V1_0 = "v1_0"
 V1_1 = "v1_1"
 VERSIONS = (V1_0, V1_1)
 
-_decode = json.JSONDecoder().decode
+#: Most levels of nesting of a ``meta`` value (1: a flat object or list).
+MAX_DEPTH = 32
+
+
+class _DuplicateKey(ValueError):
+    """An object holds a key twice."""
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey()
+    return obj
+
+
+_decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+
+
+def canonical(value):
+    """:returns: ``value`` (parsed JSON) as canonical JSON text: keys sorted, no spaces."""
+    return _canonical(value)
+
+
+#: The canonical text of a missing ``meta``.
+NO_META = "null"
+
+
+def depth(value, limit=MAX_DEPTH):
+    """
+    :returns: how many levels of objects and lists ``value`` nests (0 for a
+        scalar), counted without recursion, or ``limit + 1`` as soon as it
+        is seen to nest deeper than ``limit``.
+    """
+    deepest = 0
+    stack = [(value, 1)]
+    pop = stack.pop
+    push = stack.append
+    while stack:
+        item, level = pop()
+        kind = type(item)
+        if kind is dict:
+            children = item.values()
+        elif kind is list:
+            children = item
+        else:
+            continue
+        if level > deepest:
+            deepest = level
+            if deepest > limit:
+                return deepest
+        for child in children:
+            if type(child) in (dict, list):
+                push((child, level + 1))
+    return deepest
 
 
 class Message:
@@ -99,7 +164,8 @@ def parse(text):
     """
     try:
         obj = _decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Not JSON, a key twice, or nested past what the decoder can take.
         return None
     if type(obj) is not dict:
         return None
@@ -122,7 +188,10 @@ def parse(text):
         ok, peer_id = _optional_string(obj, "peerId")
         if not ok:
             return None
-        return Message(kind, {"roles": roles, "meta": obj.get("meta"), "peerId": peer_id}, text)
+        meta = obj.get("meta")
+        if type(meta) in (dict, list) and depth(meta) > MAX_DEPTH:
+            return None
+        return Message(kind, {"roles": roles, "meta": _canonical(meta), "peerId": peer_id}, text)
     if kind == "startSession":
         peer_id = obj.get("peerId")
         ok, offer = _optional_string(obj, "offer")
@@ -149,11 +218,6 @@ def parse(text):
     return None
 
 
-def looks_like_json(text):
-    """:returns: whether a first message could be the JSON dialect's (an object)."""
-    return text.lstrip()[:1] == "{"
-
-
 # What the server sends.
 
 
@@ -162,7 +226,16 @@ def welcome(peer_id):
 
 
 def peer_status_changed(peer_id, roles, meta):
-    return _encode({"type": "peerStatusChanged", "roles": roles, "meta": meta, "peerId": peer_id})
+    """:param meta: the peer's meta as canonical JSON text."""
+    return (
+        '{"type":"peerStatusChanged","roles":'
+        + _encode(roles)
+        + ',"meta":'
+        + meta
+        + ',"peerId":'
+        + _encode(peer_id)
+        + "}"
+    )
 
 
 def start_session(peer_id, session_id, offer):
@@ -202,15 +275,26 @@ def peer_message(message):
     return _encode(out)
 
 
+def _peer_list(kind, key, peers):
+    return (
+        '{"type":"'
+        + kind
+        + '","'
+        + key
+        + '":['
+        + ",".join('{"id":' + _encode(i) + ',"meta":' + m + "}" for i, m in peers)
+        + "]}"
+    )
+
+
 def producer_list(producers):
-    """:param producers: ``(id, meta)`` pairs."""
-    return _encode({"type": "list", "producers": [{"id": i, "meta": m} for i, m in producers]})
+    """:param producers: ``(id, meta)`` pairs, each meta canonical JSON text."""
+    return _peer_list("list", "producers", producers)
 
 
 def consumer_list(consumers):
-    return _encode(
-        {"type": "listConsumers", "consumers": [{"id": i, "meta": m} for i, m in consumers]}
-    )
+    """:param consumers: ``(id, meta)`` pairs, each meta canonical JSON text."""
+    return _peer_list("listConsumers", "consumers", consumers)
 
 
 def error(details):
@@ -219,4 +303,65 @@ def error(details):
 
 def roles_debug(roles):
     """:returns: ``roles`` as the upstream server writes them in errors: ``[Producer, Listener]``."""
-    return "[" + ", ".join(_ROLE_NAMES[role] for role in roles) + "]"
+    return clip("[" + ", ".join(_ROLE_NAMES[role] for role in roles) + "]")
+
+
+#: Longest peer or session id that can name anything (the examples' uids;
+#: the server's own ids are UUIDs): a longer one is answered at once.
+MAX_ID_LENGTH = 256
+
+
+def peer_not_found(peer_id):
+    """:returns: upstream's refusal of a session with an unknown peer."""
+    return f"Peer with ID {quote(peer_id)} not found"
+
+
+def not_part_of(peer_id, session_id):
+    """:returns: upstream's refusal of a message or end for another's session."""
+    return f"Peer {peer_id} is not part of {clip(session_id)}"
+
+
+def end_needs_v1_1(peer_id):
+    """:returns: upstream's refusal of ``endSessionV1_1`` with an error from a v1.0 peer."""
+    return (
+        f"Invalid end session message with error from peer '{peer_id}', "
+        "minimum protocol version is 1.1"
+    )
+
+
+def not_allowed_session(peer_id):
+    """:returns: the refusal of a session with a peer the token's ``calls`` do not name."""
+    return f"the token does not allow a session with {quote(peer_id)}"
+
+
+def meta_too_large(peer_id, size, limit):
+    """:returns: the refusal of a ``meta`` larger than the server keeps."""
+    return f"Peer '{peer_id}' meta is too large: {size} bytes, at most {limit}"
+
+
+def meta_name(meta):
+    """
+    :param meta: canonical JSON text.
+    :returns: its ``name`` when it is an object whose ``name`` is text, else None.
+    """
+    if '"name"' not in meta:
+        return None
+    value = _decode(meta)
+    name = value.get("name") if type(value) is dict else None
+    return name if type(name) is str else None
+
+
+def named(meta, name):
+    """
+    :param meta: canonical JSON text, from a peer whose token names it ``name``.
+    :returns: ``meta`` with its ``name`` set to ``name`` (an absent meta
+        becomes ``{"name": name}``), or None when ``meta`` is not an object
+        or already names another name.
+    """
+    value = _decode(meta)
+    if value is None:
+        value = {}
+    if type(value) is not dict or value.get("name", name) != name:
+        return None
+    value["name"] = name
+    return _canonical(value)

@@ -222,13 +222,15 @@ class Registry:
         json = self._json
         return [(peer_id, json[peer_id].meta) for peer_id in self._json_roles[role]]
 
-    def start_json_session(self, peer_id, other_id, offer):
+    def start_json_session(self, peer_id, other_id, offer, names=None):
         entry = self._json.get(peer_id)
         if entry is None:
             raise JsonRefused(f"Peer with ID '{peer_id}' not found")
         other = self._json.get(other_id)
         if other is None:
             raise JsonRefused(f"Peer with ID '{other_id}' not found")
+        if names is not None and json_wire.meta_name(other.meta) not in names:
+            raise JsonRefused(json_wire.not_allowed_session(other_id))
         if json_wire.PRODUCER in other.roles:
             producer_id, consumer_id = other_id, peer_id
         elif json_wire.CONSUMER in other.roles:
@@ -324,7 +326,8 @@ class _JsonPeer:
     def __init__(self, peer):
         self.peer = peer
         self.roles = []
-        self.meta = None
+        #: Canonical JSON text (json_wire.canonical).
+        self.meta = json_wire.NO_META
         #: Ids of the sessions it is the producer, and the consumer, of.
         self.producing = set()
         self.consuming = set()

@@ -9,6 +9,7 @@ Unicode category Cc, and lengths are counted in code points.
 import re
 
 from signalling.core import interfaces
+from signalling.core.echo import ECHO_LIMIT, quote
 
 # The words themselves are written once, for the server and the tools.
 from signalling.core.words import (
@@ -28,7 +29,7 @@ from signalling.core.words import (
 MAX_ID_LENGTH = 256
 
 #: How much of an offending word is echoed back in an ``ERROR`` line.
-_ECHO_LIMIT = MAX_ID_LENGTH + 1
+_ECHO_LIMIT = ECHO_LIMIT
 
 #: Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -74,18 +75,9 @@ def split_command(text):
     return parts[0], parts[1]
 
 
-def _escape_control(match):
-    return f"\\x{ord(match.group()):02x}"
-
-
 def _echo(word, limit=_ECHO_LIMIT):
-    """
-    Quote an offending word for an ``ERROR`` line: cut to ``limit``
-    characters, control characters written as ``\\xNN``.
-    """
-    if len(word) > limit:
-        word = word[:limit] + "..."
-    return "'" + _CONTROL.sub(_escape_control, word) + "'"
+    """Quote an offending word for an ``ERROR`` line (:func:`signalling.core.echo.quote`)."""
+    return quote(word, limit)
 
 
 def _is_valid_id(word):

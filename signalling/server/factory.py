@@ -17,6 +17,10 @@ DEFAULT_KEEPALIVE = 30.0
 DEFAULT_HELLO_TIMEOUT = 30.0
 #: Bytes kept for a peer that does not read, by default, before it is closed.
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+#: See :attr:`SignallingServerFactory.fits_unchecked`.
+FITS_UNCHECKED = 64 * 1024
+#: Largest ``meta`` a JSON peer may set, by default (bytes of its JSON).
+DEFAULT_MAX_META = 64 * 1024
 #: Commands a connection may send, by default: 200 a second on average, and
 #: 2000 at once (a newcomer offering to 50 room members, candidates and all,
 #: sends some 600).
@@ -78,6 +82,8 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param max_output: bytes the server keeps for a peer that does not read
         (beyond what its transport buffers); past it, the peer is closed
         with 1008. Session partners are held back long before (backpressure).
+    :param max_meta_size: largest ``meta`` a JSON peer may set, in bytes of
+        its JSON; a larger one is refused with an ``error``.
     :param limits: the server's :class:`signalling.server.limits.ConnectionLimits`,
         or None for no limits.
     :param count_addresses: count client addresses here, at accept (the
@@ -117,6 +123,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         close_timeout=CLOSE_HANDSHAKE_TIMEOUT,
         fast_path=True,
         max_output=DEFAULT_MAX_OUTPUT,
+        max_meta_size=DEFAULT_MAX_META,
         max_fragments=DEFAULT_MAX_FRAGMENTS,
         command_rate=DEFAULT_COMMAND_RATE,
         command_burst=DEFAULT_COMMAND_BURST,
@@ -142,6 +149,11 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.web = web
         self.close_timeout = close_timeout
         self.max_output = max_output
+        #: Output up to this size is queued for a peer that reads without a
+        #: look at the bound: the transport's buffer (64 KiB) takes it, and
+        #: says when the peer stops reading.
+        self.fits_unchecked = min(FITS_UNCHECKED, max_output)
+        self.max_meta_size = max_meta_size
         self.max_fragments = max_fragments
         self.command_rate = command_rate
         self.command_burst = command_burst

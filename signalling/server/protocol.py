@@ -211,10 +211,25 @@ class _Signalling:
         if self.connection is not None:
             self.connection.output_changed(self.output_blocked)
 
+    def _fits(self, size):
+        """
+        :returns: whether ``size`` more bytes may be queued for the peer: the
+            output bound (``max_output``) counts what waits unread (while
+            the peer does not read) and what is about to be queued, before
+            it is queued. A reply or notice that cannot fit is not queued;
+            the connection is closed as too slow instead.
+        """
+        unread = self._unread if self.output_blocked else 0
+        if unread + size <= self.factory.max_output:
+            return True
+        if self.connection is not None:
+            self.connection.too_slow()
+        else:
+            self.close_with(1008, "too slow to read")
+        return False
+
     def _count_unread(self, size):
         self._unread += size
-        if self._unread > self.factory.max_output and self.connection is not None:
-            self.connection.too_slow()
 
     def batch_link(self):
         # Not while onMessage is a subclass's, which must see every message.
@@ -228,15 +243,28 @@ class _Signalling:
         # A frame, not sendMessage: the incoming size limit must not apply
         # to what we send (a relayed room message carries a prefix).
         if self.state == _OPEN:
+            size = len(text)
+            if self.output_blocked or size > self.factory.fits_unchecked:
+                # A character is up to 4 bytes in UTF-8.
+                if not self._fits(size if text.isascii() else len(text.encode("utf-8"))):
+                    return
             size = self.write_text(text)
             if self.output_blocked:
                 self._count_unread(size)
 
     def send_frames(self, frames):
         if self.state == _OPEN:
+            if len(frames) == 1:
+                size = len(frames[0][1])
+            else:
+                size = sum(len(payload) for _, payload in frames)
+            if (
+                self.output_blocked or size > self.factory.fits_unchecked
+            ) and not self._fits(size):
+                return
             self.write_frames(frames)
             if self.output_blocked:
-                self._count_unread(sum(len(payload) for _, payload in frames))
+                self._count_unread(size)
 
     def close(self, code, reason=None):
         if code == 1000 and reason is None and self.state == _OPEN:

@@ -144,6 +144,10 @@ class Options(usage.Options):
          "Bytes kept for a peer that does not read what is sent to it; past "
          "that it is closed with 1008. Session partners of a slow reader are "
          "held back (TCP backpressure) long before.", _positive(int)],
+        ["max-meta-size", None, _factory.DEFAULT_MAX_META,
+         "Largest meta a JSON peer may set with setPeerStatus, in bytes of "
+         "its JSON; a larger one is answered with an error and not kept.",
+         _positive(int)],
         ["max-room-members", None, DEFAULT_MAX_ROOM_MEMBERS,
          "Most members a room may have; one more is answered ERROR room '<id>' "
          "is full.", _positive(int)],
@@ -529,6 +533,7 @@ def makeService(config, reactor=None):
             log_payloads=config["log-payloads"],
             close_timeout=config["close-timeout"],
             max_output=config["max-output-buffer"],
+            max_meta_size=config["max-meta-size"],
             max_fragments=config["max-fragments"],
             limits=connection_limits,
             # Client addresses are counted by the port's outermost layer.
