@@ -53,6 +53,57 @@ from tests.helpers import parse, websocket_factory
 
 # In memory.
 
+class FlowTransport(iosim.FakeTransport):
+    """
+    An in-memory transport with TCP's flow control, which iosim's has not:
+    while its protocol is paused (``pauseProducing``) what arrives for it
+    is held, and delivered when it is resumed; and while more than
+    :attr:`buffer_size` bytes are held, the other end's producer is paused
+    (as a TCP transport pauses it when its peer does not read), until they
+    are delivered.
+
+    :ivar peer: the other end's :class:`FlowTransport`.
+    """
+
+    #: Twisted's ``FileDescriptor.bufferSize``.
+    buffer_size = 2**16
+    peer = None
+    _paused = False
+    _pushed_back = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._held = []
+
+    @property
+    def held(self):
+        """Bytes that arrived and wait for the protocol to read them."""
+        return sum(map(len, self._held))
+
+    def bufferReceived(self, buf):
+        if not self._paused:
+            super().bufferReceived(buf)
+            return
+        self._held.append(buf)
+        producer = self.peer.producer
+        if not self._pushed_back and self.held > self.buffer_size and producer is not None:
+            self._pushed_back = True
+            producer.pauseProducing()
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        while self._held and not self._paused:
+            super().bufferReceived(self._held.pop(0))
+        if self._pushed_back and not self._held:
+            self._pushed_back = False
+            producer = self.peer.producer
+            if producer is not None:
+                producer.resumeProducing()
+
+
 class Loopback:
     """
     A signalling server factory and any number of real Autobahn clients
@@ -62,10 +113,18 @@ class Loopback:
     :param testcase: the ``TestCase``; used to patch txaio's loop.
     :param registry: the registry; else ``backend(clock, seed)`` (see
         ``tests/backends.py``); else a new in-memory one.
+    :param flow_control: connect each client through :class:`FlowTransport`s
+        (pausing a transport holds what arrives for it, and pushes back on
+        the other end), instead of iosim's, which ignore pauses.
+    :param clock: the :class:`Clock`, if the test made it already.
     """
 
-    def __init__(self, testcase, registry=None, backend=None, seed=0, **factory_kwargs):
-        self.clock = Clock()
+    def __init__(
+        self, testcase, registry=None, backend=None, seed=0, flow_control=False,
+        clock=None, **factory_kwargs
+    ):
+        self.clock = Clock() if clock is None else clock
+        self.flow_control = flow_control
         testcase.patch(txaio.config, "loop", self.clock)
         if registry is None:
             registry = backend(self.clock, seed) if backend is not None else Registry()
@@ -76,25 +135,26 @@ class Loopback:
         )
         self.pumps = []
 
-    def client(self, protocol=None, answer_pings=True):
+    def client(self, protocol=None, answer_pings=True, path="/"):
         """
         :param protocol: the client class; :class:`tests.clients.Client` by
             default (a subclass may change what a client does).
         :param answer_pings: False for a client that never answers a ping,
             like a peer whose network died.
+        :param path: the path (and query) of its WebSocket URL.
         :returns: a new connected (and opened) client.
         """
-        client_factory = ClientFactory("ws://localhost")
+        client_factory = ClientFactory("ws://localhost" + path)
         client_factory.protocol = protocol or Client
         server = self.factory.buildProtocol(None)
         client = client_factory.buildProtocol(None)
-        pump = iosim.connect(
-            server,
-            iosim.makeFakeServer(server),
-            client,
-            iosim.makeFakeClient(client),
-            clock=self.clock,
-        )
+        if self.flow_control:
+            server_io = FlowTransport(server, isServer=True)
+            client_io = FlowTransport(client, isServer=False)
+            server_io.peer, client_io.peer = client_io, server_io
+        else:
+            server_io, client_io = iosim.makeFakeServer(server), iosim.makeFakeClient(client)
+        pump = iosim.connect(server, server_io, client, client_io, clock=self.clock)
         client.server = server
         client.pump = pump
         client.answer_pings = answer_pings
@@ -129,9 +189,9 @@ class Loopback:
                 return
             clock.advance(wait)
 
-    def hello(self, uid, protocol=None, answer_pings=True):
+    def hello(self, uid, protocol=None, answer_pings=True, path="/"):
         """:returns: a client registered as ``uid``."""
-        client = self.client(protocol, answer_pings)
+        client = self.client(protocol, answer_pings, path)
         client.send_text(f"HELLO {uid}")
         self.flush()
         received = client.drain()

@@ -11,6 +11,7 @@ import os
 import sys
 
 import jwt
+from twisted.internet import reactor
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
@@ -29,7 +30,7 @@ class TokenTests(unittest.SynchronousTestCase):
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"\n".join(secrets) + b"\n")
-        return path, auth.TokenKeys(path)
+        return path, auth.TokenKeys(path, reactor)
 
     def test_a_valid_token_grants_what_its_claims_say(self):
         """

@@ -208,6 +208,10 @@ class AutobahnProtocolTests(unittest.TestCase):
         factory = WebSocketServerFactory("ws://localhost")
         self.assertTrue(hasattr(factory, "_batched_timer"))
         self.assertIn("_batched_timer", source(WebSocketProtocol.sendCloseFrame))
+        # The keepalive's pong deadline is on it too (wait_longer_for_pong
+        # arms it again for a peer whose input the server holds back).
+        self.assertIn("_batched_timer", source(WebSocketProtocol._sendAutoPing))
+        self.assertIn("autoPingTimeoutCall", source(WebSocketProtocol._sendAutoPing))
 
     def test_connection_count_is_kept_by_the_server_protocol(self):
         """``countConnections`` goes up in ``_connectionMade`` and down in ``_connectionLost``."""

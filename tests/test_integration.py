@@ -15,12 +15,14 @@ import struct
 import weakref
 
 from twisted.internet import endpoints, reactor
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 from tests.certificates import write_certificate
-from tests.clients import RawClient, WAIT, eventually
+from tests.clients import RawClient, WAIT, eventually, pause
 from tests.servers import Server
 
 
@@ -1272,6 +1274,63 @@ class IntegrationTestsMixin:
         self.assertEqual((await partner.closed())[0], 1000)
         dead.abort()
 
+    async def test_a_holder_held_back_by_its_partner_keeps_its_uid(self):
+        """
+        A peer whose session partner stopped reading is held back (the
+        server no longer reads its input), yet it is alive and answers
+        pings: a new HELLO for its uid pings it, the pong waits unread
+        behind what it sent, and the HELLO is refused as taken
+        (docs/protocol.md, Registration). A silent holder is still
+        replaced (the test above).
+        """
+        self.server.factory.reclaim_timeout = 0.5
+        nodes = getattr(self.server, "nodes", [self.server])
+        # Backpressure holds a partner back within one process; in a
+        # cluster the newcomer is on another, and probes through Redis.
+        holder, partner = await nodes[0].session("holder", "partner")
+        partner.transport.pauseProducing()
+        await self.send_until_held_back(holder, "holder")
+        newcomer = await nodes[-1].connect()
+        newcomer.send_text("HELLO holder")
+        self.assertEqual(await newcomer.next(), "ERROR peer uid 'holder' is already taken")
+        self.assertEqual(await newcomer.closed(), (1002, "invalid peer uid"))
+        await holder.wait_pings(1)
+        self.assertTrue(holder.is_live)
+        self.assertEqual(self.server_side("holder").read_pauses, frozenset({"partner"}))
+        partner.transport.resumeProducing()
+
+    def server_side(self, uid):
+        """:returns: the server's protocol of the connection registered as ``uid``."""
+        for protocol in self.server.factory.connections:
+            if protocol.connection is not None and protocol.connection.uid == uid:
+                return protocol
+        self.fail(f"no connection registered as {uid!r}")
+
+    async def send_until_held_back(self, client, uid, chunk=64 * 1024, most=64 * MiB):
+        """
+        Send binary messages from ``client`` (registered as ``uid``), as
+        fast as its transport takes them, until the server holds its input
+        back because its partner does not read, and the client can send no
+        more (every buffer on the way is full: the server's pause is no
+        longer one that the kernel's growing socket buffers lift again).
+        """
+        gate = _Gate()
+        client.transport.registerProducer(gate, True)
+        protocol = self.server_side(uid)
+        payload = b"x" * chunk
+        pushed = 0
+        try:
+            while not (gate.paused and "partner" in protocol.read_pauses):
+                self.assertLess(pushed, most, "the server never held the sender back")
+                if gate.paused:
+                    await pause(0.01)
+                else:
+                    client.send_bytes(payload)
+                    pushed += chunk
+                    await pause(0)
+        finally:
+            client.transport.unregisterProducer()
+
     # Races, as real concurrent sends.
 
     async def test_peers_calling_each_other_at_once_end_in_exactly_one_session(self):
@@ -1492,6 +1551,22 @@ class IntegrationTestsMixin:
             uid = "on-" + path.strip("/").replace("/", "-").replace("?", "-")
             client.send_text("HELLO " + uid)
             await client.expect("HELLO")
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """A producer that only notes whether its transport wants it paused."""
+
+    paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.paused = True
 
 
 class PlaintextTests(IntegrationTestsMixin, TestCase):

@@ -117,8 +117,11 @@ class LimitsMixin:
         third = await server.hello("third")
         self.assertTrue(third.is_live and second.is_live)
 
-    async def test_plain_http_requests_are_not_held_against_the_address(self):
-        """A plain request handed to the pages gives its place back at once."""
+    async def test_plain_http_requests_give_their_place_back_when_they_close(self):
+        """
+        A plain request handed to the pages holds its address's place until
+        its connection closes (``Connection: close`` here), then gives it back.
+        """
         server = await self.start(
             "--max-connections-per-address", "1", "--unlimited-address", "10.0.0.0/8"
         )

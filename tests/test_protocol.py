@@ -40,6 +40,8 @@ class ProtocolTestCase(unittest.TestCase):
     backend = staticmethod(backends.memory)
     seed = 0
     fast_path = True
+    #: Clients connected with TCP's flow control (see tests.servers.FlowTransport).
+    flow_control = False
 
     def setUp(self):
         self.net = Loopback(
@@ -47,6 +49,7 @@ class ProtocolTestCase(unittest.TestCase):
             backend=self.backend,
             seed=self.seed,
             fast_path=self.fast_path,
+            flow_control=self.flow_control,
             **self.factory_kwargs,
         )
         self.registry = self.net.registry
@@ -220,6 +223,109 @@ class RegistrationTests(ProtocolTestCase):
         )
         self.assertIsNone(alice.close_info)
         self.close_all(alice)
+
+
+class HeldBackHolderTests(ProtocolTestCase):
+    """
+    Reclaiming a uid from a holder whose input the server holds back
+    because its session partner does not read (docs/protocol.md,
+    Registration): its pong cannot be read, yet it is alive.
+    """
+
+    flow_control = True
+    factory_kwargs = {"reclaim_timeout": 2.0}
+
+    def held_back_session(self):
+        """
+        :returns: ``(alice, bob)`` in a session, bob no longer reading, and
+            alice having sent until the server holds her input back.
+        """
+        alice = self.net.hello("alice")
+        bob = self.net.hello("bob")
+        alice.send_text("SESSION bob")
+        self.net.flush()
+        self.assertEqual(alice.drain(), ["SESSION_OK"])
+        bob.transport.pauseProducing()
+        for _ in range(100):
+            if alice.server.read_pauses:
+                break
+            alice.send_bytes(b"x" * 4096)
+            self.net.flush()
+        self.assertEqual(alice.server.read_pauses, frozenset({"partner"}))
+        return alice, bob
+
+    def test_a_holder_held_back_by_a_partner_that_does_not_read_keeps_its_uid(self):
+        """
+        A HELLO for the uid of a peer whose input is paused because its
+        partner does not read: the peer answers the ping, its pong waits
+        unread, and at the reclaim timeout the HELLO is refused as taken;
+        the holder stays, and is read again once its partner reads.
+        """
+        alice, bob = self.held_back_session()
+        newcomer = self.net.client()
+        newcomer.send_text("HELLO alice")
+        self.net.flush()
+        self.assertEqual(newcomer.drain(), [])
+        self.assertEqual(alice.pings, 1)  # it heard the ping, and answered it
+        self.net.clock.advance(2.0)
+        self.net.flush()
+        self.assertEqual(newcomer.drain(), ["ERROR peer uid 'alice' is already taken"])
+        self.assertEqual(newcomer.remoteCloseCode, 1002)
+        self.assertIsNone(alice.close_info)
+        self.assertIs(self.registry.peer_of("alice"), alice.server.connection)
+        bob.transport.resumeProducing()
+        self.net.flush()
+        self.assertEqual(alice.server.read_pauses, frozenset())
+        alice.send_text("still here")
+        self.net.flush()
+        self.assertEqual(bob.drain()[-1], "still here")
+        self.close_all(alice, bob, newcomer)
+
+    def test_a_peer_held_back_longer_than_the_keepalive_is_not_dropped_for_it(self):
+        """
+        A peer held back by a partner that does not read, past the
+        keepalive's ping and pong time: its pong waits unread, and it is not
+        dropped for it. The partner, which heard no ping, is dropped; the
+        peer's session then ends as for any partner leaving: a clean 1000.
+        """
+        alice, bob = self.held_back_session()
+        self.net.clock.advance(5.0)  # the keepalive pings both
+        self.net.flush()
+        self.assertEqual(alice.pings, 1)
+        self.net.clock.advance(7.0)  # past the pong's time
+        self.net.flush()
+        self.assertFalse(bob.close_info[0])  # dropped, no close handshake
+        self.assertEqual(alice.close_info, (True, 1000, None))
+        self.assertEqual(self.net.factory.stats.keepalive_timeouts, 1)
+        self.close_all(alice, bob)
+
+    def test_a_holder_that_does_not_read_is_replaced(self):
+        """
+        A holder whose own input is paused because it does not read what
+        is sent to it heard no ping: at the reclaim timeout it is closed
+        (1008) and the uid is the newcomer's. The partner it held back is
+        read again at once, and its session ends with a clean close (1000).
+        """
+        alice, bob = self.held_back_session()
+        self.assertIn("own output", bob.server.read_pauses)
+        newcomer = self.net.client()
+        newcomer.send_text("HELLO bob")
+        self.net.flush()
+        self.assertEqual(bob.pings, 0)
+        self.net.clock.advance(2.0)
+        self.net.flush()
+        self.assertEqual(newcomer.drain(), ["HELLO"])
+        self.assertIs(self.registry.peer_of("bob"), newcomer.server.connection)
+        self.assertEqual(alice.server.read_pauses, frozenset())
+        self.assertEqual(alice.close_info, (True, 1000, None))
+        bob.transport.resumeProducing()
+        self.net.flush()
+        self.assertEqual((bob.remoteCloseCode, bob.remoteCloseReason), (1008, "replaced by a new connection"))
+        self.close_all(alice, bob, newcomer)
+
+
+class HeldBackHolderTests_PlainAutobahn(HeldBackHolderTests):
+    fast_path = False
 
 
 class SessionTests(ProtocolTestCase):
@@ -1161,6 +1267,20 @@ class BackpressureTests(unittest.TestCase):
         alice.dataReceived(masked_frame(b"SESSION bob"))
         bob_transport.producer.pauseProducing()
         bob.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(alice_transport.producerState, "producing")
+
+    def test_when_the_server_closes_a_slow_reader_its_partner_is_read_again(self):
+        """
+        A connection the server closes for its own reasons (here: replaced
+        by a new connection for its uid) while it held its partner back lets
+        go of the partner at once, as one that closes by itself does.
+        """
+        alice, alice_transport = self.connect("alice")
+        bob, bob_transport = self.connect("bob")
+        alice.dataReceived(masked_frame(b"SESSION bob"))
+        bob_transport.producer.pauseProducing()
+        self.assertEqual(alice_transport.producerState, "paused")
+        bob.connection.replaced()
         self.assertEqual(alice_transport.producerState, "producing")
 
     def test_a_room_member_that_does_not_read_is_closed_past_the_output_bound(self):

@@ -65,6 +65,11 @@ MAX_HELD_INPUT = 64 * 1024
 #: The reason reading is paused for while that much is held.
 HELD_INPUT = "held input"
 
+#: Why reading from a peer is paused when it does not read what is sent to
+#: it (its other reasons are the server's own: a partner that does not read,
+#: a turn of reading used up).
+OWN_OUTPUT = "own output"
+
 #: What the log says of a connection closed because the server stops.
 SHUTDOWN_CAUSE = "the server is shutting down"
 #: ... and of one whose uid a new connection took over.
@@ -301,9 +306,9 @@ class ConnectionCommon:
         cannot pile up replies), and neither is its session partner's.
         """
         if blocked:
-            self._output.pause_reading("own output")
+            self._output.pause_reading(OWN_OUTPUT)
         else:
-            self._output.resume_reading("own output")
+            self._output.resume_reading(OWN_OUTPUT)
         self._partner_backpressure(blocked)
 
     def too_slow(self):
@@ -320,6 +325,10 @@ class ConnectionCommon:
     def going_away(self):
         """Close for a server shutdown: code 1001."""
         self._close_for(SHUTDOWN_CAUSE, CLOSE_GOING_AWAY, "going away")
+
+    def token_ended(self, code, reason):
+        """The connection's token expired or was revoked: close with ``code`` and ``reason``."""
+        self._close_for(f"closed by the server: {reason}", code, reason)
 
     def _unexpected(self, failure):
         self._log.failure(
@@ -493,7 +502,11 @@ class Connection(ConnectionCommon):
             )
 
     def _stop_relaying(self):
-        self.link = None
+        link, self.link = self.link, None
+        if link is not None:
+            # Whatever this connection held back on its partner is let go
+            # now: closing() no longer finds the link.
+            link.set_backpressure(False)
 
     def _partner_backpressure(self, blocked):
         # The session behaves like the TCP stream it stands for.

@@ -7,7 +7,11 @@ A token comes as ``?token=`` on the WebSocket URL or as ``Authorization:
 Bearer``; without a valid one the handshake is refused with 401 before any
 WebSocket traffic. Its claims say what the connection may do:
 
-- ``exp`` (required): when it expires;
+- ``exp`` (required): when it expires; the connection is closed then
+  (4001, ``token expired``);
+- ``iat``: when it was issued. A token that lives longer than the server's
+  ``--max-token-lifetime`` (from ``iat``, or from now if it has none, or
+  ``iat`` is ahead) is refused;
 - ``sub``: the one uid it may register with ``HELLO``;
 - ``roles``: the roles of the JSON dialect it may take;
 - ``rooms``: the rooms it may join; ``calls``: the uids it may call.
@@ -19,7 +23,9 @@ an ``auto`` port a ``HELLO`` with it is refused, so that it cannot register
 any uid it likes. (A token naming a uid serves both: the call page and its
 stream viewer share one.) The secrets file holds one
 secret a line: every one is accepted (two during a rotation), the first
-signs; SIGHUP reloads it. Tokens are never logged.
+signs; SIGHUP reloads it, and connections whose token was signed with a
+secret no longer there are closed (4001, ``token revoked``). Tokens are
+never logged.
 """
 
 import time
@@ -27,6 +33,22 @@ import time
 import jwt
 
 _ALGORITHMS = ["HS256"]
+#: Only the signature and the presence of ``exp`` are left to PyJWT: the
+#: times are checked against the server's clock (see :meth:`TokenKeys.check`).
+_DECODE_OPTIONS = {
+    "require": ["exp"],
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+}
+#: The close code of a connection whose token expired or was revoked: one of
+#: the private range, so that a client can tell "get a new token and come
+#: back" from every other close (1008 means the server will not have it).
+CLOSE_TOKEN = 4001
+TOKEN_EXPIRED = "token expired"
+TOKEN_REVOKED = "token revoked"
+#: The longest lifetime of a token by default, in seconds (a day).
+DEFAULT_MAX_LIFETIME = 86400.0
 
 
 class AuthConfigError(Exception):
@@ -37,7 +59,8 @@ class TokenRefused(Exception):
     """
     A token that does not let the connection in.
 
-    :ivar reason: ``missing``, ``invalid`` or ``expired`` (a metrics label).
+    :ivar reason: ``missing``, ``invalid``, ``expired`` or ``lifetime``
+        (it lives longer than the server allows): a metrics label.
     """
 
     def __init__(self, reason):
@@ -63,8 +86,9 @@ def read_secrets(path):
 
 
 def mint(secret, ttl, uid=None, roles=None, rooms=None, calls=None, now=None):
-    """:returns: a token signed with ``secret``, valid for ``ttl`` seconds."""
-    claims = {"exp": int((time.time() if now is None else now) + ttl)}
+    """:returns: a token signed with ``secret``, issued ``now`` and valid for ``ttl`` seconds."""
+    now = time.time() if now is None else now
+    claims = {"iat": int(now), "exp": int(now + ttl)}
     if uid is not None:
         claims["sub"] = uid
     for name, value in (("roles", roles), ("rooms", rooms), ("calls", calls)):
@@ -74,15 +98,24 @@ def mint(secret, ttl, uid=None, roles=None, rooms=None, calls=None, now=None):
 
 
 class Grant:
-    """What a valid token allows."""
+    """
+    What a valid token allows.
 
-    __slots__ = ("uid", "roles", "rooms", "calls")
+    :ivar expires: when the token expires (its ``exp``, in the server
+        clock's seconds).
+    :ivar secret: the secret that signed it (the connection is closed when
+        a reload removes it).
+    """
 
-    def __init__(self, claims):
+    __slots__ = ("uid", "roles", "rooms", "calls", "expires", "secret")
+
+    def __init__(self, claims, secret=None):
         self.uid = claims.get("sub")
         self.roles = _names(claims.get("roles"))
         self.rooms = _names(claims.get("rooms"))
         self.calls = _names(claims.get("calls"))
+        self.expires = claims.get("exp")
+        self.secret = secret
 
     def allows_dialect(self, dialect):
         """:returns: whether the token is for ``dialect`` (``examples`` or ``json``)."""
@@ -114,40 +147,67 @@ def _names(value):
     return frozenset(value)
 
 
+def _is_time(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class TokenKeys:
     """
     The secrets tokens are checked with, from ``path``, reloaded with
     :meth:`reload`.
+
+    :param clock: the ``IReactorTime`` tokens' times are checked against
+        (the server's, which also closes a connection when its token
+        expires).
+    :param max_lifetime: the longest a token may live, in seconds (from
+        its ``iat``, or from when it is checked); 0: no limit.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, clock, max_lifetime=DEFAULT_MAX_LIFETIME):
         self._path = path
         self._secrets = read_secrets(path)
+        self._clock = clock
+        self.max_lifetime = max_lifetime
 
     def reload(self):
         """Read the secrets again; a file that cannot be used leaves the old ones."""
         self._secrets = read_secrets(self._path)
 
+    def revoked(self, grant):
+        """:returns: whether the secret that signed ``grant``'s token is no longer accepted."""
+        return grant.secret not in self._secrets
+
     def check(self, token):
         """
-        :returns: the :class:`Grant` of a token valid under any secret.
-        :raises TokenRefused: no token, a bad one, or an expired one.
+        :returns: the :class:`Grant` of a token valid under any secret, now.
+        :raises TokenRefused: no token, a bad one, an expired one, or one
+            that lives longer than ``max_lifetime``.
         """
         if not token:
             raise TokenRefused("missing")
-        expired = False
         for secret in self._secrets:
             try:
                 claims = jwt.decode(
-                    token, secret, algorithms=_ALGORITHMS, options={"require": ["exp"]}
+                    token, secret, algorithms=_ALGORITHMS, options=_DECODE_OPTIONS
                 )
-            except jwt.ExpiredSignatureError:
-                expired = True
-                continue
             except jwt.InvalidTokenError:
                 continue
-            return Grant(claims)
-        raise TokenRefused("expired" if expired else "invalid")
+            grant = Grant(claims, secret)
+            self._check_times(claims, self._clock.seconds())
+            return grant
+        raise TokenRefused("invalid")
+
+    def _check_times(self, claims, now):
+        """:raises TokenRefused: unless the times of ``claims`` allow the token ``now``."""
+        exp, nbf, iat = claims["exp"], claims.get("nbf", now), claims.get("iat", now)
+        if not (_is_time(exp) and _is_time(nbf) and _is_time(iat)):
+            raise TokenRefused("invalid")
+        if exp <= now:
+            raise TokenRefused("expired")
+        if nbf > now:
+            raise TokenRefused("invalid")
+        if self.max_lifetime and exp - min(iat, now) > self.max_lifetime:
+            raise TokenRefused("lifetime")
 
 
 def token_of(request):

@@ -6,10 +6,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
+from signalling.server.auth import TOKEN_REVOKED
 from signalling.server.limits import REFUSED
 from signalling.server.metrics import Stats
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
-from signalling.server.websocket import normalize_origin
+from signalling.server.websocket import ServerNames, normalize_origin
 
 #: Largest message accepted by default (the example server's limit).
 DEFAULT_MAX_MESSAGE = 1024 * 1024
@@ -96,6 +97,9 @@ class SignallingServerFactory(WebSocketServerFactory):
     :param allowed_origins: ``scheme://host[:port]`` origins whose pages may
         open a WebSocket; a browser's handshake from another origin gets
         403. Empty: any origin.
+    :param server_names: the :class:`signalling.server.websocket.ServerNames`
+        whose pages are the server's own (allowed with ``allowed_origins``);
+        None: ``localhost`` and IP literals.
     :param command_rate: commands a connection may send a second, on
         average (messages relayed in a session are not commands).
     :param command_burst: commands a connection may send at once.
@@ -135,6 +139,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         allowed_origins=(),
         auth=None,
         reclaim_timeout=DEFAULT_RECLAIM_TIMEOUT,
+        server_names=None,
     ):
         if keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
@@ -167,6 +172,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         #: Origins whose pages may open a WebSocket (besides the server's
         #: own); empty: any. Clients that send no Origin are not affected.
         self.allowed_origins = frozenset(normalize_origin(o) for o in allowed_origins)
+        #: The host names whose pages are the server's own.
+        self.server_names = ServerNames() if server_names is None else server_names
         #: The token keys (signalling.server.auth.TokenKeys), or None: no token needed.
         self.auth = auth
         #: Seconds a silent holder of a uid has to answer a ping before a
@@ -225,6 +232,25 @@ class SignallingServerFactory(WebSocketServerFactory):
         left. Every factory of a server is told before any closes.
         """
         self.shutting_down = True
+
+    def close_revoked(self):
+        """
+        Close (4001, ``token revoked``) every open connection whose token
+        was signed with a secret the token keys no longer hold (after a
+        reload).
+
+        :returns: how many.
+        """
+        if self.auth is None:
+            return 0
+        revoked = [
+            protocol
+            for protocol in self.connections
+            if protocol.grant is not None and self.auth.revoked(protocol.grant)
+        ]
+        for protocol in revoked:
+            protocol.token_ended(TOKEN_REVOKED)
+        return len(revoked)
 
     def close_all(self):
         """Close every open connection with 1001 (going away)."""

@@ -40,12 +40,17 @@ class Stats:
         self.hello_rejections = {}
         #: connections refused by the limits, by reason (per_address, total).
         self.connections_refused = {}
+        #: connections closed because of their token (expired, revoked).
+        self.token_closes = {}
 
     def error_sent(self, kind):
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def connection_refused(self, reason):
         self.connections_refused[reason] = self.connections_refused.get(reason, 0) + 1
+
+    def token_closed(self, reason):
+        self.token_closes[reason] = self.token_closes.get(reason, 0) + 1
 
     def hello_rejected(self, kind):
         self.hello_rejections[kind] = self.hello_rejections.get(kind, 0) + 1
@@ -133,6 +138,12 @@ class SignallingCollector:
             "Connections refused by the connection limits, by reason "
             "(per_address: at accept; total: at the WebSocket upgrade).",
             stats.connections_refused,
+        )
+        yield _by_reason(
+            "signalling_token_closes",
+            "Connections closed (4001) because of their token, by reason "
+            "(expired; revoked: its secret was removed and reloaded).",
+            stats.token_closes,
         )
         yield CounterMetricFamily(
             "signalling_keepalive_timeouts",

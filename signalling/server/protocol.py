@@ -17,9 +17,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from signalling.core.connection import SHUTDOWN_CAUSE, Connection
+from signalling.core.connection import OWN_OUTPUT, SHUTDOWN_CAUSE, Connection
 from signalling.core.json_connection import JsonConnection
 from signalling.core.interfaces import IConnectionOutput
+from signalling.server.auth import CLOSE_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED
 from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPEN
 
 
@@ -38,6 +39,8 @@ DIALECT_RTTS = 3
 #: again, and how many times (then the connection is welcomed as JSON).
 DIALECT_RECHECK = 0.05
 DIALECT_RECHECKS = 100
+#: The metrics label of each close for a token.
+_TOKEN_LABELS = {TOKEN_EXPIRED: "expired", TOKEN_REVOKED: "revoked"}
 
 
 @implementer(IConnectionOutput)
@@ -59,6 +62,8 @@ class _Signalling:
     connection_class = Connection
     #: Bytes written while the peer was not reading (output_blocked).
     _unread = 0
+    #: Closes the connection when its token expires (with tokens only).
+    _token_call = None
 
     @property
     def peer_addr(self):
@@ -81,6 +86,16 @@ class _Signalling:
         self.compact()
         # Logged when it registers or closes: one line fewer per connection.
         factory.connections.add(self)
+        if self.grant is not None:
+            if factory.auth.revoked(self.grant):
+                # Its secret went (SIGHUP) while the handshake completed.
+                self.token_ended(TOKEN_REVOKED)
+                return
+            self._token_call = factory.clock.callLater(
+                max(0.0, self.grant.expires - factory.clock.seconds()),
+                self.token_ended,
+                TOKEN_EXPIRED,
+            )
         if dialect == AUTO:
             rtt = self.tcp_rtt() or 0.0
             self._choosing = factory.clock.callLater(
@@ -161,8 +176,9 @@ class _Signalling:
     def probe(self, timeout):
         """
         IConnectionOutput: ping the peer now; the Deferred fires True if its
-        pong comes back within ``timeout`` seconds, else False (at once for
-        a connection that is closing).
+        pong comes back within ``timeout`` seconds, or if the server itself
+        holds the peer's input back then (see :meth:`_probe_expired`), else
+        False (at once for a connection that is closing).
         """
         d = defer.Deferred()
         if self.state != _OPEN:
@@ -170,11 +186,36 @@ class _Signalling:
             return d
         if self._probe is None:
             payload = os.urandom(8)
-            call = self.factory.clock.callLater(timeout, self._end_probe, False)
+            call = self.factory.clock.callLater(timeout, self._probe_expired)
             self._probe = (payload, [], call)
             self.sendPing(payload)
         self._probe[1].append(d)
         return d
+
+    def _probe_expired(self):
+        """
+        No pong within the probe's time. Silent, unless reading from the
+        peer is paused for a reason of the server's own: its session
+        partner does not read (backpressure), or its turn of reading is
+        used up. Its pong then waits unread behind what it sent before,
+        over TCP behind up to megabytes of its own messages in the two
+        sides' socket buffers, where no reading of control frames could
+        reach it; and a peer that is held back sent until then. So it
+        counts as alive (were it dead, keepalive still ends it). Paused
+        because the peer does not read what is sent to it (``OWN_OUTPUT``),
+        it has not read the ping either: it is judged by its pong, like any
+        other peer.
+        """
+        self._end_probe(self._held_back())
+
+    def _held_back(self):
+        """
+        :returns: whether reading from the peer is paused for reasons of the
+            server's own only (see :meth:`_probe_expired`): a pong it sent
+            waits unread, through no fault of its own.
+        """
+        pauses = self.read_pauses
+        return bool(pauses) and OWN_OUTPUT not in pauses
 
     def _end_probe(self, alive):
         probe, self._probe = self._probe, None
@@ -186,13 +227,48 @@ class _Signalling:
             d.callback(alive)
 
     def onAutoPingTimeout(self):
-        """Count the keepalive timeout; Autobahn then drops the connection."""
+        """
+        No pong in time: count the keepalive timeout, and Autobahn drops the
+        connection; unless the server holds the peer's input back (its
+        partner does not read), when its pong waits unread as for a probe
+        (:meth:`_probe_expired`): then it gets another keepalive timeout.
+        The partner that does not read is judged by its own pongs, and
+        once it reads again, or is dropped, this peer is read again.
+        """
+        if self._held_back():
+            self.wait_longer_for_pong()
+            return
         self.factory.stats.keepalive_timeouts += 1
         super().onAutoPingTimeout()
+
+    def token_ended(self, reason):
+        """
+        Close the connection because of its token (code 4001), whichever
+        its dialect and whether or not it chose one yet.
+
+        :param reason: ``token expired`` (at its ``exp``), or ``token
+            revoked`` (the secret that signed it was removed and reloaded).
+        """
+        self._cancel_token_call()
+        if self.state != _OPEN:
+            return
+        self.factory.stats.token_closed(_TOKEN_LABELS[reason])
+        if self.connection is not None:
+            self.connection.token_ended(CLOSE_TOKEN, reason)
+        else:
+            self.close_with(CLOSE_TOKEN, reason)
+
+    def _cancel_token_call(self):
+        call = self._token_call
+        if call is not None:
+            self._token_call = None
+            if call.active():
+                call.cancel()
 
     # The WebSocket layer's hooks.
 
     def closing(self):
+        self._cancel_token_call()
         self._end_probe(False)
         if self.connection is not None:
             self.connection.closing()

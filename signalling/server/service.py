@@ -261,6 +261,11 @@ class SignallingService(GracefulStop, TwistdService):
         established connections are untouched. A certificate that cannot be
         used is refused with one log line and the old one stays.
 
+        Reload the token secrets too: connections whose token was signed
+        with a secret no longer in the file are closed (4001, ``token
+        revoked``). A secrets file that cannot be used leaves the old
+        secrets, and every connection.
+
         :returns: True if the new certificate is in use.
         """
         if self._notifier is not None:
@@ -270,9 +275,15 @@ class SignallingService(GracefulStop, TwistdService):
             if self.token_keys is not None:
                 try:
                     self.token_keys.reload()
-                    self._log.info("reloaded the token secrets")
                 except AuthConfigError as e:
                     self._log.error("{reason}; the old token secrets stay", reason=str(e))
+                else:
+                    closed = sum(f.close_revoked() for f in self._ws_factories)
+                    self._log.info(
+                        "reloaded the token secrets; closed {count} connections "
+                        "whose token's secret was removed",
+                        count=closed,
+                    )
             if self._server_tls is None:
                 self._log.info("reload asked for, but no port serves our TLS")
                 return False

@@ -23,7 +23,9 @@ from signalling.cluster.redis import RedisAddress, RedisStore, RedisURLError
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
+from signalling.server import web
 from signalling.server.web import parse_ice_server, with_pages
+from signalling.server.websocket import ServerNames
 
 _log = Logger()
 
@@ -88,6 +90,16 @@ def _non_negative_float(value):
 
 
 _non_negative_float.coerceDoc = "Must be 0 or more."
+
+
+def _prefix_length(value):
+    number = int(value)
+    if not 1 <= number <= 128:
+        raise ValueError(f"must be from 1 to 128, not {value}")
+    return number
+
+
+_prefix_length.coerceDoc = "From 1 to 128."
 
 
 def _worker_fds(value):
@@ -181,6 +193,11 @@ class Options(usage.Options):
          "signs, all are accepted, SIGHUP reloads it): every WebSocket then "
          "needs a token (?token= or Authorization: Bearer) minted with "
          "signalling-token, or is refused with 401.", str],
+        ["max-token-lifetime", None, auth.DEFAULT_MAX_LIFETIME,
+         "With --auth-secret: the longest a token may live, in seconds, from "
+         "its iat (or from the handshake if it has none); a token that lives "
+         "longer is refused with 401. 0: no limit. A connection is closed "
+         "(4001) when its token expires either way.", _non_negative_float],
         ["turn-secret", None, None,
          "A file holding the secret shared with the TURN server (coturn's "
          "static-auth-secret): the page and GET /ice-servers then hand out "
@@ -248,7 +265,17 @@ class Options(usage.Options):
          "(Set by --workers for a worker: where it tells the parent it is alive.)", int],
         ["trust-proxy", None, 0,
          "Trust this many hops of X-Forwarded-For for the peer address (behind "
-         "a reverse proxy).", _non_negative_int],
+         "a reverse proxy), on connections from --unlimited-address networks "
+         "(the proxy's) only; a value that is not an IP address is refused "
+         "with 400.", _non_negative_int],
+        ["ipv6-prefix-length", None, limits.DEFAULT_IPV6_PREFIX,
+         "IPv6 clients are counted against --max-connections-per-address by "
+         "this prefix (one home or machine commonly holds a whole /64); 128 "
+         "counts each address alone.", _prefix_length],
+        ["http-timeout", None, web.DEFAULT_HTTP_TIMEOUT,
+         "Seconds a plain HTTP connection (the page, /health) may stay idle "
+         "between requests, and may take to send one request whole; then it "
+         "is closed.", _positive(float)],
     ]
 
     compData = usage.Completions(
@@ -263,6 +290,7 @@ class Options(usage.Options):
         self["dialect-path"] = {}
         self["allowed-origin"] = []
         self["turn-uri"] = []
+        self["server-name"] = []
 
     def opt_turn_uri(self, uri):
         """A TURN server for --turn-secret's credentials, e.g. turn:turn.example.org:3478 or turns:turn.example.org:5349?transport=tcp. Repeatable."""
@@ -278,6 +306,13 @@ class Options(usage.Options):
                 f"--allowed-origin: expected https://HOST or https://HOST:PORT, not {origin!r}"
             )
         self["allowed-origin"].append(origin)
+
+    def opt_server_name(self, name):
+        """A host name of this server (e.g. signalling.example.org): with --allowed-origin, a page served under it, on the host and port the handshake names, counts as the server's own page. localhost, IP addresses and the DNS names of the --cert-path certificate count without it. Repeatable."""
+        name = name.strip().rstrip(".")
+        if not name or any(c in name for c in ":/[]@ ") or name.startswith("*") and not name.startswith("*."):
+            raise usage.UsageError(f"--server-name: expected a host name, not {name!r}")
+        self["server-name"].append(name)
 
     def opt_dialect_path(self, pin):
         """PATH=DIALECT: connections that upgrade on this path (e.g. /webrtcsink=json or /=examples) speak that dialect (examples or json) from the start, with no wait. Repeatable."""
@@ -487,11 +522,15 @@ def makeService(config, reactor=None):
         config["max-connections"] or default_max_connections(),
         config["unlimited-address"] or limits.DEFAULT_EXEMPT,
         stats,
+        config["ipv6-prefix-length"],
     )
+    server_names = ServerNames(config["server-name"], server_tls)
     token_keys = None
     if config["auth-secret"] is not None:
         try:
-            token_keys = auth.TokenKeys(config["auth-secret"])
+            token_keys = auth.TokenKeys(
+                config["auth-secret"], reactor, config["max-token-lifetime"]
+            )
         except auth.AuthConfigError as e:
             raise SystemExit(f"signalling: {e}")
     turn_credentials = None
@@ -546,10 +585,15 @@ def makeService(config, reactor=None):
             allowed_origins=config["allowed-origin"],
             auth=token_keys,
             reclaim_timeout=config["reclaim-timeout"],
+            server_names=server_names,
         )
         ws_factories.append((description, ws_factory))
         with_pages(
-            ws_factory, config["health"].encode("utf-8"), config["ice-server"], turn_credentials
+            ws_factory,
+            config["health"].encode("utf-8"),
+            config["ice-server"],
+            turn_credentials,
+            config["http-timeout"],
         )
         factory = (
             tls.ServerTLSFactory(server_tls, ws_factory, stats, connection_limits)

@@ -226,6 +226,8 @@ class ServerTLS:
     def __init__(self, files):
         self.files = files
         self.certificate, self._context = self._load(files)
+        #: The DNS names the certificate is for (its subjectAltName), lower case.
+        self.dns_names = certificate_dns_names(self.certificate)
 
     @staticmethod
     def _load(files):
@@ -255,6 +257,7 @@ class ServerTLS:
             )
             return False
         self.certificate, self._context = certificate, context
+        self.dns_names = certificate_dns_names(certificate)
         self._log.info(
             "TLS certificate reloaded: {cert_file} (SHA-256 {fingerprint})",
             cert_file=self.files.cert,
@@ -411,6 +414,18 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         )
         transport.write(PLAIN_HTTP_ANSWER)
         transport.loseConnection()
+
+
+def certificate_dns_names(cert):
+    """
+    :returns: the DNS names of a certificate's subjectAltName, lower case
+        (a wildcard such as ``*.example.org`` as it is).
+    """
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(name.lower().rstrip(".") for name in names.get_values_for_type(x509.DNSName))
 
 
 def fingerprint(cert):

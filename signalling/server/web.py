@@ -10,12 +10,13 @@ import re
 import string
 from urllib.parse import unquote
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.web import static
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
 from signalling.server.auth import TokenRefused
+from signalling.server.websocket import UpgradeResource
 
 #: The directory of the page's files, shipped in the package.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -78,6 +79,11 @@ def parse_ice_server(text):
     return server
 
 
+def has_credentials(server):
+    """:returns: whether an ``RTCIceServer`` dictionary carries credentials (a TURN password)."""
+    return "username" in server or "credential" in server
+
+
 def _script_json(value):
     """:returns: ``value`` as JSON that is safe inside a ``<script>`` element."""
     text = json.dumps(value, sort_keys=True)
@@ -109,11 +115,22 @@ class HealthResource(Resource):
 
 
 def _request_token(request):
-    """:returns: a plain HTTP request's token: ``?token=`` or ``Authorization: Bearer``."""
+    """
+    :returns: a plain HTTP request's token: ``?token=`` or ``Authorization:
+        Bearer``; None for none, and for an ``Authorization`` header of
+        another scheme (``Basic``) or one that is not ASCII.
+    """
     values = request.args.get(b"token")
     if values:
         return values[0].decode("utf-8", "replace")
-    scheme, _, value = (request.getHeader(b"authorization") or "").partition(" ")
+    header = request.getHeader(b"authorization")
+    if not header:
+        return None
+    try:
+        header = header.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    scheme, _, value = header.strip().partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
 
 
@@ -174,14 +191,22 @@ class PageResource(Resource):
         self._ice_servers = list(ice_servers)
         self._turn = turn
         self._config = _script_json({"iceServers": self._ice_servers})
+        #: What a page asked for without a valid token gets when tokens are
+        #: on: the ICE servers that carry no credentials (STUN).
+        self._public_config = _script_json(
+            {"iceServers": [s for s in self._ice_servers if not has_credentials(s)]}
+        )
 
     def render_GET(self, request):
         scheme = "wss" if request.isSecure() else "ws"
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
-        config = self._config
-        if self._turn is not None and self._may_relay(request):
+        if not self._may_relay(request):
+            config = self._public_config
+        elif self._turn is not None:
             # Fresh TURN credentials with every page.
             config = _script_json({"iceServers": self._ice_servers + self._turn.ice_servers()})
+        else:
+            config = self._config
         body = self._template.safe_substitute(
             ws_url=html.escape(f"{scheme}://{host}/"), config=config
         )
@@ -197,7 +222,10 @@ class PageResource(Resource):
     render_HEAD = render_GET
 
     def _may_relay(self, request):
-        """With tokens on, only a page asked for with a valid token gets TURN credentials."""
+        """
+        With tokens on, only a page asked for with a valid token gets TURN
+        credentials: the ``--ice-server`` ones and ``--turn-secret``'s.
+        """
         if self._auth is None:
             return True
         try:
@@ -234,7 +262,7 @@ class SignallingRoot(Resource):
 
     def __init__(self, ws_factory, health_path=b"/health", ice_servers=(), turn=None):
         super().__init__()
-        self._websocket = WebSocketResource(ws_factory)
+        self._websocket = UpgradeResource(ws_factory)
         self._health_path = health_path
         self._health = HealthResource(getattr(ws_factory, "registry", None))
         auth = getattr(ws_factory, "auth", None)
@@ -261,14 +289,103 @@ class SignallingRoot(Resource):
 ICE_SERVERS_PATH = b"/ice-servers"
 
 
-def with_pages(ws_factory, health_path=b"/health", ice_servers=(), turn=None):
+#: Seconds a plain HTTP connection may stay idle between requests, and may
+#: take to send one request whole, by default.
+DEFAULT_HTTP_TIMEOUT = 10.0
+
+
+class PageChannel(HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel for the pages, bounded: it holds its
+    client address's count (taken over from the WebSocket protocol that
+    handed the connection on) until the connection ends, and a request
+    must arrive whole, head and body, within the site's
+    ``request_timeout`` of its first byte, however slowly it trickles in
+    (the idle timeout alone starts again with every byte).
+    """
+
+    _limits = None
+    #: The key the limits count this connection under, if any.
+    _counted = None
+    #: Ends the connection when the request being received is late.
+    _request_call = None
+
+    def hold_count(self, limits, key):
+        """Hold the count ``limits`` keeps under ``key`` until the connection ends."""
+        self._limits, self._counted = limits, key
+
+    def release_count(self):
+        """Give the count back (the connection ends, or becomes a WebSocket)."""
+        key, self._counted = self._counted, None
+        if key is not None:
+            self._limits.release(key)
+
+    def dataReceived(self, data):
+        if self._request_call is None:
+            self._request_call = self.callLater(self.site.request_timeout, self._too_slow)
+        HTTPChannel.dataReceived(self, data)
+
+    def allContentReceived(self):
+        self._cancel_request_call()
+        HTTPChannel.allContentReceived(self)
+
+    def _too_slow(self):
+        self._request_call = None
+        # Closes gracefully, and aborts after abortTimeout.
+        self.timeoutConnection()
+
+    def _cancel_request_call(self):
+        call, self._request_call = self._request_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def connectionLost(self, reason):
+        self._cancel_request_call()
+        self.release_count()
+        HTTPChannel.connectionLost(self, reason)
+
+
+class PagesSite(Site):
+    """
+    The site of a port's pages, on the WebSocket factory's clock.
+
+    :param root: the :class:`SignallingRoot`.
+    :param clock: the ``IReactorTime`` of the timeouts.
+    :param timeout: seconds a connection may stay idle between requests,
+        and may take to send one request whole.
+    :param close_timeout: seconds a connection closed for its timeout may
+        take to go before it is aborted.
+    """
+
+    protocol = PageChannel
+
+    def __init__(self, root, clock, timeout=DEFAULT_HTTP_TIMEOUT, close_timeout=5.0):
+        super().__init__(root, timeout=timeout, reactor=clock)
+        self.request_timeout = timeout
+        self.close_timeout = close_timeout
+        self.noisy = False
+
+    def buildProtocol(self, addr):
+        channel = Site.buildProtocol(self, addr)
+        channel.abortTimeout = self.close_timeout
+        return channel
+
+
+def with_pages(
+    ws_factory, health_path=b"/health", ice_servers=(), turn=None, timeout=DEFAULT_HTTP_TIMEOUT
+):
     """
     Give a signalling factory the pages of a port: requests that ask for no
     WebSocket upgrade go on to a :class:`SignallingRoot` site.
 
+    :param timeout: seconds a plain HTTP connection may stay idle between
+        requests, and may take to send one request whole.
     :returns: ``ws_factory``, the factory to listen with.
     """
-    site = Site(SignallingRoot(ws_factory, health_path, ice_servers, turn))
-    site.noisy = False
-    ws_factory.web = site
+    ws_factory.web = PagesSite(
+        SignallingRoot(ws_factory, health_path, ice_servers, turn),
+        ws_factory.clock,
+        timeout,
+        ws_factory.close_timeout,
+    )
     return ws_factory

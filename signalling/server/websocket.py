@@ -2,7 +2,7 @@
 The WebSocket layer under the signalling protocol: every Autobahn override
 and every use of an Autobahn or Twisted private name lives here, so that an
 upgrade that changes one shows in this module and in
-``tests/test_websocket_assumptions.py``, which checks each of them by name.
+``tests/test_framework_assumptions.py``, which checks each of them by name.
 
 :class:`ServerProtocol` is Autobahn's server protocol with what the server
 needs whatever the speed: plain HTTP requests handed over to the pages'
@@ -20,11 +20,14 @@ relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
 ``onClose``.
 """
 
+import ipaddress
 import socket
 import struct
 import time
 from collections import deque
 
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -37,6 +40,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from signalling.server.auth import TokenRefused, token_of
+from signalling.server.limits import REFUSED, host_of, parse_address
 from signalling.server.tls import tls_failure_reason
 
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -220,17 +224,67 @@ def normalize_origin(origin):
     return origin.strip().rstrip("/").lower()
 
 
-def _origin_allowed(origin, allowed, host):
+def host_name(netloc):
+    """
+    :returns: the host of ``host[:port]`` (a ``Host`` header, an origin's
+        part after ``://``), lower case, an IPv6 literal without its brackets.
+    """
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    host, colon, port = netloc.rpartition(":")
+    if colon and port.isdigit():
+        return host
+    return netloc
+
+
+class ServerNames:
+    """
+    The host names the server knows are its own, for the origin check:
+    ``localhost``, any IP literal, the ``names`` given (``--server-name``)
+    and the DNS names of the TLS certificate it serves (as reloaded). A
+    wildcard name, ``*.example.org``, covers one label (``a.example.org``).
+
+    :param names: host names.
+    :param server_tls: a :class:`signalling.server.tls.ServerTLS`, or None.
+    """
+
+    def __init__(self, names=(), server_tls=None):
+        self._names = frozenset(n.strip().lower().rstrip(".") for n in names) | {"localhost"}
+        self._tls = server_tls
+
+    def __contains__(self, host):
+        host = host.rstrip(".")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return True
+        label, dot, parent = host.partition(".")
+        wildcard = "*." + parent if dot and label else None
+        for names in (self._names, self._tls.dns_names if self._tls is not None else ()):
+            if host in names or (wildcard is not None and wildcard in names):
+                return True
+        return False
+
+
+def _origin_allowed(origin, allowed, host, own_names):
     """
     :returns: whether a handshake with this ``Origin`` may go on: one of the
-        ``allowed`` origins, or the server's own (the page it serves, on
-        the host and port the request's ``Host`` names).
+        ``allowed`` origins, or the server's own: the page it serves, an
+        ``http``/``https`` origin naming the host and port of the
+        request's ``Host``, when that host is one of ``own_names`` (a
+        :class:`ServerNames`). Any other name may reach the server through
+        DNS (rebinding) and carry a page of another site.
     """
     origin = normalize_origin(origin)
     if origin in allowed:
         return True
-    netloc = origin.partition("://")[2]
-    return bool(host) and netloc == host.lower()
+    scheme, _, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or not host or netloc != host.strip().lower():
+        return False
+    return host_name(netloc) in own_names
 
 
 def asks_for_websocket(head):
@@ -247,6 +301,19 @@ def asks_for_websocket(head):
     return False
 
 
+
+
+class UpgradeResource(WebSocketResource):
+    """
+    Autobahn's resource for a WebSocket upgrade that comes over a plain HTTP
+    connection (after requests for the pages): the connection goes back to
+    a new WebSocket protocol, whose factory counts its client address
+    again, so the page channel lets go of its count first.
+    """
+
+    def render(self, request):
+        request.channel.release_count()
+        return WebSocketResource.render(self, request)
 
 
 @implementer(IPushProducer)
@@ -368,6 +435,20 @@ class ServerProtocol(WebSocketServerProtocol):
         if not self._read_pauses and self.transport is not None:
             self.transport.resumeProducing()
 
+    @property
+    def read_pauses(self):
+        """The reasons reading from the peer is paused for (a frozenset; empty: reading)."""
+        return self._read_pauses
+
+    def wait_longer_for_pong(self):
+        """
+        Give the keepalive ping in flight another ``autoPingTimeout``, on
+        the same timer as Autobahn's own (``_sendAutoPing``).
+        """
+        self.autoPingTimeoutCall = self.factory._batched_timer.call_later(
+            self.autoPingTimeout, self.onAutoPingTimeout
+        )
+
     def tcp_rtt(self):
         """
         :returns: the kernel's smoothed estimate of this connection's round
@@ -447,8 +528,10 @@ class ServerProtocol(WebSocketServerProtocol):
         page whose origin is not allowed (403: a browser's handshake from
         another site, when ``--allowed-origin`` is given), the server holds
         as many WebSocket connections as it may (503), or, behind a trusted
-        proxy, the forwarded client address holds as many as it may (429).
+        proxy, the forwarded client address is no IP address (400) or holds
+        as many as it may (429).
         """
+        forwarded = self._forwarded_address(request)
         keys = self.factory.auth
         if keys is not None:
             try:
@@ -468,37 +551,61 @@ class ServerProtocol(WebSocketServerProtocol):
         if allowed:
             origin = request.headers.get("origin")
             host = request.headers.get("host", "")
-            if origin is not None and not _origin_allowed(origin, allowed, host):
+            if origin is not None and not _origin_allowed(
+                origin, allowed, host, self.factory.server_names
+            ):
                 self.factory.stats.connection_refused("origin")
                 raise ConnectionDeny(403, "Origin not allowed")
         limits = self.factory.limits
         if limits is None:
             return None
-        forwarded = self._forwarded_host()
-        if forwarded is not None and not limits.exempt(forwarded):
-            if not limits.admit(forwarded):
+        if forwarded is not None:
+            key = limits.admit_forwarded(forwarded)
+            if key is REFUSED:
                 raise ConnectionDeny(429, "Too many connections from your address")
-            self._counted_forwarded = forwarded
+            self._counted_forwarded = key
         if not limits.admit_websocket():
             self._release_counts()
             raise ConnectionDeny(503, "Server full")
         self._counted_websocket = True
         return None
 
-    def _forwarded_host(self):
+    def _forwarded_address(self, request):
         """
-        :returns: the client address a trusted proxy forwarded, when this
-            connection comes from an exempt (proxy) address; else None.
+        The client address a trusted proxy forwarded; and, in every case,
+        the address the logs name (``peer``).
+
+        Autobahn took ``peer`` from ``X-Forwarded-For`` as it was sent, on
+        any connection. Here the header counts only on a connection from
+        the proxy (an exempt network of the limits, or a Unix socket; any
+        connection when the factory has no limits), and only as an IP
+        address: ``peer`` becomes that address in its one normal spelling
+        (an IPv4-mapped IPv6 address as the IPv4 address), and otherwise
+        the socket's address again.
+
+        :returns: the forwarded address (``ipaddress``), or None.
+        :raises ConnectionDeny: 400 when the proxy forwarded something that
+            is not an IP address (``unknown``, ``unix:...``, text).
         """
-        if not self.trustXForwardedFor or self.transport is None:
+        if not self.trustXForwardedFor:
             return None
-        own = getattr(self.transport.getPeer(), "host", None)
-        if own is None or not self.factory.limits.exempt(own):
+        self.peer = peer2str(self.transport)
+        header = request.headers.get("x-forwarded-for")
+        if header is None:
             return None
-        peer = self.peer
-        if peer.startswith(("tcp4:", "tcp6:", "unix:")):
-            return None  # no X-Forwarded-For header
-        return peer
+        limits = self.factory.limits
+        if limits is not None:
+            own = host_of(self.transport.getPeer())
+            if own is not None and not limits.exempt(own):
+                return None
+        hops = [hop.strip() for hop in header.split(",")]
+        try:
+            address = parse_address(hops[-self.trustXForwardedFor:][0])
+        except ValueError:
+            self.factory.stats.connection_refused("forwarded")
+            raise ConnectionDeny(400, "X-Forwarded-For does not name an IP address")
+        self.peer = str(address)
+        return address
 
     def _release_counts(self):
         """Give back what the limits counted for this connection."""
@@ -543,7 +650,8 @@ class ServerProtocol(WebSocketServerProtocol):
     def _hand_over_to_web(self, web):
         """
         Give the connection, and the bytes read so far, to a protocol of the
-        ``web`` factory (twisted.web's HTTP channel); this protocol is done.
+        ``web`` factory (a :class:`signalling.server.web.PageChannel`), with
+        the count of its client address; this protocol is done.
         """
         transport = self.transport
         channel = web.buildProtocol(transport.getPeer())
@@ -555,9 +663,12 @@ class ServerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall.cancel()
             self.openHandshakeTimeoutCall = None
         # What _connectionLost would do: this connection never was a WebSocket.
-        # The web channel watches the transport itself, and plain HTTP
-        # requests are not counted against the client's connections.
+        # The web channel watches the transport itself, and holds the
+        # client address's count until the connection ends.
         transport.unregisterProducer()
+        if self.counted_host is not None:
+            channel.hold_count(self.factory.limits, self.counted_host)
+            self.counted_host = None
         self._release_counts()
         self.state = _CLOSED
         self.factory.countConnections -= 1

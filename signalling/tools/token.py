@@ -33,7 +33,9 @@ def build_parser():
     parser.add_argument("--call", action="append", metavar="UID",
                         help="a uid the token may call (repeatable; default: any)")
     parser.add_argument("--ttl", type=int, default=3600, metavar="SECONDS",
-                        help="seconds the token stays valid (default: %(default)s)")
+                        help="seconds the token stays valid, and its connections "
+                        "open; a server refuses tokens for longer than its "
+                        "--max-token-lifetime, a day by default (default: %(default)s)")
     return parser
 
 

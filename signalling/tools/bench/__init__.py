@@ -1,6 +1,6 @@
 """
 ``signalling-bench``: a load generator for any server that speaks the
-signalling protocol (``/work/shared/PROTOCOL.md``, ``docs/protocol.md``).
+signalling protocol (``docs/protocol.md``).
 
 - :mod:`signalling.tools.bench.wsclient`: a small, fast RFC 6455 client on asyncio.
 - :mod:`signalling.tools.bench.scenarios`: what one client process does in each
