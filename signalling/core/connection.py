@@ -273,6 +273,57 @@ class ConnectionCommon:
         self._held = None
         self._held_bytes = 0
 
+    # Closing.
+
+    #: The session link every message goes to as it arrives, for the fast
+    #: path (a dialect with sessions overrides it); None: none.
+    relay_link = None
+
+    def closing(self):
+        """
+        The connection is ending, for whatever reason: stop handling input
+        and release its id (and what the registry holds for it), once.
+        """
+        if self._released:
+            return
+        self._released = self._closing = True
+        self._drop_held()
+        self._queued = None
+        self._let_go()
+        if self.uid is not None:
+            self._release(self.uid)
+
+    def _let_go(self):
+        """The connection is ending: let go of what the dialect holds (a hook)."""
+
+    def lost(self, code, cause, log=True):
+        """
+        The connection is gone: let go (if not done yet) and log it.
+
+        :param code: the close code the server sent, else the peer's.
+        :param cause: who closed it and why.
+        :param log: False when why it ended was logged already.
+        """
+        self.closing()
+        uid, self.uid = self.uid, None
+        if log:
+            self._log_lost(uid, code, self.cause or cause)
+
+    #: What the log calls a peer that closed before it had an id.
+    _unregistered = "(not registered)"
+
+    def _log_lost(self, uid, code, cause):
+        self._log.info(
+            "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
+            uid=uid or self._unregistered,
+            peer_addr=self._output.peer_addr,
+            code=code,
+            cause=cause,
+        )
+
+    def _send_text(self, text):
+        self._output.send_text(text)
+
     def _close_for(self, cause, code, reason):
         """Stop handling input and close with ``code`` and ``reason`` (``cause`` for the log)."""
         self.cause = cause
@@ -441,38 +492,16 @@ class Connection(ConnectionCommon):
             return self.link
         return None
 
-    def closing(self):
-        """
-        The connection is ending, for whatever reason: stop handling input
-        and release our uid, session and room, once.
-        """
-        if self._released:
-            return
-        self._released = self._closing = True
+    def _let_go(self):
+        """The connection is ending: its session link and HELLO deadline go."""
         if self.link is not None:
             # Whatever this connection held back on its partner is let go.
             self.link.set_backpressure(False)
         self.link = None
-        self._drop_held()
-        self._queued = None
         self._cancel_hello_call()
-        if self.uid is not None:
-            self._release(self.uid)
 
-    def lost(self, code, cause, log=True):
-        """
-        The connection is gone: let go (if not done yet) and log it.
-
-        :param code: the close code the server sent, else the peer's.
-        :param cause: who closed it and why.
-        :param log: False when why it ended was logged already.
-        """
-        self.closing()
-        cause = self.cause or cause
-        uid, self.uid = self.uid, None
+    def _log_lost(self, uid, code, cause):
         peer_addr = self._output.peer_addr
-        if not log:
-            return
         if uid is None:
             ended = self._ended
             if ended is None:
@@ -906,9 +935,6 @@ class Connection(ConnectionCommon):
             self._resume()
 
     # Output and closing.
-
-    def _send_text(self, text):
-        self._output.send_text(text)
 
     def _send_error(self, reason, kind):
         self._stats.error_sent(kind)

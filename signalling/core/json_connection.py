@@ -61,6 +61,7 @@ class JsonConnection(ConnectionCommon):
 
     _log = Logger()
     rate_limited = RATE_LIMITED
+    _unregistered = "(not welcomed)"
 
     __slots__ = ("version", "_peer_id", "_first", "_pending")
 
@@ -77,8 +78,6 @@ class JsonConnection(ConnectionCommon):
 
     def __repr__(self):
         return f"<JsonConnection {self.uid or '?'} at {self._output.peer_addr}>"
-
-    relay_link = None
 
     # What happens on the wire.
 
@@ -310,32 +309,6 @@ class JsonConnection(ConnectionCommon):
     def json_session_ended(self, session_id, error):
         if not self._later(self.json_session_ended, session_id, error):
             self._send_text(json_wire.end_session(session_id, error, self.version))
-
-    # Closing.
-
-    def closing(self):
-        if self._released:
-            return
-        self._released = self._closing = True
-        self._drop_held()
-        self._queued = None
-        if self.uid is not None:
-            self._release(self.uid)
-
-    def lost(self, code, cause, log=True):
-        self.closing()
-        uid, self.uid = self.uid, None
-        if log:
-            self._log.info(
-                "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
-                uid=uid or "(not welcomed)",
-                peer_addr=self._output.peer_addr,
-                code=code,
-                cause=self.cause or cause,
-            )
-
-    def _send_text(self, text):
-        self._output.send_text(text)
 
     def _send_error(self, details, kind="json_refused"):
         self._stats.error_sent(kind)
