@@ -42,6 +42,9 @@ class Dialect:
         dialect at all (its claims apply in the connection's logic).
     :ivar label: the value of the ``dialect`` label of its metrics.
     :ivar registry_part: the interface of the registry it needs.
+    :ivar owns_part: whether the counts of that part are this dialect's
+        (labelled with its label); False for a dialect that shares another's
+        part, whose peers count with that dialect's.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Dialect:
     registry_part: object
     speaks_first: bool = False
     label: str = field(default="")
+    owns_part: bool = True
 
     def __post_init__(self):
         if not self.label:

@@ -74,7 +74,8 @@ class SignallingCollector:
         self._endpoints = endpoints
         self._labels = {}
         for dialect in dialects:
-            self._labels.setdefault(dialect.registry_part, dialect.label)
+            if dialect.owns_part:
+                self._labels[dialect.registry_part] = dialect.label
 
     def collect(self):
         stats, registry = self._stats, self._registry
