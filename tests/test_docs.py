@@ -4,6 +4,8 @@ drift apart:
 
 - ``docs/options.md`` is what :mod:`signalling.server.options_doc` renders
   from the option table (the help texts are the one source);
+- the README's layout names every module of ``signalling/`` and
+  ``twisted/plugins/``, one line each, and nothing that does not exist;
 - the layers of ``docs/architecture.md`` hold: each module's imports, read
   from its source (``ast``), obey its layer's rule.
 """
@@ -67,8 +69,121 @@ class OptionsPageTests(unittest.TestCase):
         self.assertIn("[`--dialect-wait`](#--dialect-wait)", page)
 
 
-#: Where the modules live whose imports the layers rule.
+# --- the README's layout ---------------------------------------------------
+
+#: The heading of the README section whose first code block is the layout.
+LAYOUT_HEADING = "## Layout"
+#: Where the modules live that the layout must list, one line each.
 LAYOUT_ROOTS = ("signalling", os.path.join("twisted", "plugins"))
+
+
+def layout_block(readme):
+    """
+    :returns: the lines of the first code block after :data:`LAYOUT_HEADING`.
+    """
+    start = readme.index("\n" + LAYOUT_HEADING + "\n")
+    match = re.compile(r"^```\n(.*?)^```$", re.S | re.M).search(readme, start)
+    return match.group(1).splitlines()
+
+
+def layout_paths(lines):
+    """
+    :returns: the paths the layout block names, in order: a line that starts
+        in column 0 names a path from the top of the checkout; an indented
+        one a path inside the last folder (a name ending in ``/``) named
+        in column 0. The name is the line's first word.
+    """
+    paths = []
+    folder = ""
+    for line in lines:
+        if not line.strip():
+            continue
+        name = line.split()[0]
+        if line[0].isspace():
+            paths.append(folder + name)
+        else:
+            paths.append(name)
+            if name.endswith("/"):
+                folder = name
+    return paths
+
+
+def expected_layout():
+    """
+    :returns: ``(folders, modules)`` that the layout must name: every package
+        under :data:`LAYOUT_ROOTS` as its folder (``signalling/core/``,
+        standing for its ``__init__.py``) and every other module as its
+        path, plus the plugin folder.
+    """
+    folders, modules = set(), set()
+    for top in LAYOUT_ROOTS:
+        for directory, subdirs, files in os.walk(os.path.join(ROOT, top)):
+            subdirs[:] = [d for d in subdirs if d != "__pycache__"]
+            relative = os.path.relpath(directory, ROOT).replace(os.sep, "/") + "/"
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                if name == "__init__.py":
+                    folders.add(relative)
+                else:
+                    modules.add(relative + name)
+    return folders, modules
+
+
+def layout_fix(missing, extra):
+    """:returns: the lines to add and remove, as a message for the README's editor."""
+    advice = [f"README.md's layout ({LAYOUT_HEADING}) does not match the tree."]
+    for path in sorted(missing):
+        if path.endswith("/"):
+            advice.append(
+                f"add, in column 0:  {path}    <what the package holds>"
+                "  (its modules go indented under it)"
+            )
+        else:
+            folder, name = path.rsplit("/", 1)
+            advice.append(
+                f"add, under the line {folder}/:  '  {name}    <what it holds>'"
+                f"  (or in column 0: {path})"
+            )
+    for path in sorted(extra):
+        advice.append(f"remove the line naming {path} (it does not exist)")
+    return "\n".join(advice)
+
+
+class LayoutTests(unittest.TestCase):
+    """The README's layout block, against the files in the tree."""
+
+    def test_the_parser_reads_folders_and_modules_under_them(self):
+        """A column-0 folder line sets the folder of the indented lines under it."""
+        lines = [
+            "signalling/core/        the core",
+            "  words.py              words",
+            "",
+            "twisted/plugins/x.py    the plugin",
+            "tests/                  the suite",
+            "  helpers.py            helpers",
+        ]
+        self.assertEqual(
+            layout_paths(lines),
+            ["signalling/core/", "signalling/core/words.py", "twisted/plugins/x.py",
+             "tests/", "tests/helpers.py"],
+        )
+
+    def test_every_module_has_its_line_and_every_line_exists(self):
+        """
+        Each module under signalling/ and twisted/plugins/ (a package by its
+        folder) has a line of its own in the layout, and every path the
+        layout names (modules, folders, files) exists.
+        """
+        paths = layout_paths(layout_block(read("README.md")))
+        folders, modules = expected_layout()
+        named = set(paths)
+        missing = (folders | modules) - named
+        extra = {p for p in named if not os.path.exists(os.path.join(ROOT, p))}
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if missing or extra:
+            self.fail(layout_fix(missing, extra))
+        self.assertEqual(twice, [], "README.md's layout names these more than once")
 
 
 # --- the layers ------------------------------------------------------------
