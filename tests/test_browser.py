@@ -18,7 +18,7 @@ A screenshot of the page in a connected call is written to each test's
 temporary directory; with ``SIGNALLING_UPDATE_SCREENSHOT=1`` in the
 environment, the one of
 :meth:`GStreamerBrowserTests.test_a_gstreamer_peer_calls_the_page` also
-replaces ``docs/call-page.png`` (the README shows it).
+replaces ``docs/call-page.png`` (``docs/clients.md`` shows it).
 
 Without Chromium, GStreamer or the rights to make a namespace the tests skip,
 naming what to install; with ``CI=true`` they fail instead.

@@ -51,10 +51,12 @@ def _positive(kind, minimum=None):
             raise ValueError(f"must be greater than 0, not {value}")
         return number
 
-    if minimum is None:
-        coerce.coerceDoc = "Must be greater than 0."
-    else:
+    if minimum is not None:
         coerce.coerceDoc = f"Must be at least {minimum:g}."
+    elif kind is int:
+        coerce.coerceDoc = "Must be a whole number, 1 or more."
+    else:
+        coerce.coerceDoc = "Must be greater than 0."
     return coerce
 
 
@@ -87,6 +89,9 @@ def _non_negative_int(value):
     return number
 
 
+_non_negative_int.coerceDoc = "Must be a whole number, 0 or more."
+
+
 def _non_negative_float(value):
     number = float(value)
     if not math.isfinite(number) or number < 0:
@@ -104,7 +109,7 @@ def _prefix_length(value):
     return number
 
 
-_prefix_length.coerceDoc = "From 1 to 128."
+_prefix_length.coerceDoc = "Must be a whole number from 1 to 128."
 
 
 def _worker_fds(value):
@@ -132,10 +137,12 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["disable-ssl", None, "Listen on tcp:8443 (plaintext) instead of ssl:8443 "
-         "by default, e.g. behind a TLS-terminating proxy."],
+        ["disable-ssl", None, "Listen on tcp:8443 (plaintext, on every IPv4 and "
+         "IPv6 address) instead of ssl:8443 by default, e.g. behind a "
+         "TLS-terminating proxy. It cannot be combined with an ssl: --port."],
         ["log-payloads", None, "Log every relayed message (SDP, ICE) at info "
-         "level. For debugging only: it slows the relay and logs private data."],
+         "level; the server warns at start that it does. For debugging only: "
+         "it slows the relay and logs private data."],
         ["create-cert-path", None, "Create a --cert-path that does not exist, with "
          "a self-signed certificate in it (done without asking only for the "
          "default, certs)."],
@@ -144,26 +151,40 @@ class Options(usage.Options):
     optParameters = [
         ["cert-path", None, DEFAULT_CERT_PATH,
          "Directory with cert.pem and key.pem (or Let's Encrypt's files), used "
-         "by ssl: endpoints that name no privateKey=/certKey=.", str],
+         "by tls: ports and by ssl: ports that name no privateKey=/certKey=; a "
+         "relative path is resolved from the working directory. Only the default is "
+         "created when missing (with a self-signed certificate); any other "
+         "missing directory (a typo?) stops the start with one line, unless "
+         "--create-cert-path is given.", str],
         ["keepalive-timeout", None, _factory.DEFAULT_KEEPALIVE,
          "Seconds between WebSocket pings; a peer whose pong does not come back "
          "within that time is disconnected.",
          _positive(float, _factory.MIN_KEEPALIVE)],
         ["health", None, "/health",
-         "Path of the HTTP health check (answers 200 OK).", str],
+         "Path of the HTTP health check (answers 200 OK): it starts with /, is "
+         "not / itself and has no ?.", str],
         ["max-message-size", None, _factory.DEFAULT_MAX_MESSAGE,
          "Largest message accepted, in bytes; a larger one closes the connection "
-         "with code 1009.", _positive(int)],
+         "with code 1009. What the server relays is not held to it.",
+         _positive(int)],
         ["hello-timeout", None, _factory.DEFAULT_HELLO_TIMEOUT,
-         "Seconds a new connection has to send HELLO before it is closed.",
+         "Seconds a new connection of the examples' protocol has to send HELLO "
+         "before it is closed (code 1008). On an auto port a silent connection "
+         "is welcomed as a JSON client instead, after --dialect-wait.",
          _positive(float)],
         ["max-output-buffer", None, _factory.DEFAULT_MAX_OUTPUT,
-         "Bytes kept for a peer that does not read what is sent to it; past "
-         "that it is closed with 1008. Session partners of a slow reader are "
-         "held back (TCP backpressure) long before.", _positive(int)],
+         "Bytes the server keeps for a peer that does not read what is sent to "
+         "it, beyond its socket's buffer. A peer that stops reading is not read "
+         "from either, nor is its session partner (TCP pushes back on the "
+         "sender, as on a direct connection); a room member that falls this far "
+         "behind is closed with 1008 and its room told. Every reply and notice "
+         "counts against it before it is queued: one that would not fit (a long "
+         "list, say) is not queued, and the client is closed with 1008.",
+         _positive(int)],
         ["max-meta-size", None, _factory.DEFAULT_MAX_META,
          "Largest meta a JSON peer may set with setPeerStatus, in bytes of "
-         "its JSON; a larger one is answered with an error and not kept.",
+         "its JSON; a larger one is answered with an error and not kept. It is "
+         "kept as its JSON text, at most 32 levels deep.",
          _positive(int)],
         ["max-room-members", None, DEFAULT_MAX_ROOM_MEMBERS,
          "Most members a room may have; one more is answered ERROR room '<id>' "
@@ -172,96 +193,137 @@ class Options(usage.Options):
          "Most rooms at once; a new one past it is answered ERROR too many "
          "rooms on this server.", _positive(int)],
         ["command-rate", None, _factory.DEFAULT_COMMAND_RATE,
-         "Commands (messages outside a session) a connection may send a "
-         "second, on average; past it they are answered ERROR rate limit "
-         "exceeded, and a connection that goes on is closed with 1008.",
+         "Commands (messages outside a session: HELLO, SESSION, ROOM, "
+         "ROOM_PEER_MSG, ...) a connection may send a second, on average; past "
+         "it a command is answered ERROR rate limit exceeded, and a connection "
+         "that goes on (20 refusals in a row) is closed with 1008. Messages "
+         "relayed in a session are not counted (backpressure holds those).",
          _positive(float)],
         ["command-burst", None, _factory.DEFAULT_COMMAND_BURST,
-         "Commands a connection may send at once.", _positive(int)],
+         "Commands a connection may send at once: enough for a newcomer "
+         "greeting and offering to every member of a large room.", _positive(int)],
         ["max-connections-per-address", None, limits.DEFAULT_PER_ADDRESS,
-         "Most connections one client address may hold; more are refused when "
-         "they connect, before any TLS handshake. Behind --trust-proxy the "
-         "forwarded address counts (past it: 429 at the upgrade).", _positive(int)],
+         "Most connections one client address may hold, each counted from "
+         "accept until it closes (one kept alive for the page or /health "
+         "included); more are closed as they connect, before any TLS "
+         "handshake, and counted in the metrics. IPv6 clients are counted by "
+         "--ipv6-prefix-length; --unlimited-address networks are not counted. "
+         "Behind --trust-proxy the forwarded address counts (past it: 429 at "
+         "the upgrade).", _positive(int)],
+        # No final period: with no default shown, twistd adds ". " and the range.
         ["max-connections", None, None,
          "Most open WebSocket connections; more are refused at the upgrade "
          "with 503 (/health still answers). Default: the open-file limit less "
-         f"{limits.FD_RESERVE}", _positive(int)],
+         f"{limits.FD_RESERVE}, kept for health checks, metrics and logs",
+         _positive(int)],
         ["max-fragments", None, _factory.DEFAULT_MAX_FRAGMENTS,
          "Most fragments (continuation frames) one message may come in; more "
-         "closes the connection with 1009.", _positive(int)],
+         "closes the connection with 1009. Browsers and GStreamer send "
+         "messages whole.", _positive(int)],
         ["close-timeout", None, _factory.CLOSE_HANDSHAKE_TIMEOUT,
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
-         "it is dropped.", _positive(float)],
+         "it is dropped. Its uid, session and room are released at once either "
+         "way.", _positive(float)],
         ["auth-secret", None, None,
-         "A file of secrets (one a line, 32 characters or more; the first "
-         "signs, all are accepted, SIGHUP reloads it): every WebSocket then "
-         "needs a token (?token= or Authorization: Bearer) minted with "
-         "signalling-token, or is refused with 401.", str],
+         "A file of secrets, one a line, 32 characters or more: all are "
+         "accepted (two during a rotation), the first signs, and SIGHUP reloads "
+         "the file, closing the connections whose token a removed secret signed "
+         "(4001, token revoked). Every WebSocket then needs a token minted with "
+         "signalling-token, as ?token= on its URL (the page at / passes its own "
+         "on) or Authorization: Bearer; without a valid one the handshake gets "
+         "401, counted by reason (token_missing, token_invalid, token_expired, "
+         "token_lifetime). A connection is closed (4001, token expired) when "
+         "its token expires. The token's claims limit the uid (sub), the JSON "
+         "dialect's roles, the rooms and the peers that may be called. /health "
+         "and the page need none.", str],
         ["max-token-lifetime", None, auth.DEFAULT_MAX_LIFETIME,
          "With --auth-secret: the longest a token may live, in seconds, from "
-         "its iat (or from the handshake if it has none); a token that lives "
-         "longer is refused with 401. 0: no limit. A connection is closed "
-         "(4001) when its token expires either way.", _non_negative_float],
+         "its iat (or from the handshake if it has none, or its iat lies "
+         "ahead); a token issued for longer is refused with 401 "
+         "(token_lifetime), so that a leaked token is worth a day at most "
+         "(signalling-token mints tokens for an hour by default). 0: no limit. "
+         "A connection is closed (4001) when its token expires either way.",
+         _non_negative_float],
         ["turn-secret", None, None,
-         "A file holding the secret shared with the TURN server (coturn's "
-         "static-auth-secret): the page and GET /ice-servers then hand out "
-         "credentials valid for --turn-ttl seconds, for every --turn-uri.", str],
+         "A file holding the secret shared with a TURN server (coturn's "
+         "static-auth-secret, with use-auth-secret): the page at / and GET "
+         "/ice-servers then hand out time-limited credentials in coturn's REST "
+         "format (user name EXPIRY:UID, password the base64 HMAC-SHA1 of it), "
+         "valid for --turn-ttl seconds, for every --turn-uri. Needs "
+         "--turn-uri.", str],
         ["turn-ttl", None, turn.DEFAULT_TTL,
          "Seconds the TURN credentials stay valid.", _positive(int)],
         ["reclaim-timeout", None, _factory.DEFAULT_RECLAIM_TIMEOUT,
          "When a HELLO asks for a uid another connection holds, that "
          "connection is pinged: if no pong comes back within this many "
-         "seconds it is closed and the uid goes to the new one (a token for "
-         "the uid takes it at once). 0 (the default): a taken uid is refused "
-         "at once, unless a token names it; try 2.",
+         "seconds it is closed (1008, replaced by a new connection) and the "
+         "uid goes to the new one, so a reloaded page or a reconnecting peer "
+         "gets its uid back. 0 (the default): a taken uid is refused at once, "
+         "as the original server did; try 2. With --auth-secret, a token that "
+         "names the uid takes it over at once either way.",
          _non_negative_float],
         ["dialect", None, AUTO,
          "The protocol the ports speak: examples (GStreamer's webrtc "
          "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
-         "gstwebrtc-api), or auto: each connection's first message decides, "
-         "and one silent for --dialect-wait seconds (plus three round trips) "
-         "is welcomed as a JSON client.", _dialect],
+         "gstwebrtc-api), or auto: a connection whose first message is a JSON "
+         "object speaks json, one whose first message is anything else "
+         "examples, and one silent for --dialect-wait seconds is welcomed as "
+         "a JSON client.", _dialect],
         ["dialect-wait", None, _factory.DEFAULT_DIALECT_WAIT,
          "Seconds a connection on an auto port may take to send its first "
-         "message before it is taken for a JSON client.", _positive(float)],
+         "message before it is taken for a JSON client and welcomed; three of "
+         "its TCP round trips are added.", _positive(float)],
         ["trim-interval", None, memory.DEFAULT_INTERVAL,
          "Seconds between looks at the C allocator's heap: when more than "
-         f"{memory.DEFAULT_THRESHOLD // 2**20} MiB of it became free (after a "
-         "peak), it is given back to the system (malloc_trim). 0: never.",
+         f"{memory.DEFAULT_THRESHOLD // 2**20} MiB of it became free since the "
+         "last look (after a peak: a crowd leaving, buffers of slow readers let "
+         "go), it is given back to the system (malloc_trim). 0: never. Needs "
+         "glibc (Debian's C library); elsewhere it does nothing.",
          _non_negative_float],
         ["shutdown-timeout", None, 5.0,
-         "On SIGTERM/SIGINT: seconds to wait for connections to close after "
-         "they were sent close code 1001.", _positive(float)],
+         "On SIGTERM or SIGINT the server stops accepting, closes every "
+         "connection with code 1001 and waits this long for the close "
+         "handshakes, then exits with status 0.", _positive(float)],
         ["metrics-port", None, None,
-         "Serve Prometheus metrics on this endpoint description (e.g. "
-         "tcp:9100:interface=127.0.0.1), at /metrics. Default: no metrics.", str],
+         "Serve Prometheus metrics at /metrics on this separate endpoint "
+         "description (e.g. tcp:9100:interface=127.0.0.1), never on the public "
+         "port. Default: no metrics.", str],
         ["log-format", None, "text",
-         "Log format under twistd: text, or json (one JSON object per line on "
-         "standard output, for journald and log shippers).", _log_format],
+         "Log format under twistd: text, or json: one JSON object per line on "
+         "standard output (time, level, namespace, message and the event's "
+         "fields: uid, peer_addr, room_id, code, ...), for journald and log "
+         "shippers.", _log_format],
         ["backlog", None, 4096,
-         "Listen backlog of tcp:, ssl: and unix: ports that name none (the "
+         "Listen backlog of tcp:, ssl: and unix: ports that name none "
+         "(Twisted's default of 50 drops connections in a reconnect storm; the "
          "kernel caps it at net.core.somaxconn).", _positive(int)],
         ["redis", None, None,
          "Join the cluster of every server on this Redis (redis://HOST:PORT/DB, "
-         "or rediss:// for TLS): uids, sessions and rooms span the processes. "
-         "Default: none (this process alone, in memory).", str],
+         "or rediss:// for TLS): uids are unique across the processes, "
+         "sessions and rooms span them, and peers on different processes call "
+         "each other as on one. /health answers 503 until the process has "
+         "reached Redis, and while it cannot. Default: none (this process "
+         "alone, in memory).", str],
         ["redis-password-file", None, None,
-         "A file holding the password of --redis (its first line).", str],
+         "A file holding the password of --redis (its first line); for a Redis "
+         "ACL user, put the user in the URL (redis://USER@HOST/0).", str],
         ["node-timeout", None, 5.0,
          "With --redis: seconds after its last heartbeat (sent every second, "
          "or a third of this if less) that a process counts as dead and the "
-         "others release its peers. Raise it on machines so loaded that a "
-         "process can stall for that long.", _positive(float, 1.0)],
+         "others release its peers (their partners closed, their rooms told). "
+         "Raise it on machines so loaded that a process can stall for that "
+         "long.", _positive(float, 1.0)],
         ["redis-ca-file", None, None,
          "Trust the certificates in this PEM file for a rediss:// --redis "
          "(default: the system's trust store).", str],
         ["workers", None, 0,
          "Run this many worker processes that accept on the same ports (this "
          "process binds them and supervises the workers: it starts one again "
-         "when it ends, passes SIGHUP and SIGTERM on, and tells systemd it is "
-         "ready once every worker is). Needs --redis, which the workers share. "
-         "Each worker serves --metrics-port's number plus its index. "
+         "when it ends, passes SIGHUP and SIGTERM on, tells systemd READY=1 "
+         "once every worker is ready and pings the watchdog only while all are "
+         "alive). Needs --redis, which the workers share. Each worker serves "
+         "--metrics-port's number plus its index (9100, 9101, ...). "
          "0: no workers, this process serves.", _non_negative_int],
         ["worker-index", None, None, "(Set by --workers for a worker: its index.)", int],
         ["worker-fds", None, None,
@@ -270,17 +332,22 @@ class Options(usage.Options):
          "(Set by --workers for a worker: where it tells the parent it is alive.)", int],
         ["trust-proxy", None, 0,
          "Trust this many hops of X-Forwarded-For for the peer address (behind "
-         "a reverse proxy), on connections from --unlimited-address networks "
-         "(the proxy's) only; a value that is not an IP address is refused "
-         "with 400.", _non_negative_int],
+         "a reverse proxy), on connections from the proxy only: an "
+         "--unlimited-address network (loopback by default) or a Unix socket. "
+         "The forwarded value must be an IP address (else 400, counted as "
+         "reason=\"forwarded\"); it is logged in its one normal spelling and "
+         "always counted, loopback too.", _non_negative_int],
         ["ipv6-prefix-length", None, limits.DEFAULT_IPV6_PREFIX,
          "IPv6 clients are counted against --max-connections-per-address by "
          "this prefix (one home or machine commonly holds a whole /64); 128 "
-         "counts each address alone.", _prefix_length],
+         "counts each address alone. An IPv4-mapped address "
+         "(::ffff:192.0.2.1) counts as its IPv4 address.", _prefix_length],
         ["http-timeout", None, web.DEFAULT_HTTP_TIMEOUT,
-         "Seconds a plain HTTP connection (the page, /health) may stay idle "
-         "between requests, and may take to send one request whole; then it "
-         "is closed.", _positive(float)],
+         "Seconds a plain HTTP connection (the page, /health, /ice-servers) may "
+         "stay idle between requests, and may take to send one request whole, "
+         "head and body, however slowly it trickles in; then it is closed. A "
+         "connection's first request (and its TLS handshake) has "
+         f"{_factory.OPEN_HANDSHAKE_TIMEOUT:g} s.", _positive(float)],
     ]
 
     compData = usage.Completions(
@@ -304,7 +371,7 @@ class Options(usage.Options):
         self["turn-uri"].append(uri)
 
     def opt_allowed_origin(self, origin):
-        """A web origin (https://example.org, or with :port) whose pages may open a WebSocket here; a browser's handshake from any other origin gets 403. Repeatable. The server's own page is always allowed, and clients that send no Origin (GStreamer, aiortc, native apps) are not affected. Default: any origin."""
+        """A web origin (https://app.example.org, or with :PORT if not the default) whose pages may open a WebSocket here; a browser's handshake from any other origin gets 403, counted as reason="origin". Repeatable. The server's own page is always allowed: an http or https origin naming the host and port of the handshake's Host header, when that host is localhost, an IP address, a DNS name of the --cert-path certificate or a --server-name (any other name may be another site's, resolving to this server). Clients that send no Origin (GStreamer, aiortc, native apps) are not affected. Default: any origin."""
         scheme, sep, rest = origin.partition("://")
         if scheme.lower() not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
             raise usage.UsageError(
@@ -313,7 +380,7 @@ class Options(usage.Options):
         self["allowed-origin"].append(origin)
 
     def opt_server_name(self, name):
-        """A host name of this server (e.g. signalling.example.org): with --allowed-origin, a page served under it, on the host and port the handshake names, counts as the server's own page. localhost, IP addresses and the DNS names of the --cert-path certificate count without it. Repeatable."""
+        """A host name of this server (e.g. signalling.example.org, or *.example.org for one label): with --allowed-origin, a page served under it, on the host and port the handshake names, counts as the server's own page. localhost, IP addresses and the DNS names of the --cert-path certificate count without it; a name that is in no certificate (behind a TLS-terminating proxy, or with an ssl: port naming its own files) needs it. Repeatable."""
         name = name.strip().rstrip(".")
         if not name or any(c in name for c in ":/[]@ ") or name.startswith("*") and not name.startswith("*."):
             raise usage.UsageError(f"--server-name: expected a host name, not {name!r}")
@@ -330,7 +397,7 @@ class Options(usage.Options):
         self["dialect-path"][path] = dialect
 
     def opt_unlimited_address(self, network):
-        """A client network (e.g. 10.0.0.5/32) whose connections are not counted against --max-connections-per-address: a reverse proxy's. Repeatable; the first replaces the default, the loopback addresses (127.0.0.0/8, ::1)."""
+        """A client network (e.g. 10.0.0.5/32) whose connections are not counted against --max-connections-per-address: a reverse proxy's, whose forwarded addresses --trust-proxy reads. Repeatable; the first replaces the default, the loopback addresses (127.0.0.0/8, ::1)."""
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError as e:
@@ -338,20 +405,20 @@ class Options(usage.Options):
         self["unlimited-address"].append(network)
 
     def opt_port(self, description):
-        """Listen on this Twisted endpoint description (repeatable), e.g. ssl:8443, tcp:8080:interface=127.0.0.1, systemd:domain=INET6:index=0 or tls:systemd:domain=INET6:index=0. Default: ssl:8443."""
+        """Listen on this Twisted endpoint description, e.g. ssl:8443, tcp:8080:interface=127.0.0.1, systemd:domain=INET6:index=0 or tls:systemd:domain=INET6:index=0 (a bare number is refused with a suggestion). Repeatable: once per address to listen on. Default: ssl:8443 on every IPv4 and every IPv6 address (two sockets, so IPv4 peers keep their IPv4 addresses in the logs); an explicit --port listens exactly where it says (ssl:8443 is IPv4 only)."""
         self["port"].append(description)
 
     opt_p = opt_port
 
     def opt_ice_server(self, server):
-        """An ICE server for the call page at /, e.g. stun:stun.example.org:3478 or turn://USER:PASSWORD@turn.example.org:3478 (or a JSON RTCIceServer object). Repeatable. Default: none."""
+        """An ICE server for the call page at / and GET /ice-servers: stun:HOST:PORT, turn:HOST:PORT?transport=tcp, GStreamer's turn://USER:PASSWORD@HOST:PORT, or a JSON RTCIceServer object. Repeatable. The server itself never contacts it. With --auth-secret, one with credentials goes only to a page asked for with a valid token. Default: none."""
         try:
             self["ice-server"].append(parse_ice_server(server))
         except ValueError as e:
             raise usage.UsageError(f"--ice-server: {e}")
 
     def opt_version(self):
-        """Print the version of the signalling server and exit."""
+        """Print signalling VERSION and exit. The version is also the first line the server logs."""
         print(f"signalling {signalling.__version__}")
         raise SystemExit(0)
 
