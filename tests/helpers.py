@@ -22,6 +22,47 @@ from zope.interface import implementer
 from signalling.core.interfaces import BINARY_FRAME, TEXT_FRAME, ILink, IPeer
 from signalling.server import tap
 from signalling.server.factory import SignallingServerFactory
+from signalling.server.metrics import Stats
+from signalling.server.policy import HandshakePolicy
+from signalling.server.settings import ServerSettings
+
+
+def signalling_factory(
+    registry,
+    clock,
+    url=None,
+    stats=None,
+    web=None,
+    count_addresses=False,
+    auth=None,
+    limits=None,
+    server_names=None,
+    **settings,
+):
+    """
+    :returns: a :class:`SignallingServerFactory` whose settings are the
+        defaults with ``settings`` (field names of
+        :class:`signalling.server.settings.ServerSettings`), and whose
+        handshake policy holds ``auth``, ``limits`` and ``server_names``.
+    """
+    settings = ServerSettings(**settings)
+    stats = Stats() if stats is None else stats
+    policy = HandshakePolicy(settings, stats, auth, limits, server_names)
+    return SignallingServerFactory(
+        url, registry, clock, settings, policy, stats, web, count_addresses
+    )
+
+
+def change_settings(factory, **changes):
+    """
+    Give a listening factory (or the factories of a cluster's nodes, as
+    tests/test_cluster.py joins them) new settings, as a restart with other
+    options would: the factory's and its handshake policy's.
+    """
+    for one in getattr(factory, "_factories", [factory]):
+        settings = one.settings.replace(**changes)
+        one.settings = one.policy.settings = settings
+        one.fits_unchecked = settings.fits_unchecked
 
 
 @implementer(IPeer, ILink)

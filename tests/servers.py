@@ -35,7 +35,6 @@ from zope.interface import implementer
 
 from signalling.core.registry import Registry
 from signalling.server import tap
-from signalling.server.factory import SignallingServerFactory
 from signalling.server.tls import ServerTLSFactory
 from tests.certificates import write_certificate
 from tests.clients import (
@@ -48,7 +47,7 @@ from tests.clients import (
     close_clients,
     eventually,
 )
-from tests.helpers import parse, websocket_factory
+from tests.helpers import parse, signalling_factory, websocket_factory
 
 
 # In memory.
@@ -130,8 +129,8 @@ class Loopback:
             registry = backend(self.clock, seed) if backend is not None else Registry()
         self.registry = registry
         factory_kwargs.setdefault("keepalive", 5)
-        self.factory = SignallingServerFactory(
-            "ws://localhost", self.registry, self.clock, **factory_kwargs
+        self.factory = signalling_factory(
+            self.registry, self.clock, "ws://localhost", **factory_kwargs
         )
         self.pumps = []
 

@@ -20,6 +20,7 @@ from signalling.tools import token as token_tool
 from tests.certificates import write_certificate
 from tests.clients import upgrade_request
 from tests.servers import Server
+from tests.helpers import change_settings
 
 OLD = b"o" * 40
 NEW = b"n" * 40
@@ -250,7 +251,7 @@ class AuthMixin:
         path pinned to the examples' protocol and passes on one pinned to
         JSON; a token naming a uid, or nothing, passes on both.
         """
-        self.server.factory.dialect_paths = {"/ex": "examples", "/gst": "json"}
+        change_settings(self.server.factory, dialect_paths={"/ex": "examples", "/gst": "json"})
         viewer = auth.mint(NEW, 60, roles=["consumer"])
         caller = auth.mint(NEW, 60, uid="alice")
         anything = auth.mint(NEW, 60)

@@ -37,6 +37,7 @@ from tests._interop import missing_requirement
 from tests._redis import RedisServer
 from tests.clients import pause
 from tests.servers import ProcessMixin, Server
+from tests.helpers import change_settings
 
 #: Bound for one expected message in the scenarios that should pass.
 TIMEOUT = 5.0
@@ -181,7 +182,7 @@ class JsonScenarioTests(unittest.TestCase):
 
     async def json_server(self):
         server = await Server.listening(self, tls=False)
-        server.factory.dialect_paths = {"/json": "json"}
+        change_settings(server.factory, dialect_paths={"/json": "json"})
         return server
 
     async def test_idle_registers_every_producer_and_every_one_is_answered(self):
@@ -237,8 +238,11 @@ class BrokenServerTests(unittest.TestCase):
         """
         server = await Server.listening(self, tls=False)
         if connection is not None:
-            server.factory.dialects = DIALECTS.replacing(
-                dataclasses.replace(DIALECTS["examples"], connection=connection)
+            change_settings(
+                server.factory,
+                dialects=DIALECTS.replacing(
+                    dataclasses.replace(DIALECTS["examples"], connection=connection)
+                ),
             )
         server.factory.protocol = protocol
         return server

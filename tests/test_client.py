@@ -35,11 +35,11 @@ from signalling.tools.client import (
     ClientSession,
     Outcome,
 )
-from signalling.server.factory import SignallingServerFactory
 from signalling.core.registry import Registry
 from signalling.server.web import with_pages
 from tests.certificates import write_certificate
 from tests.clients import ClientProcess
+from tests.helpers import signalling_factory
 
 #: The directory that holds the ``signalling`` package, for the subprocesses.
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -561,8 +561,8 @@ class ClientRunTests(unittest.TestCase):
         self.clock = Clock()
         self.patch(txaio.config, "loop", self.clock)
         self.registry = Registry()
-        self.server_factory = SignallingServerFactory(
-            "ws://localhost", self.registry, self.clock, keepalive=5
+        self.server_factory = signalling_factory(
+            self.registry, self.clock, "ws://localhost", keepalive=5
         )
         self.endpoint = LoopbackEndpoint(self.server_factory, self.clock)
         self.output = []
@@ -724,9 +724,7 @@ class RealServerMixin:
 
     def setUp(self):
         self.registry = Registry()
-        self.factory = SignallingServerFactory(
-            None, self.registry, reactor, keepalive=5
-        )
+        self.factory = signalling_factory(self.registry, reactor, keepalive=5)
         site = with_pages(self.factory)
         if self.tls:
             self.certificate = write_certificate(self.mktemp())

@@ -47,7 +47,7 @@ class TinyConnection(ConnectionCommon):
                 return
             self._pending = True
             try:
-                result = self._server.registry.register(uid, self)
+                result = self._shared.registry.register(uid, self)
             except SignallingError:
                 self._pending = False
                 self._send_error("taken", "uid_taken")

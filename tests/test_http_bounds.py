@@ -44,12 +44,12 @@ from twisted.trial import unittest
 from signalling.core.registry import Registry
 from signalling.server import tap, tls, web
 from signalling.server.auth import mint
-from signalling.server.factory import OPEN_HANDSHAKE_TIMEOUT, SignallingServerFactory
+from signalling.server.factory import OPEN_HANDSHAKE_TIMEOUT
 from signalling.server.limits import REFUSED, ConnectionLimits, parse_address
-from signalling.server.websocket import ServerNames, host_name
+from signalling.server.policy import ServerNames, host_name
 from tests.certificates import write_certificate
 from tests.clients import RawClient, eventually, upgrade_request
-from tests.helpers import parse, unwrap
+from tests.helpers import parse, signalling_factory, unwrap
 from tests.servers import ProcessMixin, Server
 from tests.test_web import _TCPLikeTransport, page_config
 
@@ -260,7 +260,7 @@ class OptionTests(unittest.TestCase):
         for value in ("0", "129", "x"):
             self.assert_refused("--ipv6-prefix-length", value)
         self.assertIn("--ipv6-prefix-length", str(tap.Options()))
-        self.assertEqual(self.factory("--ipv6-prefix-length", "56").limits.ipv6_prefix, 56)
+        self.assertEqual(self.factory("--ipv6-prefix-length", "56").policy.limits.ipv6_prefix, 56)
 
     def test_http_timeout(self):
         """10 s by default, more than 0, described in the help, handed to the pages' site."""
@@ -279,7 +279,7 @@ class OptionTests(unittest.TestCase):
         self.assertIn("--server-name", str(tap.Options()))
         names = self.factory(
             "--server-name", "signalling.example.org", "--server-name", "other.example.org"
-        ).server_names
+        ).policy.server_names
         self.assertIn("signalling.example.org", names)
         self.assertIn("other.example.org", names)
         self.assertNotIn("third.example.org", names)
@@ -302,9 +302,7 @@ class PageConnectionTests(unittest.SynchronousTestCase):
         self.patch(txaio.config, "loop", self.clock)
         self.limits = ConnectionLimits(2, 100, exempt=())
         self.factory = web.with_pages(
-            SignallingServerFactory(
-                None, Registry(), self.clock, limits=self.limits, count_addresses=True
-            ),
+            signalling_factory(Registry(), self.clock, limits=self.limits, count_addresses=True),
             timeout=3,
         )
 
@@ -483,7 +481,7 @@ class BoundsMixin:
             client.transport.write(_HEALTH)
             await client._until(lambda c=client: c.received.endswith(b"OK\n"), "the answer")
             kept.append(client)
-        self.assertEqual(server.factory.limits.open_from("127.0.0.1"), 3)
+        self.assertEqual(server.factory.policy.limits.open_from("127.0.0.1"), 3)
         refused = await self.raw_from(server)
         refused.transport.write(_HEALTH)
         await refused.dropped()
@@ -494,7 +492,7 @@ class BoundsMixin:
         for client in kept:
             await client.dropped()
         await eventually(
-            lambda: server.factory.limits.open_from("127.0.0.1") == 0, "the places to be given back"
+            lambda: server.factory.policy.limits.open_from("127.0.0.1") == 0, "the places to be given back"
         )
         await server.hello("again")
 
@@ -568,7 +566,7 @@ class BoundsMixin:
         )
         event = await self.registered(server, "alice", "203.0.113.9")
         self.assertTrue(event["peer_addr"].startswith("tcp4:127.0.0.1:"), event["peer_addr"])
-        limits = server.factory.limits
+        limits = server.factory.policy.limits
         await eventually(lambda: limits.open_from("127.0.0.1") == 0, "alice's place")
         status, _ = await self.upgrade(server, "evil registered from 10.0.0.1")
         self.assertEqual(status, 101)

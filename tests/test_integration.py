@@ -24,6 +24,7 @@ from zope.interface import implementer
 from tests.certificates import write_certificate
 from tests.clients import RawClient, WAIT, eventually, pause
 from tests.servers import Server
+from tests.helpers import change_settings
 
 
 MiB = 1024 * 1024
@@ -1257,7 +1258,7 @@ class IntegrationTestsMixin:
         timeout passes without a pong, takes the uid over; its session
         partner is closed with 1000 as for any close.
         """
-        self.server.factory.reclaim_timeout = 0.5
+        change_settings(self.server.factory, reclaim_timeout=0.5)
         partner = await self.server.hello("partner")
         dead = await self.server.raw()
         await dead.upgrade()
@@ -1283,7 +1284,7 @@ class IntegrationTestsMixin:
         (docs/protocol.md, Registration). A silent holder is still
         replaced (the test above).
         """
-        self.server.factory.reclaim_timeout = 0.5
+        change_settings(self.server.factory, reclaim_timeout=0.5)
         nodes = getattr(self.server, "nodes", [self.server])
         # Backpressure holds a partner back within one process; in a
         # cluster the newcomer is on another, and probes through Redis.

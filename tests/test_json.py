@@ -15,12 +15,13 @@ from signalling.core import json_wire
 from signalling.core.dialects import DIALECTS
 from signalling.core.interfaces import JsonRefused, PeerNotFound, UidTaken
 from signalling.core.registry import Registry
-from signalling.server.factory import DEFAULT_DIALECT_WAIT
+from signalling.server.settings import DEFAULT_DIALECT_WAIT
 from signalling.server.protocol import DIALECT_RECHECK, DIALECT_RECHECKS
 from signalling.server.metrics import SignallingCollector
 from tests import backends
 from tests.clients import eventually
 from tests.servers import Loopback, Server
+from tests.helpers import change_settings
 
 
 def obj(text):
@@ -446,14 +447,14 @@ class DialectTests(unittest.TestCase):
 
     def test_a_pinned_port_welcomes_at_once(self):
         """On a port pinned to the JSON dialect a connection is welcomed at once."""
-        self.net.factory.dialect = "json"
+        change_settings(self.net.factory, dialect="json")
         client = self.net.client()
         self.net.flush()
         self.assertEqual(obj(client.drain()[0])["type"], "welcome")
 
     def test_a_pinned_path_welcomes_at_once(self):
         """On a path pinned to the JSON dialect a connection is welcomed at once."""
-        self.net.factory.dialect_paths = {"/": "json"}
+        change_settings(self.net.factory, dialect_paths={"/": "json"})
         client = self.net.client()
         self.net.flush()
         self.assertEqual(obj(client.drain()[0])["type"], "welcome")
@@ -575,8 +576,7 @@ class DialectTests(unittest.TestCase):
 
     def test_requests_past_the_rate_are_refused_and_a_flood_is_closed_with_1008(self):
         """Requests past the burst get a rate-limit error; a flood is closed with 1008."""
-        self.net.factory.command_rate = 1.0
-        self.net.factory.command_burst = 3
+        change_settings(self.net.factory, command_rate=1.0, command_burst=3)
         client, _ = self.json_client()
         for _ in range(3):
             client.send_text('{"type":"listConsumers"}')
@@ -837,7 +837,7 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         self.assertEqual(welcome["type"], "welcome")
         self.assertGreaterEqual(waited, DEFAULT_DIALECT_WAIT)
         self.assertLess(waited, DEFAULT_DIALECT_WAIT + 0.5)
-        self.server.factory.dialect_paths = {"/gst": "json"}
+        change_settings(self.server.factory, dialect_paths={"/gst": "json"})
         started = reactor.seconds()
         pinned = await self.server.connect(path="/gst")
         self.assertEqual((await self.next_json(pinned))["type"], "welcome")

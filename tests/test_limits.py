@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from signalling.core.wire import MAX_ID_LENGTH
 from signalling.server import tap
-from signalling.server.factory import DEFAULT_MAX_OUTPUT
+from signalling.server.settings import DEFAULT_MAX_OUTPUT
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import Stats
 from tests.certificates import write_certificate
@@ -111,7 +111,7 @@ class LimitsMixin:
         first.close()
         await first.closed()
         await eventually(
-            lambda: server.factory.limits.open_from("127.0.0.1") == 1,
+            lambda: server.factory.policy.limits.open_from("127.0.0.1") == 1,
             "the closed connection to be given back",
         )
         third = await server.hello("third")

@@ -34,7 +34,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from signalling.server import listening, tap, tls
-from signalling.server.factory import DEFAULT_KEEPALIVE
+from signalling.server.settings import DEFAULT_KEEPALIVE
 from tests.certificates import write_certificate
 from tests.helpers import ROOT
 from tests.servers import ProcessMixin, REPLY_TIMEOUT, START_TIMEOUT, ServerProcess, TrustOne, client_factory, free_port, twistd_command

@@ -23,6 +23,7 @@ from tests.clients import Client
 from tests.servers import Loopback
 
 from tests import backends
+from tests.helpers import change_settings
 
 OFFER = '{"sdp": {"type": "offer", "sdp": "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\n"}}'
 
@@ -128,7 +129,7 @@ class RegistrationTests(ProtocolTestCase):
         reclaim timeout: the holder is closed (1008), its room is told, and
         the uid is the newcomer's.
         """
-        self.net.factory.reclaim_timeout = 2.0
+        change_settings(self.net.factory, reclaim_timeout=2.0)
         silent = self.net.hello("alice", answer_pings=False)
         silent.send_text("ROOM r")
         member = self.net.hello("member")
@@ -150,7 +151,7 @@ class RegistrationTests(ProtocolTestCase):
         self.close_all(newcomer, member)
 
     def test_a_holder_that_answers_the_ping_keeps_its_uid(self):
-        self.net.factory.reclaim_timeout = 2.0
+        change_settings(self.net.factory, reclaim_timeout=2.0)
         alice = self.net.hello("alice")
         error = self.refused("HELLO alice", "invalid peer uid")
         self.assertEqual(error, "ERROR peer uid 'alice' is already taken")
@@ -159,7 +160,7 @@ class RegistrationTests(ProtocolTestCase):
         self.close_all(alice)
 
     def test_without_a_reclaim_timeout_a_taken_uid_is_refused_at_once(self):
-        self.net.factory.reclaim_timeout = 0
+        change_settings(self.net.factory, reclaim_timeout=0)
         silent = self.net.hello("alice", answer_pings=False)
         self.refused("HELLO alice", "invalid peer uid")
         self.assertEqual(silent.pings, 0)
@@ -801,7 +802,7 @@ class HelloTimeoutTests(ProtocolTestCase):
         On a port pinned to the examples' dialect, no HELLO in time: close
         1008; a registered peer is not affected.
         """
-        self.net.factory.dialect = "examples"
+        change_settings(self.net.factory, dialect="examples")
         silent = self.net.client()
         registered = self.net.hello("a")
         self.net.clock.advance(2.9)

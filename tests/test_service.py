@@ -43,7 +43,6 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from signalling.server import tls
-from signalling.server.factory import SignallingServerFactory
 from signalling.server.metrics import Stats
 from signalling.core.registry import Registry
 from signalling.server import service as service_module
@@ -52,7 +51,7 @@ from signalling.server.systemd import Notifier
 from signalling.server.web import with_pages
 from tests.certificates import write_certificate
 from tests.clients import WAIT, eventually
-from tests.helpers import hide_service_manager, websocket_factory
+from tests.helpers import hide_service_manager, signalling_factory, websocket_factory
 from tests.servers import NotifySocket, Server, client_endpoint, make_service, tls_handshake
 
 READY = ["READY=1", "STATUS=accepting connections"]
@@ -89,7 +88,7 @@ def build_service(clock, descriptions=(LOOPBACK,), **kwargs):
     registry, stats = Registry(), Stats()
     listen, factories = [], []
     for description in descriptions:
-        factory = SignallingServerFactory(None, registry, clock, stats=stats)
+        factory = signalling_factory(registry, clock, stats=stats)
         with_pages(factory, b"/health")
         listen.append((description, serverFromString(reactor, description), factory))
         factories.append(factory)

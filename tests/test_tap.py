@@ -31,11 +31,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 import signalling
 from signalling.server import listening, tap, tls
-from signalling.server.factory import (
-    MIN_KEEPALIVE,
-    TIMER_ROUNDING,
-    SignallingServerFactory,
-)
+from signalling.server.factory import TIMER_ROUNDING, SignallingServerFactory
+from signalling.server.settings import MIN_KEEPALIVE
 from signalling.server.metrics import Stats
 from signalling.core.registry import Registry
 from signalling.server.service import SignallingService
@@ -635,7 +632,7 @@ class ServiceTests(unittest.TestCase):
         # the pong deadline has that added to keep the full keepalive time.
         self.assertEqual(factory.autoPingTimeout, 7.5 + TIMER_ROUNDING)
         self.assertEqual(factory.maxMessagePayloadSize, 1000)
-        self.assertEqual(factory.hello_timeout, 3)
+        self.assertEqual(factory.settings.hello_timeout, 3)
         self.assertIs(factory.clock, self.reactor)
 
     def test_websocket_factory_is_set_deliberately_by_default(self):
@@ -812,7 +809,7 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(len(warnings), 1, warnings)
         self.assertIn("--log-payloads", warnings[0]["log_format"])
         for site in self.sites():
-            self.assertTrue(websocket_factory(site).log_payloads)
+            self.assertTrue(websocket_factory(site).settings.log_payloads)
 
         self.reactor = MemoryReactorClock()
         with capturedLogs() as events:
@@ -820,7 +817,7 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(
             [e for e in events if e["log_level"] >= LogLevel.warn], []
         )
-        self.assertFalse(websocket_factory(self.the_site()).log_payloads)
+        self.assertFalse(websocket_factory(self.the_site()).settings.log_payloads)
 
 
 class VersionTests(unittest.SynchronousTestCase):

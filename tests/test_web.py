@@ -24,9 +24,8 @@ from twisted.web.http_headers import Headers
 
 from signalling.server import websocket as web_protocol
 from signalling.server import tap, web
-from signalling.server.factory import SignallingServerFactory
 from signalling.core.registry import Registry
-from tests.helpers import http_get
+from tests.helpers import http_get, signalling_factory
 
 _CONFIG = re.compile(r'<script id="config" type="application/json">(.*?)</script>', re.S)
 
@@ -49,7 +48,7 @@ class WebTestsMixin:
     def serve_root(self, **kwargs):
         """Listen on ``127.0.0.1``; stop listening at cleanup."""
         factory = web.with_pages(
-            SignallingServerFactory(None, Registry(), reactor), b"/health", **kwargs
+            signalling_factory(Registry(), reactor), b"/health", **kwargs
         )
         self.assertIsInstance(factory.web.resource, web.SignallingRoot)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -330,7 +329,7 @@ class PortRoutingTests(unittest.SynchronousTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.factory = web.with_pages(SignallingServerFactory(None, Registry(), self.clock))
+        self.factory = web.with_pages(signalling_factory(Registry(), self.clock))
 
     def connect(self):
         """:returns: ``(protocol, transport)`` of a new connection."""
@@ -444,7 +443,7 @@ class PortRoutingTests(unittest.SynchronousTestCase):
 
     def test_without_pages_a_plain_request_gets_426(self):
         """A factory with no site refuses plain requests: Upgrade Required."""
-        self.factory = SignallingServerFactory(None, Registry(), self.clock)
+        self.factory = signalling_factory(Registry(), self.clock)
         protocol, transport = self.connect()
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 426 "), transport.value())

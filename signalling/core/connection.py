@@ -100,23 +100,22 @@ def examples_token_allows(grant):
     )
 
 
-def take_token(connection, server):
+def take_token(connection, clock, settings):
     """
     Take a token from ``connection``'s bucket of commands (its ``_tokens``,
-    ``_tokens_at`` and ``_strikes``): ``server.command_burst`` tokens,
-    refilled at ``server.command_rate`` a second.
+    ``_tokens_at`` and ``_strikes``): ``settings.command_burst`` tokens,
+    refilled at ``settings.command_rate`` a second.
 
     :returns: True if there was one; else the refusals in a row are counted
         in ``_strikes``.
     """
-    now = server.clock.seconds()
+    now = clock.seconds()
+    burst = settings.command_burst
     tokens = connection._tokens
     if tokens is None:
-        tokens = server.command_burst
+        tokens = burst
     else:
-        tokens = min(
-            server.command_burst, tokens + (now - connection._tokens_at) * server.command_rate
-        )
+        tokens = min(burst, tokens + (now - connection._tokens_at) * settings.command_rate)
     connection._tokens_at = now
     if tokens >= 1:
         connection._tokens = tokens - 1
@@ -179,9 +178,20 @@ class _LoggingLink:
 
 class ConnectionCommon:
     """
-    What the connections of both dialects do alike: the command rate, flow
-    control, closing for the server's own reasons, letting go of their id,
-    and unexpected errors. A subclass provides ``_send_error(reason, kind)``.
+    What the connections of every dialect do alike: input held while a
+    command waits, the command rate, flow control, closing for the server's
+    own reasons, letting go of their id, and unexpected errors. A subclass
+    provides ``opened()``, ``_handle(payload, is_binary)``, a ``_pending``
+    that is true while a command waits, and ``_send_error(reason, kind)``.
+
+    :param shared: what the connections of a server share (the WebSocket
+        factory): ``registry`` (an
+        :class:`signalling.core.interfaces.IRegistry`), ``clock`` (an
+        ``IReactorTime``), ``stats`` (a
+        :class:`signalling.server.metrics.Stats`), ``settings`` (a
+        :class:`signalling.server.settings.ServerSettings`) and
+        ``shutting_down``.
+    :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
 
     :ivar uid: the peer's id once registered (welcomed), else None.
     :ivar cause: why the server closed the connection, for the log, when
@@ -189,7 +199,7 @@ class ConnectionCommon:
     """
 
     __slots__ = (
-        "_server",
+        "_shared",
         "_output",
         "_stats",
         "uid",
@@ -207,10 +217,10 @@ class ConnectionCommon:
     )
     _log = Logger()
 
-    def __init__(self, server, output):
-        self._server = server
+    def __init__(self, shared, output):
+        self._shared = shared
         self._output = output
-        self._stats = server.stats
+        self._stats = shared.stats
         self.uid = None
         self.cause = None
         #: Input held while a request is pending (a deque), else None, and
@@ -229,6 +239,11 @@ class ConnectionCommon:
         self._tokens = None
         self._tokens_at = 0.0
         self._strikes = 0
+
+    @property
+    def _settings(self):
+        """The server's :class:`signalling.server.settings.ServerSettings`."""
+        return self._shared.settings
 
     # Input.
 
@@ -350,7 +365,7 @@ class ConnectionCommon:
         refused with :attr:`rate_limited`; after :data:`RATE_STRIKES`
         refusals in a row the connection is closed with 1008.
         """
-        if take_token(self, self._server):
+        if take_token(self, self._shared.clock, self._shared.settings):
             return True
         if self._strikes > RATE_STRIKES:
             self._stats.error_sent("rate_limited")
@@ -406,7 +421,7 @@ class ConnectionCommon:
         self._close_for(self.cause, CLOSE_INTERNAL_ERROR, "internal error")
 
     def _release(self, uid):
-        d = defer.maybeDeferred(self._server.registry.remove, uid, self)
+        d = defer.maybeDeferred(self._shared.registry.remove, uid, self)
         d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))
 
 
@@ -415,11 +430,8 @@ class Connection(ConnectionCommon):
     """
     One signalling connection's state and logic.
 
-    :param server: what the connections of a server share: ``registry``
-        (an :class:`signalling.core.interfaces.IRegistry`), ``clock`` (an
-        ``IReactorTime``), ``hello_timeout`` (seconds), ``stats`` (a
-        :class:`signalling.server.metrics.Stats`), ``log_payloads`` and
-        ``shutting_down`` (booleans). The WebSocket factory is one.
+    :param shared: what the connections of a server share (see
+        :class:`ConnectionCommon`).
     :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
 
     :ivar uid: the registered uid, or None.
@@ -440,8 +452,8 @@ class Connection(ConnectionCommon):
         "_hello_call",
     )
 
-    def __init__(self, server, output):
-        super().__init__(server, output)
+    def __init__(self, shared, output):
+        super().__init__(shared, output)
         self.partner_uid = None
         self.room_id = None
         self.link = None
@@ -463,8 +475,8 @@ class Connection(ConnectionCommon):
 
     def opened(self):
         """The WebSocket is open: start the deadline for ``HELLO``."""
-        self._hello_call = self._server.clock.callLater(
-            self._server.hello_timeout, self._hello_timed_out
+        self._hello_call = self._shared.clock.callLater(
+            self._settings.hello_timeout, self._hello_timed_out
         )
 
     def _handle(self, payload, is_binary):
@@ -576,7 +588,7 @@ class Connection(ConnectionCommon):
     def session_started(self, partner_uid, link, caller):
         """Start relaying to ``partner_uid``; the caller is told ``SESSION_OK``."""
         self.partner_uid = partner_uid
-        if self._server.log_payloads:
+        if self._settings.log_payloads:
             link = _LoggingLink(link, self.uid or self._hello_uid(), partner_uid)
         self.link = link
         if not caller:
@@ -599,7 +611,7 @@ class Connection(ConnectionCommon):
         self.uid = None
         self.link = None
         self._closing = True
-        if self._server.shutting_down:
+        if self._shared.shutting_down:
             # Every connection is being closed: this one for that reason.
             self.going_away()
             return
@@ -649,7 +661,7 @@ class Connection(ConnectionCommon):
         if self._queued is not None:
             self._queued.append((self.room_peer_left, room_id, uid))
             return
-        if not self._server.shutting_down:
+        if not self._shared.shutting_down:
             self._send_text(wire.room_peer_left(uid))
 
     def room_message(self, sender_uid, payload):
@@ -660,7 +672,7 @@ class Connection(ConnectionCommon):
         stats = self._stats
         stats.room_messages += 1
         stats.room_bytes += len(payload.encode("utf-8"))
-        if self._server.log_payloads:
+        if self._settings.log_payloads:
             self._log.info(
                 "room message from {sender_uid} to {uid}: {payload}",
                 sender_uid=sender_uid,
@@ -682,7 +694,7 @@ class Connection(ConnectionCommon):
             self._send_error(wire.BINARY_OUTSIDE_SESSION, "binary_outside_session")
             return
         command, rest = wire.split_command(payload.decode("utf-8"))
-        registry = self._server.registry
+        registry = self._shared.registry
         if self.room_id is not None:
             if command == wire.ROOM_PEER_MSG:
                 try:
@@ -748,7 +760,7 @@ class Connection(ConnectionCommon):
         if grant is not None and not grant.allows_uid(uid):
             self._refuse(wire.not_allowed("uid", uid), NOT_ALLOWED_CLOSE, "not_allowed")
             return
-        self._start(_HELLO, payload, is_binary, self._server.registry.register, uid, self, uid=uid)
+        self._start(_HELLO, payload, is_binary, self._shared.registry.register, uid, self, uid=uid)
 
     def _hello_uid(self):
         pending = self._pending
@@ -855,12 +867,12 @@ class Connection(ConnectionCommon):
 
         :returns: False when there is nothing to try (the HELLO is refused).
         """
-        timeout = self._server.reclaim_timeout
+        timeout = self._settings.reclaim_timeout
         grant = self._output.grant
         owner = grant is not None and grant.uid == pending.uid
         if not (timeout or owner):
             return False
-        holder = self._server.registry.peer_of(pending.uid)
+        holder = self._shared.registry.peer_of(pending.uid)
         if holder is None or holder is self:
             return False
         alive = defer.succeed(False) if owner else holder.probe(timeout)
@@ -883,7 +895,7 @@ class Connection(ConnectionCommon):
             peer_addr=self._output.peer_addr,
         )
         holder.replaced()
-        self._ask(pending, self._server.registry.register, pending.uid, self)
+        self._ask(pending, self._shared.registry.register, pending.uid, self)
 
     def probe(self, timeout):
         """IPeer: is the peer still there? (a Deferred firing True or False)"""

@@ -50,8 +50,8 @@ class JsonConnection(ConnectionCommon):
     """
     One JSON-dialect connection's state and logic.
 
-    :param server: what the connections of a server share (see
-        :class:`signalling.core.connection.Connection`).
+    :param shared: what the connections of a server share (see
+        :class:`signalling.core.connection.ConnectionCommon`).
     :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
 
     :ivar uid: the peer id, once welcomed.
@@ -65,8 +65,8 @@ class JsonConnection(ConnectionCommon):
 
     __slots__ = ("version", "_peer_id", "_first", "_pending")
 
-    def __init__(self, server, output):
-        super().__init__(server, output)
+    def __init__(self, shared, output):
+        super().__init__(shared, output)
         self.version = json_wire.V1_0
         self._peer_id = None
         #: True until a message was handled (setProtocolVersion must be first).
@@ -84,7 +84,7 @@ class JsonConnection(ConnectionCommon):
     def opened(self):
         """The WebSocket is open: name the peer and welcome it."""
         peer_id = self._peer_id = str(uuid.uuid4())
-        self._call(self._welcomed, self._server.registry.welcome, peer_id, self)
+        self._call(self._welcomed, self._shared.registry.welcome, peer_id, self)
 
     def _handle(self, payload, is_binary):
         if is_binary:
@@ -99,7 +99,7 @@ class JsonConnection(ConnectionCommon):
             )
             return
         first, self._first = self._first, False
-        registry = self._server.registry
+        registry = self._shared.registry
         kind = message.type
         if kind == "peer":
             if len(message.fields["sessionId"]) > json_wire.MAX_ID_LENGTH:
@@ -177,7 +177,7 @@ class JsonConnection(ConnectionCommon):
                     return
                 meta = named
         size = len(meta) if meta.isascii() else len(meta.encode("utf-8"))
-        limit = self._server.max_meta_size
+        limit = self._settings.max_meta_size
         if size > limit:
             self._send_error(json_wire.meta_too_large(self.uid, size, limit), "meta_too_large")
             return

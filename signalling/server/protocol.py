@@ -70,16 +70,13 @@ class _Signalling:
         send ``HELLO`` at once, JSON clients wait for ``welcome``).
         """
         factory = self.factory
-        dialect = factory.dialect
-        paths = factory.dialect_paths
-        if paths:
-            path = self.http_request_path
-            dialect = paths.get(path, dialect)
+        settings = factory.settings
+        dialect = settings.dialect_for(self.http_request_path)
         self.compact()
         # Logged when it registers or closes: one line fewer per connection.
         factory.connections.add(self)
         if self.grant is not None:
-            if factory.auth.revoked(self.grant):
+            if factory.policy.revoked(self.grant):
                 # Its secret went (SIGHUP) while the handshake completed.
                 self.token_ended(TOKEN_REVOKED)
                 return
@@ -91,10 +88,10 @@ class _Signalling:
         if dialect == AUTO:
             rtt = self.tcp_rtt() or 0.0
             self._choosing = factory.clock.callLater(
-                factory.dialect_wait + DIALECT_RTTS * rtt, self._waited, 0
+                settings.dialect_wait + DIALECT_RTTS * rtt, self._waited, 0
             )
         else:
-            self._begin(factory.dialects[dialect])
+            self._begin(settings.dialects[dialect])
 
     def _waited(self, rechecks):
         """
@@ -108,7 +105,7 @@ class _Signalling:
                 DIALECT_RECHECK, self._waited, rechecks + 1
             )
             return
-        self._begin(self.factory.dialects.for_silence)
+        self._begin(self.factory.settings.dialects.for_silence)
 
     def _begin(self, dialect):
         # Back to the class default: one key fewer in every connection's
@@ -124,7 +121,7 @@ class _Signalling:
             if self._choosing is None:
                 return  # closed already
             self._choosing.cancel()
-            dialects = self.factory.dialects
+            dialects = self.factory.settings.dialects
             self._begin(dialects.for_first_message(payload, isBinary) or dialects.for_silence)
             connection = self.connection
         connection.received(payload, isBinary)
@@ -285,7 +282,7 @@ class _Signalling:
             the connection is closed as too slow instead.
         """
         unread = self._unread if self.output_blocked else 0
-        if unread + size <= self.factory.max_output:
+        if unread + size <= self.factory.settings.max_output:
             return True
         if self.connection is not None:
             self.connection.too_slow()

@@ -98,7 +98,7 @@ class ServerSettings:
     command_burst: int = DEFAULT_COMMAND_BURST
     dialect: str = AUTO
     dialects: DialectTable = DIALECTS
-    dialect_paths: object = MappingProxyType({})
+    dialect_paths: object = dataclasses.field(default_factory=dict)
     dialect_wait: float = DEFAULT_DIALECT_WAIT
     allowed_origins: frozenset = frozenset()
     reclaim_timeout: float = DEFAULT_RECLAIM_TIMEOUT

@@ -15,6 +15,9 @@ from twisted.web.server import Site
 
 import signalling
 from signalling.server import factory as _factory
+from signalling.server import settings as _settings
+from signalling.server.policy import HandshakePolicy, ServerNames
+from signalling.server.settings import ServerSettings
 from signalling.server import auth, limits, listening, logs, memory, tls, turn, workers
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
@@ -26,7 +29,6 @@ from signalling.server.service import SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
 from signalling.server import web
 from signalling.server.web import parse_ice_server, with_pages
-from signalling.server.websocket import ServerNames
 
 _log = Logger()
 
@@ -156,23 +158,23 @@ class Options(usage.Options):
          "created when missing (with a self-signed certificate); any other "
          "missing directory (a typo?) stops the start with one line, unless "
          "--create-cert-path is given.", str],
-        ["keepalive-timeout", None, _factory.DEFAULT_KEEPALIVE,
+        ["keepalive-timeout", None, _settings.DEFAULT_KEEPALIVE,
          "Seconds between WebSocket pings; a peer whose pong does not come back "
          "within that time is disconnected.",
-         _positive(float, _factory.MIN_KEEPALIVE)],
+         _positive(float, _settings.MIN_KEEPALIVE)],
         ["health", None, "/health",
          "Path of the HTTP health check (answers 200 OK): it starts with /, is "
          "not / itself and has no ?.", str],
-        ["max-message-size", None, _factory.DEFAULT_MAX_MESSAGE,
+        ["max-message-size", None, _settings.DEFAULT_MAX_MESSAGE,
          "Largest message accepted, in bytes; a larger one closes the connection "
          "with code 1009. What the server relays is not held to it.",
          _positive(int)],
-        ["hello-timeout", None, _factory.DEFAULT_HELLO_TIMEOUT,
+        ["hello-timeout", None, _settings.DEFAULT_HELLO_TIMEOUT,
          "Seconds a new connection of the examples' protocol has to send HELLO "
          "before it is closed (code 1008). On an auto port a silent connection "
          "is welcomed as a JSON client instead, after --dialect-wait.",
          _positive(float)],
-        ["max-output-buffer", None, _factory.DEFAULT_MAX_OUTPUT,
+        ["max-output-buffer", None, _settings.DEFAULT_MAX_OUTPUT,
          "Bytes the server keeps for a peer that does not read what is sent to "
          "it, beyond its socket's buffer. A peer that stops reading is not read "
          "from either, nor is its session partner (TCP pushes back on the "
@@ -181,7 +183,7 @@ class Options(usage.Options):
          "counts against it before it is queued: one that would not fit (a long "
          "list, say) is not queued, and the client is closed with 1008.",
          _positive(int)],
-        ["max-meta-size", None, _factory.DEFAULT_MAX_META,
+        ["max-meta-size", None, _settings.DEFAULT_MAX_META,
          "Largest meta a JSON peer may set with setPeerStatus, in bytes of "
          "its JSON; a larger one is answered with an error and not kept. It is "
          "kept as its JSON text, at most 32 levels deep.",
@@ -192,14 +194,14 @@ class Options(usage.Options):
         ["max-rooms", None, DEFAULT_MAX_ROOMS,
          "Most rooms at once; a new one past it is answered ERROR too many "
          "rooms on this server.", _positive(int)],
-        ["command-rate", None, _factory.DEFAULT_COMMAND_RATE,
+        ["command-rate", None, _settings.DEFAULT_COMMAND_RATE,
          "Commands (messages outside a session: HELLO, SESSION, ROOM, "
          "ROOM_PEER_MSG, ...) a connection may send a second, on average; past "
          "it a command is answered ERROR rate limit exceeded, and a connection "
          "that goes on (20 refusals in a row) is closed with 1008. Messages "
          "relayed in a session are not counted (backpressure holds those).",
          _positive(float)],
-        ["command-burst", None, _factory.DEFAULT_COMMAND_BURST,
+        ["command-burst", None, _settings.DEFAULT_COMMAND_BURST,
          "Commands a connection may send at once: enough for a newcomer "
          "greeting and offering to every member of a large room.", _positive(int)],
         ["max-connections-per-address", None, limits.DEFAULT_PER_ADDRESS,
@@ -216,11 +218,11 @@ class Options(usage.Options):
          "with 503 (/health still answers). Default: the open-file limit less "
          f"{limits.FD_RESERVE}, kept for health checks, metrics and logs",
          _positive(int)],
-        ["max-fragments", None, _factory.DEFAULT_MAX_FRAGMENTS,
+        ["max-fragments", None, _settings.DEFAULT_MAX_FRAGMENTS,
          "Most fragments (continuation frames) one message may come in; more "
          "closes the connection with 1009. Browsers and GStreamer send "
          "messages whole.", _positive(int)],
-        ["close-timeout", None, _factory.CLOSE_HANDSHAKE_TIMEOUT,
+        ["close-timeout", None, _settings.CLOSE_HANDSHAKE_TIMEOUT,
          "Seconds a connection the server closes may take: for the peer to "
          "answer the close, and for its TCP (and TLS) connection to end; then "
          "it is dropped. Its uid, session and room are released at once either "
@@ -254,7 +256,7 @@ class Options(usage.Options):
          "--turn-uri.", str],
         ["turn-ttl", None, turn.DEFAULT_TTL,
          "Seconds the TURN credentials stay valid.", _positive(int)],
-        ["reclaim-timeout", None, _factory.DEFAULT_RECLAIM_TIMEOUT,
+        ["reclaim-timeout", None, _settings.DEFAULT_RECLAIM_TIMEOUT,
          "When a HELLO asks for a uid another connection holds, that "
          "connection is pinged: if no pong comes back within this many "
          "seconds it is closed (1008, replaced by a new connection) and the "
@@ -270,7 +272,7 @@ class Options(usage.Options):
          "object speaks json, one whose first message is anything else "
          "examples, and one silent for --dialect-wait seconds is welcomed as "
          "a JSON client.", _dialect],
-        ["dialect-wait", None, _factory.DEFAULT_DIALECT_WAIT,
+        ["dialect-wait", None, _settings.DEFAULT_DIALECT_WAIT,
          "Seconds a connection on an auto port may take to send its first "
          "message before it is taken for a JSON client and welcomed; three of "
          "its TCP round trips are added.", _positive(float)],
@@ -596,7 +598,6 @@ def makeService(config, reactor=None):
         stats,
         config["ipv6-prefix-length"],
     )
-    server_names = ServerNames(config["server-name"], server_tls)
     token_keys = None
     if config["auth-secret"] is not None:
         try:
@@ -605,6 +606,14 @@ def makeService(config, reactor=None):
             )
         except auth.AuthConfigError as e:
             raise SystemExit(f"signalling: {e}")
+    settings = ServerSettings.from_options(config)
+    policy = HandshakePolicy(
+        settings,
+        stats,
+        token_keys,
+        connection_limits,
+        ServerNames(config["server-name"], server_tls),
+    )
     turn_credentials = None
     if config["turn-secret"] is not None:
         try:
@@ -636,28 +645,11 @@ def makeService(config, reactor=None):
             None,
             registry,
             reactor,
-            keepalive=config["keepalive-timeout"],
-            max_message=config["max-message-size"],
-            hello_timeout=config["hello-timeout"],
-            stats=stats,
-            trust_proxy=config["trust-proxy"],
-            log_payloads=config["log-payloads"],
-            close_timeout=config["close-timeout"],
-            max_output=config["max-output-buffer"],
-            max_meta_size=config["max-meta-size"],
-            max_fragments=config["max-fragments"],
-            limits=connection_limits,
+            settings,
+            policy,
+            stats,
             # Client addresses are counted by the port's outermost layer.
             count_addresses=not wrap,
-            command_rate=config["command-rate"],
-            command_burst=config["command-burst"],
-            dialect=config["dialect"],
-            dialect_paths=config["dialect-path"],
-            dialect_wait=config["dialect-wait"],
-            allowed_origins=config["allowed-origin"],
-            auth=token_keys,
-            reclaim_timeout=config["reclaim-timeout"],
-            server_names=server_names,
         )
         ws_factories.append((description, ws_factory))
         with_pages(
@@ -668,7 +660,7 @@ def makeService(config, reactor=None):
             config["http-timeout"],
         )
         factory = (
-            tls.ServerTLSFactory(server_tls, ws_factory, stats, connection_limits)
+            tls.ServerTLSFactory(server_tls, ws_factory, stats, policy)
             if wrap
             else ws_factory
         )
@@ -676,7 +668,7 @@ def makeService(config, reactor=None):
     if pipe is not None and handle_signals:
         pipe.stop_in_step([f for _, f in ws_factories])
     if metrics_endpoint is not None:
-        collector = SignallingCollector(stats, registry, ws_factories, DIALECTS)
+        collector = SignallingCollector(stats, registry, ws_factories, settings.dialects)
         metrics_site = Site(metrics_resource(collector))
         metrics_site.noisy = False
         listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))

@@ -351,7 +351,7 @@ class _CountingTLSProtocol(TLSMemoryBIOProtocol):
 
     def connectionLost(self, reason):
         if self.counted_host is not None:
-            self.factory.limits.release(self.counted_host)
+            self.factory.policy.release(self.counted_host)
             self.counted_host = None
         # The peer's Finished message: in TLS 1.3 the server sends its own
         # before the client has checked the certificate.
@@ -368,17 +368,18 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
     :param server_tls: the :class:`ServerTLS`.
     :param wrapped_factory: the factory of the protocol inside TLS.
     :param stats: a :class:`signalling.server.metrics.Stats` to count into, or None.
-    :param limits: a :class:`signalling.server.limits.ConnectionLimits` whose
-        per-address count this layer keeps (the port's outermost), or None.
+    :param policy: the :class:`signalling.server.policy.HandshakePolicy`
+        whose per-address count this layer keeps (the port's outermost), or
+        None: no count.
     """
 
     protocol = _CountingTLSProtocol
     noisy = False
 
-    def __init__(self, server_tls, wrapped_factory, stats=None, limits=None):
+    def __init__(self, server_tls, wrapped_factory, stats=None, policy=None):
         super().__init__(server_tls, False, wrapped_factory)
         self._stats = stats
-        self.limits = limits
+        self.policy = policy
 
     def buildProtocol(self, addr):
         """
@@ -386,8 +387,8 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         as many connections as it may: then None, before any handshake.
         """
         host = None
-        if self.limits is not None:
-            host = self.limits.admit_address(addr)
+        if self.policy is not None:
+            host = self.policy.admit_address(addr)
             if host is REFUSED:
                 return None
         proto = TLSMemoryBIOFactory.buildProtocol(self, addr)

@@ -142,25 +142,25 @@ class IceServersResource(Resource):
 
     :param ice_servers: the ``--ice-server`` entries.
     :param turn: a :class:`signalling.server.turn.TurnCredentials`, or None.
+    :param policy: the :class:`signalling.server.policy.HandshakePolicy`
+        that says what a request's token allows.
     """
 
     isLeaf = True
 
-    def __init__(self, ice_servers=(), turn=None, auth=None):
+    def __init__(self, ice_servers, turn, policy):
         super().__init__()
         self._ice_servers = list(ice_servers)
         self._turn = turn
-        self._auth = auth
+        self._policy = policy
 
     def render_GET(self, request):
-        grant = None
-        if self._auth is not None:
-            try:
-                grant = self._auth.check(_request_token(request))
-            except TokenRefused:
-                request.setResponseCode(401)
-                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-                return b"A valid token is needed\n"
+        try:
+            grant = self._policy.grant_for(_request_token(request))
+        except TokenRefused:
+            request.setResponseCode(401)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"A valid token is needed\n"
         servers = list(self._ice_servers)
         if self._turn is not None:
             uid = (request.args.get(b"uid") or [b""])[0].decode("utf-8", "replace").strip()
@@ -179,13 +179,16 @@ class PageResource(Resource):
 
     :param ice_servers: ``RTCIceServer`` dictionaries for the page (see
         :func:`parse_ice_server`).
+    :param turn: a :class:`signalling.server.turn.TurnCredentials`, or None.
+    :param policy: the :class:`signalling.server.policy.HandshakePolicy`
+        that says what a request's token allows.
     """
 
     isLeaf = True
 
-    def __init__(self, ice_servers=(), turn=None, auth=None):
+    def __init__(self, ice_servers, turn, policy):
         super().__init__()
-        self._auth = auth
+        self._policy = policy
         with open(os.path.join(STATIC_DIR, _PAGE_FILE), encoding="utf-8") as f:
             self._template = string.Template(f.read())
         self._ice_servers = list(ice_servers)
@@ -226,10 +229,8 @@ class PageResource(Resource):
         With tokens on, only a page asked for with a valid token gets TURN
         credentials: the ``--ice-server`` ones and ``--turn-secret``'s.
         """
-        if self._auth is None:
-            return True
         try:
-            self._auth.check(_request_token(request))
+            self._policy.grant_for(_request_token(request))
         except TokenRefused:
             return False
         return True
@@ -265,9 +266,9 @@ class SignallingRoot(Resource):
         self._websocket = UpgradeResource(ws_factory)
         self._health_path = health_path
         self._health = HealthResource(ws_factory.registry)
-        auth = ws_factory.auth
-        self._page = PageResource(ice_servers, turn, auth)
-        self._ice_servers = IceServersResource(ice_servers, turn, auth)
+        policy = ws_factory.policy
+        self._page = PageResource(ice_servers, turn, policy)
+        self._ice_servers = IceServersResource(ice_servers, turn, policy)
         self._files = _static_files()
 
     def getChildWithDefault(self, path, request):
@@ -304,21 +305,21 @@ class PageChannel(HTTPChannel):
     (the idle timeout alone starts again with every byte).
     """
 
-    _limits = None
-    #: The key the limits count this connection under, if any.
+    _policy = None
+    #: The key the policy counts this connection under, if any.
     _counted = None
     #: Ends the connection when the request being received is late.
     _request_call = None
 
-    def hold_count(self, limits, key):
-        """Hold the count ``limits`` keeps under ``key`` until the connection ends."""
-        self._limits, self._counted = limits, key
+    def hold_count(self, policy, key):
+        """Hold the count ``policy`` keeps under ``key`` until the connection ends."""
+        self._policy, self._counted = policy, key
 
     def release_count(self):
         """Give the count back (the connection ends, or becomes a WebSocket)."""
         key, self._counted = self._counted, None
         if key is not None:
-            self._limits.release(key)
+            self._policy.release(key)
 
     def dataReceived(self, data):
         if self._request_call is None:
@@ -386,6 +387,6 @@ def with_pages(
         SignallingRoot(ws_factory, health_path, ice_servers, turn),
         ws_factory.clock,
         timeout,
-        ws_factory.close_timeout,
+        ws_factory.settings.close_timeout,
     )
     return ws_factory

@@ -20,7 +20,6 @@ relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
 ``onClose``.
 """
 
-import ipaddress
 import socket
 import struct
 import time
@@ -39,9 +38,9 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
-from signalling.core.dialects import AUTO
-from signalling.server.auth import TokenRefused, token_of
-from signalling.server.limits import REFUSED, host_of, parse_address
+from signalling.server.auth import token_of
+from signalling.server.limits import host_of
+from signalling.server.policy import Refused
 from signalling.server.tls import tls_failure_reason
 
 _OPEN = WebSocketProtocol.STATE_OPEN
@@ -220,74 +219,6 @@ _NO_LIMIT = 1 << 63
 MAX_REQUEST_HEAD = 16 * 1024
 
 
-def normalize_origin(origin):
-    """:returns: ``origin`` (``scheme://host[:port]``) as browsers send it, lower case."""
-    return origin.strip().rstrip("/").lower()
-
-
-def host_name(netloc):
-    """
-    :returns: the host of ``host[:port]`` (a ``Host`` header, an origin's
-        part after ``://``), lower case, an IPv6 literal without its brackets.
-    """
-    netloc = netloc.strip().lower()
-    if netloc.startswith("["):
-        return netloc[1:].partition("]")[0]
-    host, colon, port = netloc.rpartition(":")
-    if colon and port.isdigit():
-        return host
-    return netloc
-
-
-class ServerNames:
-    """
-    The host names the server knows are its own, for the origin check:
-    ``localhost``, any IP literal, the ``names`` given (``--server-name``)
-    and the DNS names of the TLS certificate it serves (as reloaded). A
-    wildcard name, ``*.example.org``, covers one label (``a.example.org``).
-
-    :param names: host names.
-    :param server_tls: a :class:`signalling.server.tls.ServerTLS`, or None.
-    """
-
-    def __init__(self, names=(), server_tls=None):
-        self._names = frozenset(n.strip().lower().rstrip(".") for n in names) | {"localhost"}
-        self._tls = server_tls
-
-    def __contains__(self, host):
-        host = host.rstrip(".")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            return True
-        label, dot, parent = host.partition(".")
-        wildcard = "*." + parent if dot and label else None
-        for names in (self._names, self._tls.dns_names if self._tls is not None else ()):
-            if host in names or (wildcard is not None and wildcard in names):
-                return True
-        return False
-
-
-def _origin_allowed(origin, allowed, host, own_names):
-    """
-    :returns: whether a handshake with this ``Origin`` may go on: one of the
-        ``allowed`` origins, or the server's own: the page it serves, an
-        ``http``/``https`` origin naming the host and port of the
-        request's ``Host``, when that host is one of ``own_names`` (a
-        :class:`ServerNames`). Any other name may reach the server through
-        DNS (rebinding) and carry a page of another site.
-    """
-    origin = normalize_origin(origin)
-    if origin in allowed:
-        return True
-    scheme, _, netloc = origin.partition("://")
-    if scheme not in ("http", "https") or not host or netloc != host.strip().lower():
-        return False
-    return host_name(netloc) in own_names
-
-
 def asks_for_websocket(head):
     """
     :param head: an HTTP request head, without the blank line that ends it.
@@ -363,10 +294,8 @@ class ServerProtocol(WebSocketServerProtocol):
     _next_turn_call = None
     #: The client address counted for this connection (limits), if any.
     counted_host = None
-    #: The forwarded address counted at the upgrade, behind a trusted proxy.
-    _counted_forwarded = None
-    #: True once counted among the server's WebSocket connections.
-    _counted_websocket = False
+    #: What the policy counted at the upgrade (signalling.server.policy.Admission).
+    _admission = None
     #: Why reading from the peer is paused (a frozenset of reasons).
     _read_pauses = frozenset()
     #: What the connection's token allows (signalling.server.auth.Grant),
@@ -532,96 +461,36 @@ class ServerProtocol(WebSocketServerProtocol):
         proxy, the forwarded client address is no IP address (400) or holds
         as many as it may (429).
         """
-        forwarded = self._forwarded_address(request)
-        keys = self.factory.auth
-        if keys is not None:
-            try:
-                self.grant = keys.check(token_of(request))
-            except TokenRefused as e:
-                self.factory.stats.connection_refused("token_" + e.reason)
-                raise ConnectionDeny(401, "A valid token is needed")
-            pinned = self.factory.dialect
-            paths = self.factory.dialect_paths
-            if paths:
-                pinned = paths.get(request.path, pinned)
-            if pinned != AUTO and not self.factory.dialects[pinned].token_allows(self.grant):
-                # A valid token, for the other protocol.
-                self.factory.stats.connection_refused("token_not_allowed")
-                raise ConnectionDeny(403, "The token does not allow this protocol")
-        allowed = self.factory.allowed_origins
-        if allowed:
-            origin = request.headers.get("origin")
-            host = request.headers.get("host", "")
-            if origin is not None and not _origin_allowed(
-                origin, allowed, host, self.factory.server_names
-            ):
-                self.factory.stats.connection_refused("origin")
-                raise ConnectionDeny(403, "Origin not allowed")
-        limits = self.factory.limits
-        if limits is None:
-            return None
-        if forwarded is not None:
-            key = limits.admit_forwarded(forwarded)
-            if key is REFUSED:
-                raise ConnectionDeny(429, "Too many connections from your address")
-            self._counted_forwarded = key
-        if not limits.admit_websocket():
-            self._release_counts()
-            raise ConnectionDeny(503, "Server full")
-        self._counted_websocket = True
+        policy = self.factory.policy
+        try:
+            forwarded = None
+            if self.trustXForwardedFor:
+                # Autobahn took ``peer`` from X-Forwarded-For as it was
+                # sent, on any connection: the logs name the socket's
+                # address, or the forwarded one the policy accepts, in its
+                # one normal spelling.
+                self.peer = peer2str(self.transport)
+                forwarded = policy.forwarded_address(
+                    request.headers.get("x-forwarded-for"), host_of(self.transport.getPeer())
+                )
+                if forwarded is not None:
+                    self.peer = str(forwarded)
+            self.grant, self._admission = policy.admit_upgrade(
+                request.path, request.headers, token_of(request), forwarded
+            )
+        except Refused as e:
+            raise ConnectionDeny(e.status, e.text)
         return None
 
-    def _forwarded_address(self, request):
-        """
-        The client address a trusted proxy forwarded; and, in every case,
-        the address the logs name (``peer``).
-
-        Autobahn took ``peer`` from ``X-Forwarded-For`` as it was sent, on
-        any connection. Here the header counts only on a connection from
-        the proxy (an exempt network of the limits, or a Unix socket; any
-        connection when the factory has no limits), and only as an IP
-        address: ``peer`` becomes that address in its one normal spelling
-        (an IPv4-mapped IPv6 address as the IPv4 address), and otherwise
-        the socket's address again.
-
-        :returns: the forwarded address (``ipaddress``), or None.
-        :raises ConnectionDeny: 400 when the proxy forwarded something that
-            is not an IP address (``unknown``, ``unix:...``, text).
-        """
-        if not self.trustXForwardedFor:
-            return None
-        self.peer = peer2str(self.transport)
-        header = request.headers.get("x-forwarded-for")
-        if header is None:
-            return None
-        limits = self.factory.limits
-        if limits is not None:
-            own = host_of(self.transport.getPeer())
-            if own is not None and not limits.exempt(own):
-                return None
-        hops = [hop.strip() for hop in header.split(",")]
-        try:
-            address = parse_address(hops[-self.trustXForwardedFor:][0])
-        except ValueError:
-            self.factory.stats.connection_refused("forwarded")
-            raise ConnectionDeny(400, "X-Forwarded-For does not name an IP address")
-        self.peer = str(address)
-        return address
-
     def _release_counts(self):
-        """Give back what the limits counted for this connection."""
-        limits = self.factory.limits
-        if limits is None:
-            return
+        """Give back what the policy counted for this connection."""
+        policy = self.factory.policy
         if self.counted_host is not None:
-            limits.release(self.counted_host)
+            policy.release(self.counted_host)
             self.counted_host = None
-        if self._counted_forwarded is not None:
-            limits.release(self._counted_forwarded)
-            self._counted_forwarded = None
-        if self._counted_websocket:
-            limits.release_websocket()
-            self._counted_websocket = False
+        if self._admission is not None:
+            policy.release_upgrade(self._admission)
+            self._admission = None
 
     def _connectionMade(self):
         WebSocketServerProtocol._connectionMade(self)
@@ -668,7 +537,7 @@ class ServerProtocol(WebSocketServerProtocol):
         # client address's count until the connection ends.
         transport.unregisterProducer()
         if self.counted_host is not None:
-            channel.hold_count(self.factory.limits, self.counted_host)
+            channel.hold_count(self.factory.policy, self.counted_host)
             self.counted_host = None
         self._release_counts()
         self.state = _CLOSED
@@ -729,10 +598,10 @@ class ServerProtocol(WebSocketServerProtocol):
         """
         WebSocketServerProtocol.onMessageFrameBegin(self, length)
         self._fragments += 1
-        if self._fragments > self.factory.max_fragments and not self.failedByMe:
+        if self._fragments > self.factory.settings.max_fragments and not self.failedByMe:
             self._fail_connection(
                 WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
-                f"message in more than {self.factory.max_fragments} fragments",
+                f"message in more than {self.factory.settings.max_fragments} fragments",
             )
 
     # Closing.
@@ -819,7 +688,7 @@ class ServerProtocol(WebSocketServerProtocol):
             and self._drop_call is None
         ):
             self._drop_call = self.factory.clock.callLater(
-                self.factory.close_timeout, self._abort
+                self.factory.settings.close_timeout, self._abort
             )
 
     def _cancel_timers(self):

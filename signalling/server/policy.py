@@ -1,0 +1,253 @@
+"""
+Who may connect, from where and in which dialect: the decisions of the
+opening handshake, in one object that the factory holds and that both the
+WebSocket side and the pages ask. The WebSocket layer only adapts Autobahn
+to it.
+
+- At accept: each client address (an IPv6 client by its prefix) holds at
+  most so many connections (:class:`signalling.server.limits.ConnectionLimits`).
+- At the upgrade: behind a trusted proxy, the forwarded address (an IP
+  address, or 400) is counted instead (429); a token (401 without a valid
+  one; 403 for a dialect it is not for); the page's origin (403); the
+  server's total of WebSocket connections (503).
+- The pages: the token of a plain request (TURN credentials, ``/ice-servers``).
+"""
+
+import ipaddress
+
+from signalling.core.dialects import AUTO
+from signalling.server.auth import TokenRefused
+from signalling.server.limits import REFUSED, parse_address
+from signalling.server.settings import normalize_origin
+
+
+class Refused(Exception):
+    """
+    A handshake the policy refuses.
+
+    :ivar status: the HTTP status to answer.
+    :ivar text: the reason phrase.
+    """
+
+    def __init__(self, status, text):
+        super().__init__(status, text)
+        self.status = status
+        self.text = text
+
+
+def host_name(netloc):
+    """
+    :returns: the host of ``host[:port]`` (a ``Host`` header, an origin's
+        part after ``://``), lower case, an IPv6 literal without its brackets.
+    """
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    host, colon, port = netloc.rpartition(":")
+    if colon and port.isdigit():
+        return host
+    return netloc
+
+
+class ServerNames:
+    """
+    The host names the server knows are its own, for the origin check:
+    ``localhost``, any IP literal, the ``names`` given (``--server-name``)
+    and the DNS names of the TLS certificate it serves (as reloaded). A
+    wildcard name, ``*.example.org``, covers one label (``a.example.org``).
+
+    :param names: host names.
+    :param server_tls: a :class:`signalling.server.tls.ServerTLS`, or None.
+    """
+
+    def __init__(self, names=(), server_tls=None):
+        self._names = frozenset(n.strip().lower().rstrip(".") for n in names) | {"localhost"}
+        self._tls = server_tls
+
+    def __contains__(self, host):
+        host = host.rstrip(".")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return True
+        label, dot, parent = host.partition(".")
+        wildcard = "*." + parent if dot and label else None
+        for names in (self._names, self._tls.dns_names if self._tls is not None else ()):
+            if host in names or (wildcard is not None and wildcard in names):
+                return True
+        return False
+
+
+def origin_allowed(origin, allowed, host, own_names):
+    """
+    :returns: whether a handshake with this ``Origin`` may go on: one of the
+        ``allowed`` origins, or the server's own: the page it serves, an
+        ``http``/``https`` origin naming the host and port of the
+        request's ``Host``, when that host is one of ``own_names`` (a
+        :class:`ServerNames`). Any other name may reach the server through
+        DNS (rebinding) and carry a page of another site.
+    """
+    origin = normalize_origin(origin)
+    if origin in allowed:
+        return True
+    scheme, _, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or not host or netloc != host.strip().lower():
+        return False
+    return host_name(netloc) in own_names
+
+
+class Admission:
+    """
+    What the policy counted for one WebSocket connection at its upgrade,
+    given back with :meth:`HandshakePolicy.release_upgrade`.
+
+    :ivar forwarded: the forwarded client address counted, or None.
+    :ivar websocket: whether it counts among the server's WebSocket connections.
+    """
+
+    __slots__ = ("forwarded", "websocket")
+
+    def __init__(self, forwarded=None, websocket=False):
+        self.forwarded = forwarded
+        self.websocket = websocket
+
+
+class HandshakePolicy:
+    """
+    The handshake decisions of one server.
+
+    :param settings: the :class:`signalling.server.settings.ServerSettings`
+        (dialects and their paths, allowed origins, proxy hops).
+    :param stats: the :class:`signalling.server.metrics.Stats` refusals are
+        counted in.
+    :param auth: the :class:`signalling.server.auth.TokenKeys`, or None: no
+        token needed.
+    :param limits: the :class:`signalling.server.limits.ConnectionLimits`,
+        or None: no limits.
+    :param server_names: the :class:`ServerNames` whose pages are the
+        server's own; None: ``localhost`` and IP literals.
+    """
+
+    def __init__(self, settings, stats, auth=None, limits=None, server_names=None):
+        self.settings = settings
+        self.auth = auth
+        self.limits = limits
+        self.server_names = ServerNames() if server_names is None else server_names
+        self._stats = stats
+
+    # At accept.
+
+    def admit_address(self, address):
+        """
+        Count a new connection by its client address (a Twisted address).
+
+        :returns: the key counted (to :meth:`release` later), None when
+            nothing was counted, or :data:`signalling.server.limits.REFUSED`.
+        """
+        if self.limits is None:
+            return None
+        return self.limits.admit_address(address)
+
+    def release(self, key):
+        """A connection counted under ``key`` (at accept) ended."""
+        self.limits.release(key)
+
+    # At the upgrade.
+
+    def forwarded_address(self, header, own_host):
+        """
+        The client address a trusted proxy forwarded in ``X-Forwarded-For``.
+        It counts only on a connection from the proxy (an exempt network of
+        the limits, or a Unix socket: ``own_host`` None; any connection when
+        there are no limits), and only as an IP address.
+
+        :param header: the header's value, or None.
+        :param own_host: the host the connection comes from (its socket).
+        :returns: the address (``ipaddress``), or None.
+        :raises Refused: 400 for anything that is not an IP address.
+        """
+        hops = self.settings.trust_proxy
+        if not hops or header is None:
+            return None
+        if self.limits is not None and own_host is not None and not self.limits.exempt(own_host):
+            return None
+        values = [hop.strip() for hop in header.split(",")]
+        try:
+            return parse_address(values[-hops:][0])
+        except ValueError:
+            self._stats.connection_refused("forwarded")
+            raise Refused(400, "X-Forwarded-For does not name an IP address")
+
+    def admit_upgrade(self, path, headers, token, forwarded):
+        """
+        Decide a WebSocket upgrade.
+
+        :param path: the request's path.
+        :param headers: its headers (lower-case names).
+        :param token: its token (``?token=`` or a Bearer header), or None.
+        :param forwarded: the forwarded client address, or None.
+        :returns: ``(grant, admission)``: what the token allows (None
+            without tokens) and what was counted (an :class:`Admission`).
+        :raises Refused: 401, 403, 429 or 503.
+        """
+        grant = None
+        settings = self.settings
+        if self.auth is not None:
+            try:
+                grant = self.auth.check(token)
+            except TokenRefused as e:
+                self._stats.connection_refused("token_" + e.reason)
+                raise Refused(401, "A valid token is needed")
+            pinned = settings.dialect_for(path)
+            if pinned != AUTO and not settings.dialects[pinned].token_allows(grant):
+                # A valid token, for another dialect.
+                self._stats.connection_refused("token_not_allowed")
+                raise Refused(403, "The token does not allow this protocol")
+        allowed = settings.allowed_origins
+        if allowed:
+            origin = headers.get("origin")
+            host = headers.get("host", "")
+            if origin is not None and not origin_allowed(origin, allowed, host, self.server_names):
+                self._stats.connection_refused("origin")
+                raise Refused(403, "Origin not allowed")
+        admission = Admission()
+        limits = self.limits
+        if limits is None:
+            return grant, admission
+        if forwarded is not None:
+            key = limits.admit_forwarded(forwarded)
+            if key is REFUSED:
+                raise Refused(429, "Too many connections from your address")
+            admission.forwarded = key
+        if not limits.admit_websocket():
+            self.release_upgrade(admission)
+            raise Refused(503, "Server full")
+        admission.websocket = True
+        return grant, admission
+
+    def release_upgrade(self, admission):
+        """Give back what :meth:`admit_upgrade` counted."""
+        if admission.forwarded is not None:
+            self.limits.release(admission.forwarded)
+            admission.forwarded = None
+        if admission.websocket:
+            self.limits.release_websocket()
+            admission.websocket = False
+
+    # The pages, and tokens over a connection's life.
+
+    def grant_for(self, token):
+        """
+        :returns: what a plain request's token allows, or None when the
+            server needs no token.
+        :raises signalling.server.auth.TokenRefused: no valid token.
+        """
+        if self.auth is None:
+            return None
+        return self.auth.check(token)
+
+    def revoked(self, grant):
+        """:returns: whether the secret that signed ``grant``'s token is gone (a reload)."""
+        return self.auth is not None and self.auth.revoked(grant)
