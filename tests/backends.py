@@ -12,6 +12,7 @@ and the counts, and ``settled()`` / ``next_delivery()`` for the test
 harness to run its clock until nothing is in flight.
 """
 
+import os
 import random
 
 from twisted.internet import defer
@@ -371,7 +372,8 @@ class RedisCluster:
     Unlike the backends above it runs on the real reactor: :meth:`settle`
     is a Deferred that fires once every command has been answered and
     everything each node sent has reached every node (a barrier through
-    every node's channel).
+    every node's channel: an answer to a probe that only the test asked,
+    sent after everything before it).
     """
 
     def __init__(self, redis_url, nodes=3, **kwargs):
@@ -418,10 +420,7 @@ class RedisCluster:
 
     @property
     def room_count(self):
-        return len({
-            local.room for node in self.nodes for local in node._locals.values()
-            if local.room is not None
-        })
+        return len(set().union(*(node.local.rooms() for node in self.nodes)))
 
     @property
     def room_member_count(self):
@@ -433,29 +432,31 @@ class RedisCluster:
 
     async def redis_keys(self):
         """:returns: the keys Redis holds of peers, sessions and rooms (none when empty)."""
-        keys = await self.stores[0].call("keys")
-        prefix = b"sig:"
+        from signalling.cluster.scripts import PREFIX
+
+        commands = self.stores[0]._commands
+        keys = await commands.execute_command("KEYS", PREFIX + "*")
+        prefix = PREFIX.encode()
         kept = (b"nodes", b"alive:", b"nu:", b"seq", b"rooms")
         left = sorted(k for k in keys if not k[len(prefix):].startswith(kept))
-        rooms = await self.stores[0]._commands.execute_command("GET", "sig:rooms")
+        rooms = await commands.execute_command("GET", PREFIX + "rooms")
         if rooms not in (None, b"0"):
             left.append(b"sig:rooms=" + rooms)
         return left
 
     async def settle(self):
         """Wait until every answer and every notification has arrived."""
-        from twisted.internet import defer as _defer
-        import os as _os
+        from signalling.cluster.channel import probe_answer
 
         while self._in_flight:
-            await _defer.DeferredList(list(self._in_flight))
+            await defer.DeferredList(list(self._in_flight))
         barriers = []
-        for sender in self.nodes:
+        for sender in self.stores:
             for receiver in self.nodes:
-                token = _os.urandom(8).hex().encode()
-                barriers.append(receiver.expect_barrier(token))
-                sender.send_barrier(receiver.node, token)
-        await _defer.gatherResults(barriers)
+                token = os.urandom(8).hex().encode()
+                barriers.append(receiver.probes.wait(token))
+                sender.publish(receiver.node, probe_answer(token, True))
+        await defer.gatherResults(barriers)
 
     # IRegistry, spread over the nodes.
 

@@ -151,6 +151,20 @@ class FormatTests(unittest.TestCase):
         reason = wire.unknown_command(word)
         self.assertEqual(reason, "unknown command '" + word[:32] + "...'")
 
+    def test_every_domain_error_carries_its_kind(self):
+        """
+        Each refusal's kind (its metrics label, and how a cluster script
+        names it) is its class's: one table, every refusal but the JSON
+        dialect's in it, each under a kind of its own.
+        """
+        refusals = set(interfaces.SignallingError.__subclasses__()) - {interfaces.JsonRefused}
+        self.assertEqual(set(interfaces.ERRORS_BY_KIND.values()), refusals)
+        for kind, cls in interfaces.ERRORS_BY_KIND.items():
+            with self.subTest(kind=kind):
+                self.assertEqual(wire.kind_for(cls("bob")), kind)
+        self.assertEqual(wire.kind_for(interfaces.JsonRefused("no")), "request_failed")
+        self.assertEqual(wire.kind_for(ValueError("no")), "request_failed")
+
     def test_every_domain_error_has_its_own_reason(self):
         """Registry exceptions map to the protocol's texts."""
         cases = {

@@ -120,7 +120,7 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.factory.prepare(self)
 
     def messageReceived(self, pattern, channel, message):
-        self.factory.store._message(message)
+        self.factory.store.delivered(message)
 
     def connectionLost(self, why):
         txredisapi.SubscriberProtocol.connectionLost(self, why)
@@ -176,6 +176,9 @@ class RedisStore(service.Service):
     def attach(self, backend):
         """Serve ``backend`` (a :class:`ClusterRegistry`)."""
         self._backend = backend
+        #: Called with every message of the node's channel: the node's
+        #: reader itself, with no call in between on the relay path.
+        self.delivered = backend.delivered
 
     @property
     def channel(self):
@@ -280,9 +283,6 @@ class RedisStore(service.Service):
                 address=str(self._address),
             )
         self._backend.store_down()
-
-    def _message(self, payload):
-        self._backend.delivered(payload)
 
     # What the backend asks for.
 

@@ -12,9 +12,10 @@ which Redis decided it.
 The keys (all under one prefix, :data:`PREFIX`):
 
 - ``p:<uid>``: a hash per registered peer: ``n`` its node, ``c`` its
-  connection on that node, ``d`` its dialect (``e`` the examples', ``j``
-  JSON), ``s`` its session partner, ``r`` its room; for the JSON dialect
-  ``o`` its roles (comma-separated) and ``m`` its meta (canonical JSON).
+  connection on that node, ``d`` its dialect's code
+  (:data:`signalling.cluster.channel.DIALECTS`), ``s`` its session partner,
+  ``r`` its room; for the JSON dialect ``o`` its roles (comma-separated)
+  and ``m`` its meta (canonical JSON).
 - ``r:<room>``: a sorted set of the room's members, scored in join order;
   ``rooms``: how many rooms have members.
 - ``o:<role>``: a sorted set of the JSON peers with that role, in the order
@@ -26,14 +27,16 @@ The keys (all under one prefix, :data:`PREFIX`):
   expires when the node stops refreshing it; ``nu:<node>``: the uids a node
   holds, released together when it is found dead.
 
-A notification is one ``PUBLISH`` to ``n:<node>``: a kind byte, the
-comma-separated connection numbers it is for, then NUL-separated fields
-(uids and room ids never hold control characters; a free-form field, such
-as a room message, comes last).
+A notification is one ``PUBLISH`` to ``n:<node>``, in the format of
+:mod:`signalling.cluster.channel`. The scripts name its kinds, the dialects'
+codes and the kinds of refusal as that module does: every script starts
+with its :func:`~signalling.cluster.channel.lua_constants`.
 
 A script answers ``ok``, a value, or ``{"err", kind, argument}`` for a
-refusal (see :mod:`signalling.cluster.backend`).
+refusal (read by :func:`signalling.cluster.channel.answer`).
 """
+
+from signalling.cluster import channel
 
 #: The prefix of every key and channel the cluster uses.
 PREFIX = "sig:"
@@ -97,7 +100,7 @@ local function leave_room(uid, room)
   for i, member in ipairs(members) do
     targets[i] = where(member)
   end
-  multicast(targets, 'L', room .. '\0' .. uid)
+  multicast(targets, ROOM_PEER_LEFT, room .. '\0' .. uid)
 end
 
 -- The JSON dialect.
@@ -127,7 +130,7 @@ local function json_end(session_id, ender, reason_kind)
   end
   local w = where(other)
   if w[1] then
-    notify(w[1], w[2], 'e', session_id .. '\0' .. reason_kind)
+    notify(w[1], w[2], JSON_SESSION_ENDED, session_id .. '\0' .. reason_kind)
   end
 end
 
@@ -137,7 +140,7 @@ local function listeners_told(peer_id, roles, meta)
   for _, listener in ipairs(listeners) do
     targets[#targets + 1] = where(listener)
   end
-  multicast(targets, 'u', peer_id .. '\0' .. roles .. '\0' .. meta)
+  multicast(targets, STATUS_CHANGED, peer_id .. '\0' .. roles .. '\0' .. meta)
 end
 
 local function remove_json(uid)
@@ -156,7 +159,7 @@ end
 -- Remove a peer whose record is rec ({node, conn, dialect, partner, room}):
 -- its partner goes too and is told, its room is told.
 local function remove_peer(uid, rec)
-  if rec[3] == 'j' then
+  if rec[3] == DIALECT_JSON then
     local meta = remove_json(uid)
     forget(uid, rec[1])
     listeners_told(uid, '', meta)
@@ -168,7 +171,7 @@ local function remove_peer(uid, rec)
     local w = where(partner)
     if w[1] then
       forget(partner, w[1])
-      notify(w[1], w[2], 'E', uid)
+      notify(w[1], w[2], SESSION_ENDED, uid)
     end
   end
   if rec[5] then
@@ -202,11 +205,11 @@ _script(
     r"""
 local uid, node, conn, dialect = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('SISMEMBER', P .. 'nodes', node) == 0 then
-  return err('unavailable', uid)
+  return err(UNAVAILABLE, uid)
 end
 local key = P .. 'p:' .. uid
 if redis.call('EXISTS', key) == 1 then
-  return err('uid_taken', uid)
+  return err(UID_TAKEN, uid)
 end
 redis.call('HSET', key, 'n', node, 'c', conn, 'd', dialect)
 redis.call('SADD', P .. 'nu:' .. node, uid)
@@ -233,26 +236,26 @@ _script(
     r"""
 local caller, callee, node, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local a = own(caller, node, conn)
-if not a or a[3] ~= 'e' then
-  return err('peer_not_found', caller)
+if not a or a[3] ~= DIALECT_EXAMPLES then
+  return err(PEER_NOT_FOUND, caller)
 end
 if a[4] or a[5] then
-  return err('already_engaged', caller)
+  return err(ALREADY_ENGAGED, caller)
 end
 if caller == callee then
-  return err('session_with_self', caller)
+  return err(SESSION_WITH_SELF, caller)
 end
 local b = redis.call('HMGET', P .. 'p:' .. callee, 'n', 'c', 'd', 's', 'r')
-if not b[1] or b[3] ~= 'e' then
-  return err('peer_not_found', callee)
+if not b[1] or b[3] ~= DIALECT_EXAMPLES then
+  return err(PEER_NOT_FOUND, callee)
 end
 if b[4] or b[5] then
-  return err('peer_busy', callee)
+  return err(PEER_BUSY, callee)
 end
 redis.call('HSET', P .. 'p:' .. caller, 's', callee)
 redis.call('HSET', P .. 'p:' .. callee, 's', caller)
-notify(node, conn, 'S', callee .. '\0' .. b[1] .. '\0' .. b[2] .. '\0' .. '1')
-notify(b[1], b[2], 'S', caller .. '\0' .. node .. '\0' .. conn .. '\0' .. '0')
+notify(node, conn, SESSION_STARTED, callee .. '\0' .. b[1] .. '\0' .. b[2] .. '\0' .. '1')
+notify(b[1], b[2], SESSION_STARTED, caller .. '\0' .. node .. '\0' .. conn .. '\0' .. '0')
 return 'ok'
 """,
 )
@@ -264,31 +267,31 @@ _script(
 local uid, room, node, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_members, max_rooms = tonumber(ARGV[5]), tonumber(ARGV[6])
 local rec = own(uid, node, conn)
-if not rec or rec[3] ~= 'e' then
-  return err('peer_not_found', uid)
+if not rec or rec[3] ~= DIALECT_EXAMPLES then
+  return err(PEER_NOT_FOUND, uid)
 end
 if rec[4] or rec[5] then
-  return err('already_engaged', uid)
+  return err(ALREADY_ENGAGED, uid)
 end
 local key = P .. 'r:' .. room
 local size = redis.call('ZCARD', key)
 if size == 0 then
   if max_rooms > 0 and tonumber(redis.call('GET', P .. 'rooms') or '0') >= max_rooms then
-    return err('too_many_rooms', room)
+    return err(TOO_MANY_ROOMS, room)
   end
   redis.call('INCR', P .. 'rooms')
 elseif max_members > 0 and size >= max_members then
-  return err('room_full', room)
+  return err(ROOM_FULL, room)
 end
 local others = redis.call('ZRANGE', key, 0, -1)
 redis.call('ZADD', key, redis.call('INCR', P .. 'seq'), uid)
 redis.call('HSET', P .. 'p:' .. uid, 'r', room)
-notify(node, conn, 'J', room .. '\0' .. table.concat(others, '\0'))
+notify(node, conn, ROOM_JOINED, room .. '\0' .. table.concat(others, '\0'))
 local targets = {}
 for i, member in ipairs(others) do
   targets[i] = where(member)
 end
-multicast(targets, 'j', room .. '\0' .. uid)
+multicast(targets, ROOM_PEER_JOINED, room .. '\0' .. uid)
 return 'ok'
 """,
 )
@@ -300,17 +303,17 @@ _script(
 local sender, target, payload = ARGV[1], ARGV[2], ARGV[3]
 local rec = own(sender, ARGV[4], ARGV[5])
 if not rec or not rec[5] then
-  return err('not_in_room', sender)
+  return err(NOT_IN_ROOM, sender)
 end
 if not redis.call('ZSCORE', P .. 'r:' .. rec[5], target) then
   local t = redis.call('HMGET', P .. 'p:' .. target, 'n', 'd')
-  if t[1] and t[2] == 'e' then
-    return err('peer_not_in_room', target)
+  if t[1] and t[2] == DIALECT_EXAMPLES then
+    return err(PEER_NOT_IN_ROOM, target)
   end
-  return err('peer_not_found', target)
+  return err(PEER_NOT_FOUND, target)
 end
 local w = where(target)
-notify(w[1], w[2], 'R', sender .. '\0' .. payload)
+notify(w[1], w[2], ROOM_MESSAGE, sender .. '\0' .. payload)
 return 'ok'
 """,
 )
@@ -322,7 +325,7 @@ _script(
 local uid = ARGV[1]
 local rec = own(uid, ARGV[2], ARGV[3])
 if not rec or not rec[5] then
-  return err('not_in_room', uid)
+  return err(NOT_IN_ROOM, uid)
 end
 local members = redis.call('ZRANGE', P .. 'r:' .. rec[5], 0, -1)
 local others = {}
@@ -345,8 +348,8 @@ _script(
 local peer_id, roles, meta, claimed = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = P .. 'p:' .. peer_id
 local rec = own(peer_id, ARGV[5], ARGV[6])
-if not rec or rec[3] ~= 'j' then
-  return err('json', "Peer '" .. peer_id .. "' hasn't been welcomed")
+if not rec or rec[3] ~= DIALECT_JSON then
+  return err(JSON_REFUSED, "Peer '" .. peer_id .. "' hasn't been welcomed")
 end
 local old = redis.call('HMGET', key, 'o', 'm')
 local old_roles, old_meta = old[1] or '', old[2] or 'null'
@@ -355,7 +358,7 @@ if roles == old_roles and meta == old_meta and claimed == peer_id then
 end
 local has, had = role_set(roles), role_set(old_roles)
 if has['producer'] and has['consumer'] then
-  return err('json', 'Cannot register peer ' .. peer_id .. ' as both producer and passive consumer')
+  return err(JSON_REFUSED, 'Cannot register peer ' .. peer_id .. ' as both producer and passive consumer')
 end
 if had['producer'] and not has['producer'] then
   for _, session_id in ipairs(redis.call('SMEMBERS', P .. 'jp:' .. peer_id)) do
@@ -404,12 +407,12 @@ _script(
     r"""
 local peer_id, other_id, offer, session_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rec = own(peer_id, ARGV[5], ARGV[6])
-if not rec or rec[3] ~= 'j' then
-  return err('json', "Peer with ID '" .. peer_id .. "' not found")
+if not rec or rec[3] ~= DIALECT_JSON then
+  return err(JSON_REFUSED, "Peer with ID '" .. peer_id .. "' not found")
 end
 local other = redis.call('HMGET', P .. 'p:' .. other_id, 'n', 'c', 'd', 'o', 'm')
-if not other[1] or other[3] ~= 'j' then
-  return err('json', "Peer with ID '" .. other_id .. "' not found")
+if not other[1] or other[3] ~= DIALECT_JSON then
+  return err(JSON_REFUSED, "Peer with ID '" .. other_id .. "' not found")
 end
 if ARGV[7] ~= '' then
   local meta = cjson.decode(other[5] or 'null')
@@ -421,7 +424,7 @@ if ARGV[7] ~= '' then
     end
   end
   if not allowed then
-    return err('json', ARGV[8])
+    return err(JSON_REFUSED, ARGV[8])
   end
 end
 local producer, consumer
@@ -431,14 +434,14 @@ elseif redis.call('ZSCORE', P .. 'o:consumer', other_id) then
   producer, consumer = peer_id, other_id
 else
   local mine = redis.call('HGET', P .. 'p:' .. peer_id, 'o') or ''
-  return {'err', 'json_roles', peer_id, mine, other_id, other[4] or ''}
+  return {'err', JSON_MISSING_ROLES, peer_id, mine, other_id, other[4] or ''}
 end
 redis.call('HSET', P .. 'js:' .. session_id, 'p', producer, 'c', consumer)
 redis.call('SADD', P .. 'jp:' .. producer, session_id)
 redis.call('SADD', P .. 'jc:' .. consumer, session_id)
 local wc, wp = where(consumer), where(producer)
-notify(wc[1], wc[2], 'a', producer .. '\0' .. session_id)
-notify(wp[1], wp[2], 'b', consumer .. '\0' .. session_id .. '\0' .. offer)
+notify(wc[1], wc[2], CONSUMER_SESSION_STARTED, producer .. '\0' .. session_id)
+notify(wp[1], wp[2], PRODUCER_SESSION_ASKED, consumer .. '\0' .. session_id .. '\0' .. offer)
 return {'ok', session_id}
 """,
 )
@@ -453,7 +456,7 @@ if not s[1] then
   return 'ok'
 end
 if is_offer == '1' and peer_id == s[2] then
-  return err('json', 'cannot forward offer from "' .. peer_id .. '" to "' .. s[1] ..
+  return err(JSON_REFUSED, 'cannot forward offer from "' .. peer_id .. '" to "' .. s[1] ..
     '" as "' .. peer_id .. '" is not the producer')
 end
 local other
@@ -462,10 +465,10 @@ if peer_id == s[1] then
 elseif peer_id == s[2] then
   other = s[1]
 else
-  return err('json', 'Peer ' .. peer_id .. ' is not part of ' .. session_id)
+  return err(JSON_REFUSED, 'Peer ' .. peer_id .. ' is not part of ' .. session_id)
 end
 local w = where(other)
-notify(w[1], w[2], 'm', text)
+notify(w[1], w[2], JSON_MESSAGE, text)
 return 'ok'
 """,
 )
@@ -480,7 +483,7 @@ if not s[1] then
   return 'ok'
 end
 if peer_id ~= s[1] and peer_id ~= s[2] then
-  return err('json', 'Peer ' .. peer_id .. ' is not part of ' .. session_id)
+  return err(JSON_REFUSED, 'Peer ' .. peer_id .. ' is not part of ' .. session_id)
 end
 json_end(session_id, peer_id, reason)
 return 'ok'
@@ -494,7 +497,7 @@ _script(
     "locate",
     r"""
 local w = redis.call('HMGET', P .. 'p:' .. ARGV[1], 'n', 'c', 'd')
-if not w[1] or w[3] ~= 'e' then
+if not w[1] or w[3] ~= DIALECT_EXAMPLES then
   return {'ok', {}}
 end
 return {'ok', {w[1], w[2]}}
@@ -510,7 +513,7 @@ local uid, node, conn = ARGV[1], ARGV[2], ARGV[3]
 local rec = own(uid, node, conn)
 if rec then
   remove_peer(uid, rec)
-  notify(node, conn, 'X', uid)
+  notify(node, conn, REPLACED, uid)
 end
 return 'ok'
 """,
@@ -524,9 +527,9 @@ _script(
     r"""
 local uid = ARGV[1]
 local rec = redis.call('HMGET', P .. 'p:' .. uid, 'n', 'c', 'd', 's', 'r')
-if rec[1] and rec[3] == 'e' then
+if rec[1] and rec[3] == DIALECT_EXAMPLES then
   remove_peer(uid, rec)
-  notify(rec[1], rec[2], 'X', uid)
+  notify(rec[1], rec[2], REPLACED, uid)
 end
 return 'ok'
 """,
@@ -598,7 +601,7 @@ for i = 3, #ARGV, 4 do
       leave_room(uid, rec[5])
       redis.call('HDEL', key, 'r')
     end
-    if dialect == 'j' then
+    if dialect == DIALECT_JSON then
       -- its roles and sessions are not kept over an outage
       local meta = remove_json(uid)
       redis.call('HDEL', key, 'o', 'm')
@@ -608,7 +611,7 @@ for i = 3, #ARGV, 4 do
       local w = where(rec[4])
       if w[1] and w[1] ~= node then
         forget(rec[4], w[1])
-        notify(w[1], w[2], 'E', uid)
+        notify(w[1], w[2], SESSION_ENDED, uid)
       end
       redis.call('HDEL', key, 's')
     end
@@ -632,15 +635,9 @@ return 'ok'
 """,
 )
 
-# ARGV: none. Every key of the cluster (for the tests: is it empty?).
-_script(
-    "keys",
-    r"""
-return redis.call('KEYS', P .. '*')
-""",
-)
+_CONSTANTS = channel.lua_constants()
 
 
 def source(name, prefix=PREFIX):
     """:returns: the Lua source of script ``name``, prelude included."""
-    return (_PRELUDE % {"prefix": prefix}) + SCRIPTS[name]
+    return _CONSTANTS + (_PRELUDE % {"prefix": prefix}) + SCRIPTS[name]

@@ -885,7 +885,7 @@ class Connection(ConnectionCommon):
             return
         if alive:
             self._refuse(
-                wire.reason_for(UidTaken(pending.uid)), wire.CLOSE_INVALID_UID, "uid_taken"
+                wire.reason_for(UidTaken(pending.uid)), wire.CLOSE_INVALID_UID, UidTaken.kind
             )
             return
         self._log.info(

@@ -77,6 +77,10 @@ from zope.interface import Attribute, Interface
 class SignallingError(Exception):
     """A request the registry refuses; the protocol answers with ``ERROR``."""
 
+    #: The refusal's fixed name: its metrics label, and how a cluster
+    #: script names it (:data:`ERRORS_BY_KIND`).
+    kind = "request_failed"
+
     def __init__(self, uid=None):
         super().__init__(uid)
         self.uid = uid
@@ -85,37 +89,55 @@ class SignallingError(Exception):
 class UidTaken(SignallingError):
     """Another connected peer holds the uid."""
 
+    kind = "uid_taken"
+
 
 class PeerNotFound(SignallingError):
     """No connected peer has the uid."""
+
+    kind = "peer_not_found"
 
 
 class PeerBusy(SignallingError):
     """The callee is already in a session or a room."""
 
+    kind = "peer_busy"
+
 
 class SessionWithSelf(SignallingError):
     """A peer tried to start a session with itself."""
+
+    kind = "session_with_self"
 
 
 class AlreadyEngaged(SignallingError):
     """The requesting peer is already in a session or a room."""
 
+    kind = "already_engaged"
+
 
 class NotInRoom(SignallingError):
     """The requesting peer is in no room."""
+
+    kind = "not_in_room"
 
 
 class PeerNotInRoom(SignallingError):
     """The addressed peer is registered but not in the sender's room."""
 
+    kind = "peer_not_in_room"
+
 
 class RoomFull(SignallingError):
     """The room has as many members as a room may have (``uid`` holds the room id)."""
 
+    kind = "room_full"
+
 
 class TooManyRooms(SignallingError):
     """The server has as many rooms as it may have (``uid`` holds the room id)."""
+
+    kind = "too_many_rooms"
 
 
 class Unavailable(SignallingError):
@@ -123,6 +145,8 @@ class Unavailable(SignallingError):
     The backend cannot serve the request now (a cluster node lost its
     Redis): the peer may try again later.
     """
+
+    kind = "unavailable"
 
 
 class JsonRefused(SignallingError):
@@ -137,6 +161,25 @@ class JsonRefused(SignallingError):
 
     def __str__(self):
         return self.details
+
+
+#: The refusals of the examples' dialect by their kind: the one table of
+#: them (for the ``ERROR`` lines and metrics, and a cluster script's answers).
+ERRORS_BY_KIND = {
+    cls.kind: cls
+    for cls in (
+        UidTaken,
+        PeerNotFound,
+        PeerBusy,
+        SessionWithSelf,
+        AlreadyEngaged,
+        NotInRoom,
+        PeerNotInRoom,
+        RoomFull,
+        TooManyRooms,
+        Unavailable,
+    )
+}
 
 
 #: First header byte of an unfragmented text and binary WebSocket frame

@@ -196,26 +196,14 @@ def not_allowed(what, name):
     return f"the token does not allow {what} {_echo(name, _COMMAND_ECHO_LIMIT)}"
 
 
-_KINDS = {
-    interfaces.UidTaken: "uid_taken",
-    interfaces.PeerNotFound: "peer_not_found",
-    interfaces.PeerBusy: "peer_busy",
-    interfaces.SessionWithSelf: "session_with_self",
-    interfaces.PeerNotInRoom: "peer_not_in_room",
-    interfaces.NotInRoom: "not_in_room",
-    interfaces.AlreadyEngaged: "already_engaged",
-    interfaces.RoomFull: "room_full",
-    interfaces.TooManyRooms: "too_many_rooms",
-    interfaces.Unavailable: "unavailable",
-}
-
-
 def kind_for(exc):
-    """:returns: the fixed name of a registry's domain exception (a metrics label)."""
-    for cls in type(exc).__mro__:
-        if cls in _KINDS:
-            return _KINDS[cls]
-    return "request_failed"
+    """
+    :returns: the fixed name of a registry's domain exception (a metrics
+        label): its class's :attr:`~interfaces.SignallingError.kind`.
+    """
+    if isinstance(exc, interfaces.SignallingError):
+        return exc.kind
+    return interfaces.SignallingError.kind
 
 
 def reason_for(exc):

@@ -1,0 +1,124 @@
+"""
+Reclaiming a uid held on another node: a ``HELLO`` that wants the uid back
+asks the holder's node to ping its peer (a *probe*) and replaces it if no
+pong comes back in time; a node answers the probes other nodes ask of its
+own peers.
+"""
+
+import uuid
+
+from twisted.internet import defer
+
+from signalling.cluster import channel
+
+
+class RemoteHolder:
+    """
+    The holder of a uid on another node, as a ``HELLO`` that wants the uid
+    back sees it (see ``Connection._reclaim``, which uses ``probe``,
+    ``replaced`` and ``peer_addr`` of :meth:`IRegistry.peer_of`'s answer):
+    its probe and its replacement go through Redis to the holder's node.
+    """
+
+    def __init__(self, probes, uid):
+        self._probes = probes
+        self._uid = uid
+        self._where = None
+        self._probed = False
+        self.receiver = None
+
+    @property
+    def peer_addr(self):
+        node = self._where[0] if self._where else "another node"
+        return f"cluster node {node}"
+
+    def probe(self, timeout):
+        d = self._probes.ask(self._uid, timeout)
+
+        def answered(result):
+            alive, self._where = result
+            self._probed = True
+            return alive
+
+        d.addCallback(answered)
+        d.addErrback(lambda f: True)
+        return d
+
+    def replaced(self):
+        if self._probed:
+            # Found silent by its probe: that very connection goes.
+            self._probes.replace(self._uid, self._where)
+        else:
+            # A token for the uid takes it over at once, from whoever holds it.
+            self._probes.evict(self._uid)
+
+
+class Probes:
+    """
+    A node's probes of other nodes' peers, and its answers to theirs.
+
+    :param backend: the node (its ``node`` id, ``call``, ``cast`` and ``relay``).
+    :param clock: an ``IReactorTime`` for the probes' timeouts.
+    """
+
+    def __init__(self, backend, clock):
+        self._backend = backend
+        self._clock = clock
+        #: token (bytes) -> the Deferred of an answer this node waits for
+        self._waiting = {}
+
+    def ask(self, uid, timeout):
+        """
+        Ask the node holding ``uid`` to ping its peer.
+
+        :returns: a Deferred firing ``(alive, (node, conn))``: whether its
+            pong came back within ``timeout`` seconds (False when no node
+            answers in time), and where the holder was.
+        """
+        located = self._backend.call("locate", uid)
+
+        def ask(where):
+            if not where:
+                return False, None
+            node, conn = channel.text(where[0]), channel.text(where[1])
+            token = uuid.uuid4().hex.encode()
+            d = self.wait(token)
+            self._backend.relay(node, channel.probe(conn, self._backend.node, token.decode(), timeout))
+            # The holder's node answers within ``timeout``; a node that
+            # cannot answer (gone, or far behind) counts as silent.
+            d.addTimeout(timeout + 1.0, self._clock, lambda *_: self._waiting.pop(token, None) and False)
+            d.addCallback(lambda alive: (bool(alive), (node, conn)))
+            return d
+
+        located.addCallback(ask)
+        return located
+
+    def wait(self, token):
+        """:returns: a Deferred fired with the answer (alive) to probe ``token`` (bytes) once it arrives."""
+        d = self._waiting[token] = defer.Deferred()
+        return d
+
+    def answered(self, body):
+        """A probe's answer arrived (the body of a :data:`~channel.Kind.PROBE_ANSWER`)."""
+        token, alive = channel.read_probe_answer(body)
+        d = self._waiting.pop(token, None)
+        if d is not None and not d.called:
+            d.callback(alive)
+
+    def asked(self, peer, fields):
+        """Another node asks to ping ``peer`` (the fields of a :data:`~channel.Kind.PROBE`): answer it."""
+        asker, token, timeout = fields[0], fields[1], float(fields[2])
+        answer = peer.probe(timeout)
+        answer.addErrback(lambda f: False)
+        answer.addCallback(
+            lambda alive: self._backend.relay(asker, channel.probe_answer(token.encode(), alive))
+        )
+
+    def evict(self, uid):
+        """Remove whoever holds ``uid`` and have its node close it (1008)."""
+        self._backend.cast("evict", uid)
+
+    def replace(self, uid, where):
+        """Remove ``uid``'s holder at ``where`` (``(node, conn)``) and have its node close it (1008)."""
+        if where is not None:
+            self._backend.cast("replace", uid, *where)
