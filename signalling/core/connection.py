@@ -22,6 +22,7 @@ notifications the registry contract allows (``signalling.core.interfaces``):
   meanwhile is relayed to the new partner, like any input in a session.
 """
 
+import enum
 from collections import deque
 
 from twisted.internet import defer
@@ -78,6 +79,47 @@ REPLACED_CAUSE = "silent, replaced by a new connection for its uid"
 TOO_SLOW_CAUSE = "too slow to read what is sent to it"
 #: ... and of one the backend can no longer serve (a cluster node lost Redis).
 UNAVAILABLE_CAUSE = "the cluster lost Redis"
+
+class Phase(enum.Enum):
+    """
+    Where a connection of the examples' dialect stands; its transitions are
+    :data:`_NEXT`, taken in :meth:`Connection._enter` alone. (Whether it is
+    closing is every dialect's concern: ``ConnectionCommon._closing``.)
+    """
+
+    #: No uid yet: waiting for ``HELLO``, or for its answer.
+    HELLO = "hello"
+    #: Registered, in no session and no room.
+    IDLE = "idle"
+    #: In a session (possibly called before its ``HELLO`` was answered).
+    SESSION = "session"
+    #: In a room.
+    ROOM = "room"
+    #: Its partner ended its session; the registry let its uid go.
+    ENDED = "ended"
+
+
+#: The phases each phase may go on to. A backend may tell of a session's
+#: end before its start (the two come from different peers): a session can
+#: end from any phase but a room, and its start told late changes nothing.
+_NEXT = {
+    Phase.HELLO: frozenset({Phase.IDLE, Phase.SESSION, Phase.ENDED}),
+    Phase.IDLE: frozenset({Phase.SESSION, Phase.ROOM, Phase.ENDED}),
+    Phase.SESSION: frozenset({Phase.ENDED}),
+    Phase.ROOM: frozenset(),
+    Phase.ENDED: frozenset(),
+}
+
+#: What the log says of a connection that is gone, by the phase it was in.
+_LOST_LOG = {
+    Phase.HELLO: "connection from {peer_addr} closed (code {code}, {cause})",
+    Phase.IDLE: "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
+    Phase.SESSION: "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
+    Phase.ROOM: "peer {uid} at {peer_addr} disconnected (code {code}, {cause}), "
+    "leaving room {room_id}",
+    Phase.ENDED: "peer {uid} at {peer_addr} disconnected (code {code}): "
+    "{partner_uid} ended the session",
+}
 
 # Kinds of pending command.
 _HELLO = "hello"
@@ -425,346 +467,16 @@ class ConnectionCommon:
         d.addErrback(lambda f: self._log.failure("while removing {uid}", f, uid=uid))
 
 
-@implementer(IPeer, ILink)
-class Connection(ConnectionCommon):
+class _CommandOrder(ConnectionCommon):
     """
-    One signalling connection's state and logic.
-
-    :param shared: what the connections of a server share (see
-        :class:`ConnectionCommon`).
-    :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
-
-    :ivar uid: the registered uid, or None.
-    :ivar partner_uid: the session partner's uid, or None.
-    :ivar room_id: the room's id, or None.
-    :ivar link: the :class:`signalling.core.interfaces.ILink` to the session
-        partner, or None.
+    The ordering rules of the examples' commands (see the module's
+    docstring): a command is pending from its registry call until its
+    result (and, for ``SESSION`` and ``ROOM``, its notification) came;
+    meanwhile input is held and what others cause here waits for the
+    reply. :class:`Connection` is the rest of the dialect.
     """
 
-    _log = Logger()
-
-    __slots__ = (
-        "partner_uid",
-        "room_id",
-        "link",
-        "_ended",
-        "_pending",
-        "_hello_call",
-    )
-
-    def __init__(self, shared, output):
-        super().__init__(shared, output)
-        self.partner_uid = None
-        self.room_id = None
-        self.link = None
-        #: ``(uid, partner_uid)`` once the partner ended our session.
-        self._ended = None
-        #: The command in progress (a _Pending), else None.
-        self._pending = None
-        self._hello_call = None
-
-    @property
-    def receiver(self):
-        """What the registry hands our session partner: this connection (an ILink)."""
-        return self
-
-    def __repr__(self):
-        return f"<Connection {self.uid or '?'} at {self._output.peer_addr}>"
-
-    # What happens on the wire.
-
-    def opened(self):
-        """The WebSocket is open: start the deadline for ``HELLO``."""
-        self._hello_call = self._shared.clock.callLater(
-            self._settings.hello_timeout, self._hello_timed_out
-        )
-
-    def _handle(self, payload, is_binary):
-        """Relay one message in a session; else handle it as a command."""
-        link = self.link
-        if link is not None:
-            link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))
-            return
-        with self._log.failuresHandled(
-            "while handling a message from {uid} at {peer_addr}",
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-        ) as op:
-            self._command(payload, is_binary)
-        if op.failed:
-            self._fail()
-
-    @property
-    def relay_link(self):
-        """
-        The link every message goes to as it arrives (in a session, with no
-        command pending and nothing held), for the fast path; else None.
-        """
-        if self._pending is None and self._held is None and not self._closing:
-            return self.link
-        return None
-
-    def _let_go(self):
-        """The connection is ending: its session link and HELLO deadline go."""
-        if self.link is not None:
-            # Whatever this connection held back on its partner is let go.
-            self.link.set_backpressure(False)
-        self.link = None
-        self._cancel_hello_call()
-
-    def _log_lost(self, uid, code, cause):
-        peer_addr = self._output.peer_addr
-        if uid is None:
-            ended = self._ended
-            if ended is None:
-                self._log.info(
-                    "connection from {peer_addr} closed (code {code}, {cause})",
-                    peer_addr=peer_addr,
-                    code=code,
-                    cause=cause,
-                )
-            else:
-                self._log.info(
-                    "peer {uid} at {peer_addr} disconnected (code {code}): "
-                    "{partner_uid} ended the session",
-                    uid=ended[0],
-                    partner_uid=ended[1],
-                    peer_addr=peer_addr,
-                    code=code,
-                    cause=cause,
-                )
-        elif self.room_id is None:
-            self._log.info(
-                "peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
-                uid=uid,
-                peer_addr=peer_addr,
-                code=code,
-                cause=cause,
-                partner_uid=self.partner_uid,
-            )
-        else:
-            self._log.info(
-                "peer {uid} at {peer_addr} disconnected (code {code}, {cause}), "
-                "leaving room {room_id}",
-                uid=uid,
-                peer_addr=peer_addr,
-                code=code,
-                cause=cause,
-                room_id=self.room_id,
-            )
-
-    def _stop_relaying(self):
-        link, self.link = self.link, None
-        if link is not None:
-            # Whatever this connection held back on its partner is let go
-            # now: closing() no longer finds the link.
-            link.set_backpressure(False)
-
-    def _partner_backpressure(self, blocked):
-        # The session behaves like the TCP stream it stands for.
-        link = self.link
-        if link is not None:
-            link.set_backpressure(blocked)
-
-    def set_backpressure(self, active):
-        """ILink: our partner cannot keep up; stop (or resume) reading our input."""
-        if active:
-            self._output.pause_reading("partner")
-        else:
-            self._output.resume_reading("partner")
-
-    # IPeer and ILink: what the registry and the partner do to this connection.
-
-    def send_frames(self, frames):
-        """Relay messages from the session partner to this connection."""
-        if self._queued is not None:
-            self._queued.append((self.send_frames, frames))
-            return
-        stats = self._stats
-        stats.session_messages += len(frames)
-        stats.session_bytes += sum(len(payload) for _, payload in frames)
-        self._output.send_frames(frames)
-
-    def session_started(self, partner_uid, link, caller):
-        """Start relaying to ``partner_uid``; the caller is told ``SESSION_OK``."""
-        self.partner_uid = partner_uid
-        if self._settings.log_payloads:
-            link = _LoggingLink(link, self.uid or self._hello_uid(), partner_uid)
-        self.link = link
-        if not caller:
-            pending = self._pending
-            if pending is not None and pending.engaged:
-                # The request that crossed this call is relayed now.
-                self._relay_pending(pending)
-            return
-        self._stats.sessions_started += 1
-        self._send_text(wire.SESSION_OK)
-        self._log.info("session from {uid} to {callee}", uid=self.uid, callee=partner_uid)
-        self._notified(_SESSION)
-
-    def session_ended(self, partner_uid):
-        """
-        The partner left, and the registry removed this peer too: close this
-        connection (1000, no message), or 1001 while the server stops.
-        """
-        uid = self.uid if self.uid is not None else self._hello_uid()
-        self.uid = None
-        self.link = None
-        self._closing = True
-        if self._shared.shutting_down:
-            # Every connection is being closed: this one for that reason.
-            self.going_away()
-            return
-        self._ended = (uid, partner_uid)
-        self._close_normally()
-
-    def _close_normally(self):
-        if self._queued is not None:
-            self._queued.append((self._close_normally,))
-            return
-        self._output.close(CLOSE_NORMAL)
-
-    def room_joined(self, room_id, members):
-        """Answer ``ROOM_OK`` with the members already there."""
-        self.room_id = room_id
-        self._send_text(wire.room_ok(members))
-        self._log.info("peer {uid} joined room {room_id}", uid=self.uid, room_id=room_id)
-        self._notified(_ROOM)
-
-    def _notified(self, kind):
-        """
-        The notification a ``SESSION`` or ``ROOM`` command waits for came,
-        and its reply went out: what waited for the reply follows. The
-        command is complete once its result has come too (held input is
-        never handled inside a registry call).
-        """
-        pending = self._pending
-        if pending is None or pending.kind != kind:
-            return
-        pending.notified = True
-        self._open_gate()
-        if pending.answered:
-            self._complete(pending)
-
-    def room_peer_joined(self, room_id, uid):
-        """Tell this member that ``uid`` joined."""
-        if self._queued is not None:
-            self._queued.append((self.room_peer_joined, room_id, uid))
-            return
-        self._send_text(wire.room_peer_joined(uid))
-
-    def room_peer_left(self, room_id, uid):
-        """
-        Tell this member that ``uid`` left (not while every member is being
-        closed for a shutdown).
-        """
-        if self._queued is not None:
-            self._queued.append((self.room_peer_left, room_id, uid))
-            return
-        if not self._shared.shutting_down:
-            self._send_text(wire.room_peer_left(uid))
-
-    def room_message(self, sender_uid, payload):
-        """Hand over a room member's message."""
-        if self._queued is not None:
-            self._queued.append((self.room_message, sender_uid, payload))
-            return
-        stats = self._stats
-        stats.room_messages += 1
-        stats.room_bytes += len(payload.encode("utf-8"))
-        if self._settings.log_payloads:
-            self._log.info(
-                "room message from {sender_uid} to {uid}: {payload}",
-                sender_uid=sender_uid,
-                uid=self.uid,
-                payload=payload,
-            )
-        self._send_text(wire.room_peer_msg(sender_uid, payload))
-
-    # Commands.
-
-    def _command(self, payload, is_binary):
-        """Handle one message outside a session."""
-        if not self._rate_allows():
-            return
-        if self.uid is None:
-            self._hello(payload, is_binary)
-            return
-        if is_binary:
-            self._send_error(wire.BINARY_OUTSIDE_SESSION, "binary_outside_session")
-            return
-        command, rest = wire.split_command(payload.decode("utf-8"))
-        registry = self._shared.registry
-        if self.room_id is not None:
-            if command == wire.ROOM_PEER_MSG:
-                try:
-                    target, message = wire.parse_room_peer_msg(rest)
-                except wire.WireError as e:
-                    self._send_error(e.reason, e.kind)
-                    return
-                self._start(_OTHER, payload, is_binary, registry.room_message, self.uid, target, message)
-            elif command == wire.ROOM_PEER_LIST:
-                self._start(_LIST, payload, is_binary, registry.room_members, self.uid)
-            else:
-                self._send_error(wire.ALREADY_IN_ROOM, "already_in_room")
-            return
-        grant = self._output.grant
-        if command == wire.SESSION:
-            if not rest:
-                self._send_error(wire.SESSION_NEEDS_UID, "missing_arguments")
-                return
-            if grant is not None and not grant.allows_call(rest):
-                self._send_error(wire.not_allowed("a call to", rest), "not_allowed")
-                return
-            self._start(_SESSION, payload, is_binary, registry.start_session, self.uid, rest)
-        elif command == wire.ROOM:
-            try:
-                wire.check_room_id(rest)
-            except wire.WireError as e:
-                self._send_error(e.reason, e.kind)
-                return
-            if grant is not None and not grant.allows_room(rest):
-                self._send_error(wire.not_allowed("room", rest), "not_allowed")
-                return
-            self._start(_ROOM, payload, is_binary, registry.join_room, self.uid, rest)
-        elif command in (wire.ROOM_PEER_MSG, wire.ROOM_PEER_LIST):
-            self._send_error(wire.NOT_IN_ROOM, "not_in_room")
-        elif command == wire.HELLO:
-            self._send_error(wire.ALREADY_REGISTERED, "already_registered")
-        elif not command:
-            self._send_error(wire.EMPTY_MESSAGE, "empty_message")
-        else:
-            self._send_error(wire.unknown_command(command), "unknown_command")
-
-    def _hello(self, payload, is_binary):
-        if is_binary:
-            self._refuse(
-                wire.BINARY_OUTSIDE_SESSION, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol"
-            )
-            return
-        command, uid = wire.split_command(payload.decode("utf-8"))
-        if command != wire.HELLO:
-            self._refuse(wire.EXPECTED_HELLO, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol")
-            return
-        try:
-            wire.check_uid(uid)
-        except wire.WireError as e:
-            self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
-            return
-        grant = self._output.grant
-        if grant is not None and not examples_token_allows(grant):
-            self._refuse(
-                wire.not_allowed("the protocol", "examples"), NOT_ALLOWED_CLOSE, "not_allowed"
-            )
-            return
-        if grant is not None and not grant.allows_uid(uid):
-            self._refuse(wire.not_allowed("uid", uid), NOT_ALLOWED_CLOSE, "not_allowed")
-            return
-        self._start(_HELLO, payload, is_binary, self._shared.registry.register, uid, self, uid=uid)
-
-    def _hello_uid(self):
-        pending = self._pending
-        return pending.uid if pending is not None and pending.kind == _HELLO else None
+    __slots__ = ()
 
     def _start(self, kind, payload, is_binary, method, *args, uid=None):
         """
@@ -847,7 +559,7 @@ class Connection(ConnectionCommon):
             # its way: in a session, every message is relayed, this one too.
             self._relay_pending(pending)
             return None
-        if isinstance(error, AlreadyEngaged) and self.room_id is None:
+        if isinstance(error, AlreadyEngaged) and self.phase is not Phase.ROOM:
             # Engaged, though no session_started came yet: a crossed call's
             # is on its way (the contract says every peer hears of its
             # session). The request is relayed once it comes.
@@ -856,6 +568,21 @@ class Connection(ConnectionCommon):
         self._send_error(wire.reason_for(error), wire.kind_for(error))
         self._complete(pending)
         return None
+
+    def _notified(self, kind):
+        """
+        The notification a ``SESSION`` or ``ROOM`` command waits for came,
+        and its reply went out: what waited for the reply follows. The
+        command is complete once its result has come too (held input is
+        never handled inside a registry call).
+        """
+        pending = self._pending
+        if pending is None or pending.kind != kind:
+            return
+        pending.notified = True
+        self._open_gate()
+        if pending.answered:
+            self._complete(pending)
 
     def _reclaim(self, pending):
         """
@@ -897,18 +624,6 @@ class Connection(ConnectionCommon):
         holder.replaced()
         self._ask(pending, self._shared.registry.register, pending.uid, self)
 
-    def probe(self, timeout):
-        """IPeer: is the peer still there? (a Deferred firing True or False)"""
-        return self._output.probe(timeout)
-
-    @property
-    def peer_addr(self):
-        return self._output.peer_addr
-
-    def replaced(self):
-        """IPeer: a new connection took our uid over: close with 1008."""
-        self._close_for(REPLACED_CAUSE, CLOSE_POLICY_VIOLATION, "replaced by a new connection")
-
     def _relay_pending(self, pending):
         self.link.send_frames(
             ((BINARY_FRAME if pending.is_binary else TEXT_FRAME, pending.payload),)
@@ -916,10 +631,12 @@ class Connection(ConnectionCommon):
         self._complete(pending)
 
     def _registered(self, pending):
-        if self._ended is None:
+        if self.phase is not Phase.ENDED:
             # Unless a partner ended a session this uid was called into
             # before our answer came: then the registry has let it go.
             self.uid = pending.uid
+        if self.phase is Phase.HELLO:
+            self._enter(Phase.IDLE)
         self._cancel_hello_call()
         self._send_text(wire.HELLO)
         self._log.info(
@@ -928,6 +645,10 @@ class Connection(ConnectionCommon):
             peer_addr=self._output.peer_addr,
         )
         self._complete(pending)
+
+    def _hello_uid(self):
+        pending = self._pending
+        return pending.uid if pending is not None and pending.kind == _HELLO else None
 
     def _open_gate(self):
         """The reply owed went out: what others caused here meanwhile follows, in order."""
@@ -945,6 +666,332 @@ class Connection(ConnectionCommon):
             self._open_gate()
         if self._held:
             self._resume()
+
+
+@implementer(IPeer, ILink)
+class Connection(_CommandOrder):
+    """
+    One signalling connection's state and logic.
+
+    :param shared: what the connections of a server share (see
+        :class:`ConnectionCommon`).
+    :param output: the :class:`signalling.core.interfaces.IConnectionOutput`.
+
+    :ivar uid: the registered uid, or None.
+    :ivar partner_uid: the session partner's uid, or None.
+    :ivar room_id: the room's id, or None.
+    :ivar link: the :class:`signalling.core.interfaces.ILink` to the session
+        partner, or None.
+    """
+
+    _log = Logger()
+
+    __slots__ = (
+        "phase",
+        "partner_uid",
+        "room_id",
+        "link",
+        "_ended_uid",
+        "_pending",
+        "_hello_call",
+    )
+
+    def __init__(self, shared, output):
+        super().__init__(shared, output)
+        #: Where the connection stands (:class:`Phase`).
+        self.phase = Phase.HELLO
+        self.partner_uid = None
+        self.room_id = None
+        self.link = None
+        #: The uid it had when its partner ended its session.
+        self._ended_uid = None
+        #: The command in progress (a _Pending), else None.
+        self._pending = None
+        self._hello_call = None
+
+    @property
+    def receiver(self):
+        """What the registry hands our session partner: this connection (an ILink)."""
+        return self
+
+    def __repr__(self):
+        return f"<Connection {self.uid or '?'} at {self._output.peer_addr}>"
+
+    # What happens on the wire.
+
+    def opened(self):
+        """The WebSocket is open: start the deadline for ``HELLO``."""
+        self._hello_call = self._shared.clock.callLater(
+            self._settings.hello_timeout, self._hello_timed_out
+        )
+
+    def _handle(self, payload, is_binary):
+        """Relay one message in a session; else handle it as a command."""
+        link = self.link
+        if link is not None:
+            link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))
+            return
+        with self._log.failuresHandled(
+            "while handling a message from {uid} at {peer_addr}",
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+        ) as op:
+            self._command(payload, is_binary)
+        if op.failed:
+            self._fail()
+
+    @property
+    def relay_link(self):
+        """
+        The link every message goes to as it arrives (in a session, with no
+        command pending and nothing held), for the fast path; else None.
+        """
+        if self._pending is None and self._held is None and not self._closing:
+            return self.link
+        return None
+
+    def _let_go(self):
+        """The connection is ending: its session link and HELLO deadline go."""
+        if self.link is not None:
+            # Whatever this connection held back on its partner is let go.
+            self.link.set_backpressure(False)
+        self.link = None
+        self._cancel_hello_call()
+
+    def _enter(self, phase):
+        """Go on to ``phase``: the one place the phase changes (see :data:`_NEXT`)."""
+        if phase not in _NEXT[self.phase]:
+            raise RuntimeError(f"{self!r}: no way from {self.phase.name} to {phase.name}")
+        self.phase = phase
+
+    def _log_lost(self, uid, code, cause):
+        phase = self.phase
+        if phase is Phase.ENDED:
+            uid = self._ended_uid
+        elif uid is None:
+            # Called before its HELLO was answered, then gone: it never
+            # registered.
+            phase = Phase.HELLO
+        self._log.info(
+            _LOST_LOG[phase],
+            uid=uid,
+            peer_addr=self._output.peer_addr,
+            code=code,
+            cause=cause,
+            partner_uid=self.partner_uid,
+            room_id=self.room_id,
+        )
+
+    def _stop_relaying(self):
+        link, self.link = self.link, None
+        if link is not None:
+            # Whatever this connection held back on its partner is let go
+            # now: closing() no longer finds the link.
+            link.set_backpressure(False)
+
+    def _partner_backpressure(self, blocked):
+        # The session behaves like the TCP stream it stands for.
+        link = self.link
+        if link is not None:
+            link.set_backpressure(blocked)
+
+    def set_backpressure(self, active):
+        """ILink: our partner cannot keep up; stop (or resume) reading our input."""
+        if active:
+            self._output.pause_reading("partner")
+        else:
+            self._output.resume_reading("partner")
+
+    # IPeer and ILink: what the registry and the partner do to this connection.
+
+    def send_frames(self, frames):
+        """Relay messages from the session partner to this connection."""
+        if self._queued is not None:
+            self._queued.append((self.send_frames, frames))
+            return
+        stats = self._stats
+        stats.session_messages += len(frames)
+        stats.session_bytes += sum(len(payload) for _, payload in frames)
+        self._output.send_frames(frames)
+
+    def session_started(self, partner_uid, link, caller):
+        """Start relaying to ``partner_uid``; the caller is told ``SESSION_OK``."""
+        if self.phase is not Phase.ENDED:
+            self._enter(Phase.SESSION)
+        self.partner_uid = partner_uid
+        if self._settings.log_payloads:
+            link = _LoggingLink(link, self.uid or self._hello_uid(), partner_uid)
+        self.link = link
+        if not caller:
+            pending = self._pending
+            if pending is not None and pending.engaged:
+                # The request that crossed this call is relayed now.
+                self._relay_pending(pending)
+            return
+        self._stats.sessions_started += 1
+        self._send_text(wire.SESSION_OK)
+        self._log.info("session from {uid} to {callee}", uid=self.uid, callee=partner_uid)
+        self._notified(_SESSION)
+
+    def session_ended(self, partner_uid):
+        """
+        The partner left, and the registry removed this peer too: close this
+        connection (1000, no message), or 1001 while the server stops.
+        """
+        uid = self.uid if self.uid is not None else self._hello_uid()
+        self.uid = None
+        self.link = None
+        self._closing = True
+        if self._shared.shutting_down:
+            # Every connection is being closed: this one for that reason.
+            self.going_away()
+            return
+        self._enter(Phase.ENDED)
+        self._ended_uid = uid
+        self._close_normally()
+
+    def _close_normally(self):
+        if self._queued is not None:
+            self._queued.append((self._close_normally,))
+            return
+        self._output.close(CLOSE_NORMAL)
+
+    def room_joined(self, room_id, members):
+        """Answer ``ROOM_OK`` with the members already there."""
+        self._enter(Phase.ROOM)
+        self.room_id = room_id
+        self._send_text(wire.room_ok(members))
+        self._log.info("peer {uid} joined room {room_id}", uid=self.uid, room_id=room_id)
+        self._notified(_ROOM)
+
+    def room_peer_joined(self, room_id, uid):
+        """Tell this member that ``uid`` joined."""
+        if self._queued is not None:
+            self._queued.append((self.room_peer_joined, room_id, uid))
+            return
+        self._send_text(wire.room_peer_joined(uid))
+
+    def room_peer_left(self, room_id, uid):
+        """
+        Tell this member that ``uid`` left (not while every member is being
+        closed for a shutdown).
+        """
+        if self._queued is not None:
+            self._queued.append((self.room_peer_left, room_id, uid))
+            return
+        if not self._shared.shutting_down:
+            self._send_text(wire.room_peer_left(uid))
+
+    def room_message(self, sender_uid, payload):
+        """Hand over a room member's message."""
+        if self._queued is not None:
+            self._queued.append((self.room_message, sender_uid, payload))
+            return
+        stats = self._stats
+        stats.room_messages += 1
+        stats.room_bytes += len(payload.encode("utf-8"))
+        if self._settings.log_payloads:
+            self._log.info(
+                "room message from {sender_uid} to {uid}: {payload}",
+                sender_uid=sender_uid,
+                uid=self.uid,
+                payload=payload,
+            )
+        self._send_text(wire.room_peer_msg(sender_uid, payload))
+
+    # Commands.
+
+    def _command(self, payload, is_binary):
+        """Handle one message outside a session."""
+        if not self._rate_allows():
+            return
+        phase = self.phase
+        if phase is Phase.HELLO:
+            self._hello(payload, is_binary)
+            return
+        if is_binary:
+            self._send_error(wire.BINARY_OUTSIDE_SESSION, "binary_outside_session")
+            return
+        command, rest = wire.split_command(payload.decode("utf-8"))
+        registry = self._shared.registry
+        if phase is Phase.ROOM:
+            if command == wire.ROOM_PEER_MSG:
+                try:
+                    target, message = wire.parse_room_peer_msg(rest)
+                except wire.WireError as e:
+                    self._send_error(e.reason, e.kind)
+                    return
+                self._start(_OTHER, payload, is_binary, registry.room_message, self.uid, target, message)
+            elif command == wire.ROOM_PEER_LIST:
+                self._start(_LIST, payload, is_binary, registry.room_members, self.uid)
+            else:
+                self._send_error(wire.ALREADY_IN_ROOM, "already_in_room")
+            return
+        grant = self._output.grant
+        if command == wire.SESSION:
+            if not rest:
+                self._send_error(wire.SESSION_NEEDS_UID, "missing_arguments")
+                return
+            if grant is not None and not grant.allows_call(rest):
+                self._send_error(wire.not_allowed("a call to", rest), "not_allowed")
+                return
+            self._start(_SESSION, payload, is_binary, registry.start_session, self.uid, rest)
+        elif command == wire.ROOM:
+            try:
+                wire.check_room_id(rest)
+            except wire.WireError as e:
+                self._send_error(e.reason, e.kind)
+                return
+            if grant is not None and not grant.allows_room(rest):
+                self._send_error(wire.not_allowed("room", rest), "not_allowed")
+                return
+            self._start(_ROOM, payload, is_binary, registry.join_room, self.uid, rest)
+        elif command in (wire.ROOM_PEER_MSG, wire.ROOM_PEER_LIST):
+            self._send_error(wire.NOT_IN_ROOM, "not_in_room")
+        elif command == wire.HELLO:
+            self._send_error(wire.ALREADY_REGISTERED, "already_registered")
+        elif not command:
+            self._send_error(wire.EMPTY_MESSAGE, "empty_message")
+        else:
+            self._send_error(wire.unknown_command(command), "unknown_command")
+
+    def _hello(self, payload, is_binary):
+        if is_binary:
+            self._refuse(
+                wire.BINARY_OUTSIDE_SESSION, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol"
+            )
+            return
+        command, uid = wire.split_command(payload.decode("utf-8"))
+        if command != wire.HELLO:
+            self._refuse(wire.EXPECTED_HELLO, wire.CLOSE_INVALID_PROTOCOL, "invalid_protocol")
+            return
+        try:
+            wire.check_uid(uid)
+        except wire.WireError as e:
+            self._refuse(e.reason, wire.CLOSE_INVALID_UID, "invalid_uid")
+            return
+        grant = self._output.grant
+        if grant is not None and not examples_token_allows(grant):
+            self._refuse(
+                wire.not_allowed("the protocol", "examples"), NOT_ALLOWED_CLOSE, "not_allowed"
+            )
+            return
+        if grant is not None and not grant.allows_uid(uid):
+            self._refuse(wire.not_allowed("uid", uid), NOT_ALLOWED_CLOSE, "not_allowed")
+            return
+        self._start(_HELLO, payload, is_binary, self._shared.registry.register, uid, self, uid=uid)
+
+    def probe(self, timeout):
+        """IPeer: is the peer still there? (a Deferred firing True or False)"""
+        return self._output.probe(timeout)
+
+    @property
+    def peer_addr(self):
+        return self._output.peer_addr
+
+    def replaced(self):
+        """IPeer: a new connection took our uid over: close with 1008."""
+        self._close_for(REPLACED_CAUSE, CLOSE_POLICY_VIOLATION, "replaced by a new connection")
 
     # Output and closing.
 
@@ -972,7 +1019,7 @@ class Connection(ConnectionCommon):
 
     def _hello_timed_out(self):
         self._hello_call = None
-        if self.uid is None and not self._closing:
+        if self.phase is Phase.HELLO and not self._closing:
             self._log.info("no HELLO from {peer_addr} in time", peer_addr=self._output.peer_addr)
             self._stats.hello_rejected("hello_timeout")
             self._closing = True
