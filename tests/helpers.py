@@ -53,6 +53,11 @@ def signalling_factory(
     )
 
 
+def open_from(limits, host):
+    """:returns: how many connections ``host`` (by its key: an IPv6 prefix) holds in ``limits``."""
+    return limits._open.get(limits.key_of(host), 0)
+
+
 def change_settings(factory, **changes):
     """
     Give a listening factory (or the factories of a cluster's nodes, as

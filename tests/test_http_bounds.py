@@ -49,7 +49,7 @@ from signalling.server.limits import REFUSED, ConnectionLimits, parse_address
 from signalling.server.policy import ServerNames, host_name
 from tests.certificates import write_certificate
 from tests.clients import RawClient, eventually, upgrade_request
-from tests.helpers import parse, signalling_factory, unwrap
+from tests.helpers import open_from, parse, signalling_factory, unwrap
 from tests.servers import ProcessMixin, Server
 from tests.test_web import _TCPLikeTransport, page_config
 
@@ -95,7 +95,7 @@ class AddressKeyTests(unittest.SynchronousTestCase):
             for i in range(1, 41)
         ]
         self.assertEqual([a for a in admitted if a is not REFUSED], ["2001:db8:0:1::/64"] * 3)
-        self.assertEqual(limits.open_from("2001:db8:0:1:ffff::1"), 3)
+        self.assertEqual(open_from(limits, "2001:db8:0:1:ffff::1"), 3)
         other = limits.admit_address(IPv6Address("TCP", "2001:db8:0:2::1", 4000))
         self.assertEqual(other, "2001:db8:0:2::/64")
         for key in admitted[:3] + [other]:
@@ -333,10 +333,10 @@ class PageConnectionTests(unittest.SynchronousTestCase):
             self.assertTrue(transport.value().endswith(b"\r\n\r\nOK\n"), transport.value())
             self.assertFalse(transport.disconnecting)
             kept.append(transport)
-        self.assertEqual(self.limits.open_from("192.0.2.1"), 2)
+        self.assertEqual(open_from(self.limits, "192.0.2.1"), 2)
         self.assertEqual(self.connect(), (None, None))
         self.lose(kept.pop())
-        self.assertEqual(self.limits.open_from("192.0.2.1"), 1)
+        self.assertEqual(open_from(self.limits, "192.0.2.1"), 1)
         _, transport = self.connect()
         self.assertIsNotNone(transport)
         for transport in kept + [transport]:
@@ -353,7 +353,7 @@ class PageConnectionTests(unittest.SynchronousTestCase):
         transport.clear()
         transport.protocol.dataReceived(_UPGRADE)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "), transport.value())
-        self.assertEqual(self.limits.open_from("192.0.2.1"), 1)
+        self.assertEqual(open_from(self.limits, "192.0.2.1"), 1)
         self.lose(transport)
         self.assertEqual(self.limits._open, {})
 
@@ -481,7 +481,7 @@ class BoundsMixin:
             client.transport.write(_HEALTH)
             await client._until(lambda c=client: c.received.endswith(b"OK\n"), "the answer")
             kept.append(client)
-        self.assertEqual(server.factory.policy.limits.open_from("127.0.0.1"), 3)
+        self.assertEqual(open_from(server.factory.policy.limits, "127.0.0.1"), 3)
         refused = await self.raw_from(server)
         refused.transport.write(_HEALTH)
         await refused.dropped()
@@ -492,7 +492,7 @@ class BoundsMixin:
         for client in kept:
             await client.dropped()
         await eventually(
-            lambda: server.factory.policy.limits.open_from("127.0.0.1") == 0, "the places to be given back"
+            lambda: open_from(server.factory.policy.limits, "127.0.0.1") == 0, "the places to be given back"
         )
         await server.hello("again")
 
@@ -567,11 +567,11 @@ class BoundsMixin:
         event = await self.registered(server, "alice", "203.0.113.9")
         self.assertTrue(event["peer_addr"].startswith("tcp4:127.0.0.1:"), event["peer_addr"])
         limits = server.factory.policy.limits
-        await eventually(lambda: limits.open_from("127.0.0.1") == 0, "alice's place")
+        await eventually(lambda: open_from(limits, "127.0.0.1") == 0, "alice's place")
         status, _ = await self.upgrade(server, "evil registered from 10.0.0.1")
         self.assertEqual(status, 101)
-        self.assertEqual(limits.open_from("127.0.0.1"), 1)
-        self.assertEqual(limits.open_from("203.0.113.9"), 0)
+        self.assertEqual(open_from(limits, "127.0.0.1"), 1)
+        self.assertEqual(open_from(limits, "203.0.113.9"), 0)
 
     # Authorization headers, and TURN passwords.
 

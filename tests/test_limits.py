@@ -18,6 +18,7 @@ from signalling.server.metrics import Stats
 from tests.certificates import write_certificate
 from tests.clients import RawClient, eventually, upgrade_request
 from tests.servers import Server, client_endpoint
+from tests.helpers import open_from
 
 
 class ConnectionLimitsTests(unittest.SynchronousTestCase):
@@ -37,7 +38,7 @@ class ConnectionLimitsTests(unittest.SynchronousTestCase):
         for _ in range(2):
             limits.release("192.0.2.1")
         limits.release("192.0.2.2")
-        self.assertEqual(limits.open_from("192.0.2.1"), 0)
+        self.assertEqual(open_from(limits, "192.0.2.1"), 0)
         self.assertEqual(limits._open, {})
 
     def test_exempt_networks_cover_their_addresses_and_mapped_ones(self):
@@ -111,7 +112,7 @@ class LimitsMixin:
         first.close()
         await first.closed()
         await eventually(
-            lambda: server.factory.policy.limits.open_from("127.0.0.1") == 1,
+            lambda: open_from(server.factory.policy.limits, "127.0.0.1") == 1,
             "the closed connection to be given back",
         )
         third = await server.hello("third")

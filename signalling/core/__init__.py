@@ -1,6 +1,6 @@
 """
-The pure core: the protocol's words and wire format, the registry contract
-and the in-memory registry, and the per-connection logic. Nothing here
-listens or touches a socket; only ``connection`` uses Twisted (Deferreds
-and an injected clock).
+The pure core: the protocol's words and wire formats, the dialect table, the
+registry contract and the in-memory registry, and the per-connection logic.
+Nothing here listens or touches a socket; of Twisted it uses Deferreds, the
+logger and an injected clock (docs/architecture.md).
 """

@@ -215,17 +215,3 @@ EXIT_CLOSED = 6
 EXIT_GAVE_UP = 7
 #: The other peer's offer or answer could not be used (WebRTC peers).
 EXIT_NEGOTIATION = 8
-
-#: What each exit status means, in a few words (the tools' ``--help``
-#: says it at length).
-EXIT_MEANINGS = {
-    EXIT_OK: "done",
-    EXIT_INTERNAL: "internal error or missing package",
-    EXIT_USAGE: "bad command line",
-    EXIT_CONNECT: "cannot connect",
-    EXIT_TLS: "TLS failure",
-    EXIT_SERVER_ERROR: "the server answered ERROR",
-    EXIT_CLOSED: "the connection closed unexpectedly",
-    EXIT_GAVE_UP: "gave up (--timeout)",
-    EXIT_NEGOTIATION: "the other peer's offer or answer could not be used",
-}

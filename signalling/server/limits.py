@@ -153,10 +153,6 @@ class ConnectionLimits:
         else:
             self._open.pop(key, None)
 
-    def open_from(self, host):
-        """:returns: how many connections ``host`` (its key) holds."""
-        return self._open.get(self.key_of(host), 0)
-
     def admit_websocket(self):
         """
         Count an upgrade to a WebSocket connection.
