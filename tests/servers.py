@@ -352,6 +352,23 @@ class Server:
         return await cls.attach(testcase, service)
 
     @classmethod
+    async def on_loopback(cls, testcase, tls, *argv):
+        """
+        :returns: a started :class:`Server` on one loopback port, plaintext
+            or TLS (a bare ``ssl:0`` through the project's own TLS layer,
+            with a certificate written for the test), with ``argv`` added.
+        """
+        cert_dir = testcase.mktemp()
+        pem = write_certificate(cert_dir).pem
+        kind = "ssl" if tls else "tcp"
+        server = await cls.start(
+            testcase, "--port", f"{kind}:0:interface=127.0.0.1", "--cert-path", cert_dir, *argv
+        )
+        server.tls = tls
+        server.pem = pem
+        return server
+
+    @classmethod
     async def listening(
         cls,
         testcase,

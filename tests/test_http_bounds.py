@@ -429,15 +429,7 @@ class BoundsMixin:
     timeout = 60
 
     async def start(self, *argv):
-        cert_dir = self.mktemp()
-        pem = write_certificate(cert_dir).pem
-        kind = "ssl" if self.tls else "tcp"
-        server = await Server.start(
-            self, "--port", f"{kind}:0:interface=127.0.0.1", "--cert-path", cert_dir, *argv
-        )
-        server.tls = self.tls
-        server.pem = pem
-        return server
+        return await Server.on_loopback(self, self.tls, *argv)
 
     async def raw_from(self, server, source="127.0.0.1"):
         """:returns: a raw client connected from the loopback address ``source``."""

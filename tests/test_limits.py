@@ -81,15 +81,7 @@ class LimitsMixin:
     timeout = 60
 
     async def start(self, *argv):
-        cert_dir = self.mktemp()
-        pem = write_certificate(cert_dir).pem
-        kind = "ssl" if self.tls else "tcp"
-        server = await Server.start(
-            self, "--port", f"{kind}:0:interface=127.0.0.1", "--cert-path", cert_dir, *argv
-        )
-        server.tls = self.tls
-        server.pem = pem
-        return server
+        return await Server.on_loopback(self, self.tls, *argv)
 
     async def test_an_address_past_its_share_is_refused_at_once_and_served_again_later(self):
         """
