@@ -47,7 +47,6 @@ from signalling.server.auth import mint
 from signalling.server.factory import OPEN_HANDSHAKE_TIMEOUT
 from signalling.server.limits import REFUSED, ConnectionLimits, parse_address
 from signalling.server.policy import ServerNames, host_name
-from tests.certificates import write_certificate
 from tests.clients import RawClient, eventually, upgrade_request
 from tests.helpers import open_from, parse, signalling_factory, unwrap
 from tests.servers import ProcessMixin, Server

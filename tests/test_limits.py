@@ -15,7 +15,6 @@ from signalling.server import tap
 from signalling.server.settings import DEFAULT_MAX_OUTPUT
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import Stats
-from tests.certificates import write_certificate
 from tests.clients import RawClient, eventually, upgrade_request
 from tests.servers import Server, client_endpoint
 from tests.helpers import open_from
