@@ -74,9 +74,9 @@ class TinyConnection(ConnectionCommon):
         self._send_error("taken", "uid_taken")
         self._resume()
 
-    def _send_error(self, reason, kind):
-        self._stats.error_sent(kind)
-        self._send_text("TINY-ERROR " + reason)
+    @staticmethod
+    def _error_text(reason):
+        return "TINY-ERROR " + reason
 
     # IPeer: nothing of sessions or rooms happens to a tiny peer.
     def probe(self, timeout):

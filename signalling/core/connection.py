@@ -224,7 +224,8 @@ class ConnectionCommon:
     command waits, the command rate, flow control, closing for the server's
     own reasons, letting go of their id, and unexpected errors. A subclass
     provides ``opened()``, ``_handle(payload, is_binary)``, a ``_pending``
-    that is true while a command waits, and ``_send_error(reason, kind)``.
+    that is true while a command waits, and ``_error_text(reason)``: a
+    refusal in its words.
 
     :param shared: what the connections of a server share (the WebSocket
         factory): ``registry`` (an
@@ -380,6 +381,17 @@ class ConnectionCommon:
 
     def _send_text(self, text):
         self._output.send_text(text)
+
+    def _send_error(self, reason, kind):
+        """Refuse a request: count it, log it, and answer in the dialect's words (``_error_text``)."""
+        self._stats.error_sent(kind)
+        self._log.info(
+            "refused a request from {uid} at {peer_addr}: {reason}",
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+            reason=reason,
+        )
+        self._send_text(self._error_text(reason))
 
     def _close_for(self, cause, code, reason):
         """Stop handling input and close with ``code`` and ``reason`` (``cause`` for the log)."""
@@ -995,15 +1007,8 @@ class Connection(_CommandOrder):
 
     # Output and closing.
 
-    def _send_error(self, reason, kind):
-        self._stats.error_sent(kind)
-        self._log.info(
-            "refused a request from {uid} at {peer_addr}: {reason}",
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-            reason=reason,
-        )
-        self._send_text(wire.error(reason))
+    #: The ``ERROR`` line of a refusal.
+    _error_text = staticmethod(wire.error)
 
     def _refuse(self, reason, close_reason, kind, code=CLOSE_PROTOCOL_ERROR):
         """Refuse the first message: ``ERROR``, then close with ``code`` (1002)."""

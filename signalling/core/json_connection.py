@@ -310,12 +310,8 @@ class JsonConnection(ConnectionCommon):
         if not self._later(self.json_session_ended, session_id, error):
             self._send_text(json_wire.end_session(session_id, error, self.version))
 
+    #: The ``error`` message of a refusal.
+    _error_text = staticmethod(json_wire.error)
+
     def _send_error(self, details, kind="json_refused"):
-        self._stats.error_sent(kind)
-        self._log.info(
-            "refused a request from {uid} at {peer_addr}: {reason}",
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-            reason=details,
-        )
-        self._send_text(json_wire.error(details))
+        ConnectionCommon._send_error(self, details, kind)
