@@ -544,7 +544,7 @@ class RedisConnectionTests(TestCase):
         await redis.start()
         server = await Server.start(self, "--port", "tcp:0:interface=127.0.0.1", "--redis", redis.url)
         await eventually(lambda: server.registry.up, "the node to reach Redis")
-        store = server.service.cluster
+        store = server.service.backend.store
         for p in (store._commands, store._subscriber):
             self.assertIsNone(p.replyTimeout)
             sock = p.transport.getHandle()
@@ -569,7 +569,7 @@ class RedisConnectionTests(TestCase):
             ["--port", "tcp:0", "--redis", "redis://127.0.0.1:1/0", "--node-timeout", "2.4"]
         )
         service = makeService(options, reactor=Clock())
-        registry = service.cluster._backend
+        registry = service.backend.store._backend
         self.assertEqual(registry._ttl_ms, "2400")
         self.assertAlmostEqual(registry._heartbeat_every, 0.8)
 

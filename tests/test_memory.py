@@ -37,8 +37,8 @@ class ReclaimerTests(unittest.TestCase):
         self.reclaimer = memory.MemoryReclaimer(
             self.heap, self.clock, interval=5, threshold=8 * MiB, stats=self.stats
         )
-        self.reclaimer.start()
-        self.addCleanup(self.reclaimer.stop)
+        self.reclaimer.startService()
+        self.addCleanup(self.reclaimer.stopService)
 
     def test_nothing_is_trimmed_while_little_is_free(self):
         self.heap.free = 8 * MiB
@@ -82,7 +82,7 @@ class ReclaimerTests(unittest.TestCase):
         self.assertEqual(self.heap.trims, 1)
 
     def test_nothing_happens_once_stopped(self):
-        self.reclaimer.stop()
+        self.reclaimer.stopService()
         self.heap.free = 40 * MiB
         self.clock.advance(50)
         self.assertEqual(self.heap.trims, 0)

@@ -272,7 +272,7 @@ class MetricsTests(unittest.TestCase):
         blocks = [bytes(60_000) for _ in range(600)]
         keep = blocks[1::2]
         del blocks
-        self.server.service.reclaimer.check()
+        self.server.service.getServiceNamed("memory").check()
         del keep
         after = await self.scrape()
         self.assertGreaterEqual(

@@ -250,7 +250,7 @@ class ListenFailureTests(unittest.TestCase):
 
     def our_listening_ports(self, service):
         """:returns: real ports the reactor still listens on for ``service``'s sites."""
-        sites = {id(site) for _, _, site in service._ports}
+        sites = {id(port.factory) for port in service.ports}
         return [
             r for r in reactor.getReaders()
             if getattr(r, "factory", None) is not None and id(r.factory) in sites

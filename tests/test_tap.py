@@ -4,6 +4,7 @@ service built from them, on a memory reactor (and, for what a bare ``ssl:``
 port serves, through real TLS handshakes on loopback ports).
 """
 
+import copy
 import io
 import json
 import os
@@ -13,7 +14,8 @@ import sys
 from autobahn.twisted.resource import WebSocketResource
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.application.service import Application, IService, MultiService
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Application, IService
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import CannotListenError
@@ -35,7 +37,7 @@ from signalling.server.factory import TIMER_ROUNDING, SignallingServerFactory
 from signalling.server.settings import MIN_KEEPALIVE
 from signalling.server.metrics import Stats
 from signalling.core.registry import Registry
-from signalling.server.service import SignallingService
+from signalling.server.service import PortService, SignallingService
 from tests.certificates import tls_exchange, write_certificate, write_lets_encrypt_layout
 from tests.helpers import hide_service_manager, http_get, parse, unwrap, websocket_factory
 
@@ -353,9 +355,10 @@ class ServiceTests(unittest.TestCase):
 
     def test_nothing_listens_before_start_service(self):
         """
-        makeService returns a SignallingService (one plain service that
-        listens on every port itself, not a MultiService of endpoint
-        services) and binds no port; startService does.
+        makeService returns a SignallingService (the root of the service
+        tree, which listens on every port itself, all of them or none: its
+        ports are PortService children, not endpoint services that would
+        each listen on their own) and binds no port; startService does.
         """
         service = tap.makeService(
             parse(
@@ -365,7 +368,10 @@ class ServiceTests(unittest.TestCase):
             reactor=self.reactor,
         )
         self.assertIsInstance(service, SignallingService)
-        self.assertNotIsInstance(service, MultiService)
+        self.assertEqual(len([c for c in service if isinstance(c, PortService)]), 2)
+        self.assertFalse(
+            [child for child in service if isinstance(child, StreamServerEndpointService)]
+        )
         self.assertTrue(IService.providedBy(service))
         self.assertEqual((self.reactor.tcpServers, self.reactor.sslServers), ([], []))
         service.startService()
@@ -737,6 +743,22 @@ class ServiceTests(unittest.TestCase):
         public_response = http_get(site, b"/metrics")
         self.assertTrue(public_response.startswith(b"HTTP/1.1 404 "), public_response)
         self.assertNotIn(b"signalling_peers", public_response)
+
+    def test_a_worker_serves_metrics_on_its_port_and_leaves_the_options_alone(self):
+        """
+        A worker (--worker-index 2) serves --metrics-port's number plus its
+        index; makeService changes nothing in the options it was given.
+        """
+        config = parse(
+            "--cert-path", self.cert_dir, "--port", "tcp:8080",
+            "--metrics-port", "tcp:9100:interface=127.0.0.1", "--worker-index", "2",
+        )
+        before = copy.deepcopy(dict(config))
+        service = tap.makeService(config, reactor=self.reactor)
+        self.assertEqual(dict(config), before)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([port for port, *_ in self.reactor.tcpServers], [8080, 9102])
 
     def test_no_metrics_port_by_default(self):
         """Without --metrics-port only the public ports listen."""

@@ -13,6 +13,7 @@ node when both are ready (:meth:`ClusterRegistry.store_up`) and when either
 is lost (:meth:`ClusterRegistry.store_down`).
 """
 
+import copy
 import socket
 from urllib.parse import unquote, urlsplit
 
@@ -56,6 +57,18 @@ class RedisAddress:
         self.password = password if password is not None else (
             unquote(parts.password) if parts.password else None
         )
+
+    def with_secrets(self, password=None, ca_pem=None):
+        """
+        :returns: this address with a password (one given overrides the
+            URL's) and the PEM certificates to trust, without parsing the
+            URL again.
+        """
+        address = copy.copy(self)
+        if password is not None:
+            address.password = password
+        address.ca_pem = ca_pem
+        return address
 
     def endpoint(self, reactor):
         tcp = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=5)

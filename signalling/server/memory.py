@@ -22,6 +22,7 @@ and they are reused by the next connections.
 import ctypes
 import ctypes.util
 
+from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -81,10 +82,11 @@ def glibc_heap():
         return None
 
 
-class MemoryReclaimer:
+class MemoryReclaimer(Service):
     """
-    Every ``interval`` seconds, trims the heap when more than ``threshold``
-    bytes of it became free since the last trim.
+    Every ``interval`` seconds while it runs (a child of the server's
+    service tree), trims the heap when more than ``threshold`` bytes of it
+    became free since the last trim.
 
     :param heap: a :class:`GlibcHeap` (or anything with ``free_bytes`` and
         ``trim``).
@@ -106,12 +108,14 @@ class MemoryReclaimer:
         self._loop = LoopingCall(self.check)
         self._loop.clock = clock
 
-    def start(self):
+    def startService(self):
         """Look at the heap from now on."""
+        super().startService()
         if not self._loop.running:
             self._loop.start(self._interval, now=False)
 
-    def stop(self):
+    def stopService(self):
+        super().stopService()
         if self._loop.running:
             self._loop.stop()
 

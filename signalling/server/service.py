@@ -9,7 +9,7 @@ import resource
 import signal
 import time
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
@@ -97,13 +97,58 @@ class GracefulStop:
             pass  # a second signal during the shutdown
 
 
-class SignallingService(GracefulStop, TwistdService):
+class PortService(Service):
     """
+    One port of a :class:`SignallingService`, a child of it: its parent
+    listens on every port at once (all of them, or none) and stops it,
+    which stops listening.
+
+    :ivar description: the endpoint description, for logs and errors.
+    :ivar endpoint: the ``IStreamServerEndpoint`` to listen on.
+    :ivar factory: the factory it serves.
+    :ivar option: the option the port came from, for errors.
+    """
+
+    def __init__(self, description, endpoint, factory, option="--port"):
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.option = option
+        self._port = None
+
+    def listen(self):
+        """:returns: a Deferred of ``(description, IListeningPort)``."""
+        d = self.endpoint.listen(self.factory)
+        d.addCallback(self._bound)
+        return d
+
+    def _bound(self, port):
+        self._port = port
+        return self.description, port
+
+    def stop_listening(self):
+        """:returns: a Deferred fired once the port no longer listens."""
+        port, self._port = self._port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+    def stopService(self):
+        super().stopService()
+        return self.stop_listening()
+
+
+class SignallingService(GracefulStop, TwistdService, MultiService):
+    """
+    The root of the server's service tree. Its children: the backend's
+    service, started first and stopped last; a :class:`PortService` for
+    every port, listened on together; and whatever else runs while the
+    server serves (the memory reclaimer, say).
+
     :param reactor: the reactor (time, and thread-safe calls from signal
         handlers).
     :param ports: ``[(description, endpoint, factory)]`` to listen on; a
         fourth item names the option the port came from (``--port`` by
-        default), for errors. An endpoint that fails with
+        default), for errors. Each becomes a :class:`PortService` child; an
+        endpoint that fails with
         :class:`signalling.server.listening.FamilyUnavailable` (IPv6 on a machine
         without it) is left out with a warning.
     :param ws_factories: the WebSocket factories to close on shutdown.
@@ -115,14 +160,12 @@ class SignallingService(GracefulStop, TwistdService):
         graceful stop that exits with status 0); off in tests.
     :param log_observer: an ``ILogObserver`` to log to under twistd instead
         of its text log, or None.
-    :param reclaimer: a :class:`signalling.server.memory.MemoryReclaimer` to
-        run while the server runs, or None.
     :param token_keys: the :class:`signalling.server.auth.TokenKeys` that
         SIGHUP reloads, or None.
-    :param cluster: the :class:`signalling.cluster.redis.RedisStore` of a
-        cluster node (``--redis``), started before the ports listen and
-        stopped after the last connection closed (so that Redis hears of
-        every peer that left), or None.
+    :param backend: the ``IService`` that runs the backend (a cluster node's
+        store, ``--redis``), or None: started before the ports listen and
+        stopped after the last connection closed (so that the backend hears
+        of every peer that left).
     :param on_ready: called once every port listens (a worker of
         ``--workers`` then tells its parent), or None.
     """
@@ -139,23 +182,21 @@ class SignallingService(GracefulStop, TwistdService):
         server_tls=None,
         handle_signals=False,
         log_observer=None,
-        reclaimer=None,
         token_keys=None,
-        cluster=None,
+        backend=None,
         on_ready=None,
     ):
+        super().__init__()
         self._on_ready = on_ready
         self._reactor = reactor
-        self._ports = ports
         self._ws_factories = ws_factories
         self._notifier = notifier
         self._shutdown_timeout = shutdown_timeout
         self._server_tls = server_tls
         self._handle_signals = handle_signals
         self._log_observer = log_observer
-        self.reclaimer = reclaimer
         self.token_keys = token_keys
-        self.cluster = cluster
+        self.backend = backend
         self._listening = None
         self._listening_ports = []
         self._watchdog = None
@@ -163,11 +204,20 @@ class SignallingService(GracefulStop, TwistdService):
         self._previous_handlers = {}
         #: Fires with the listening ports once every port listens.
         self.ready = defer.Deferred()
+        if backend is not None:
+            backend.setServiceParent(self)
+        for port in ports:
+            PortService(*port).setServiceParent(self)
 
     @property
     def listening_ports(self):
         """The ``IListeningPort``s, once listening."""
         return list(self._listening_ports)
+
+    @property
+    def ports(self):
+        """The :class:`PortService` children, in the order they listen."""
+        return [child for child in self if isinstance(child, PortService)]
 
     def privilegedStartService(self):
         """Bind every port (before twistd drops privileges)."""
@@ -175,26 +225,34 @@ class SignallingService(GracefulStop, TwistdService):
         self._listen()
 
     def startService(self):
-        super().startService()
-        if self.cluster is not None and not self.cluster.running:
-            self.cluster.startService()
+        """
+        Start the backend, listen on every port (a port that cannot be
+        bound stops the start here), then start the other children.
+        """
+        Service.startService(self)
+        self._start(self.backend)
         self._listen()
+        for child in self:
+            self._start(child)
+
+    @staticmethod
+    def _start(child):
+        """Start ``child`` (a service, or None) unless it runs already."""
+        if child is not None and not child.running:
+            child.startService()
 
     def _listen(self):
         if self._listening is not None:
             return
         failures = []
         attempts = []
-        bound = []
-        for description, endpoint, factory, *option in self._ports:
-            option = option[0] if option else "--port"
-            d = endpoint.listen(factory)
-            d.addCallback(lambda port, d=description: bound.append(port) or (d, port))
-            d.addErrback(self._listen_failed, description, option, failures)
+        for port in self.ports:
+            d = port.listen()
+            d.addErrback(self._listen_failed, port.description, port.option, failures)
             attempts.append(d)
         if failures:
-            for port in bound:
-                port.stopListening()
+            for port in self.ports:
+                port.stop_listening()
             # A port that cannot be bound at start-up stops twistd with one
             # line for the operator instead of a traceback.
             raise StartupError(failures[0])
@@ -238,8 +296,6 @@ class SignallingService(GracefulStop, TwistdService):
         if self._notifier is not None:
             self._notifier.notify("READY=1", "STATUS=accepting connections")
             self._watchdog = self._notifier.start_watchdog(self._reactor)
-        if self.reclaimer is not None:
-            self.reclaimer.start()
         if self._on_ready is not None:
             self._on_ready()
 
@@ -293,36 +349,34 @@ class SignallingService(GracefulStop, TwistdService):
                 self._notifier.notify("READY=1", "STATUS=accepting connections")
 
     def stopService(self):
-        """Stop accepting, close every connection with 1001, wait for them."""
-        super().stopService()
+        """
+        Stop accepting, close every connection with 1001, wait for them;
+        then stop the backend.
+        """
+        Service.stopService(self)
         if self._notifier is not None:
             self._notifier.notify("STOPPING=1", "STATUS=closing connections")
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self._watchdog = None
-        if self.reclaimer is not None:
-            self.reclaimer.stop()
-
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
         self._restore_stop_handlers()
+        # The other children in reverse order (as MultiService): the ports
+        # stop listening.
         stopped = defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening) for port in self._listening_ports]
+            [
+                defer.maybeDeferred(child.stopService)
+                for child in reversed(list(self))
+                if child is not self.backend
+            ]
         )
         self._listening_ports = []
         stopped.addCallback(lambda _: self._close_connections())
-        if self.cluster is not None:
-            stopped.addCallback(lambda _: self._stop_cluster())
+        if self.backend is not None:
+            stopped.addCallback(lambda _: self.backend.stopService())
         return stopped
-
-    def _stop_cluster(self):
-        """Once every peer's removal went out, let go of Redis."""
-        if not self.cluster.running:
-            return None
-        d = self.cluster.flush()
-        d.addBoth(lambda _: self.cluster.stopService())
-        return d
 
     def _open_connections(self):
         return sum(f.getConnectionCount() for f in self._ws_factories)

@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import sys
+from typing import NamedTuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,11 +22,10 @@ from signalling.server.settings import ServerSettings
 from signalling.server import auth, limits, listening, logs, memory, tls, turn, workers
 from signalling.server.limits import ConnectionLimits
 from signalling.server.metrics import SignallingCollector, Stats, metrics_resource
-from signalling.cluster.backend import ClusterRegistry
-from signalling.cluster.redis import RedisAddress, RedisStore, RedisURLError
+from signalling.cluster.redis import RedisAddress, RedisURLError
 from signalling.core.dialects import AUTO, DIALECTS
-from signalling.core.registry import Registry
-from signalling.server.service import SignallingService, raise_file_limit
+from signalling.server.backends import build_backend
+from signalling.server.service import PortService, SignallingService, raise_file_limit
 from signalling.server.systemd import Notifier
 from signalling.server import web
 from signalling.server.web import parse_ice_server, with_pages
@@ -449,9 +449,11 @@ class Options(usage.Options):
         for option in ("redis-password-file", "redis-ca-file"):
             if self[option] is not None and self["redis"] is None:
                 raise usage.UsageError(f"--{option} needs --redis")
+        #: --redis parsed, once: the backend is built from it.
+        self["redis-address"] = None
         if self["redis"] is not None:
             try:
-                RedisAddress(self["redis"])
+                self["redis-address"] = RedisAddress(self["redis"])
             except RedisURLError as e:
                 raise usage.UsageError(f"--redis: {e}")
         health = self["health"]
@@ -459,15 +461,6 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--health must be a path such as /health, not {health!r}"
             )
-
-
-def _option_file(config, option):
-    """:returns: the bytes of the file an option names; one line for the operator if it cannot be read."""
-    try:
-        with open(config[option], "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise SystemExit(f"signalling: --{option}: {e.strerror}: {e.filename}")
 
 
 def _offset_port(description, offset):
@@ -478,14 +471,39 @@ def _offset_port(description, offset):
     return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
 
 
+class _Port(NamedTuple):
+    """A port to serve, as :func:`makeService` prepares it."""
+
+    #: The description as given, for logs and errors.
+    description: str
+    #: What to listen on (a description with its backlog), for the early check.
+    listen_on: object
+    #: The endpoint; None in a worker until it adopts its socket.
+    endpoint: object
+    #: Served through the project's own TLS layer (``tls:`` and bare ``ssl:``).
+    wrap: bool
+
+
+class _Shared(NamedTuple):
+    """What the sites of every port share."""
+
+    reactor: object
+    registry: object
+    settings: ServerSettings
+    policy: HandshakePolicy
+    stats: Stats
+    server_tls: object
+
+
 def makeService(config, reactor=None):
     """
     Build the server from parsed :class:`Options`; nothing listens until the
-    returned service starts.
+    returned service starts, and nothing reads ``config`` afterwards.
 
     :param reactor: the reactor to listen on and take time from; the global
         one when None.
-    :returns: a :class:`signalling.server.service.SignallingService`.
+    :returns: a :class:`signalling.server.service.SignallingService`, or
+        with ``--workers`` a :class:`signalling.server.workers.Supervisor`.
     :raises SystemExit: with one line for the operator when the TLS material
         or an endpoint description cannot be used.
     """
@@ -493,104 +511,153 @@ def makeService(config, reactor=None):
     handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
-    if config["log-format"] == "json":
-        log_observer = logs.json_observer()
-    else:
-        log_observer = None
-    cluster = None
-    if config["redis"] is not None:
-        password = None
-        if config["redis-password-file"] is not None:
-            lines = _option_file(config, "redis-password-file").decode("utf-8").splitlines()
-            password = lines[0].strip() if lines else ""
-        ca_pem = None
-        if config["redis-ca-file"] is not None:
-            ca_pem = _option_file(config, "redis-ca-file")
-        cluster = RedisStore(reactor, RedisAddress(config["redis"], password, ca_pem))
-        registry = ClusterRegistry(
-            cluster,
-            reactor,
-            max_room_members=config["max-room-members"],
-            max_rooms=config["max-rooms"],
-            heartbeat=min(1.0, config["node-timeout"] / 3),
-            ttl=config["node-timeout"],
-        )
-        cluster.attach(registry)
-    else:
-        registry = Registry(
-            max_room_members=config["max-room-members"], max_rooms=config["max-rooms"]
-        )
+    log_observer = logs.json_observer() if config["log-format"] == "json" else None
+    registry, backend = build_backend(config, reactor)
     stats = Stats()
-    ports = []
-    for description in config["port"]:
-        if description.startswith("tls:"):
-            endpoint = description[len("tls:"):]
-            if not endpoint:
-                listening.parse(reactor, description, endpoint)
-        elif tls.is_bare_ssl(description):
-            endpoint = tls.tcp_description(description)
-        else:
-            endpoint = None
-        wrap = endpoint is not None
-        endpoint = with_backlog(endpoint or description, config["backlog"])
-        if config["worker-fds"] is not None:
-            # A worker: the parent bound the port; it is adopted below.
-            ports.append((description, endpoint, None, wrap))
-        else:
-            ports.append((description, endpoint, listening.parse(reactor, description, endpoint), wrap))
-        if config.get("default-port"):
-            # The default listens on every IPv6 address as well, on a
-            # socket of its own (IPv4 peers keep their IPv4 addresses).
-            twin = listening.ipv6_twin(reactor, endpoint)
-            ports.append((description + ":interface=\\:\\:", twin, twin, wrap))
-    if config["worker-fds"] is not None:
-        adopted = workers.adopted(reactor, config["worker-fds"])
-        if len(adopted) != len(ports):
-            raise SystemExit(
-                f"signalling: --worker-fds names {len(adopted)} sockets for {len(ports)} ports"
-            )
-        ports = [
-            (description, listen_on, endpoint, wrap)
-            for (description, listen_on, _, wrap), endpoint in zip(ports, adopted)
-            if endpoint is not None
-        ]
-    worker_index = config["worker-index"]
-    if worker_index is not None and config["metrics-port"] is not None:
-        config["metrics-port"] = _offset_port(config["metrics-port"], worker_index)
-    metrics_endpoint = None
-    if config["metrics-port"] is not None:
-        metrics_endpoint = listening.parse(
-            reactor,
-            config["metrics-port"],
-            with_backlog(config["metrics-port"], config["backlog"]),
-            "--metrics-port",
-        )
+    ports = _ports(config, reactor)
+    metrics_port = _metrics_port(config, reactor)
     if handle_signals and config["worker-fds"] is None:
-        # Under twistd: a busy port is reported now, before a daemon forks
-        # and could only write it to its log file.
-        for description, listen_on, _, _ in ports:
-            listening.check_can_listen(listen_on, description)
-        if metrics_endpoint is not None:
-            listening.check_can_listen(
-                with_backlog(config["metrics-port"], config["backlog"]),
-                config["metrics-port"],
-                "--metrics-port",
-            )
+        _check_can_listen(ports, metrics_port)
     # Only once every description is known to be good: this may create files.
-    server_tls = None
-    if any(wrap for _, _, _, wrap in ports):
-        try:
-            server_tls = tls.server_tls(
-                config["cert-path"],
-                create_dir=config["create-cert-path"]
-                or os.path.abspath(config["cert-path"]) == os.path.abspath(DEFAULT_CERT_PATH),
-            )
-        except tls.TLSConfigError as e:
-            raise SystemExit(f"signalling: {e}")
+    server_tls = _server_tls(config, ports)
     _log.info("signalling {version}", version=signalling.__version__)
     if handle_signals:
         # Before the connection limits, which follow the open-file limit.
         raise_file_limit(_log)
+    settings = ServerSettings.from_options(config)
+    policy = _handshake_policy(config, reactor, settings, stats, server_tls)
+    turn_credentials = _turn_credentials(config, reactor)
+    if config["workers"]:
+        return _supervisor(config, reactor, ports, handle_signals, log_observer)
+    shared = _Shared(reactor, registry, settings, policy, stats, server_tls)
+    pipe = _worker_pipe(config, reactor)
+    listen, ws_factories = _sites(config, ports, shared, turn_credentials)
+    if pipe is not None and handle_signals:
+        pipe.stop_in_step([f for _, f in ws_factories])
+    if config["log-payloads"]:
+        _log.warn("--log-payloads: every relayed message is logged, payloads included")
+    service = SignallingService(
+        reactor,
+        listen,
+        [f for _, f in ws_factories],
+        notifier=Notifier(),
+        shutdown_timeout=config["shutdown-timeout"],
+        server_tls=server_tls,
+        handle_signals=handle_signals,
+        log_observer=log_observer,
+        token_keys=policy.auth,
+        backend=backend,
+        on_ready=None if pipe is None else pipe.when_serving(registry),
+    )
+    for name, child in _children(config, metrics_port, shared, ws_factories).items():
+        child.setName(name)
+        child.setServiceParent(service)
+    return service
+
+
+def _ports(config, reactor):
+    """
+    :returns: a :class:`_Port` for every ``--port`` (and the default's IPv6
+        twin); in a worker, each with the socket its parent bound.
+    :raises SystemExit: with one line for a description that cannot be used.
+    """
+    ports = []
+    for description in config["port"]:
+        ports.extend(_port(config, reactor, description))
+    if config["worker-fds"] is None:
+        return ports
+    adopted = workers.adopted(reactor, config["worker-fds"])
+    if len(adopted) != len(ports):
+        raise SystemExit(
+            f"signalling: --worker-fds names {len(adopted)} sockets for {len(ports)} ports"
+        )
+    return [
+        port._replace(endpoint=endpoint)
+        for port, endpoint in zip(ports, adopted)
+        if endpoint is not None
+    ]
+
+
+def _port(config, reactor, description):
+    """:returns: the :class:`_Port`\\ s of one ``--port``: one, or the default's two."""
+    if description.startswith("tls:"):
+        endpoint = description[len("tls:"):]
+        if not endpoint:
+            listening.parse(reactor, description, endpoint)
+    elif tls.is_bare_ssl(description):
+        endpoint = tls.tcp_description(description)
+    else:
+        endpoint = None
+    wrap = endpoint is not None
+    listen_on = with_backlog(endpoint or description, config["backlog"])
+    # A worker adopts the socket its parent bound instead (see _ports).
+    parsed = None
+    if config["worker-fds"] is None:
+        parsed = listening.parse(reactor, description, listen_on)
+    ports = [_Port(description, listen_on, parsed, wrap)]
+    if config.get("default-port"):
+        # The default listens on every IPv6 address as well, on a
+        # socket of its own (IPv4 peers keep their IPv4 addresses).
+        twin = listening.ipv6_twin(reactor, listen_on)
+        ports.append(_Port(description + ":interface=\\:\\:", twin, twin, wrap))
+    return ports
+
+
+def _metrics_port(config, reactor):
+    """
+    :returns: the :class:`_Port` of ``--metrics-port`` (a worker's moved by
+        its index: each serves its own), or None.
+    :raises SystemExit: with one line naming the option when it cannot be used.
+    """
+    description = config["metrics-port"]
+    if description is None:
+        return None
+    if config["worker-index"] is not None:
+        description = _offset_port(description, config["worker-index"])
+    listen_on = with_backlog(description, config["backlog"])
+    endpoint = listening.parse(reactor, description, listen_on, "--metrics-port")
+    return _Port(description, listen_on, endpoint, False)
+
+
+def _check_can_listen(ports, metrics_port):
+    """
+    Under twistd: a busy port is reported now, before a daemon forks and
+    could only write it to its log file.
+    """
+    for port in ports:
+        listening.check_can_listen(port.listen_on, port.description)
+    if metrics_port is not None:
+        listening.check_can_listen(
+            metrics_port.listen_on, metrics_port.description, "--metrics-port"
+        )
+
+
+def _server_tls(config, ports):
+    """
+    :returns: the :class:`signalling.server.tls.ServerTLS` of
+        ``--cert-path`` when a port serves the project's TLS, else None. The
+        default directory (or one ``--create-cert-path`` names) is created
+        with a self-signed pair.
+    :raises SystemExit: with one line when the TLS material cannot be used.
+    """
+    if not any(port.wrap for port in ports):
+        return None
+    create_dir = config["create-cert-path"] or (
+        os.path.abspath(config["cert-path"]) == os.path.abspath(DEFAULT_CERT_PATH)
+    )
+    try:
+        return tls.server_tls(config["cert-path"], create_dir=create_dir)
+    except tls.TLSConfigError as e:
+        raise SystemExit(f"signalling: {e}")
+
+
+def _handshake_policy(config, reactor, settings, stats, server_tls):
+    """
+    :returns: the :class:`signalling.server.policy.HandshakePolicy`: the
+        connection limits, the token secrets (``policy.auth``) and the
+        server's own names.
+    :raises SystemExit: with one line when ``--auth-secret`` cannot be used.
+    """
     connection_limits = ConnectionLimits(
         config["max-connections-per-address"],
         config["max-connections"] or default_max_connections(),
@@ -606,52 +673,67 @@ def makeService(config, reactor=None):
             )
         except auth.AuthConfigError as e:
             raise SystemExit(f"signalling: {e}")
-    settings = ServerSettings.from_options(config)
-    policy = HandshakePolicy(
-        settings,
-        stats,
-        token_keys,
-        connection_limits,
-        ServerNames(config["server-name"], server_tls),
+    server_names = ServerNames(config["server-name"], server_tls)
+    return HandshakePolicy(settings, stats, token_keys, connection_limits, server_names)
+
+
+def _turn_credentials(config, reactor):
+    """
+    :returns: the :class:`signalling.server.turn.TurnCredentials` of
+        ``--turn-secret``, or None.
+    :raises SystemExit: with one line when the secret cannot be read.
+    """
+    if config["turn-secret"] is None:
+        return None
+    try:
+        secret = turn.read_secret(config["turn-secret"])
+    except turn.TurnConfigError as e:
+        raise SystemExit(f"signalling: {e}")
+    return turn.TurnCredentials(secret, config["turn-uri"], reactor, config["turn-ttl"])
+
+
+def _supervisor(config, reactor, ports, handle_signals, log_observer):
+    """:returns: the parent of ``--workers``: it binds ``ports`` and supervises the workers."""
+    return workers.Supervisor(
+        reactor,
+        [(port.description, port.endpoint) for port in ports],
+        config["workers"],
+        workers.worker_argv(config["argv"]),
+        notifier=Notifier(),
+        shutdown_timeout=config["shutdown-timeout"],
+        handle_signals=handle_signals,
+        log_observer=log_observer,
     )
-    turn_credentials = None
-    if config["turn-secret"] is not None:
-        try:
-            secret = turn.read_secret(config["turn-secret"])
-        except turn.TurnConfigError as e:
-            raise SystemExit(f"signalling: {e}")
-        turn_credentials = turn.TurnCredentials(
-            secret, config["turn-uri"], reactor, config["turn-ttl"]
-        )
-    if config["workers"]:
-        return workers.Supervisor(
-            reactor,
-            [(description, endpoint) for description, _, endpoint, _ in ports],
-            config["workers"],
-            workers.worker_argv(config["argv"]),
-            notifier=Notifier(),
-            shutdown_timeout=config["shutdown-timeout"],
-            handle_signals=handle_signals,
-            log_observer=log_observer,
-        )
-    on_ready = None
-    pipe = None
-    if config["worker-pipe"] is not None:
-        pipe = workers.WorkerPipe(config["worker-pipe"], reactor)
-        on_ready = pipe.when_serving(registry)
+
+
+def _worker_pipe(config, reactor):
+    """:returns: a worker's pipe to its parent (``--worker-pipe``), or None."""
+    if config["worker-pipe"] is None:
+        return None
+    return workers.WorkerPipe(config["worker-pipe"], reactor)
+
+
+def _sites(config, ports, shared, turn_credentials):
+    """
+    A WebSocket factory with the pages for every port, under the project's
+    TLS where the port asks for it.
+
+    :returns: ``[(description, endpoint, factory)]`` to listen on, and
+        ``[(description, WebSocket factory)]``.
+    """
     listen, ws_factories = [], []
-    for description, _, endpoint, wrap in ports:
+    for port in ports:
         ws_factory = _factory.SignallingServerFactory(
             None,
-            registry,
-            reactor,
-            settings,
-            policy,
-            stats,
+            shared.registry,
+            shared.reactor,
+            shared.settings,
+            shared.policy,
+            shared.stats,
             # Client addresses are counted by the port's outermost layer.
-            count_addresses=not wrap,
+            count_addresses=not port.wrap,
         )
-        ws_factories.append((description, ws_factory))
+        ws_factories.append((port.description, ws_factory))
         with_pages(
             ws_factory,
             config["health"].encode("utf-8"),
@@ -659,39 +741,44 @@ def makeService(config, reactor=None):
             turn_credentials,
             config["http-timeout"],
         )
-        factory = (
-            tls.ServerTLSFactory(server_tls, ws_factory, stats, policy)
-            if wrap
-            else ws_factory
-        )
-        listen.append((description, endpoint, factory))
-    if pipe is not None and handle_signals:
-        pipe.stop_in_step([f for _, f in ws_factories])
-    if metrics_endpoint is not None:
-        collector = SignallingCollector(stats, registry, ws_factories, settings.dialects)
-        metrics_site = Site(metrics_resource(collector))
-        metrics_site.noisy = False
-        listen.append((config["metrics-port"], metrics_endpoint, metrics_site, "--metrics-port"))
-    if config["log-payloads"]:
-        _log.warn("--log-payloads: every relayed message is logged, payloads included")
-    reclaimer = None
-    heap = memory.glibc_heap() if config["trim-interval"] > 0 else None
-    if heap is not None:
-        reclaimer = memory.MemoryReclaimer(heap, reactor, config["trim-interval"], stats=stats)
-    return SignallingService(
-        reactor,
-        listen,
-        [f for _, f in ws_factories],
-        notifier=Notifier(),
-        shutdown_timeout=config["shutdown-timeout"],
-        server_tls=server_tls,
-        handle_signals=handle_signals,
-        log_observer=log_observer,
-        reclaimer=reclaimer,
-        token_keys=token_keys,
-        cluster=cluster,
-        on_ready=on_ready,
+        factory = ws_factory
+        if port.wrap:
+            factory = tls.ServerTLSFactory(shared.server_tls, ws_factory, shared.stats, shared.policy)
+        listen.append((port.description, port.endpoint, factory))
+    return listen, ws_factories
+
+
+def _children(config, metrics_port, shared, ws_factories):
+    """
+    :returns: ``{name: service}``: the children of the service tree that
+        run while the server serves, besides its ports and backend (the
+        metrics port, the memory reclaimer), each when configured.
+    """
+    children = {
+        "metrics": _metrics(metrics_port, shared, ws_factories),
+        "memory": _reclaimer(config, shared.reactor, shared.stats),
+    }
+    return {name: child for name, child in children.items() if child is not None}
+
+
+def _metrics(metrics_port, shared, ws_factories):
+    """:returns: the port serving Prometheus metrics at /metrics on ``--metrics-port``, or None."""
+    if metrics_port is None:
+        return None
+    collector = SignallingCollector(
+        shared.stats, shared.registry, ws_factories, shared.settings.dialects
     )
+    site = Site(metrics_resource(collector))
+    site.noisy = False
+    return PortService(metrics_port.description, metrics_port.endpoint, site, "--metrics-port")
+
+
+def _reclaimer(config, reactor, stats):
+    """:returns: the :class:`signalling.server.memory.MemoryReclaimer` of ``--trim-interval``, or None (0, or no glibc)."""
+    heap = memory.glibc_heap() if config["trim-interval"] > 0 else None
+    if heap is None:
+        return None
+    return memory.MemoryReclaimer(heap, reactor, config["trim-interval"], stats=stats)
 
 
 _LISTENING_TYPES = ("tcp:", "tcp6:", "ssl:", "unix:")
