@@ -1,7 +1,9 @@
 """
 What the server assumes about Autobahn's and Twisted's internals, checked
 by name: every override and private name of ``signalling/server/websocket.py``
-(the WebSocket layer), the one private name of
+(the WebSocket layer), what ``signalling/server/transport.py`` (the layer's
+flow control and socket state, on Twisted's public interfaces) assumes of
+Twisted's TLS layer and producers, the one private name of
 ``signalling/server/listening.py`` (Twisted's reading of systemd's sockets)
 and the one of ``signalling/server/tls.py`` (the end of a TLS connection). An
 upgrade that changes one of them fails the test that names it, here,
@@ -19,6 +21,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
+from OpenSSL import SSL
 from twisted.internet import endpoints
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -264,6 +267,30 @@ class TwistedTests(unittest.TestCase):
         """The hand-over to the pages swaps ``wrappedProtocol`` of the TLS layer."""
         self.assertTrue(issubclass(TLSMemoryBIOProtocol, ProtocolWrapper))
         self.assertIn("wrappedProtocol", source(ProtocolWrapper.__init__))
+
+    def test_tls_layer_hands_out_the_openssl_connection(self):
+        """
+        ``signalling/server/transport.py`` finds the socket under TLS by
+        ``getHandle()`` (the OpenSSL connection, whose ``pending()`` counts
+        decrypted bytes not yet read) and the TLS layer's ``transport`` (TCP).
+        """
+        self.assertIn("return self._tlsConnection", source(TLSMemoryBIOProtocol.getHandle))
+        self.assertTrue(callable(SSL.Connection.pending))
+        self.assertIn("Protocol.makeConnection(self, transport)", source(TLSMemoryBIOProtocol.makeConnection))
+
+    def test_a_second_producer_is_refused_with_runtime_error(self):
+        """
+        A transport refuses a producer while another is registered (the
+        pages' channel, after a hand-over), with RuntimeError, which
+        ``TransportControl._watch_output`` catches; the TLS layer passes its
+        producer on to the TCP transport, which decides.
+        """
+        from twisted.internet.abstract import FileDescriptor
+
+        transport = FileDescriptor(reactor=Clock())
+        transport.registerProducer(object(), True)
+        self.assertRaises(RuntimeError, transport.registerProducer, object(), True)
+        self.assertIn("self.transport.registerProducer(", source(TLSMemoryBIOProtocol.registerProducer))
 
     def test_tcp_transport_protocol_is_swappable(self):
         """A TCP transport delivers to its ``protocol`` attribute, which the hand-over replaces."""

@@ -3,6 +3,11 @@ The WebSocket layer under the signalling protocol: every Autobahn override
 and every use of an Autobahn or Twisted private name lives here, so that an
 upgrade that changes one shows in this module and in
 ``tests/test_framework_assumptions.py``, which checks each of them by name.
+What a connection does with its transport and socket below Autobahn (flow
+control, reading paused for reasons, the round trip, unread bytes) uses
+Twisted's public interfaces only: it is :mod:`signalling.server.transport`
+(:class:`~signalling.server.transport.TransportControl`, a base of
+:class:`ServerProtocol`), named in that test too.
 
 :class:`ServerProtocol` is Autobahn's server protocol with what the server
 needs whatever the speed: plain HTTP requests handed over to the pages'
@@ -16,12 +21,10 @@ and a small per-connection footprint. A factory chooses one or the other
 
 What a subclass provides: :meth:`ServerProtocol.closing` (the connection
 lets go of its state), :meth:`ServerProtocol.batch_link` (the link to batch
-relayed frames to, or None), and Autobahn's ``onOpen``, ``onMessage`` and
-``onClose``.
+relayed frames to, or None), ``output_changed`` (the peer stopped reading,
+or caught up), and Autobahn's ``onOpen``, ``onMessage`` and ``onClose``.
 """
 
-import socket
-import struct
 import time
 from collections import deque
 
@@ -33,15 +36,14 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
 from OpenSSL import SSL
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from zope.interface import implementer
 
 from signalling.server.auth import token_of
 from signalling.server.limits import host_of
 from signalling.server.policy import Refused
 from signalling.server.tls import tls_failure_reason
+from signalling.server.transport import TransportControl
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -68,9 +70,6 @@ _FIN_BINARY = 0x80 | _BINARY
 _SMALL_UNMASK = 2048
 
 _from_bytes = int.from_bytes
-#: Linux's struct tcp_info: the size read, and where tcpi_rtt (microseconds) is.
-_TCP_INFO_SIZE = 104
-_TCPI_RTT = 68
 _now = time.perf_counter
 
 
@@ -233,8 +232,6 @@ def asks_for_websocket(head):
     return False
 
 
-
-
 class UpgradeResource(WebSocketResource):
     """
     Autobahn's resource for a WebSocket upgrade that comes over a plain HTTP
@@ -248,36 +245,12 @@ class UpgradeResource(WebSocketResource):
         return WebSocketResource.render(self, request)
 
 
-@implementer(IPushProducer)
-class _OutputGuard:
-    """
-    The producer a connection registers with its own transport: the
-    transport pauses it when what waits to be sent to the peer passes the
-    transport's buffer size (the peer is not reading fast enough), and
-    resumes it once that is sent.
-    """
-
-    __slots__ = ("_protocol",)
-
-    def __init__(self, protocol):
-        self._protocol = protocol
-
-    def pauseProducing(self):
-        if self._protocol is not None:
-            self._protocol._output_paused()
-
-    def resumeProducing(self):
-        if self._protocol is not None:
-            self._protocol._output_resumed()
-
-    def stopProducing(self):
-        pass
-
-
-class ServerProtocol(WebSocketServerProtocol):
+class ServerProtocol(TransportControl, WebSocketServerProtocol):
     """
     Autobahn's server protocol, with the hand-over of plain HTTP requests,
-    bounded request heads, bounded closes and quiet TLS failures.
+    bounded request heads, bounded closes and quiet TLS failures; flow
+    control and the socket's state come from :class:`TransportControl`,
+    whose per-connection defaults are class attributes here, with the others.
     """
 
     _log = Logger()
@@ -286,7 +259,8 @@ class ServerProtocol(WebSocketServerProtocol):
     _drop_call = None
     #: True when why the connection ended was logged already (TLS failures).
     _close_logged = False
-    #: True while the transport holds more than its buffer size for the peer.
+    #: True while the transport holds more than its buffer size for the peer
+    #: (TransportControl).
     output_blocked = False
     #: Fragments of the message being received so far.
     _fragments = 0
@@ -296,7 +270,7 @@ class ServerProtocol(WebSocketServerProtocol):
     counted_host = None
     #: What the policy counted at the upgrade (signalling.server.policy.Admission).
     _admission = None
-    #: Why reading from the peer is paused (a frozenset of reasons).
+    #: Why reading from the peer is paused (a frozenset of reasons; TransportControl).
     _read_pauses = frozenset()
     #: What the connection's token allows (signalling.server.auth.Grant),
     #: or None when the server asks for no token.
@@ -318,57 +292,7 @@ class ServerProtocol(WebSocketServerProtocol):
         """
         return None
 
-    def output_changed(self):
-        """
-        :attr:`output_blocked` changed: the peer stopped reading what we
-        send (its unread output passed the transport's buffer size), or it
-        caught up again.
-        """
-
-    # Flow control.
-
-    def _watch_output(self):
-        """Be told when the peer stops reading (and when it caught up)."""
-        guard = self._guard = _OutputGuard(self)
-        try:
-            self.transport.registerProducer(guard, True)
-        except RuntimeError:
-            # Handed over by twisted.web (an upgrade after a plain request
-            # on one connection): its channel is still the producer.
-            self.transport.unregisterProducer()
-            self.transport.registerProducer(guard, True)
-
-    def _output_paused(self):
-        self.output_blocked = True
-        self.output_changed()
-
-    def _output_resumed(self):
-        self.output_blocked = False
-        self.output_changed()
-
-    def pause_reading(self, reason):
-        """
-        Stop reading from the peer (TCP then pushes back on it) until every
-        reason given is withdrawn with :meth:`resume_reading`.
-        """
-        if reason in self._read_pauses or self.transport is None:
-            return
-        if not self._read_pauses:
-            self.transport.pauseProducing()
-        self._read_pauses = self._read_pauses | {reason}
-
-    def resume_reading(self, reason):
-        """Withdraw a reason to stop reading; read again when none is left."""
-        if reason not in self._read_pauses:
-            return
-        self._read_pauses = self._read_pauses - {reason}
-        if not self._read_pauses and self.transport is not None:
-            self.transport.resumeProducing()
-
-    @property
-    def read_pauses(self):
-        """The reasons reading from the peer is paused for (a frozenset; empty: reading)."""
-        return self._read_pauses
+    # Keepalive and input.
 
     def wait_longer_for_pong(self):
         """
@@ -379,42 +303,14 @@ class ServerProtocol(WebSocketServerProtocol):
             self.autoPingTimeout, self.onAutoPingTimeout
         )
 
-    def tcp_rtt(self):
-        """
-        :returns: the kernel's smoothed estimate of this connection's round
-            trip (Linux ``TCP_INFO``), in seconds, or None where there is none.
-        """
-        transport = self.transport
-        try:
-            handle = transport.getHandle()
-            if isinstance(handle, SSL.Connection):
-                handle = transport.transport.getHandle()
-            info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-        except (AttributeError, OSError):
-            return None
-        if len(info) < _TCP_INFO_SIZE:
-            return None
-        return struct.unpack_from("I", info, _TCPI_RTT)[0] / 1e6
-
     def has_unread_input(self):
         """
-        :returns: whether bytes from the peer wait unread: in the kernel's
-            socket buffer (peeked), in OpenSSL's, or in Autobahn's own (a
-            turn of input left for later). A busy server may reach a timer
+        :returns: whether bytes from the peer wait unread: in Autobahn's
+            buffer (a turn of input left for later), or in the socket's
+            (:meth:`unread_in_socket`). A busy server may reach a timer
             before the input that came in time for it.
         """
-        if self.data:
-            return True
-        transport = self.transport
-        try:
-            handle = transport.getHandle()
-            if isinstance(handle, SSL.Connection):
-                if handle.pending():
-                    return True
-                handle = transport.transport.getHandle()
-            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (AttributeError, OSError):
-            return False
+        return bool(self.data) or self.unread_in_socket()
 
     # Sending.
 

@@ -1,0 +1,144 @@
+"""
+A WebSocket connection's transport and socket, below Autobahn: what it
+writes that the peer does not read (flow control, through the transport's
+producer interface), reading paused for the server's own reasons, and what
+the kernel and OpenSSL know of the socket (the round trip, bytes waiting
+unread). Twisted's public transport interface and the socket only: nothing
+here reaches into Autobahn, which :mod:`signalling.server.websocket`
+adapts, and ``tests/test_framework_assumptions.py`` checks what it assumes
+of Twisted's TLS layer.
+
+:class:`TransportControl` is a mixin of
+:class:`signalling.server.websocket.ServerProtocol`, which holds its
+per-connection defaults as class attributes with the others
+(``output_blocked``, ``_read_pauses``) and registers the output guard when
+the connection is made.
+"""
+
+import socket
+import struct
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+#: Linux's struct tcp_info: the size read, and where tcpi_rtt (microseconds) is.
+_TCP_INFO_SIZE = 104
+_TCPI_RTT = 68
+
+
+@implementer(IPushProducer)
+class _OutputGuard:
+    """
+    The producer a connection registers with its own transport: the
+    transport pauses it when what waits to be sent to the peer passes the
+    transport's buffer size (the peer is not reading fast enough), and
+    resumes it once that is sent.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def pauseProducing(self):
+        if self._protocol is not None:
+            self._protocol._output_paused()
+
+    def resumeProducing(self):
+        if self._protocol is not None:
+            self._protocol._output_resumed()
+
+    def stopProducing(self):
+        pass
+
+
+class TransportControl:
+    """
+    Flow control and the socket's state for a protocol with a
+    ``transport``: the peer that stops reading (``output_blocked``), the
+    reasons reading from the peer is paused, the round trip, unread bytes.
+    """
+
+    def output_changed(self):
+        """
+        :attr:`output_blocked` changed: the peer stopped reading what we
+        send (its unread output passed the transport's buffer size), or it
+        caught up again. A subclass provides it.
+        """
+
+    def _watch_output(self):
+        """Be told when the peer stops reading (and when it caught up)."""
+        guard = self._guard = _OutputGuard(self)
+        try:
+            self.transport.registerProducer(guard, True)
+        except RuntimeError:
+            # Handed over by twisted.web (an upgrade after a plain request
+            # on one connection): its channel is still the producer.
+            self.transport.unregisterProducer()
+            self.transport.registerProducer(guard, True)
+
+    def _output_paused(self):
+        self.output_blocked = True
+        self.output_changed()
+
+    def _output_resumed(self):
+        self.output_blocked = False
+        self.output_changed()
+
+    def pause_reading(self, reason):
+        """
+        Stop reading from the peer (TCP then pushes back on it) until every
+        reason given is withdrawn with :meth:`resume_reading`.
+        """
+        if reason in self._read_pauses or self.transport is None:
+            return
+        if not self._read_pauses:
+            self.transport.pauseProducing()
+        self._read_pauses = self._read_pauses | {reason}
+
+    def resume_reading(self, reason):
+        """Withdraw a reason to stop reading; read again when none is left."""
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses = self._read_pauses - {reason}
+        if not self._read_pauses and self.transport is not None:
+            self.transport.resumeProducing()
+
+    @property
+    def read_pauses(self):
+        """The reasons reading from the peer is paused for (a frozenset; empty: reading)."""
+        return self._read_pauses
+
+    def tcp_rtt(self):
+        """
+        :returns: the kernel's smoothed estimate of this connection's round
+            trip (Linux ``TCP_INFO``), in seconds, or None where there is none.
+        """
+        transport = self.transport
+        try:
+            handle = transport.getHandle()
+            if isinstance(handle, SSL.Connection):
+                handle = transport.transport.getHandle()
+            info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        except (AttributeError, OSError):
+            return None
+        if len(info) < _TCP_INFO_SIZE:
+            return None
+        return struct.unpack_from("I", info, _TCPI_RTT)[0] / 1e6
+
+    def unread_in_socket(self):
+        """
+        :returns: whether bytes from the peer wait unread in the kernel's
+            socket buffer (peeked) or in OpenSSL's.
+        """
+        transport = self.transport
+        try:
+            handle = transport.getHandle()
+            if isinstance(handle, SSL.Connection):
+                if handle.pending():
+                    return True
+                handle = transport.transport.getHandle()
+            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (AttributeError, OSError):
+            return False
