@@ -45,6 +45,9 @@ class Dialect:
     :ivar owns_part: whether the counts of that part are this dialect's
         (labelled with its label); False for a dialect that shares another's
         part, whose peers count with that dialect's.
+    :ivar relay_kinds: ``(kind, messages, bytes)`` for each kind of message
+        it relays: the ``kind`` label of the relay metrics, and the names of
+        the counters its connections add to (on the server's ``Stats``).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Dialect:
     speaks_first: bool = False
     label: str = field(default="")
     owns_part: bool = True
+    relay_kinds: tuple = ()
 
     def __post_init__(self):
         if not self.label:
@@ -139,6 +143,7 @@ JSON = Dialect(
     token_allows=json_token_allows,
     registry_part=IJsonRegistry,
     speaks_first=True,
+    relay_kinds=(("json_session", "json_messages", "json_bytes"),),
 )
 EXAMPLES = Dialect(
     name="examples",
@@ -146,6 +151,10 @@ EXAMPLES = Dialect(
     recognises=_anything,
     token_allows=examples_token_allows,
     registry_part=IExamplesRegistry,
+    relay_kinds=(
+        ("session", "session_messages", "session_bytes"),
+        ("room", "room_messages", "room_bytes"),
+    ),
 )
 
 #: The server's dialects: a first message that is a JSON object speaks the

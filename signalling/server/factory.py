@@ -74,7 +74,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.registry = registry
         self.clock = clock
         self.settings = settings
-        self.stats = Stats() if stats is None else stats
+        self.stats = Stats(settings.dialects) if stats is None else stats
         self.policy = HandshakePolicy(settings, self.stats) if policy is None else policy
         self.web = web
         self.count_addresses = count_addresses

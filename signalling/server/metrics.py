@@ -16,18 +16,22 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 
+from signalling.core.dialects import DIALECTS
+
 
 class Stats:
-    """What happened since start-up: monotonic counters."""
+    """
+    What happened since start-up: monotonic counters.
 
-    def __init__(self):
-        self.session_messages = 0
-        self.session_bytes = 0
-        self.room_messages = 0
-        self.room_bytes = 0
-        #: ``peer`` messages relayed in the JSON dialect's sessions.
-        self.json_messages = 0
-        self.json_bytes = 0
+    :param dialects: the :class:`signalling.core.dialects.DialectTable`
+        whose relay counters (``relay_kinds``) it keeps.
+    """
+
+    def __init__(self, dialects=DIALECTS):
+        for dialect in dialects:
+            for _, messages, payload_bytes in dialect.relay_kinds:
+                setattr(self, messages, 0)
+                setattr(self, payload_bytes, 0)
         self.sessions_started = 0
         self.keepalive_timeouts = 0
         #: Times free heap was given back to the system, and how much.
@@ -73,6 +77,7 @@ class SignallingCollector:
         self._registry = registry
         self._endpoints = endpoints
         self._labels = {}
+        self._relay_kinds = [kind for dialect in dialects for kind in dialect.relay_kinds]
         for dialect in dialects:
             if dialect.owns_part:
                 self._labels[dialect.registry_part] = dialect.label
@@ -113,18 +118,15 @@ class SignallingCollector:
             "Messages relayed between peers, by kind.",
             labels=["kind"],
         )
-        messages.add_metric(["session"], stats.session_messages)
-        messages.add_metric(["room"], stats.room_messages)
-        messages.add_metric(["json_session"], stats.json_messages)
-        yield messages
         relayed_bytes = CounterMetricFamily(
             "signalling_relayed_bytes",
             "Payload bytes relayed between peers, by kind.",
             labels=["kind"],
         )
-        relayed_bytes.add_metric(["session"], stats.session_bytes)
-        relayed_bytes.add_metric(["room"], stats.room_bytes)
-        relayed_bytes.add_metric(["json_session"], stats.json_bytes)
+        for kind, count, payload_bytes in self._relay_kinds:
+            messages.add_metric([kind], getattr(stats, count))
+            relayed_bytes.add_metric([kind], getattr(stats, payload_bytes))
+        yield messages
         yield relayed_bytes
         yield CounterMetricFamily(
             "signalling_sessions_started",
