@@ -98,20 +98,12 @@ def origin_allowed(origin, allowed, host, own_names):
     return host_name(netloc) in own_names
 
 
-class Admission:
-    """
-    What the policy counted for one WebSocket connection at its upgrade,
-    given back with :meth:`HandshakePolicy.release_upgrade`.
-
-    :ivar forwarded: the forwarded client address counted, or None.
-    :ivar websocket: whether it counts among the server's WebSocket connections.
-    """
-
-    __slots__ = ("forwarded", "websocket")
-
-    def __init__(self, forwarded=None, websocket=False):
-        self.forwarded = forwarded
-        self.websocket = websocket
+#: What :meth:`HandshakePolicy.admit_upgrade` counted for a connection:
+#: ``(forwarded address key or None, counted among the WebSocket
+#: connections)``. The common answers are shared values, so that a
+#: connection holds no object of its own for them.
+NOTHING_COUNTED = (None, False)
+WEBSOCKET_COUNTED = (None, True)
 
 
 class HandshakePolicy:
@@ -189,7 +181,8 @@ class HandshakePolicy:
         :param token: its token (``?token=`` or a Bearer header), or None.
         :param forwarded: the forwarded client address, or None.
         :returns: ``(grant, admission)``: what the token allows (None
-            without tokens) and what was counted (an :class:`Admission`).
+            without tokens) and what was counted (a pair, see
+            :data:`WEBSOCKET_COUNTED`), to give back with :meth:`release_upgrade`.
         :raises Refused: 401, 403, 429 or 503.
         """
         grant = None
@@ -212,29 +205,26 @@ class HandshakePolicy:
             if origin is not None and not origin_allowed(origin, allowed, host, self.server_names):
                 self._stats.connection_refused("origin")
                 raise Refused(403, "Origin not allowed")
-        admission = Admission()
         limits = self.limits
         if limits is None:
-            return grant, admission
+            return grant, NOTHING_COUNTED
+        key = None
         if forwarded is not None:
             key = limits.admit_forwarded(forwarded)
             if key is REFUSED:
                 raise Refused(429, "Too many connections from your address")
-            admission.forwarded = key
         if not limits.admit_websocket():
-            self.release_upgrade(admission)
+            self.release_upgrade((key, False))
             raise Refused(503, "Server full")
-        admission.websocket = True
-        return grant, admission
+        return grant, WEBSOCKET_COUNTED if key is None else (key, True)
 
     def release_upgrade(self, admission):
-        """Give back what :meth:`admit_upgrade` counted."""
-        if admission.forwarded is not None:
-            self.limits.release(admission.forwarded)
-            admission.forwarded = None
-        if admission.websocket:
+        """Give back what :meth:`admit_upgrade` counted (``admission``: its pair)."""
+        forwarded, websocket = admission
+        if forwarded is not None:
+            self.limits.release(forwarded)
+        if websocket:
             self.limits.release_websocket()
-            admission.websocket = False
 
     # The pages, and tokens over a connection's life.
 

@@ -41,7 +41,7 @@ from twisted.protocols.policies import ProtocolWrapper
 
 from signalling.server.auth import token_of
 from signalling.server.limits import host_of
-from signalling.server.policy import Refused
+from signalling.server.policy import NOTHING_COUNTED, Refused
 from signalling.server.tls import tls_failure_reason
 from signalling.server.transport import TransportControl
 
@@ -268,7 +268,7 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
     _next_turn_call = None
     #: The client address counted for this connection (limits), if any.
     counted_host = None
-    #: What the policy counted at the upgrade (signalling.server.policy.Admission).
+    #: What the policy counted at the upgrade (see signalling.server.policy.WEBSOCKET_COUNTED).
     _admission = None
     #: Why reading from the peer is paused (a frozenset of reasons; TransportControl).
     _read_pauses = frozenset()
@@ -371,11 +371,17 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
                 )
                 if forwarded is not None:
                     self.peer = str(forwarded)
-            self.grant, self._admission = policy.admit_upgrade(
+            grant, admission = policy.admit_upgrade(
                 request.path, request.headers, token_of(request), forwarded
             )
         except Refused as e:
             raise ConnectionDeny(e.status, e.text)
+        # Only what differs from the class defaults goes into the
+        # connection's dictionary (a key more can double its size).
+        if grant is not None:
+            self.grant = grant
+        if admission != NOTHING_COUNTED:
+            self._admission = admission
         return None
 
     def _release_counts(self):
@@ -384,9 +390,9 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
         if self.counted_host is not None:
             policy.release(self.counted_host)
             self.counted_host = None
-        if self._admission is not None:
-            policy.release_upgrade(self._admission)
-            self._admission = None
+        admission = self.__dict__.pop("_admission", None)
+        if admission is not None:
+            policy.release_upgrade(admission)
 
     def _connectionMade(self):
         WebSocketServerProtocol._connectionMade(self)
