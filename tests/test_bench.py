@@ -1198,3 +1198,27 @@ class WorkersScriptTests(unittest.TestCase):
             sorted([(t, r) for t in ("4 workers", "1 process, no Redis") for r in (1, 2)]),
         )
         self.assertTrue(all(row["ok"] and row["registered"] == 40 for row in rows), rows)
+
+
+class RelayCpuScriptTests(unittest.TestCase):
+    """benchmarks/relay-cpu, with tiny sizes."""
+
+    timeout = 60
+
+    async def test_it_relays_every_message_of_both_dialects_through_the_servers_objects(self):
+        """
+        The script sets up a session of each dialect in memory, relays every
+        message, and reports microseconds per message for this tree.
+        """
+        script = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "relay-cpu"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for dialect in ("examples", "json"):
+            stdout, stderr, code = await utils.getProcessOutputAndValue(
+                sys.executable, [script, "--dialect", dialect, "--messages", "64", "--batch", "8"],
+                env=dict(os.environ, PYTHONPATH=root), reactor=reactor,
+            )  # fmt: skip
+            output = stdout.decode() + stderr.decode()
+            self.assertEqual(code, 0, output)
+            self.assertRegex(output, rf"^{dialect}: [\d.]+ µs per relayed message \({re.escape(root)}\)")

@@ -315,18 +315,20 @@ class _Signalling:
                 self._count_unread(size)
 
     def send_frames(self, frames):
+        # Relayed messages: a peer that stops reading holds its partner back
+        # (backpressure), so they are counted against the bound only while
+        # it does not read, before they are queued; while it reads, the
+        # transport's buffer takes them (one attribute read on the relay path).
         if self.state == _OPEN:
-            if len(frames) == 1:
-                size = len(frames[0][1])
-            else:
+            if self.output_blocked:
                 size = sum(len(payload) for _, payload in frames)
-            if (
-                self.output_blocked or size > self.factory.fits_unchecked
-            ) and not self._fits(size):
+                if self._fits(size):
+                    self.write_frames(frames)
+                    self._count_unread(size)
                 return
             self.write_frames(frames)
             if self.output_blocked:
-                self._count_unread(size)
+                self._count_unread(sum(len(payload) for _, payload in frames))
 
     def close(self, code, reason=None):
         if code == 1000 and reason is None and self.state == _OPEN:
