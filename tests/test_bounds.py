@@ -309,6 +309,40 @@ class ParsedSizeTests(unittest.TestCase):
         self.assertEqual([obj(m) for m in producer.drain()], [answer])
 
 
+class DuplicateKeyTests(unittest.SynchronousTestCase):
+    """json_wire.parse refuses a key given twice in any spelling, and forwards the rest as it came."""
+
+    SESSION = "3f2a1b4c-1111-2222-3333-444455556666"
+
+    def peer(self, body):
+        return '{"type":"peer","sessionId":"%s",%s}' % (self.SESSION, body)
+
+    def test_a_key_twice_is_refused_however_it_is_written(self):
+        """Twice at the top or inside, after a space, escaped, or with another type of value: None."""
+        for text in (
+            self.peer('"sdp":{"type":"offer","sdp":"v=0"},"sdp":{"type":"answer","sdp":"v=0"}'),
+            self.peer('"sdp":{"type":"answer","sdp":"v=0","type":"offer"}'),
+            self.peer('"sdp" :{"type":"answer","sdp":"v=0"},"sdp":{"type":"offer","sdp":"x"}'),
+            self.peer('"ice":{"candidate":"c","sdpMLineIndex":"1","sdpMLineIndex":0}'),
+            self.peer('"ice":{"sdpMLineIndex":0,"candidate":"\\u0022x\\u0022","candidate":"c"}'),
+            self.peer('"\\u0069ce":{"candidate":"c","sdpMLineIndex":0},"ice":{"candidate":"d","sdpMLineIndex":0}'),
+            '{"type":"peer","type":"peer","sessionId":"s","ice":{"candidate":"c","sdpMLineIndex":0}}',
+            '{"type":"setPeerStatus","roles":["producer"],"roles":["listener"]}',
+        ):
+            self.assertIsNone(json_wire.parse(text), text)
+
+    def test_quotes_inside_values_are_forwarded_as_they_came(self):
+        """Escaped quotes in a candidate do not make a key twice: the text is forwarded as it came."""
+        for text in (
+            self.peer('"ice":{"candidate":"a\\":b","sdpMLineIndex":0}'),
+            self.peer('"ice":{"candidate":"a\\"\\"\\":b","sdpMLineIndex":0}'),
+            self.peer('"sdp": {"type": "answer", "sdp": "v=0 \\"x\\""}'),
+        ):
+            message = json_wire.parse(text)
+            self.assertIsNotNone(message, text)
+            self.assertEqual(message.text, text)
+
+
 class EchoTests(unittest.TestCase):
     """Client text in error replies and log lines is bounded, in both dialects."""
 

@@ -52,6 +52,27 @@ def _unique_keys(pairs):
 
 
 _decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+_decode_plain = json.JSONDecoder().decode
+
+#: The double quotes of a ``peer`` message that holds the protocol's keys
+#: and nothing else, by its second key: ``ice`` has eight strings (five
+#: keys, the type, the session id and the candidate), ``sdp`` nine (the
+#: type and the SDP). One more is an escaped quote in a value; a key given
+#: twice is a string, two quotes, more than its decoded form shows.
+_PEER_QUOTES = {"ice": 2 * 8 + 1, "sdp": 2 * 9 + 1}
+
+
+def _has_a_key_twice(text):
+    """
+    :returns: whether the JSON ``text`` gives some object a key twice, or
+        nests deeper than the checking decoder takes (which refuses it as
+        the plain decoder refuses deeper nesting).
+    """
+    try:
+        _decode(text)
+    except (_DuplicateKey, RecursionError):
+        return True
+    return False
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _canonical = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
 
@@ -163,9 +184,9 @@ def parse(text):
         drops without a reply.
     """
     try:
-        obj = _decode(text)
+        obj = _decode_plain(text)
     except (ValueError, RecursionError):
-        # Not JSON, a key twice, or nested past what the decoder can take.
+        # Not JSON, or nested past what the decoder can take.
         return None
     if type(obj) is not dict:
         return None
@@ -178,9 +199,16 @@ def parse(text):
         key, value = inner
         fields = {"sessionId": session_id, key: value}
         if len(obj) != 3 or len(value) != 2:
-            # More than the protocol defines: forwarded without the rest.
+            # More than the protocol defines: forwarded without the rest
+            # (rebuilt from what was checked).
             text = None
+        elif text.count('"') > _PEER_QUOTES[key] and _has_a_key_twice(text):
+            # Forwarded as it came, it must be read as it was checked.
+            return None
         return Message(kind, fields, text)
+    # Any other message is rare: decoded again, with a key twice refused.
+    if _has_a_key_twice(text):
+        return None
     if kind == "setPeerStatus":
         roles = obj.get("roles")
         if type(roles) is not list or not all(role in ROLES for role in roles):
