@@ -96,15 +96,7 @@ class Reordering:
     def room_member_count(self):
         return self._inner.room_member_count
 
-    @property
-    def json_peer_count(self):
-        return self._inner.json_peer_count
-
-    @property
-    def json_session_count(self):
-        return self._inner.json_session_count
-
-    # IRegistryStatus: the wrapped registry's.
+    # IRegistryStatus: the wrapped registry's (its JSON counts are below).
     up = True
     watchers = ()
     spans_processes = False

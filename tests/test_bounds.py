@@ -139,32 +139,31 @@ class OutputBoundTests(unittest.TestCase):
             producer.send_text(json.dumps({"type": "setPeerStatus", "roles": ["producer"], "meta": meta}))
         net.flush()
 
+    def list_under_bound(self, max_output):
+        """:returns: ``(net, asker)``: three producers with 3,000-byte meta, and a peer that asked for the list."""
+        net = Loopback(self, dialect="json", max_output=max_output)
+        self.producers(net, 3, 3000)
+        asker = net.client()
+        net.flush()
+        asker.drain()
+        asker.send_text('{"type":"list"}')
+        net.flush()
+        return net, asker
+
     def test_a_json_list_larger_than_the_bound_is_not_queued_and_the_peer_is_closed(self):
         """
         A ``list`` whose reply would not fit in the output bound is not
         queued: the peer that asked is closed with 1008, and a producer is
         not harmed.
         """
-        net = Loopback(self, dialect="json", max_output=8000)
-        self.producers(net, 3, 3000)
-        asker = net.client()
-        net.flush()
-        asker.drain()
-        asker.send_text('{"type":"list"}')
-        net.flush()
+        net, asker = self.list_under_bound(8000)
         self.assertEqual(asker.drain(), [])
         self.assertEqual((asker.close_code, asker.close_reason), (1008, "too slow to read"))
         self.assertEqual(net.factory.stats.errors.get("too_slow"), 1)
 
     def test_a_json_list_within_the_bound_is_answered(self):
         """The same list, under a bound it fits, is answered whole."""
-        net = Loopback(self, dialect="json", max_output=20000)
-        self.producers(net, 3, 3000)
-        asker = net.client()
-        net.flush()
-        asker.drain()
-        asker.send_text('{"type":"list"}')
-        net.flush()
+        _, asker = self.list_under_bound(20000)
         [reply] = [obj(m) for m in asker.drain()]
         self.assertEqual([p["meta"]["name"] for p in reply["producers"]], ["p0", "p1", "p2"])
         self.assertTrue(asker.is_live)
