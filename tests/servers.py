@@ -147,6 +147,8 @@ class Loopback:
         client_factory.protocol = protocol or Client
         server = self.factory.buildProtocol(None)
         client = client_factory.buildProtocol(None)
+        # Before it connects: it hears the ping an auto port sends with its 101.
+        client.answer_pings = answer_pings
         if self.flow_control:
             server_io = FlowTransport(server, isServer=True)
             client_io = FlowTransport(client, isServer=False)

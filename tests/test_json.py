@@ -13,10 +13,15 @@ from twisted.trial import unittest
 
 from signalling.core import json_wire
 from signalling.core.dialects import DIALECTS
-from signalling.core.interfaces import JsonRefused, PeerNotFound, UidTaken
+from signalling.core.interfaces import IJsonRegistry, JsonRefused, PeerNotFound, UidTaken
 from signalling.core.registry import Registry
 from signalling.server.settings import DEFAULT_DIALECT_WAIT
-from signalling.server.protocol import DIALECT_RECHECK, DIALECT_RECHECKS
+from signalling.server.protocol import (
+    DIALECT_MARGIN,
+    DIALECT_PING,
+    DIALECT_RECHECK,
+    DIALECT_RECHECKS,
+)
 from signalling.server.metrics import SignallingCollector
 from tests import backends
 from tests.clients import eventually
@@ -373,21 +378,125 @@ class DialectTests(unittest.TestCase):
         self.net.flush()
         return [obj(m) for m in client.drain()]
 
-    def test_a_silent_connection_is_welcomed_after_the_wait(self):
+    def test_a_silent_connection_is_welcomed_a_margin_after_its_pong(self):
         """
-        A connection that sends nothing is welcomed, with a UUID, once the wait
-        ends and not before.
+        The server pings a connection with its 101; one that sends nothing
+        is welcomed, with a UUID, :data:`DIALECT_MARGIN` after its pong came
+        back (in memory, at once) and not before.
         """
         client = self.net.client()
-        self.net.clock.advance(DEFAULT_DIALECT_WAIT - 0.01)
-        self.net.flush()
+        self.net.deliver_bytes()
+        self.assertEqual(client.dialect_pings, 1)
+        self.net.clock.advance(DIALECT_MARGIN - 0.0005)
+        self.net.deliver_bytes()
         self.assertEqual(client.drain(), [])
-        self.net.clock.advance(0.01)
+        self.net.clock.advance(0.0005)
         self.net.flush()
         [welcome] = [obj(m) for m in client.drain()]
         self.assertEqual(set(welcome), {"type", "peerId"})
         self.assertEqual(welcome["type"], "welcome")
         self.assertEqual(len(welcome["peerId"]), 36)
+
+    def test_the_margin_is_the_pongs_round_trip_when_that_is_longer(self):
+        """
+        A client whose pong takes 0.2 s (a far or a loaded client, whose
+        HELLO would be as late) is welcomed 0.2 s after the pong, not before.
+        """
+        client = self.net.client(answer_pings=False)
+        self.net.deliver_bytes()
+        self.net.clock.advance(0.2)
+        client.sendPong(DIALECT_PING)
+        self.net.deliver_bytes()
+        self.net.clock.advance(0.199)
+        self.net.deliver_bytes()
+        self.assertEqual(client.drain(), [])
+        self.net.clock.advance(0.001)
+        self.net.flush()
+        self.assertEqual([obj(m)["type"] for m in client.drain()], ["welcome"])
+
+    def test_a_silent_connection_that_answers_no_ping_is_welcomed_after_the_wait(self):
+        """Without a pong, a silent connection is welcomed after the wait, and not before."""
+        client = self.net.client(answer_pings=False)
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT - 0.01)
+        self.net.deliver_bytes()
+        self.assertEqual(client.drain(), [])
+        self.net.clock.advance(0.01)
+        self.net.flush()
+        self.assertEqual([obj(m)["type"] for m in client.drain()], ["welcome"])
+
+    def test_a_hello_before_or_with_the_pong_is_the_examples_dialect(self):
+        """
+        The examples' clients send HELLO on the 101, before they answer the
+        ping behind it, or about when: within the margin after the pong,
+        HELLO still chooses, and no welcome is ever sent.
+        """
+        first = self.net.client(answer_pings=False)
+        first.send_text("HELLO first")
+        first.sendPong(DIALECT_PING)
+        self.net.flush()
+        self.assertEqual(first.drain(), ["HELLO"])
+        second = self.net.client()
+        self.net.deliver_bytes()
+        self.net.clock.advance(DIALECT_MARGIN / 2)
+        second.send_text("HELLO second")
+        self.net.flush()
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT)
+        self.net.flush()
+        self.assertEqual(second.drain(), ["HELLO"])
+        self.assertEqual(self.net.factory.stats.dialect_switches, {})
+
+    def test_a_hello_after_the_welcome_switches_the_connection_to_the_examples_dialect(self):
+        """
+        A HELLO that comes after the connection was welcomed for its
+        silence (a client that sends it late): the JSON peer is withdrawn
+        (a listener hears it leave, no list names it), the HELLO is answered,
+        and the connection is an examples' peer from then on, with calls
+        and everything; counted and logged once.
+        """
+        listener, _ = self.json_client()
+        listener.send_text('{"type":"setPeerStatus","roles":["listener"],"meta":null}')
+        self.received(listener)
+        late, peer_id = self.json_client()
+        with capturedLogs() as events:
+            late.send_text("HELLO late")
+            self.net.flush()
+        # Its HELLO is answered in the examples' words.
+        self.assertEqual(late.drain(), ["HELLO"])
+        callee = self.net.hello("callee")
+        late.send_text("SESSION callee")
+        self.net.flush()
+        self.assertEqual(late.drain(), ["SESSION_OK"])
+        late.send_text("hi")
+        self.net.flush()
+        self.assertEqual(callee.drain(), ["hi"])
+        # The JSON peer it was welcomed as is gone, as when a peer leaves:
+        # the listener heard it, and nobody lists it.
+        self.assertEqual(
+            self.received(listener),
+            [{"type": "peerStatusChanged", "roles": [], "meta": None, "peerId": peer_id}],
+        )
+        listener.send_text('{"type":"listConsumers"}')
+        self.assertEqual(self.received(listener), [{"type": "listConsumers", "consumers": []}])
+        self.assertEqual(self.net.registry.counts_by_part()[IJsonRegistry][0], 1)
+        self.assertEqual(self.net.factory.stats.dialect_switches, {"examples": 1})
+        lines = [formatEvent(e) for e in events if "switched" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"^connection from \S+ switched to the examples dialect")
+        late.close()
+        callee.close()
+        listener.close()
+        self.net.flush()
+        self.assertTrue(self.net.registry.is_empty())
+
+    def test_only_the_first_message_after_the_welcome_may_switch(self):
+        """A JSON message first keeps the dialect: a HELLO after it is garbage, dropped."""
+        client, _ = self.json_client()
+        client.send_text('{"type":"listConsumers"}')
+        client.send_text("HELLO x")
+        self.assertEqual(self.received(client), [{"type": "listConsumers", "consumers": []}])
+        client.send_text('{"type":"listConsumers"}')
+        self.assertEqual(self.received(client), [{"type": "listConsumers", "consumers": []}])
+        self.assertEqual(self.net.factory.stats.dialect_switches, {})
 
     def test_input_that_waits_unread_when_the_wait_ends_still_chooses(self):
         """
@@ -555,7 +664,9 @@ class DialectTests(unittest.TestCase):
         request is an error to its sender, whose connection stays open.
         """
         client, peer_id = self.json_client()
-        for garbage in ("HELLO x", "{", '{"type":"what"}', '{"type":"newPeer"}'):
+        # (Garbage of the JSON dialect first: a first message of the
+        # examples' would switch the connection to that dialect.)
+        for garbage in ("{", "HELLO x", '{"type":"what"}', '{"type":"newPeer"}'):
             client.send_text(garbage)
         client.send_bytes(b"\x00\x01")
         # What was dropped does not count: the version may still be chosen.
@@ -825,9 +936,10 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         new.send_text(json.dumps({"type": "endSessionV1_1", "sessionId": second, "error": "bye"}))
         self.assertEqual(await self.next_json(old), {"type": "endSession", "sessionId": second})
 
-    async def test_a_silent_client_is_welcomed_after_the_wait_and_at_once_on_a_pinned_path(self):
+    async def test_a_silent_client_is_welcomed_soon_and_at_once_on_a_pinned_path(self):
         """
-        A silent client is welcomed once the wait ends (and soon after), and at
+        A silent client that answers the server's ping is welcomed soon after
+        its pong (far sooner than the wait for one that answers none), and at
         once on a path pinned to the JSON dialect.
         """
         started = reactor.seconds()
@@ -835,8 +947,8 @@ class RealSocketsMoreMixin(RealSocketsMixin):
         welcome = await self.next_json(client)
         waited = reactor.seconds() - started
         self.assertEqual(welcome["type"], "welcome")
-        self.assertGreaterEqual(waited, DEFAULT_DIALECT_WAIT)
-        self.assertLess(waited, DEFAULT_DIALECT_WAIT + 0.5)
+        self.assertEqual(client.dialect_pings, 1)
+        self.assertLess(waited, DEFAULT_DIALECT_WAIT / 2)
         change_settings(self.server.factory, dialect_paths={"/gst": "json"})
         started = reactor.seconds()
         pinned = await self.server.connect(path="/gst")

@@ -36,6 +36,7 @@ from signalling.core.interfaces import (
     AlreadyEngaged,
     TEXT_FRAME,
     UidTaken,
+    IConnectionOutput,
     ILink,
     IPeer,
     SignallingError,
@@ -218,6 +219,34 @@ class _LoggingLink:
         self._link.set_backpressure(active)
 
 
+@implementer(IConnectionOutput)
+class _Withdrawn:
+    """The output of a withdrawn connection's logic: it writes nowhere."""
+
+    grant = None
+
+    def __init__(self, peer_addr):
+        self.peer_addr = peer_addr
+
+    def send_text(self, text):
+        pass
+
+    def send_frames(self, frames):
+        pass
+
+    def probe(self, timeout):
+        return defer.succeed(False)
+
+    def pause_reading(self, reason):
+        pass
+
+    def resume_reading(self, reason):
+        pass
+
+    def close(self, code, reason=None):
+        pass
+
+
 class ConnectionCommon:
     """
     What the connections of every dialect do alike: input held while a
@@ -353,6 +382,17 @@ class ConnectionCommon:
 
     def _let_go(self):
         """The connection is ending: let go of what the dialect holds (a hook)."""
+
+    def withdraw(self):
+        """
+        The connection goes on in another dialect (an auto port welcomed it
+        for its silence, then its first message was another dialect's): let
+        go of everything as for a close, and write nothing more to the
+        connection: what the registry still tells this peer goes nowhere.
+        """
+        self.closing()
+        self.uid = None
+        self._output = _Withdrawn(self._output.peer_addr)
 
     def lost(self, code, cause, log=True):
         """

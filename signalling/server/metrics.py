@@ -46,6 +46,9 @@ class Stats:
         self.connections_refused = {}
         #: connections closed because of their token (expired, revoked).
         self.token_closes = {}
+        #: connections welcomed for their silence on an auto port whose
+        #: first message then switched them, by the dialect they switched to.
+        self.dialect_switches = {}
 
     def error_sent(self, kind):
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -55,6 +58,9 @@ class Stats:
 
     def token_closed(self, reason):
         self.token_closes[reason] = self.token_closes.get(reason, 0) + 1
+
+    def dialect_switched(self, dialect):
+        self.dialect_switches[dialect] = self.dialect_switches.get(dialect, 0) + 1
 
     def hello_rejected(self, kind):
         self.hello_rejections[kind] = self.hello_rejections.get(kind, 0) + 1
@@ -153,6 +159,16 @@ class SignallingCollector:
             "(expired; revoked: its secret was removed and reloaded).",
             stats.token_closes,
         )
+        switches = CounterMetricFamily(
+            "signalling_dialect_switches",
+            "Connections on an auto port welcomed as JSON clients for their "
+            "silence whose first message, coming later, switched them to "
+            "another dialect, by that dialect (each had one stray line).",
+            labels=["dialect"],
+        )
+        for dialect, count in sorted(stats.dialect_switches.items()):
+            switches.add_metric([dialect], count)
+        yield switches
         yield CounterMetricFamily(
             "signalling_keepalive_timeouts",
             "Connections dropped because a pong did not come back in time.",

@@ -4,7 +4,20 @@ adapted to the per-connection logic, which holds the protocol itself, one
 class per dialect (the factory's :class:`signalling.core.dialects.DialectTable`
 says which). A port pinned to one dialect starts it at once; on an ``auto``
 port the first message chooses, and a silent connection gets the dialect
-whose clients wait for the server.
+whose clients wait for the server (JSON).
+
+How long "silent" is, on an auto port: the server pings the client with its
+``101`` and measures the pong. The examples' clients send ``HELLO`` from
+their open callback, which their WebSocket library calls on the ``101``,
+before or about when it answers the ping that follows it; a JSON client
+sends nothing. So a connection that said nothing by the pong plus a margin
+(:data:`DIALECT_MARGIN`, or the round trip the pong measured when that is
+longer) is welcomed as JSON. The round trip is the application's, through any
+proxy, and it grows with a slow or loaded client, whose ``HELLO`` is late
+too. A client that answers no ping is welcomed after ``dialect_wait``. Should
+a first message of another dialect come after the welcome all the same (a
+client that sends ``HELLO`` late), the connection switches to that dialect:
+the JSON peer is withdrawn, and the client has had one stray line.
 
 :class:`SignallingServerProtocol` runs on the fast WebSocket layer,
 :class:`PlainSignallingServerProtocol` on Autobahn's own paths; the factory
@@ -26,9 +39,12 @@ from signalling.server.websocket import FastServerProtocol, ServerProtocol, _OPE
 
 _log = Logger(namespace="signalling.core.connection.Connection")
 
-#: Round trips (the kernel's estimate for the connection) added to the
-#: wait for a first message, so that a far client's HELLO is in time.
-DIALECT_RTTS = 3
+#: The ping an auto port sends with its ``101``: its pong measures the
+#: client's round trip, its own processing included.
+DIALECT_PING = b"dialect?"
+#: Seconds a silent connection may still take to send its first message
+#: after its pong came back, at least; else as long as the pong took.
+DIALECT_MARGIN = 0.003
 #: When the wait is over but input waits unread: seconds before looking
 #: again, and how many times (then the connection is welcomed as JSON).
 DIALECT_RECHECK = 0.05
@@ -50,6 +66,11 @@ class _Signalling:
     connection = None
     #: Starts the silent connection's dialect unless a first message chooses (auto ports).
     _choosing = None
+    #: When the dialect ping went (auto ports, until the dialect is chosen).
+    _pinged_at = None
+    #: True from a silent connection's welcome to its first message: one of
+    #: another dialect switches it (auto ports).
+    _switchable = False
     #: ``(payload, [Deferred], timer)`` while a probe waits for its pong.
     _probe = None
     #: Bytes written while the peer was not reading (output_blocked).
@@ -86,31 +107,46 @@ class _Signalling:
                 TOKEN_EXPIRED,
             )
         if dialect == AUTO:
-            rtt = self.tcp_rtt() or 0.0
-            self._choosing = factory.clock.callLater(
-                settings.dialect_wait + DIALECT_RTTS * rtt, self._waited, 0
-            )
+            clock = factory.clock
+            self._pinged_at = clock.seconds()
+            self.sendPing(DIALECT_PING)
+            self._choosing = clock.callLater(settings.dialect_wait, self._waited, 0)
         else:
             self._begin(settings.dialects[dialect])
+
+    def _ponged(self):
+        """
+        The dialect ping's pong came back before a first message: the
+        connection is silent if nothing comes within the margin.
+        """
+        clock = self.factory.clock
+        rtt = clock.seconds() - self._pinged_at
+        self.__dict__.pop("_pinged_at", None)
+        self._choosing.cancel()
+        self._choosing = clock.callLater(max(DIALECT_MARGIN, rtt), self._waited, 0)
 
     def _waited(self, rechecks):
         """
         The wait is over with no first message handled: begin the dialect
-        whose clients wait for the server (JSON), unless input already came and waits to be read (a loaded
-        server reaches timers before the input of the same moment); then
-        look again a little later, for a bounded time.
+        whose clients wait for the server (JSON), unless input already came
+        and waits to be read (a loaded server reaches timers before the
+        input of the same moment); then look again a little later, for a
+        bounded time.
         """
         if rechecks < DIALECT_RECHECKS and self.has_unread_input():
             self._choosing = self.factory.clock.callLater(
                 DIALECT_RECHECK, self._waited, rechecks + 1
             )
             return
+        self._switchable = True
         self._begin(self.factory.settings.dialects.for_silence)
 
     def _begin(self, dialect):
-        # Back to the class default: one key fewer in every connection's
+        # Back to the class defaults: fewer keys in every connection's
         # dictionary.
-        self.__dict__.pop("_choosing", None)
+        d = self.__dict__
+        d.pop("_choosing", None)
+        d.pop("_pinged_at", None)
         self.connection = dialect.connection(self.factory, self)
         self.connection.opened()
 
@@ -124,7 +160,33 @@ class _Signalling:
             dialects = self.factory.settings.dialects
             self._begin(dialects.for_first_message(payload, isBinary) or dialects.for_silence)
             connection = self.connection
+        elif self._switchable:
+            self.__dict__.pop("_switchable", None)
+            connection = self._switch(connection, payload, isBinary)
         connection.received(payload, isBinary)
+
+    def _switch(self, connection, payload, is_binary):
+        """
+        The first message of a connection welcomed for its silence: if it
+        is another dialect's, withdraw the connection from the one it was
+        welcomed in and begin that one.
+
+        :returns: the connection's logic from now on.
+        """
+        dialects = self.factory.settings.dialects
+        dialect = dialects.for_first_message(payload, is_binary)
+        if dialect is None or dialect is dialects.for_silence:
+            return connection
+        connection.withdraw()
+        self.factory.stats.dialect_switched(dialect.label)
+        _log.info(
+            "connection from {peer_addr} switched to the {dialect} dialect: its first "
+            "message came after it was welcomed as silent",
+            peer_addr=self.peer,
+            dialect=dialect.name,
+        )
+        self._begin(dialect)
+        return self.connection
 
     def onClose(self, wasClean, code, reason):
         """Release everything this connection held, and log why it ended."""
@@ -155,6 +217,10 @@ class _Signalling:
         connection.lost(code, cause, log=not self.close_logged)
 
     def onPong(self, payload):
+        if self._pinged_at is not None and payload == DIALECT_PING:
+            if self.connection is None and self._choosing is not None:
+                self._ponged()
+            return
         probe = self._probe
         if probe is not None and payload == probe[0]:
             self._end_probe(True)

@@ -16,15 +16,10 @@ the connection is made.
 """
 
 import socket
-import struct
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
-
-#: Linux's struct tcp_info: the size read, and where tcpi_rtt (microseconds) is.
-_TCP_INFO_SIZE = 104
-_TCPI_RTT = 68
 
 
 @implementer(IPushProducer)
@@ -109,23 +104,6 @@ class TransportControl:
     def read_pauses(self):
         """The reasons reading from the peer is paused for (a frozenset; empty: reading)."""
         return self._read_pauses
-
-    def tcp_rtt(self):
-        """
-        :returns: the kernel's smoothed estimate of this connection's round
-            trip (Linux ``TCP_INFO``), in seconds, or None where there is none.
-        """
-        transport = self.transport
-        try:
-            handle = transport.getHandle()
-            if isinstance(handle, SSL.Connection):
-                handle = transport.transport.getHandle()
-            info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-        except (AttributeError, OSError):
-            return None
-        if len(info) < _TCP_INFO_SIZE:
-            return None
-        return struct.unpack_from("I", info, _TCPI_RTT)[0] / 1e6
 
     def unread_in_socket(self):
         """
