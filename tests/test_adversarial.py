@@ -616,6 +616,82 @@ class TransportCases(ProcessMixin):
         await self.check_aftermath(abusers=2)
 
 
+    # J. The auto port (``/``): a first message at once, late, or after the welcome.
+
+    async def test_on_the_auto_port_a_hello_sent_at_once_is_never_welcomed_as_json(self):
+        """
+        Thirty examples' clients on the auto port, each sending HELLO the
+        moment it is open, as the examples' clients do: each one's first
+        message is the answer to its HELLO, never a JSON welcome, and none
+        was switched.
+        """
+        self.watch_rss()
+        clients = []
+        for index in range(30):
+            client = await self.connect(self.attacker if index % 2 else self.target, "/")
+            client.send_text(f"HELLO at-once-{index}")
+            clients.append(client)
+        for client in clients:
+            self.assertEqual(await client.next(), "HELLO")
+        for client in clients:
+            client.close()
+        await self.check_aftermath()
+
+    async def test_a_silent_client_on_the_auto_port_is_welcomed_without_a_noticeable_wait(self):
+        """
+        A JSON client on the auto port (it waits for welcome) is welcomed
+        well within the wait for a client that answers no ping (0.5 s),
+        and is served: a session across the nodes relays.
+        """
+        self.watch_rss()
+        started = reactor.seconds()
+        consumer = await self.connect(self.attacker, "/")
+        welcome = await self.next_json(consumer)
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertLess(reactor.seconds() - started, 0.25)
+        producer, producer_id = await self.producer(self.target)
+        consumer.send_text(message(type="startSession", peerId=producer_id))
+        self.assertEqual((await self.next_json(consumer))["type"], "sessionStarted")
+        self.assertEqual((await self.next_json(producer))["type"], "startSession")
+        await self.check_aftermath()
+
+    async def test_a_hello_after_the_welcome_switches_to_the_examples_dialect(self):
+        """
+        An examples' client that sends HELLO only after it was welcomed as a
+        JSON client (the latest a HELLO can be): the JSON peer is withdrawn
+        (a listener hears it leave), the HELLO is answered, and the client
+        is an examples' peer from then on: its call relays across the nodes.
+        A client that sends HELLO 50 ms after the handshake is served in the
+        examples' dialect too, whether or not its welcome went out first.
+        """
+        listener, _ = await self.listener(self.target)
+        self.watch_rss()
+        late = await self.connect(self.attacker, "/")
+        welcome = await self.next_json(late)
+        self.assertEqual(welcome["type"], "welcome")
+        late.send_text("HELLO after-welcome")
+        await late.expect("HELLO")
+        self.assertEqual(
+            await self.next_json(listener),
+            {"type": "peerStatusChanged", "roles": [], "meta": None, "peerId": welcome["peerId"]},
+        )
+        callee = await self.examples(self.target, "after-welcome-callee")
+        late.send_text("SESSION after-welcome-callee")
+        await late.expect("SESSION_OK")
+        late.send_text("after the switch")
+        await callee.expect("after the switch")
+        slow = await self.connect(self.target, "/")
+        await task.deferLater(reactor, 0.05, lambda: None)
+        slow.send_text("HELLO fifty-ms-late")
+        first = await slow.next()
+        if first != "HELLO":
+            self.assertEqual(json.loads(first)["type"], "welcome")
+            await slow.expect("HELLO")
+        slow.send_text("SESSION after-welcome")
+        await slow.expect("ERROR peer 'after-welcome' busy")
+        await self.check_aftermath()
+
+
 class AdversarialCases(TransportCases):
     """
     Every case: those of :class:`TransportCases` and those about the
