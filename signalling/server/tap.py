@@ -270,12 +270,14 @@ class Options(usage.Options):
          "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
          "gstwebrtc-api), or auto: a connection whose first message is a JSON "
          "object speaks json, one whose first message is anything else "
-         "examples, and one silent for --dialect-wait seconds is welcomed as "
-         "a JSON client.", _dialect],
+         "examples, and a silent one is welcomed as a JSON client: soon after "
+         "it answered the ping the server sends with its 101 (a margin of 3 ms, "
+         "or the ping's round trip if longer), or after --dialect-wait.",
+         _dialect],
         ["dialect-wait", None, _settings.DEFAULT_DIALECT_WAIT,
-         "Seconds a connection on an auto port may take to send its first "
-         "message before it is taken for a JSON client and welcomed; three of "
-         "its TCP round trips are added.", _positive(float)],
+         "Seconds a silent connection on an auto port that answers no ping "
+         "waits before it is taken for a JSON client and welcomed (one that "
+         "answers is welcomed soon after its pong).", _positive(float)],
         ["trim-interval", None, memory.DEFAULT_INTERVAL,
          "Seconds between looks at the C allocator's heap: when more than "
          f"{memory.DEFAULT_THRESHOLD // 2**20} MiB of it became free since the "
