@@ -8,6 +8,7 @@ memory on one fake clock, on a port that speaks both dialects.
 import json
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
@@ -23,6 +24,7 @@ from signalling.server.protocol import (
     DIALECT_RECHECKS,
 )
 from signalling.server.metrics import SignallingCollector
+from signalling.server.policy import LATE_SPEAKERS_TTL, LateSpeakers
 from tests import backends
 from tests.clients import eventually
 from tests.servers import Loopback, Server
@@ -355,6 +357,26 @@ class RegistryTests(unittest.SynchronousTestCase):
         self.assertTrue(self.registry.is_empty())
 
 
+class LateSpeakersTests(unittest.SynchronousTestCase):
+    """The addresses an auto port remembers as late speakers: bounded in time and number."""
+
+    def test_an_address_is_remembered_for_its_time_and_the_oldest_go_first(self):
+        clock = Clock()
+        late = LateSpeakers(clock, capacity=3, ttl=10)
+        self.assertNotIn("10.0.0.1", late)
+        for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+            late.remember(host)
+        self.assertIn("10.0.0.1", late)
+        late.remember("10.0.0.1")  # again: now the newest
+        late.remember("10.0.0.4")
+        self.assertEqual(len(late), 3)
+        self.assertNotIn("10.0.0.2", late)
+        self.assertIn("10.0.0.1", late)
+        clock.advance(10)
+        self.assertNotIn("10.0.0.1", late)
+        self.assertNotIn("10.0.0.4", late)
+
+
 class DialectTests(unittest.TestCase):
     """A port of each dialect, and one that lets the first message choose."""
 
@@ -487,6 +509,35 @@ class DialectTests(unittest.TestCase):
         listener.close()
         self.net.flush()
         self.assertTrue(self.net.registry.is_empty())
+
+    def test_after_a_switch_the_clients_address_gets_the_whole_wait_for_a_while(self):
+        """
+        A client whose HELLO came after its welcome (the examples' browser
+        page then reconnects): the next connections from its address are
+        not pinged, and get the whole wait to speak, so its HELLO is in time;
+        after :data:`LATE_SPEAKERS_TTL` the margin after the pong is back.
+        """
+        late, _ = self.json_client()
+        late.send_text("HELLO misjudged")
+        self.net.flush()
+        self.assertEqual(late.drain(), ["HELLO"])
+        late.close()
+        again = self.net.client()
+        self.net.deliver_bytes()
+        self.assertEqual(again.dialect_pings, 0)
+        self.net.clock.advance(DEFAULT_DIALECT_WAIT / 2)
+        self.net.flush()
+        self.assertEqual(again.drain(), [])
+        again.send_text("HELLO misjudged-again")
+        self.net.flush()
+        self.assertEqual(again.drain(), ["HELLO"])
+        self.net.clock.advance(LATE_SPEAKERS_TTL)
+        quick = self.net.client()
+        self.net.deliver_bytes()
+        self.assertEqual(quick.dialect_pings, 1)
+        self.net.clock.advance(DIALECT_MARGIN)
+        self.net.flush()
+        self.assertEqual([obj(m)["type"] for m in quick.drain()], ["welcome"])
 
     def test_only_the_first_message_after_the_welcome_may_switch(self):
         """A JSON message first keeps the dialect: a HELLO after it is garbage, dropped."""

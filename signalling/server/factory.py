@@ -11,7 +11,7 @@ from zope.interface import implementer
 from signalling.server.auth import TOKEN_REVOKED
 from signalling.server.limits import REFUSED
 from signalling.server.metrics import Stats
-from signalling.server.policy import HandshakePolicy
+from signalling.server.policy import HandshakePolicy, LateSpeakers
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
 from signalling.server.settings import ServerSettings
 
@@ -76,6 +76,8 @@ class SignallingServerFactory(WebSocketServerFactory):
         self.settings = settings
         self.stats = Stats(settings.dialects) if stats is None else stats
         self.policy = HandshakePolicy(settings, self.stats) if policy is None else policy
+        #: Client addresses whose first message came after a welcome (auto ports).
+        self.late_speakers = LateSpeakers(clock)
         self.web = web
         self.count_addresses = count_addresses
         #: Output up to this size is queued for a peer that reads without a

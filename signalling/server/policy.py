@@ -14,6 +14,7 @@ to it.
 """
 
 import ipaddress
+from collections import OrderedDict
 
 from signalling.core.dialects import AUTO
 from signalling.server.auth import TokenRefused
@@ -102,6 +103,55 @@ def origin_allowed(origin, allowed, host, own_names):
 #: ``(forwarded address key or None, counted among the WebSocket
 #: connections)``. The common answers are shared values, so that a
 #: connection holds no object of its own for them.
+#: How many client addresses :class:`LateSpeakers` keeps, and for how long (seconds).
+LATE_SPEAKERS = 4096
+LATE_SPEAKERS_TTL = 600.0
+
+
+class LateSpeakers:
+    """
+    The client addresses (hosts) of connections an auto port welcomed for
+    their silence and then switched to another dialect (their first message
+    came late): for a while, a connection from one of them is given the
+    whole ``dialect_wait`` to speak, not the margin after its pong, so that
+    a client that was misjudged once (and reconnects, as the examples'
+    browser page does) is not misjudged again. The oldest is forgotten past
+    :data:`LATE_SPEAKERS` addresses.
+
+    :param clock: an ``IReactorTime``.
+    """
+
+    def __init__(self, clock, capacity=LATE_SPEAKERS, ttl=LATE_SPEAKERS_TTL):
+        self._clock = clock
+        self._capacity = capacity
+        self._ttl = ttl
+        self._until = OrderedDict()
+
+    def __len__(self):
+        return len(self._until)
+
+    def remember(self, host):
+        """A connection from ``host`` spoke late."""
+        until = self._until
+        until.pop(host, None)
+        until[host] = self._clock.seconds() + self._ttl
+        while len(until) > self._capacity:
+            until.popitem(last=False)
+
+    def __contains__(self, host):
+        """:returns: whether a connection from ``host`` spoke late within the last ``ttl`` seconds."""
+        until = self._until
+        if not until:
+            return False
+        expires = until.get(host)
+        if expires is None:
+            return False
+        if expires <= self._clock.seconds():
+            del until[host]
+            return False
+        return True
+
+
 NOTHING_COUNTED = (None, False)
 WEBSOCKET_COUNTED = (None, True)
 

@@ -17,7 +17,9 @@ proxy, and it grows with a slow or loaded client, whose ``HELLO`` is late
 too. A client that answers no ping is welcomed after ``dialect_wait``. Should
 a first message of another dialect come after the welcome all the same (a
 client that sends ``HELLO`` late), the connection switches to that dialect:
-the JSON peer is withdrawn, and the client has had one stray line.
+the JSON peer is withdrawn, and the client has had one stray line. Its
+address is remembered for a while (:class:`signalling.server.policy.LateSpeakers`):
+its next connections get the whole ``dialect_wait``.
 
 :class:`SignallingServerProtocol` runs on the fast WebSocket layer,
 :class:`PlainSignallingServerProtocol` on Autobahn's own paths; the factory
@@ -108,8 +110,9 @@ class _Signalling:
             )
         if dialect == AUTO:
             clock = factory.clock
-            self._pinged_at = clock.seconds()
-            self.sendPing(DIALECT_PING)
+            if self._client_host() not in factory.late_speakers:
+                self._pinged_at = clock.seconds()
+                self.sendPing(DIALECT_PING)
             self._choosing = clock.callLater(settings.dialect_wait, self._waited, 0)
         else:
             self._begin(settings.dialects[dialect])
@@ -179,9 +182,11 @@ class _Signalling:
             return connection
         connection.withdraw()
         self.factory.stats.dialect_switched(dialect.label)
+        self.factory.late_speakers.remember(self._client_host())
         _log.info(
             "connection from {peer_addr} switched to the {dialect} dialect: its first "
-            "message came after it was welcomed as silent",
+            "message came after it was welcomed as silent (its address gets the "
+            "whole --dialect-wait for a while)",
             peer_addr=self.peer,
             dialect=dialect.name,
         )
@@ -215,6 +220,13 @@ class _Signalling:
             return
         code, cause = self.close_cause(code)
         connection.lost(code, cause, log=not self.close_logged)
+
+    def _client_host(self):
+        """The client's address without its port (the forwarded one behind a trusted proxy)."""
+        peer = self.peer
+        if peer.startswith(("tcp4:", "tcp6:")):
+            return peer[5:].rpartition(":")[0]
+        return peer
 
     def onPong(self, payload):
         if self._pinged_at is not None and payload == DIALECT_PING:
