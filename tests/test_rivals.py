@@ -1,0 +1,136 @@
+"""
+Tests of the rivals benchmark: the Node.js relay of the examples' protocol
+(``benchmarks/node-relay``) against signalling-bench's scenarios.
+
+They need ``node`` and ``npm`` (the Debian packages nodejs and npm) and,
+when ``benchmarks/node-relay/node_modules`` is missing, the npm registry
+(``npm ci``). Without them they are skipped, naming what to install; with
+``CI=true`` they fail instead.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+from signalling.server import tls
+from tests._interop import missing_requirement
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELAY = os.path.join(ROOT, "benchmarks", "node-relay")
+#: Seconds npm may take to install the relay's one dependency.
+NPM_TIMEOUT = 300
+#: Seconds one tiny signalling-bench run may take.
+BENCH_TIMEOUT = 120
+
+
+def node_with_relay():
+    """
+    :returns: the node binary, once the relay's dependencies are installed
+        (``npm ci`` when ``node_modules`` is missing); skips the test (fails
+        it with ``CI=true``) when that cannot be.
+    """
+    node = shutil.which("node")
+    if node is None:
+        missing_requirement("node; install the Debian package nodejs")
+    if not os.path.isdir(os.path.join(RELAY, "node_modules", "ws")):
+        npm = shutil.which("npm")
+        if npm is None:
+            missing_requirement("npm; install the Debian package npm")
+        try:
+            done = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund"], cwd=RELAY, capture_output=True,
+                text=True, timeout=NPM_TIMEOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            missing_requirement(f"npm ci in {RELAY} did not end within {NPM_TIMEOUT} s")
+        if done.returncode != 0:
+            missing_requirement(f"npm ci in {RELAY} failed: {(done.stdout + done.stderr)[-1500:]}")
+    return node
+
+
+def bench(url, *args, ca_file=None):
+    """:returns: the results of one signalling-bench run (its JSON lines), and its output."""
+    argv = [
+        sys.executable, "-m", "signalling.tools.bench.cli", url, "--processes", "1",
+        "--loop", "asyncio", "--timeout", "5", "--json", "-", *args,
+    ]  # fmt: skip
+    if ca_file:
+        argv += ["--ca-file", ca_file]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=BENCH_TIMEOUT, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise AssertionError(f"signalling-bench exited {done.returncode}:\n{output[-4000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines()], output
+
+
+class NodeRelay:
+    """The Node relay on a free loopback port, for one test."""
+
+    def __init__(self, case, node, cert_dir=None):
+        argv = [node, os.path.join(RELAY, "server.js"), "--host", "127.0.0.1", "--port", "0"]
+        if cert_dir:
+            argv += ["--cert", os.path.join(cert_dir, "cert.pem"), "--key", os.path.join(cert_dir, "key.pem")]
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+        )
+        case.addCleanup(self.stop)
+        # Its one line once it listens (a port of 0 lets the kernel choose).
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on "):
+            raise AssertionError(f"the Node relay did not start: {line}{self.process.stdout.read()}")
+        self.url = line.split()[-1].replace("127.0.0.1", "localhost") + "/"
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+class NodeRelayTests(unittest.TestCase):
+    """benchmarks/node-relay speaks what signalling-bench's examples scenarios check."""
+
+    def setUp(self):
+        self.node = node_with_relay()
+
+    def test_every_examples_scenario_passes_its_checks_in_plaintext(self):
+        """
+        The HELLO storm (every peer registered and answered with ERROR), the
+        relay (every echo intact and in order), call set-ups (the callee
+        closed with 1000) and the room storm (every notice and message once)
+        all pass against the relay.
+        """
+        relay = NodeRelay(self, self.node)
+        results, output = bench(
+            relay.url, "--scenarios", "idle,relay,setup,rooms", "--peers", "30", "--pairs", "2",
+            "--duration", "0.5", "--warmup", "0", "--setup-workers", "2", "--rooms", "2",
+            "--members", "4", "--server-pid", str(relay.process.pid),
+        )  # fmt: skip
+        by_scenario = {r["scenario"]: r for r in results}
+        self.assertEqual(set(by_scenario), {"idle", "relay", "setup", "rooms"})
+        self.assertTrue(all(r["ok"] for r in results), output)
+        self.assertEqual((by_scenario["idle"]["registered"], by_scenario["idle"]["answered"]), (30, 30))
+        self.assertGreater(by_scenario["relay"]["round_trips"], 0)
+        self.assertGreater(by_scenario["setup"]["calls"], 0)
+        self.assertEqual(by_scenario["rooms"]["messages_received"], 2 * 4 * 3)
+
+    def test_call_set_ups_and_rooms_over_tls(self):
+        """Over TLS with the certificate our server makes for itself, set-ups and rooms pass."""
+        certs = os.path.abspath(self.mktemp())
+        tls.create_self_signed(certs)
+        relay = NodeRelay(self, self.node, certs)
+        self.assertTrue(relay.url.startswith("wss://localhost:"))
+        results, output = bench(
+            relay.url, "--scenarios", "setup,rooms", "--duration", "0.5", "--setup-workers", "2",
+            "--rooms", "1", "--members", "3", ca_file=os.path.join(certs, "cert.pem"),
+        )  # fmt: skip
+        self.assertEqual([r["scenario"] for r in results], ["setup", "rooms"])
+        self.assertTrue(all(r["ok"] for r in results), output)
+        self.assertGreater(results[0]["calls"], 0)
