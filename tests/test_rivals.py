@@ -1,6 +1,8 @@
 """
 Tests of the rivals benchmark: the Node.js relay of the examples' protocol
-(``benchmarks/node-relay``) against signalling-bench's scenarios.
+(``benchmarks/node-relay``) against signalling-bench's scenarios, and the
+JSON dialect's texts that let a server which re-encodes what it relays
+(gst-plugins-rs' Rust server) pass the bench's checks.
 
 They need ``node`` and ``npm`` (the Debian packages nodejs and npm) and,
 when ``benchmarks/node-relay/node_modules`` is missing, the npm registry
@@ -13,10 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 
 from twisted.trial import unittest
 
 from signalling.server import tls
+from signalling.tools.bench import scenarios
 from tests._interop import missing_requirement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,3 +138,32 @@ class NodeRelayTests(unittest.TestCase):
         self.assertEqual([r["scenario"] for r in results], ["setup", "rooms"])
         self.assertTrue(all(r["ok"] for r in results), output)
         self.assertGreater(results[0]["calls"], 0)
+
+
+class JsonFormTests(unittest.TestCase):
+    """The JSON dialect's texts, as a server that decodes and encodes them writes them."""
+
+    def test_a_reencoded_message_is_the_text_sent(self):
+        """
+        Every negotiation message and every relayed message of the JSON
+        dialect is its own compact re-encoding (no spaces, the keys in the
+        protocol's order), so that a server that relays by decoding and
+        encoding delivers the very text that was sent.
+        """
+
+        def reencoded(text):
+            return json.dumps(json.loads(text), separators=(",", ":"))
+
+        session_id = str(uuid.uuid4())
+        texts = [scenarios._peer_message(session_id, scenarios.JSON_FORM[t]) for t in scenarios.JSON_FORM]
+        prefix, suffix = scenarios._relay_wrapping(session_id)
+        texts.append((prefix + b"%010d" % 7 + b"x" * 100 + suffix).decode())
+        self.assertEqual(len(texts), 2 + 20 + 1)
+        for text in texts:
+            self.assertEqual(reencoded(text), text)
+            message = json.loads(text)
+            self.assertEqual(list(message)[:2], ["type", "sessionId"])
+            if "ice" in message:
+                self.assertEqual(list(message["ice"]), ["candidate", "sdpMLineIndex"])
+            else:
+                self.assertEqual(list(message["sdp"]), ["type", "sdp"])
