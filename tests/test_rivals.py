@@ -1,8 +1,9 @@
 """
 Tests of the rivals benchmark: the Node.js relay of the examples' protocol
-(``benchmarks/node-relay``) against signalling-bench's scenarios, and the
-JSON dialect's texts that let a server which re-encodes what it relays
-(gst-plugins-rs' Rust server) pass the bench's checks.
+(``benchmarks/node-relay``) against signalling-bench's scenarios, the script
+``benchmarks/run-rivals`` with tiny sizes, and the JSON dialect's texts that
+let a server which re-encodes what it relays (gst-plugins-rs' Rust server)
+pass the bench's checks.
 
 They need ``node`` and ``npm`` (the Debian packages nodejs and npm) and,
 when ``benchmarks/node-relay/node_modules`` is missing, the npm registry
@@ -138,6 +139,58 @@ class NodeRelayTests(unittest.TestCase):
         self.assertEqual([r["scenario"] for r in results], ["setup", "rooms"])
         self.assertTrue(all(r["ok"] for r in results), output)
         self.assertGreater(results[0]["calls"], 0)
+
+
+class RunRivalsTests(unittest.TestCase):
+    """benchmarks/run-rivals, with tiny sizes."""
+
+    def test_examples_and_json_parts_without_the_rust_server(self):
+        """
+        Our server against the Node relay and our server on its defaults
+        against itself pinned to JSON: every run passes, the summary holds a
+        ratio for each figure, the missing Rust server is said and skipped,
+        and no server is left running.
+        """
+        node = node_with_relay()
+        out = os.path.abspath(self.mktemp())
+        done = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "run-rivals"),
+             "--rust-server", os.path.join(out, "no-such-binary"), "--node", node,
+             "--parts", "examples-plain,json", "--rounds", "1", "--duration", "0.5",
+             "--warmup", "0", "--peers", "20", "--timeout", "5", "--processes", "1",
+             "--loop", "asyncio", "--pairs", "2", "--setup-workers", "2", "--rooms", "1",
+             "--members", "3"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, OUT=out, PYTHON=sys.executable),
+        )  # fmt: skip
+        output = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 0, output)
+        self.assertIn("Rust server not found: skipping its comparisons", output)
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["failures"], [])
+        figures = {(row["pair"], row["scenario"], row["figure"]): row for row in summary["rows"]}
+        for scenario, figure in [("idle", "hellos_per_s"), ("relay", "messages_per_s"),
+                                 ("setup", "calls_per_s"), ("rooms", "total_seconds")]:  # fmt: skip
+            row = figures[("ours / node", scenario, figure)]
+            self.assertEqual(len(row["ratios"]), 1)
+            self.assertAlmostEqual(row["ratio_median"], row["a"] / row["b"])
+        for scenario, figure in [("idle", "hellos_per_s"), ("relay", "messages_per_s"),
+                                 ("setup", "calls_per_s")]:  # fmt: skip
+            self.assertIn(("ours-auto / ours-pinned", scenario, figure), figures)
+        with open(os.path.join(out, "summary.md")) as f:
+            self.assertIn("| examples-plain | ours / node | relay | relayed messages/s |", f.read())
+        # Every server it started was stopped.
+        logs = os.path.join(out, "logs")
+        self.assertEqual(
+            sorted(os.listdir(logs)),
+            ["examples-plain-node.log", "examples-plain-ours.log",
+             "json-ours-auto-vs-ours-pinned-ours-auto.log", "json-ours-auto-vs-ours-pinned-ours-pinned.log"],
+        )  # fmt: skip
+        for name in os.listdir(logs):
+            if "-ours" in name:
+                with open(os.path.join(logs, name)) as f:
+                    self.assertIn("Server Shut Down", f.read(), name)
 
 
 class JsonFormTests(unittest.TestCase):
