@@ -402,8 +402,10 @@ def _relay_wrapping(session_id):
     """:returns: ``(prefix, suffix)`` of a relayed message: none, or a JSON ``peer`` message's."""
     if session_id is None:
         return b"", b""
-    prefix = '{"type":"peer","sessionId":"' + session_id + '","ice":{"sdpMLineIndex":0,"candidate":"'
-    return prefix.encode("ascii"), b'"}}'
+    # As a server that decodes and encodes what it relays writes it (see
+    # JSON_FORM), so that the echo is the very text sent.
+    prefix = '{"type":"peer","sessionId":"' + session_id + '","ice":{"candidate":"'
+    return prefix.encode("ascii"), b'","sdpMLineIndex":0}}'
 
 
 async def relay(spec, control):
@@ -513,6 +515,16 @@ ANSWER = _sdp("answer", 4096)
 CALLER_ICE = _candidates(1)
 CALLEE_ICE = _candidates(2)
 
+#: The negotiation texts as the JSON dialect sends them: without spaces,
+#: keys in the protocol's order, which is how a server that decodes and
+#: encodes what it relays (gst-plugins-rs' gst-webrtc-signalling-server,
+#: with serde_json) writes them, so that every one arrives as it was sent.
+#: (The examples' protocol relays any text as it is.)
+JSON_FORM = {
+    text: json.dumps(json.loads(text), separators=(",", ":"))
+    for text in (OFFER, ANSWER, *CALLER_ICE, *CALLEE_ICE)
+}
+
 
 async def _expect(connection, expected, timeout, what):
     got = await connection.recv_text(timeout)
@@ -594,7 +606,9 @@ async def _json_call(control, spec, timeout, nodes=(None, None)):
     started = now()
     consumer, producer, session_id = await control.json_session(timeout, nodes)
     try:
-        await _negotiate(producer, consumer, lambda text: _peer_message(session_id, text), timeout)
+        await _negotiate(
+            producer, consumer, lambda text: _peer_message(session_id, JSON_FORM[text]), timeout
+        )
         set_up = now() - started
         # The consumer leaves; the producer is told the session ended.
         consumer.close()
