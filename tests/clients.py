@@ -413,7 +413,11 @@ class RawClient(Waiting, Protocol):
         self.transport.write(frame(opcode, payload, fin, mask))
 
     def frames(self):
-        """:returns: the complete frames received since the handshake, as ``(opcode, payload)``."""
+        """
+        :returns: the complete frames received since the handshake, as
+            ``(opcode, payload)``; not the ping an auto port sends with its
+            101 (which this client does not answer).
+        """
         data = self.received[self._frames_at:]
         frames = []
         while len(data) >= 2:
@@ -428,7 +432,9 @@ class RawClient(Waiting, Protocol):
                 length, offset = struct.unpack("!Q", data[2:10])[0], 10
             if len(data) < offset + length:
                 break
-            frames.append((opcode, data[offset:offset + length]))
+            payload = data[offset:offset + length]
+            if not (opcode == 9 and payload == DIALECT_PING):
+                frames.append((opcode, payload))
             data = data[offset + length:]
         return frames
 
