@@ -16,9 +16,9 @@ from signalling.core import json_wire
 from signalling.core.dialects import DIALECTS
 from signalling.core.interfaces import IJsonRegistry, JsonRefused, PeerNotFound, UidTaken
 from signalling.core.registry import Registry
+from signalling.server.settings import DEFAULT_DIALECT_MARGIN as DIALECT_MARGIN
 from signalling.server.settings import DEFAULT_DIALECT_WAIT
 from signalling.server.protocol import (
-    DIALECT_MARGIN,
     DIALECT_PING,
     DIALECT_RECHECK,
     DIALECT_RECHECKS,

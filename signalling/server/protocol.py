@@ -11,7 +11,7 @@ How long "silent" is, on an auto port: the server pings the client with its
 their open callback, which their WebSocket library calls on the ``101``,
 before or about when it answers the ping that follows it; a JSON client
 sends nothing. So a connection that said nothing by the pong plus a margin
-(:data:`DIALECT_MARGIN`, or the round trip the pong measured when that is
+(the settings' ``dialect_margin``, 10 ms by default, or the round trip the pong measured when that is
 longer) is welcomed as JSON. The round trip is the application's, through any
 proxy, and it grows with a slow or loaded client, whose ``HELLO`` is late
 too. A client that answers no ping is welcomed after ``dialect_wait``. Should
@@ -44,9 +44,6 @@ _log = Logger(namespace="signalling.core.connection.Connection")
 #: The ping an auto port sends with its ``101``: its pong measures the
 #: client's round trip, its own processing included.
 DIALECT_PING = b"dialect?"
-#: Seconds a silent connection may still take to send its first message
-#: after its pong came back, at least; else as long as the pong took.
-DIALECT_MARGIN = 0.003
 #: When the wait is over but input waits unread: seconds before looking
 #: again, and how many times (then the connection is welcomed as JSON).
 DIALECT_RECHECK = 0.05
@@ -126,7 +123,8 @@ class _Signalling:
         rtt = clock.seconds() - self._pinged_at
         self.__dict__.pop("_pinged_at", None)
         self._choosing.cancel()
-        self._choosing = clock.callLater(max(DIALECT_MARGIN, rtt), self._waited, 0)
+        margin = self.factory.settings.dialect_margin
+        self._choosing = clock.callLater(max(margin, rtt), self._waited, 0)
 
     def _waited(self, rechecks):
         """

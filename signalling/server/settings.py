@@ -36,6 +36,7 @@ DEFAULT_MAX_FRAGMENTS = 1024
 #: Seconds a connection on an auto port waits for a first message before it
 #: is taken for a JSON client and welcomed (plus three of its round trips).
 DEFAULT_DIALECT_WAIT = 0.5
+DEFAULT_DIALECT_MARGIN = 0.01
 #: Seconds the holder of a uid has to answer a ping when a new connection
 #: asks for its uid; 0: a taken uid is refused at once (as the original
 #: server did), unless the newcomer's token names the uid.
@@ -76,8 +77,11 @@ class ServerSettings:
     :ivar dialect: the ports' dialect: ``auto`` or a name in ``dialects``.
     :ivar dialects: the :class:`signalling.core.dialects.DialectTable`.
     :ivar dialect_paths: ``{path: dialect name}`` for paths pinned to one.
-    :ivar dialect_wait: seconds a connection on an auto port may take to
-        send its first message.
+    :ivar dialect_wait: seconds a silent connection on an auto port that
+        answers no ping waits before it is welcomed as a JSON client.
+    :ivar dialect_margin: seconds a silent connection on an auto port may
+        still take to send its first message after its pong (at least; the
+        pong's round trip when longer) before it is welcomed as a JSON client.
     :ivar allowed_origins: ``scheme://host[:port]`` origins whose pages may
         open a WebSocket (besides the server's own); empty: any.
     :ivar reclaim_timeout: seconds a silent holder of a uid has to answer a
@@ -100,6 +104,7 @@ class ServerSettings:
     dialects: DialectTable = DIALECTS
     dialect_paths: object = dataclasses.field(default_factory=dict)
     dialect_wait: float = DEFAULT_DIALECT_WAIT
+    dialect_margin: float = DEFAULT_DIALECT_MARGIN
     allowed_origins: frozenset = frozenset()
     reclaim_timeout: float = DEFAULT_RECLAIM_TIMEOUT
 
@@ -147,6 +152,7 @@ class ServerSettings:
             dialect=config["dialect"],
             dialect_paths=config["dialect-path"],
             dialect_wait=config["dialect-wait"],
+            dialect_margin=config["dialect-margin"],
             allowed_origins=config["allowed-origin"],
             reclaim_timeout=config["reclaim-timeout"],
         )

@@ -271,13 +271,20 @@ class Options(usage.Options):
          "gstwebrtc-api), or auto: a connection whose first message is a JSON "
          "object speaks json, one whose first message is anything else "
          "examples, and a silent one is welcomed as a JSON client: soon after "
-         "it answered the ping the server sends with its 101 (a margin of 3 ms, "
+         "it answered the ping the server sends with its 101 (--dialect-margin, 10 ms, "
          "or the ping's round trip if longer), or after --dialect-wait.",
          _dialect],
         ["dialect-wait", None, _settings.DEFAULT_DIALECT_WAIT,
          "Seconds a silent connection on an auto port that answers no ping "
          "waits before it is taken for a JSON client and welcomed (one that "
          "answers is welcomed soon after its pong).", _positive(float)],
+        ["dialect-margin", None, _settings.DEFAULT_DIALECT_MARGIN,
+         "Seconds a silent connection on an auto port may still take to send "
+         "its first message after it answered the server's ping (at least: the "
+         "ping's round trip when that is longer), before it is welcomed as a "
+         "JSON client. Raise it for examples' clients on loaded machines that "
+         "send HELLO late; every JSON client waits that long.",
+         _non_negative_float],
         ["trim-interval", None, memory.DEFAULT_INTERVAL,
          "Seconds between looks at the C allocator's heap: when more than "
          f"{memory.DEFAULT_THRESHOLD // 2**20} MiB of it became free since the "
