@@ -42,7 +42,8 @@ class _Direction:
         self.to = None
         self._queue = deque()
         self._call = None
-        self.closed = False
+        #: True once the link stopped: nothing is delivered any more.
+        self.dead = False
 
     def push(self, data):
         self._queue.append((reactor.seconds() + ONE_WAY, data))
@@ -53,6 +54,8 @@ class _Direction:
         self._schedule()
 
     def _schedule(self):
+        if self.dead:
+            return
         if self._call is None and self._queue and self.to is not None:
             due = self._queue[0][0]
             self._call = reactor.callLater(max(0.0, due - reactor.seconds()), self._deliver)
@@ -71,6 +74,8 @@ class _Direction:
         self._schedule()
 
     def cancel(self):
+        self.dead = True
+        self._queue.clear()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -132,6 +137,7 @@ class DelayLink:
     async def stop(self):
         for side in self.sides:
             side.outgoing.cancel()
+        for side in self.sides:
             if side.transport is not None:
                 side.transport.abortConnection()
         await self.port.stopListening()
