@@ -17,6 +17,7 @@ import inspect
 import os
 
 import txaio
+from autobahn.twisted import util as autobahn_util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -101,6 +102,50 @@ class AutobahnProtocolTests(unittest.TestCase):
             if name not in ("data", "openHandshakeTimeoutCall"):
                 self.assertEqual(getattr(proto, name), value, name)
         self.assertEqual(proto.data, b"")
+
+    def test_connection_made_sets_nothing_the_fast_layer_does_not_set_or_provide(self):
+        """
+        Every attribute Autobahn's ``_connectionMade`` sets on a connection
+        is one the fast layer's own ``_connectionMade`` sets, a class-level
+        default of the fast layer (with Autobahn's value), an option it
+        reads from the factory, or the UTF-8 validator it makes on use.
+        """
+        proto = fresh_connection(self)
+        before = WebSocketServerProtocol()
+        set_by_autobahn = set(proto.__dict__) - set(before.__dict__)
+        set_by_the_layer = {"trafficStats", "state", "send_queue", "openHandshakeTimeoutCall"}
+        options = set(WebSocketServerProtocol.CONFIG_ATTRS)
+        for name in set_by_autobahn - {"factory", "transport", "connected", "peer"}:
+            if name in websocket._AUTOBAHN_DEFAULTS:
+                if name != "openHandshakeTimeoutCall":
+                    self.assertEqual(getattr(proto, name), websocket._AUTOBAHN_DEFAULTS[name], name)
+                continue
+            self.assertIn(name, set_by_the_layer | options | {"utf8validator"}, name)
+        self.assertIn("self.trackTimings", source(WebSocketProtocol._connectionMade))
+        self.assertIn("self.onOpenHandshakeTimeout", source(WebSocketProtocol._connectionMade))
+
+    def test_connection_made_and_on_open_of_the_twisted_adapter(self):
+        """
+        The Twisted adapter's ``connectionMade`` takes the peer from
+        ``peer2str`` (the layer calls it alone), sets TCP_NODELAY and calls
+        ``_connectionMade``; its ``_onOpen`` fills in the transport's details
+        and calls ``onOpen`` (the layer makes the details on use instead).
+        """
+        made = source(WebSocketServerProtocol.connectionMade)
+        self.assertIn("create_transport_details(", made)
+        self.assertIn("setTcpNoDelay(self.tcpNoDelay)", made)
+        self.assertIn("self._connectionMade()", made)
+        self.assertIn("peer = peer2str(transport)", source(autobahn_util.create_transport_details))
+        self.assertIn("self.onOpen()", source(WebSocketServerProtocol._onOpen))
+        self.assertIn("self._transport_details", source(WebSocketServerProtocol.transport_details.fget))
+        self.assertIn("TransportDetails()", source(WebSocketProtocol.__init__))
+
+    def test_send_data_writes_at_once_unless_chopped_synchronous_or_queued(self):
+        """``sendData`` writes to the transport at once unless chopped, synchronous or queued."""
+        text = source(WebSocketProtocol.sendData)
+        self.assertIn("if sync or len(self.send_queue) > 0:", text)
+        self.assertIn("self.transport.write(data)", text)
+        self.assertIn("preopenOutgoingOctetsWireLevel", text)
 
     def test_handshake_leftovers_exist_after_an_opening_handshake(self):
         """The attributes dropped once the connection is open are Autobahn's handshake state."""

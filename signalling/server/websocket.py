@@ -29,10 +29,11 @@ import time
 from collections import deque
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.util import peer2str
+from autobahn.twisted.util import create_transport_details, peer2str
+from autobahn.wamp.types import TransportDetails
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
 from OpenSSL import SSL
@@ -48,6 +49,7 @@ from signalling.server.transport import TransportControl
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
 _CLOSING = WebSocketProtocol.STATE_CLOSING
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 #: Steps of reading one connection may take in one turn of the reactor
 #: before the others get theirs: Autobahn takes two for a frame (its header,
@@ -185,6 +187,7 @@ _AUTOBAHN_DEFAULTS = {
     "wasOpenHandshakeTimeout": False,
     "wasCloseHandshakeTimeout": False,
     "wasServingFlashSocketPolicyFile": False,
+    "wasServerConnectionDropTimeout": False,
     "localCloseCode": None,
     "localCloseReason": None,
     "remoteCloseCode": None,
@@ -195,6 +198,7 @@ _AUTOBAHN_DEFAULTS = {
     "autoPingPending": None,
     "autoPingPendingSeq": 0,
     "autoPingPendingSent": None,
+    "autoPingPendingCall": None,
     "inside_message": False,
     "current_frame": None,
     "websocket_protocol_in_use": None,
@@ -655,18 +659,79 @@ class FastServerProtocol(ServerProtocol):
     # logging is on: about 4 % of the CPU of a call set-up, and part of every
     # read on the relay path. These overrides do the same work without them.
 
+    def __init__(self):
+        WebSocketServerProtocol.__init__(self)
+        # Autobahn's blank details, replaced by every connection (see
+        # _transport_details).
+        self.__dict__.pop("_transport_details_made", None)
+
     def dataReceived(self, data):
         self._dataReceived(data)
 
+    def connectionMade(self):
+        # Autobahn's, without its debug line (whose arguments it builds
+        # anyway), and with the transport's details made only if asked for
+        # (transport_details): every connection needs its peer, none of
+        # them the rest (over TLS, a channel id and the peer's certificate,
+        # read again once the handshake is done).
+        self.peer = peer2str(self.transport)
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:
+            # Not a TCP socket (a Unix socket, say): as Autobahn does.
+            pass
+        self._connectionMade()
+
     def _connectionMade(self):
-        WebSocketProtocol._connectionMade(self)
-        self.factory.countConnections += 1
+        # What Autobahn's _connectionMade sets that is not a class default
+        # here (_AUTOBAHN_DEFAULTS, the options and the UTF-8 validator
+        # made on use), without the copy of each option onto the
+        # connection and its pretty-printed debug line.
+        if self.trackTimings:
+            self.setTrackTimings(True)
+        self.trafficStats = TrafficStats()
+        self.state = WebSocketProtocol.STATE_CONNECTING
         self.send_queue = _SendQueue()
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        self.factory.countConnections += 1
         self._watch_output()
         if self.logFrames or self.logOctets or self.maskServerFrames:
             self._plain_writes = False
-        # Made on first use (a cffi object), and never by the fast path.
-        self.__dict__.pop("utf8validator", None)
+
+    @property
+    def _transport_details(self):
+        # Autobahn's details of the transport, made on first use (see
+        # connectionMade); kept once made.
+        details = self.__dict__.get("_transport_details_made")
+        if details is None:
+            details = create_transport_details(self.transport, self.is_server)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self.__dict__["_transport_details_made"] = details
+        return details
+
+    @_transport_details.setter
+    def _transport_details(self, details):
+        self.__dict__["_transport_details_made"] = details
+
+    def _onOpen(self):
+        # Autobahn's reads the TLS channel id and the peer's certificate
+        # into the transport's details here; they are made on use instead.
+        self.onOpen()
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Autobahn's, without its debug line's arguments, for the one case
+        # the server has: one write at once, nothing queued.
+        if chopsize or sync or self.send_queue.items or self.logOctets:
+            return WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+        self.transport.write(data)
+        state = self.state
+        if state == _OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == _CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
 
     def _connectionLost(self, reason):
         self._cancel_timers()
