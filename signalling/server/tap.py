@@ -743,7 +743,9 @@ def _sites(config, ports, shared, turn_credentials):
         )
         factory = ws_factory
         if port.wrap:
-            factory = tls.ServerTLSFactory(shared.server_tls, ws_factory, shared.stats, shared.policy)
+            factory = tls.ServerTLSFactory(
+                shared.server_tls, ws_factory, shared.stats, shared.policy, shared.reactor
+            )
         listen.append((port.description, port.endpoint, factory))
     return listen, ws_factories
 
