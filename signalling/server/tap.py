@@ -511,7 +511,10 @@ def makeService(config, reactor=None):
     handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
-    log_observer = logs.json_observer() if config["log-format"] == "json" else None
+    if config["log-format"] == "json":
+        log_observer = logs.json_observer()
+    else:
+        log_observer = logs.twistd_text_observer(config)
     registry, backend = build_backend(config, reactor)
     stats = Stats()
     ports = _ports(config, reactor)
