@@ -140,6 +140,19 @@ class AutobahnProtocolTests(unittest.TestCase):
         self.assertIn("self._transport_details", source(WebSocketServerProtocol.transport_details.fget))
         self.assertIn("TransportDetails()", source(WebSocketProtocol.__init__))
 
+    def test_connection_lost_of_the_twisted_adapter_does_no_more_than_a_tls_error_line(self):
+        """
+        The Twisted adapter's ``connectionLost`` calls ``_connectionLost``,
+        and besides debug lines logs a TLS error (which the layer handles
+        first); the fast layer calls ``_connectionLost`` alone.
+        """
+        text = source(WebSocketServerProtocol.connectionLost)
+        self.assertIn("self._connectionLost(reason)", text)
+        self.assertIn("_is_tls_error(reason.value)", text)
+        self.assertEqual(text.count("self.log.error("), 1)
+        self.assertNotIn("self.log.info(", text)
+        self.assertNotIn("self.log.warn", text)
+
     def test_send_data_writes_at_once_unless_chopped_synchronous_or_queued(self):
         """``sendData`` writes to the transport at once unless chopped, synchronous or queued."""
         text = source(WebSocketProtocol.sendData)

@@ -733,6 +733,13 @@ class FastServerProtocol(ServerProtocol):
         elif state == _CONNECTING:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
 
+    def connectionLost(self, reason):
+        if isinstance(reason.value, SSL.Error):
+            return ServerProtocol.connectionLost(self, reason)
+        # Autobahn's adapter does no more for any other reason than this,
+        # and debug lines whose arguments it builds anyway.
+        self._connectionLost(reason)
+
     def _connectionLost(self, reason):
         self._cancel_timers()
         self._release_counts()
