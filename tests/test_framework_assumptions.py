@@ -5,7 +5,8 @@ by name: every override and private name of ``signalling/server/websocket.py``
 flow control and socket state, on Twisted's public interfaces) assumes of
 Twisted's TLS layer and producers, the one private name of
 ``signalling/server/listening.py`` (Twisted's reading of systemd's sockets)
-and the one of ``signalling/server/tls.py`` (the end of a TLS connection). An
+and those of ``signalling/server/tls.py`` (the start and the end of a TLS
+connection). An
 upgrade that changes one of them fails the test that names it, here,
 rather than a call in production.
 
@@ -325,6 +326,37 @@ class TwistedTests(unittest.TestCase):
         """The hand-over to the pages swaps ``wrappedProtocol`` of the TLS layer."""
         self.assertTrue(issubclass(TLSMemoryBIOProtocol, ProtocolWrapper))
         self.assertIn("wrappedProtocol", source(ProtocolWrapper.__init__))
+
+    def test_tls_layer_make_connection_is_what_the_port_layer_repeats(self):
+        """
+        ``signalling/server/tls.py`` makes a TLS connection as Twisted's
+        ``makeConnection`` does, without its declarations of the
+        transport's interfaces one by one, which ``ProtocolWrapper``'s
+        ``makeConnection`` makes at once (and registers the protocol).
+        """
+        lines = [
+            line.strip()
+            for line in source(TLSMemoryBIOProtocol.makeConnection).splitlines()
+            if line.strip() and not line.strip().startswith(("#", '"""', "Connect", "necessary"))
+        ]
+        self.assertEqual(
+            lines[1:],
+            [
+                "self._tlsConnection = self.factory._creatorCallable(self)",
+                "self._appSendBuffer = []",
+                "for interface in providedBy(transport):",
+                "directlyProvides(self, interface)",
+                "Protocol.makeConnection(self, transport)",
+                "self.factory.registerProtocol(self)",
+                "if self._connectWrapped:",
+                "ProtocolWrapper.makeConnection(self, transport)",
+                "self._checkHandshakeStatus()",
+            ],
+        )
+        wrapper = source(ProtocolWrapper.makeConnection)
+        self.assertIn("directlyProvides(self, providedBy(transport))", wrapper)
+        self.assertIn("self.factory.registerProtocol(self)", wrapper)
+        self.assertIn("self.wrappedProtocol.makeConnection(self)", wrapper)
 
     def test_tls_layer_hands_out_the_openssl_connection(self):
         """

@@ -23,7 +23,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -340,6 +342,19 @@ class _CountingTLSProtocol(TLSMemoryBIOProtocol):
     _turn_size = 0
 
     _first = True
+
+    def makeConnection(self, transport):
+        # Twisted's, without its loop that declares the transport's
+        # interfaces on this protocol one at a time, each declaration
+        # replacing the one before (a dozen a connection):
+        # ProtocolWrapper.makeConnection then declares them all at once.
+        if not self._connectWrapped:
+            return TLSMemoryBIOProtocol.makeConnection(self, transport)
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        Protocol.makeConnection(self, transport)
+        ProtocolWrapper.makeConnection(self, transport)
+        self._checkHandshakeStatus()
 
     def dataReceived(self, data):
         if self._first:
