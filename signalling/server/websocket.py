@@ -67,6 +67,8 @@ _BINARY = 2
 #: RSV bits): the only frames the fast receive path takes.
 _FIN_TEXT = 0x80 | _TEXT
 _FIN_BINARY = 0x80 | _BINARY
+#: ... and of a close frame, which the fast path takes when it comes first.
+_FIN_CLOSE = 0x80 | 8
 #: Payloads up to this size are unmasked with Python's big integers, which
 #: beat Autobahn's masker (a cffi object per frame) below a couple of KiB.
 _SMALL_UNMASK = 2048
@@ -856,8 +858,41 @@ class FastServerProtocol(ServerProtocol):
             if batch:
                 link.send_frames(batch)
         if not pos:
+            if self._close_frame():
+                return len(self.data) > 0
             return WebSocketServerProtocol.processData(self)
         return len(self.data) > 0
+
+    def _close_frame(self):
+        """
+        Take a complete, masked close frame at the front of the input (with
+        no payload, or a code and a reason) as Autobahn's ``processData``
+        and ``processControlFrame`` do, without a frame object, a masker
+        object and four calls: its code and reason go to ``onCloseFrame``,
+        which checks them. Anything else (a payload of one byte, a frame
+        not yet complete or over the frame size limit) is left to Autobahn.
+
+        :returns: whether it took one.
+        """
+        data = self.data
+        if len(data) < 6 or data[0] != _FIN_CLOSE:
+            return False
+        # Masked: the mask bit cleared leaves the length; unmasked: over 125.
+        length = data[1] ^ 0x80
+        if length > 125 or length == 1 or len(data) < 6 + length:
+            return False
+        frame_limit = self.maxFramePayloadSize
+        if 0 < frame_limit < length:
+            return False
+        code = reason = None
+        if length:
+            payload = _unmask(data[6 : 6 + length], data[2:6])
+            code = (payload[0] << 8) | payload[1]
+            if length > 2:
+                reason = payload[2:]
+        self.data = data[6 + length :]
+        self.onCloseFrame(code, reason)
+        return True
 
     def _batch_link(self):
         """
