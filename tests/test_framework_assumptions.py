@@ -5,7 +5,8 @@ by name: every override and private name of ``signalling/server/websocket.py``
 flow control and socket state, on Twisted's public interfaces) assumes of
 Twisted's TLS layer and producers, the one private name of
 ``signalling/server/listening.py`` (Twisted's reading of systemd's sockets)
-and the one of ``signalling/server/tls.py`` (the end of a TLS connection). An
+and those of ``signalling/server/tls.py`` (the start and the end of a TLS
+connection). An
 upgrade that changes one of them fails the test that names it, here,
 rather than a call in production.
 
@@ -17,6 +18,7 @@ import inspect
 import os
 
 import txaio
+from autobahn.twisted import util as autobahn_util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -101,6 +103,63 @@ class AutobahnProtocolTests(unittest.TestCase):
             if name not in ("data", "openHandshakeTimeoutCall"):
                 self.assertEqual(getattr(proto, name), value, name)
         self.assertEqual(proto.data, b"")
+
+    def test_connection_made_sets_nothing_the_fast_layer_does_not_set_or_provide(self):
+        """
+        Every attribute Autobahn's ``_connectionMade`` sets on a connection
+        is one the fast layer's own ``_connectionMade`` sets, a class-level
+        default of the fast layer (with Autobahn's value), an option it
+        reads from the factory, or the UTF-8 validator it makes on use.
+        """
+        proto = fresh_connection(self)
+        before = WebSocketServerProtocol()
+        set_by_autobahn = set(proto.__dict__) - set(before.__dict__)
+        set_by_the_layer = {"trafficStats", "state", "send_queue", "openHandshakeTimeoutCall"}
+        options = set(WebSocketServerProtocol.CONFIG_ATTRS)
+        for name in set_by_autobahn - {"factory", "transport", "connected", "peer"}:
+            if name in websocket._AUTOBAHN_DEFAULTS:
+                if name != "openHandshakeTimeoutCall":
+                    self.assertEqual(getattr(proto, name), websocket._AUTOBAHN_DEFAULTS[name], name)
+                continue
+            self.assertIn(name, set_by_the_layer | options | {"utf8validator"}, name)
+        self.assertIn("self.trackTimings", source(WebSocketProtocol._connectionMade))
+        self.assertIn("self.onOpenHandshakeTimeout", source(WebSocketProtocol._connectionMade))
+
+    def test_connection_made_and_on_open_of_the_twisted_adapter(self):
+        """
+        The Twisted adapter's ``connectionMade`` takes the peer from
+        ``peer2str`` (the layer calls it alone), sets TCP_NODELAY and calls
+        ``_connectionMade``; its ``_onOpen`` fills in the transport's details
+        and calls ``onOpen`` (the layer makes the details on use instead).
+        """
+        made = source(WebSocketServerProtocol.connectionMade)
+        self.assertIn("create_transport_details(", made)
+        self.assertIn("setTcpNoDelay(self.tcpNoDelay)", made)
+        self.assertIn("self._connectionMade()", made)
+        self.assertIn("peer = peer2str(transport)", source(autobahn_util.create_transport_details))
+        self.assertIn("self.onOpen()", source(WebSocketServerProtocol._onOpen))
+        self.assertIn("self._transport_details", source(WebSocketServerProtocol.transport_details.fget))
+        self.assertIn("TransportDetails()", source(WebSocketProtocol.__init__))
+
+    def test_connection_lost_of_the_twisted_adapter_does_no_more_than_a_tls_error_line(self):
+        """
+        The Twisted adapter's ``connectionLost`` calls ``_connectionLost``,
+        and besides debug lines logs a TLS error (which the layer handles
+        first); the fast layer calls ``_connectionLost`` alone.
+        """
+        text = source(WebSocketServerProtocol.connectionLost)
+        self.assertIn("self._connectionLost(reason)", text)
+        self.assertIn("_is_tls_error(reason.value)", text)
+        self.assertEqual(text.count("self.log.error("), 1)
+        self.assertNotIn("self.log.info(", text)
+        self.assertNotIn("self.log.warn", text)
+
+    def test_send_data_writes_at_once_unless_chopped_synchronous_or_queued(self):
+        """``sendData`` writes to the transport at once unless chopped, synchronous or queued."""
+        text = source(WebSocketProtocol.sendData)
+        self.assertIn("if sync or len(self.send_queue) > 0:", text)
+        self.assertIn("self.transport.write(data)", text)
+        self.assertIn("preopenOutgoingOctetsWireLevel", text)
 
     def test_handshake_leftovers_exist_after_an_opening_handshake(self):
         """The attributes dropped once the connection is open are Autobahn's handshake state."""
@@ -267,6 +326,37 @@ class TwistedTests(unittest.TestCase):
         """The hand-over to the pages swaps ``wrappedProtocol`` of the TLS layer."""
         self.assertTrue(issubclass(TLSMemoryBIOProtocol, ProtocolWrapper))
         self.assertIn("wrappedProtocol", source(ProtocolWrapper.__init__))
+
+    def test_tls_layer_make_connection_is_what_the_port_layer_repeats(self):
+        """
+        ``signalling/server/tls.py`` makes a TLS connection as Twisted's
+        ``makeConnection`` does, without its declarations of the
+        transport's interfaces one by one, which ``ProtocolWrapper``'s
+        ``makeConnection`` makes at once (and registers the protocol).
+        """
+        lines = [
+            line.strip()
+            for line in source(TLSMemoryBIOProtocol.makeConnection).splitlines()
+            if line.strip() and not line.strip().startswith(("#", '"""', "Connect", "necessary"))
+        ]
+        self.assertEqual(
+            lines[1:],
+            [
+                "self._tlsConnection = self.factory._creatorCallable(self)",
+                "self._appSendBuffer = []",
+                "for interface in providedBy(transport):",
+                "directlyProvides(self, interface)",
+                "Protocol.makeConnection(self, transport)",
+                "self.factory.registerProtocol(self)",
+                "if self._connectWrapped:",
+                "ProtocolWrapper.makeConnection(self, transport)",
+                "self._checkHandshakeStatus()",
+            ],
+        )
+        wrapper = source(ProtocolWrapper.makeConnection)
+        self.assertIn("directlyProvides(self, providedBy(transport))", wrapper)
+        self.assertIn("self.factory.registerProtocol(self)", wrapper)
+        self.assertIn("self.wrappedProtocol.makeConnection(self)", wrapper)
 
     def test_tls_layer_hands_out_the_openssl_connection(self):
         """

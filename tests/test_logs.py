@@ -209,6 +209,107 @@ class JSONObserverTests(unittest.SynchronousTestCase):
         self.assertEqual(strict_loads(out.getvalue())["message"], "to stdout")
 
 
+class TextLineTests(unittest.SynchronousTestCase):
+    """
+    The text observer writes twistd's own lines (Twisted's
+    ``formatEventAsClassicLogText``), character for character, whatever
+    the event.
+    """
+
+    def events(self):
+        from twisted.python.failure import Failure
+
+        when = 1765000000.25
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        plain = dict(
+            log_format="peer {uid} at {peer_addr} disconnected (code {code}, {cause})",
+            uid="alice",
+            peer_addr="tcp4:127.0.0.1:5555",
+            code=1000,
+            cause="closed by the peer",
+            log_time=when,
+            log_namespace="signalling.core.connection.Connection",
+            log_level=LogLevel.info,
+        )
+        yield plain
+        yield dict(plain, log_time=when + 0.9999996)
+        yield dict(plain, log_time=when + 3600 * 24 * 180)
+        yield dict(plain, log_time=None)
+        yield dict(plain, log_time=int(when))
+        yield dict(plain, log_level=None)
+        yield {k: v for k, v in plain.items() if k != "log_namespace"}
+        yield dict(plain, log_system="custom system")
+        yield dict(plain, log_system=42)
+        yield dict(plain, uid="two\nlines")
+        yield dict(plain, log_namespace="name\nspace")
+        yield dict(plain, uid=Unprintable())
+        yield dict(plain, log_format="{{literal}} braces and {uid}")
+        yield dict(plain, log_format="{uid!r} and {code:05d}")
+        yield dict(plain, log_format="{uid.upper()} called")
+        yield dict(plain, log_format="{missing} field")
+        yield dict(plain, log_format="{} positional")
+        yield dict(plain, log_format="{0} positional")
+        yield dict(plain, log_format="unbalanced {")
+        yield dict(plain, log_format="")
+        yield dict(plain, log_format=b"bytes {uid}")
+        yield {k: v for k, v in plain.items() if k != "log_format"}
+        yield dict(plain, log_failure=failure, log_format="failed for {uid}")
+        yield dict(plain, log_format="{log_text}", log_text="a legacy line")
+        with capturedLogs() as events:
+            Logger(namespace="x").info("flat {uid}", uid="bob")
+        yield dict(events[0], log_flattened={"uid!:": "bob", "uid!r:": "'bob'"})
+
+    def test_the_same_text_as_twisted(self):
+        """Every kind of event gives Twisted's text, or None where Twisted gives None."""
+        from twisted.logger import formatEventAsClassicLogText
+
+        for event in self.events():
+            self.assertEqual(
+                logs.classic_text(event), formatEventAsClassicLogText(event), repr(event)
+            )
+            # Once more, with the second's time stamp kept from the first.
+            self.assertEqual(
+                logs.classic_text(event), formatEventAsClassicLogText(event), repr(event)
+            )
+
+    def test_the_observer_writes_each_line_to_its_file(self):
+        """text_observer writes what textFileLogObserver writes."""
+        from twisted.logger import textFileLogObserver
+
+        ours, twisteds = io.StringIO(), io.StringIO()
+        observer, reference = logs.text_observer(ours), textFileLogObserver(twisteds)
+        for event in self.events():
+            observer(event)
+            reference(event)
+        self.assertEqual(ours.getvalue(), twisteds.getvalue())
+
+    def test_only_where_twistd_logs_text_to_standard_output(self):
+        """
+        The server takes over twistd's text lines under ``-n`` to standard
+        output only; a log file (rotated by twistd), syslog, another logger
+        or another runner keep twistd's own observer.
+        """
+        from twisted.scripts.twistd import ServerOptions
+
+        def observer(*argv):
+            options = ServerOptions()
+            options.parseOptions(list(argv) + ["signalling", "--port", "tcp:0"])
+            return logs.twistd_text_observer(options.subOptions)
+
+        self.assertIsNotNone(observer("-n"))
+        self.assertIsNotNone(observer("-n", "--logfile", "-"))
+        self.assertIsNone(observer("-n", "--logfile", "server.log"))
+        self.assertIsNone(observer("-n", "--syslog"))
+        self.assertIsNone(observer())
+        self.assertIsNone(observer("-n", "--logger", "twisted.logger.textFileLogObserver"))
+        from signalling.server.tap import Options
+
+        self.assertIsNone(logs.twistd_text_observer(Options()))
+
+
 class SessionLogTests(unittest.TestCase):
     """What a real server logs during real sessions."""
 

@@ -1396,3 +1396,54 @@ class FairnessTests(unittest.TestCase):
         self.assertEqual(transport.producerState, "producing")
         expected = b"".join(b"\x8a\x04" + b"%04d" % i for i in range(1000))
         self.assertEqual(transport.value(), expected)
+
+
+class CloseFrameTests(unittest.TestCase):
+    """
+    A close frame the fast layer takes itself ends the connection exactly
+    as Autobahn's own paths end it: the same bytes on the wire, the same
+    close code and reason, each kind of close frame.
+    """
+
+    FRAMES = [
+        ("no payload", masked_frame(b"", opcode=0x8)),
+        ("1000", masked_frame(b"\x03\xe8", opcode=0x8)),
+        ("1000 and a reason", masked_frame(b"\x03\xe8bye", opcode=0x8)),
+        ("4000 and a UTF-8 reason", masked_frame(b"\x0f\xa0" + "schöne Grüße".encode(), opcode=0x8)),
+        ("a reason that is not UTF-8", masked_frame(b"\x03\xe8\xff\xfe", opcode=0x8)),
+        ("an invalid code", masked_frame(b"\x03\xe7", opcode=0x8)),
+        ("a reserved code", masked_frame(b"\x03\xed", opcode=0x8)),
+        ("a one-byte payload", masked_frame(b"\x03", opcode=0x8)),
+        ("unmasked", struct.pack("!BB", 0x88, 2) + b"\x03\xe8"),
+        ("after messages in the same read", masked_frame(b"SESSION nobody") + masked_frame(b"\x03\xe8", opcode=0x8)),
+        ("in two reads", masked_frame(b"\x03\xe8bye", opcode=0x8)[:5]),
+    ]
+
+    def close_with(self, fast_path, data):
+        net = Loopback(self, fast_path=fast_path)
+        proto, transport = _open(self, net.factory, "alice")
+        proto.dataReceived(data)
+        return (
+            transport.value(),
+            proto.state,
+            proto.remoteCloseCode,
+            proto.remoteCloseReason,
+            proto.localCloseCode,
+            proto.wasClean,
+        )
+
+    def test_every_kind_of_close_frame_ends_as_on_autobahns_paths(self):
+        """The fast layer and Autobahn's own paths answer each close frame alike."""
+        for name, data in self.FRAMES:
+            self.assertEqual(self.close_with(True, data), self.close_with(False, data), name)
+
+    def test_the_fast_layer_takes_a_close_frame_itself(self):
+        """A well-formed close frame does not go through Autobahn's frame parser."""
+        net = Loopback(self)
+        proto, transport = _open(self, net.factory, "alice")
+        parsed = []
+        self.patch(websocket.WebSocketServerProtocol, "processData", lambda p: parsed.append(p))
+        proto.dataReceived(masked_frame(b"\x03\xe8", opcode=0x8))
+        self.assertEqual(parsed, [])
+        self.assertEqual(proto.remoteCloseCode, 1000)
+        self.assertTrue(transport.value().startswith(b"\x88\x02\x03\xe8"))

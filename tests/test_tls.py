@@ -678,3 +678,98 @@ class BareSSLTests(unittest.SynchronousTestCase):
         serverFromString(reactor, description).listen(Factory())
         [(port, _, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, backlog, interface), (8443, 7, "::1"))
+
+
+class TurnWritesTests(unittest.SynchronousTestCase):
+    """
+    The TLS layer of a bare ``ssl:`` port sends what one turn of the
+    reactor wrote to a connection together, as one write to TLS (one
+    record), when the turn ends.
+    """
+
+    def setUp(self):
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.task import Clock
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        self.clock = Clock()
+        self.factory = tls.ServerTLSFactory(
+            tls.ServerTLS(write_certificate(self.mktemp())),
+            Factory.forProtocol(Protocol),
+            clock=self.clock,
+        )
+        self.sent = []
+        self.patch(
+            TLSMemoryBIOProtocol, "write", lambda protocol, data: self.sent.append((protocol, data))
+        )
+        self.patch(
+            TLSMemoryBIOProtocol,
+            "loseConnection",
+            lambda protocol: self.sent.append((protocol, "lose")),
+        )
+
+    def connection(self):
+        return self.factory.buildProtocol(None)
+
+    def test_writes_of_one_turn_go_to_tls_as_one_when_it_ends(self):
+        """Three writes in one turn reach TLS as one write, in order, once the turn ends."""
+        protocol = self.connection()
+        protocol.write(b"one ")
+        protocol.writeSequence([b"two ", b"three"])
+        protocol.write(b" four")
+        self.assertEqual(self.sent, [])
+        self.clock.advance(0)
+        self.assertEqual(self.sent, [(protocol, b"one two three four")])
+        self.clock.advance(0)
+        self.assertEqual(len(self.sent), 1)
+
+    def test_connections_written_to_in_one_turn_share_one_timer(self):
+        """However many connections a turn writes to, one call sends them all."""
+        first, second = self.connection(), self.connection()
+        first.write(b"a")
+        second.write(b"b")
+        first.write(b"c")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0)
+        self.assertEqual(self.sent, [(first, b"ac"), (second, b"b")])
+
+    def test_a_turn_holds_back_at_most_one_record_of_writes(self):
+        """Writes that reach TURN_WRITES in one turn go to TLS at once."""
+        protocol = self.connection()
+        protocol.write(b"x" * (tls.TURN_WRITES - 1))
+        self.assertEqual(self.sent, [])
+        protocol.write(b"y")
+        self.assertEqual(self.sent, [(protocol, b"x" * (tls.TURN_WRITES - 1) + b"y")])
+        self.clock.advance(0)
+        self.assertEqual(len(self.sent), 1)
+
+    def test_what_a_closing_connection_holds_goes_before_the_close(self):
+        """loseConnection sends the turn's writes first."""
+        protocol = self.connection()
+        protocol.write(b"last words")
+        protocol.loseConnection()
+        self.assertEqual(self.sent, [(protocol, b"last words"), (protocol, "lose")])
+        self.clock.advance(0)
+        self.assertEqual(len(self.sent), 2)
+
+    def test_what_its_own_input_makes_it_write_goes_once_that_is_handled(self):
+        """
+        Writes a connection's own input causes go when that input is
+        handled, with any from earlier in the turn, without a timer.
+        """
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        protocol = self.connection()
+        other = self.connection()
+
+        def handle(tls_protocol, data):
+            tls_protocol.write(b"reply to " + data)
+            other.write(b"notice")
+            self.assertEqual(self.sent, [])
+
+        self.patch(TLSMemoryBIOProtocol, "dataReceived", handle)
+        protocol._first = False
+        protocol.dataReceived(b"HELLO")
+        self.assertEqual(self.sent, [(protocol, b"reply to HELLO")])
+        self.clock.advance(0)
+        self.assertEqual(self.sent, [(protocol, b"reply to HELLO"), (other, b"notice")])

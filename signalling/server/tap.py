@@ -520,7 +520,10 @@ def makeService(config, reactor=None):
     handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
-    log_observer = logs.json_observer() if config["log-format"] == "json" else None
+    if config["log-format"] == "json":
+        log_observer = logs.json_observer()
+    else:
+        log_observer = logs.twistd_text_observer(config)
     registry, backend = build_backend(config, reactor)
     stats = Stats()
     ports = _ports(config, reactor)
@@ -752,7 +755,9 @@ def _sites(config, ports, shared, turn_credentials):
         )
         factory = ws_factory
         if port.wrap:
-            factory = tls.ServerTLSFactory(shared.server_tls, ws_factory, shared.stats, shared.policy)
+            factory = tls.ServerTLSFactory(
+                shared.server_tls, ws_factory, shared.stats, shared.policy, shared.reactor
+            )
         listen.append((port.description, port.endpoint, factory))
     return listen, ws_factories
 

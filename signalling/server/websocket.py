@@ -29,10 +29,11 @@ import time
 from collections import deque
 
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.util import peer2str
+from autobahn.twisted.util import create_transport_details, peer2str
+from autobahn.wamp.types import TransportDetails
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
 from OpenSSL import SSL
@@ -48,6 +49,7 @@ from signalling.server.transport import TransportControl
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
 _CLOSING = WebSocketProtocol.STATE_CLOSING
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 #: Steps of reading one connection may take in one turn of the reactor
 #: before the others get theirs: Autobahn takes two for a frame (its header,
@@ -65,6 +67,8 @@ _BINARY = 2
 #: RSV bits): the only frames the fast receive path takes.
 _FIN_TEXT = 0x80 | _TEXT
 _FIN_BINARY = 0x80 | _BINARY
+#: ... and of a close frame, which the fast path takes when it comes first.
+_FIN_CLOSE = 0x80 | 8
 #: Payloads up to this size are unmasked with Python's big integers, which
 #: beat Autobahn's masker (a cffi object per frame) below a couple of KiB.
 _SMALL_UNMASK = 2048
@@ -185,6 +189,7 @@ _AUTOBAHN_DEFAULTS = {
     "wasOpenHandshakeTimeout": False,
     "wasCloseHandshakeTimeout": False,
     "wasServingFlashSocketPolicyFile": False,
+    "wasServerConnectionDropTimeout": False,
     "localCloseCode": None,
     "localCloseReason": None,
     "remoteCloseCode": None,
@@ -195,6 +200,7 @@ _AUTOBAHN_DEFAULTS = {
     "autoPingPending": None,
     "autoPingPendingSeq": 0,
     "autoPingPendingSent": None,
+    "autoPingPendingCall": None,
     "inside_message": False,
     "current_frame": None,
     "websocket_protocol_in_use": None,
@@ -655,18 +661,86 @@ class FastServerProtocol(ServerProtocol):
     # logging is on: about 4 % of the CPU of a call set-up, and part of every
     # read on the relay path. These overrides do the same work without them.
 
+    def __init__(self):
+        WebSocketServerProtocol.__init__(self)
+        # Autobahn's blank details, replaced by every connection (see
+        # _transport_details).
+        self.__dict__.pop("_transport_details_made", None)
+
     def dataReceived(self, data):
         self._dataReceived(data)
 
+    def connectionMade(self):
+        # Autobahn's, without its debug line (whose arguments it builds
+        # anyway), and with the transport's details made only if asked for
+        # (transport_details): every connection needs its peer, none of
+        # them the rest (over TLS, a channel id and the peer's certificate,
+        # read again once the handshake is done).
+        self.peer = peer2str(self.transport)
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:
+            # Not a TCP socket (a Unix socket, say): as Autobahn does.
+            pass
+        self._connectionMade()
+
     def _connectionMade(self):
-        WebSocketProtocol._connectionMade(self)
-        self.factory.countConnections += 1
+        # What Autobahn's _connectionMade sets that is not a class default
+        # here (_AUTOBAHN_DEFAULTS, the options and the UTF-8 validator
+        # made on use), without the copy of each option onto the
+        # connection and its pretty-printed debug line.
+        if self.trackTimings:
+            self.setTrackTimings(True)
+        self.trafficStats = TrafficStats()
+        self.state = WebSocketProtocol.STATE_CONNECTING
         self.send_queue = _SendQueue()
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        self.factory.countConnections += 1
         self._watch_output()
         if self.logFrames or self.logOctets or self.maskServerFrames:
             self._plain_writes = False
-        # Made on first use (a cffi object), and never by the fast path.
-        self.__dict__.pop("utf8validator", None)
+
+    @property
+    def _transport_details(self):
+        # Autobahn's details of the transport, made on first use (see
+        # connectionMade); kept once made.
+        details = self.__dict__.get("_transport_details_made")
+        if details is None:
+            details = create_transport_details(self.transport, self.is_server)
+            details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+            self.__dict__["_transport_details_made"] = details
+        return details
+
+    @_transport_details.setter
+    def _transport_details(self, details):
+        self.__dict__["_transport_details_made"] = details
+
+    def _onOpen(self):
+        # Autobahn's reads the TLS channel id and the peer's certificate
+        # into the transport's details here; they are made on use instead.
+        self.onOpen()
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Autobahn's, without its debug line's arguments, for the one case
+        # the server has: one write at once, nothing queued.
+        if chopsize or sync or self.send_queue.items or self.logOctets:
+            return WebSocketServerProtocol.sendData(self, data, sync, chopsize)
+        self.transport.write(data)
+        state = self.state
+        if state == _OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif state == _CONNECTING:
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+
+    def connectionLost(self, reason):
+        if isinstance(reason.value, SSL.Error):
+            return ServerProtocol.connectionLost(self, reason)
+        # Autobahn's adapter does no more for any other reason than this,
+        # and debug lines whose arguments it builds anyway.
+        self._connectionLost(reason)
 
     def _connectionLost(self, reason):
         self._cancel_timers()
@@ -784,8 +858,41 @@ class FastServerProtocol(ServerProtocol):
             if batch:
                 link.send_frames(batch)
         if not pos:
+            if self._close_frame():
+                return len(self.data) > 0
             return WebSocketServerProtocol.processData(self)
         return len(self.data) > 0
+
+    def _close_frame(self):
+        """
+        Take a complete, masked close frame at the front of the input (with
+        no payload, or a code and a reason) as Autobahn's ``processData``
+        and ``processControlFrame`` do, without a frame object, a masker
+        object and four calls: its code and reason go to ``onCloseFrame``,
+        which checks them. Anything else (a payload of one byte, a frame
+        not yet complete or over the frame size limit) is left to Autobahn.
+
+        :returns: whether it took one.
+        """
+        data = self.data
+        if len(data) < 6 or data[0] != _FIN_CLOSE:
+            return False
+        # Masked: the mask bit cleared leaves the length; unmasked: over 125.
+        length = data[1] ^ 0x80
+        if length > 125 or length == 1 or len(data) < 6 + length:
+            return False
+        frame_limit = self.maxFramePayloadSize
+        if 0 < frame_limit < length:
+            return False
+        code = reason = None
+        if length:
+            payload = _unmask(data[6 : 6 + length], data[2:6])
+            code = (payload[0] << 8) | payload[1]
+            if length > 2:
+                reason = payload[2:]
+        self.data = data[6 + length :]
+        self.onCloseFrame(code, reason)
+        return True
 
     def _batch_link(self):
         """
