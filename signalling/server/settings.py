@@ -35,7 +35,7 @@ DEFAULT_COMMAND_BURST = 2000
 DEFAULT_MAX_FRAGMENTS = 1024
 #: Seconds a connection on an auto port waits for a first message before it
 #: is taken for a JSON client and welcomed (plus three of its round trips).
-DEFAULT_DIALECT_WAIT = 0.5
+DEFAULT_DIALECT_WAIT = 2.0
 DEFAULT_DIALECT_MARGIN = 0.01
 #: Seconds the holder of a uid has to answer a ping when a new connection
 #: asks for its uid; 0: a taken uid is refused at once (as the original
