@@ -48,6 +48,15 @@ DIALECT_PING = b"dialect?"
 #: again, and how many times (then the connection is welcomed as JSON).
 DIALECT_RECHECK = 0.05
 DIALECT_RECHECKS = 100
+class _Switchable:
+    """What ``_choosing`` is while a connection welcomed for its silence may still switch."""
+
+    def cancel(self):
+        pass
+
+
+_SWITCHABLE = _Switchable()
+
 #: The metrics label of each close for a token.
 _TOKEN_LABELS = {TOKEN_EXPIRED: "expired", TOKEN_REVOKED: "revoked"}
 
@@ -63,13 +72,13 @@ class _Signalling:
     """
 
     connection = None
-    #: Starts the silent connection's dialect unless a first message chooses (auto ports).
+    #: On an auto port: the timer that starts the silent connection's
+    #: dialect unless a first message chooses (its arguments say whether
+    #: the dialect ping went, and when: ``(rechecks, pinged_at or None)``);
+    #: then :data:`_SWITCHABLE` from a welcome for silence to the first
+    #: message. One key of the connection's dictionary for all of it (a key
+    #: more can double the dictionary's size, for the connection's life).
     _choosing = None
-    #: When the dialect ping went (auto ports, until the dialect is chosen).
-    _pinged_at = None
-    #: True from a silent connection's welcome to its first message: one of
-    #: another dialect switches it (auto ports).
-    _switchable = False
     #: ``(payload, [Deferred], timer)`` while a probe waits for its pong.
     _probe = None
     #: Bytes written while the peer was not reading (output_blocked).
@@ -107,10 +116,11 @@ class _Signalling:
             )
         if dialect == AUTO:
             clock = factory.clock
+            pinged_at = None
             if self._client_host() not in factory.late_speakers:
-                self._pinged_at = clock.seconds()
+                pinged_at = clock.seconds()
                 self.sendPing(DIALECT_PING)
-            self._choosing = clock.callLater(settings.dialect_wait, self._waited, 0)
+            self._choosing = clock.callLater(settings.dialect_wait, self._waited, 0, pinged_at)
         else:
             self._begin(settings.dialects[dialect])
 
@@ -120,13 +130,13 @@ class _Signalling:
         connection is silent if nothing comes within the margin.
         """
         clock = self.factory.clock
-        rtt = clock.seconds() - self._pinged_at
-        self.__dict__.pop("_pinged_at", None)
-        self._choosing.cancel()
+        call = self._choosing
+        rtt = clock.seconds() - call.args[1]
+        call.cancel()
         margin = self.factory.settings.dialect_margin
-        self._choosing = clock.callLater(max(margin, rtt), self._waited, 0)
+        self._choosing = clock.callLater(max(margin, rtt), self._waited, 0, None)
 
-    def _waited(self, rechecks):
+    def _waited(self, rechecks, pinged_at):
         """
         The wait is over with no first message handled: begin the dialect
         whose clients wait for the server (JSON), unless input already came
@@ -136,18 +146,21 @@ class _Signalling:
         """
         if rechecks < DIALECT_RECHECKS and self.has_unread_input():
             self._choosing = self.factory.clock.callLater(
-                DIALECT_RECHECK, self._waited, rechecks + 1
+                DIALECT_RECHECK, self._waited, rechecks + 1, None
             )
             return
-        self._switchable = True
-        self._begin(self.factory.settings.dialects.for_silence)
+        self._begin(self.factory.settings.dialects.for_silence, switchable=True)
 
-    def _begin(self, dialect):
-        # Back to the class defaults: fewer keys in every connection's
-        # dictionary.
-        d = self.__dict__
-        d.pop("_choosing", None)
-        d.pop("_pinged_at", None)
+    def _begin(self, dialect, switchable=False):
+        """
+        Start the connection's logic in ``dialect``; ``switchable``: begun
+        for the connection's silence (its first message may switch it).
+        """
+        if switchable:
+            self._choosing = _SWITCHABLE
+        else:
+            # Back to the class default: one key fewer in the dictionary.
+            self.__dict__.pop("_choosing", None)
         self.connection = dialect.connection(self.factory, self)
         self.connection.opened()
 
@@ -161,8 +174,8 @@ class _Signalling:
             dialects = self.factory.settings.dialects
             self._begin(dialects.for_first_message(payload, isBinary) or dialects.for_silence)
             connection = self.connection
-        elif self._switchable:
-            self.__dict__.pop("_switchable", None)
+        elif self._choosing is _SWITCHABLE:
+            self.__dict__.pop("_choosing", None)
             connection = self._switch(connection, payload, isBinary)
         connection.received(payload, isBinary)
 
@@ -227,8 +240,9 @@ class _Signalling:
         return peer
 
     def onPong(self, payload):
-        if self._pinged_at is not None and payload == DIALECT_PING:
-            if self.connection is None and self._choosing is not None:
+        if payload == DIALECT_PING:
+            call = self._choosing
+            if self.connection is None and call is not None and call.args[1] is not None:
                 self._ponged()
             return
         probe = self._probe
