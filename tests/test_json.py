@@ -539,6 +539,31 @@ class DialectTests(unittest.TestCase):
         self.net.flush()
         self.assertEqual([obj(m)["type"] for m in quick.drain()], ["welcome"])
 
+    def test_a_connection_that_answered_pings_holds_nothing_more(self):
+        """
+        A producer on the auto port (it answered the dialect ping and a
+        keepalive ping) keeps the same attributes as one on a pinned path
+        that answered none: nothing of a parsed frame (its unmasking object,
+        its payload list) stays on the connection.
+        """
+        change_settings(self.net.factory, dialect_paths={"/json": "json"})
+        producers = []
+        for path in ("/", "/json"):
+            client = self.net.client(path=path)
+            self.net.deliver_bytes()
+            self.net.clock.advance(DIALECT_MARGIN)
+            self.net.flush()
+            self.assertEqual([obj(m)["type"] for m in client.drain()], ["welcome"])
+            client.send_text('{"type":"setPeerStatus","roles":["producer"],"meta":null}')
+            self.net.flush()
+            producers.append(client)
+        auto, pinned = (client.server for client in producers)
+        self.assertEqual(producers[0].dialect_pings, 1)
+        self.assertEqual(producers[1].dialect_pings, 0)
+        auto.sendPing(b"keepalive")
+        self.net.flush()
+        self.assertEqual(sorted(auto.__dict__), sorted(pinned.__dict__))
+
     def test_only_the_first_message_after_the_welcome_may_switch(self):
         """A JSON message first keeps the dialect: a HELLO after it is garbage, dropped."""
         client, _ = self.json_client()

@@ -129,12 +129,12 @@ class _Signalling:
         The dialect ping's pong came back before a first message: the
         connection is silent if nothing comes within the margin.
         """
-        clock = self.factory.clock
         call = self._choosing
-        rtt = clock.seconds() - call.args[1]
-        call.cancel()
-        margin = self.factory.settings.dialect_margin
-        self._choosing = clock.callLater(max(margin, rtt), self._waited, 0, None)
+        rtt = self.factory.clock.seconds() - call.args[1]
+        # The same timer, moved (a cancelled one would stay in the reactor's
+        # heap until its time, a peak's worth of them in memory).
+        call.args = (0, None)
+        call.reset(max(self.factory.settings.dialect_margin, rtt))
 
     def _waited(self, rechecks, pinged_at):
         """

@@ -272,6 +272,10 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
     _fragments = 0
     #: Continues reading in the next turn of the reactor (see consumeData).
     _next_turn_call = None
+    #: Autobahn's frame being parsed and a control frame's payload, between
+    #: frames (see onFrameEnd).
+    current_frame = None
+    control_frame_data = None
     #: The client address counted for this connection (limits), if any.
     counted_host = None
     #: What the policy counted at the upgrade (see signalling.server.policy.WEBSOCKET_COUNTED).
@@ -497,6 +501,23 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
     def onMessageBegin(self, isBinary):
         self._fragments = 0
         WebSocketServerProtocol.onMessageBegin(self, isBinary)
+
+    def onFrameEnd(self):
+        """
+        A frame Autobahn parsed has ended: let go of what Autobahn keeps of
+        it on the connection (the frame's unmasking object, the control
+        frame's payload list, the frame itself, all done with), so that an
+        idle connection that answered a ping holds no more than one that
+        did not.
+        """
+        result = WebSocketServerProtocol.onFrameEnd(self)
+        d = self.__dict__
+        d.pop("current_frame_masker", None)
+        # Back to the class defaults (None).
+        for name in ("control_frame_data", "current_frame"):
+            if name in d and d[name] is None:
+                del d[name]
+        return result
 
     def onMessageFrameBegin(self, length):
         """
