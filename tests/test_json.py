@@ -400,6 +400,20 @@ class DialectTests(unittest.TestCase):
         self.net.flush()
         return [obj(m) for m in client.drain()]
 
+    def welcomed_after(self, client, wait, early=0.0005):
+        """
+        ``client`` is sent nothing until ``wait`` more seconds have passed
+        (``early`` before them, nothing), then its welcome: :returns: it.
+        """
+        self.net.clock.advance(wait - early)
+        self.net.deliver_bytes()
+        self.assertEqual(client.drain(), [])
+        self.net.clock.advance(early)
+        self.net.flush()
+        [welcome] = [obj(m) for m in client.drain()]
+        self.assertEqual(welcome["type"], "welcome")
+        return welcome
+
     def test_a_silent_connection_is_welcomed_a_margin_after_its_pong(self):
         """
         The server pings a connection with its 101; one that sends nothing
@@ -409,14 +423,8 @@ class DialectTests(unittest.TestCase):
         client = self.net.client()
         self.net.deliver_bytes()
         self.assertEqual(client.dialect_pings, 1)
-        self.net.clock.advance(DIALECT_MARGIN - 0.0005)
-        self.net.deliver_bytes()
-        self.assertEqual(client.drain(), [])
-        self.net.clock.advance(0.0005)
-        self.net.flush()
-        [welcome] = [obj(m) for m in client.drain()]
+        welcome = self.welcomed_after(client, DIALECT_MARGIN)
         self.assertEqual(set(welcome), {"type", "peerId"})
-        self.assertEqual(welcome["type"], "welcome")
         self.assertEqual(len(welcome["peerId"]), 36)
 
     def test_the_margin_is_the_pongs_round_trip_when_that_is_longer(self):
@@ -429,22 +437,12 @@ class DialectTests(unittest.TestCase):
         self.net.clock.advance(0.2)
         client.sendPong(DIALECT_PING)
         self.net.deliver_bytes()
-        self.net.clock.advance(0.199)
-        self.net.deliver_bytes()
-        self.assertEqual(client.drain(), [])
-        self.net.clock.advance(0.001)
-        self.net.flush()
-        self.assertEqual([obj(m)["type"] for m in client.drain()], ["welcome"])
+        self.welcomed_after(client, 0.2, early=0.001)
 
     def test_a_silent_connection_that_answers_no_ping_is_welcomed_after_the_wait(self):
         """Without a pong, a silent connection is welcomed after the wait, and not before."""
         client = self.net.client(answer_pings=False)
-        self.net.clock.advance(DEFAULT_DIALECT_WAIT - 0.01)
-        self.net.deliver_bytes()
-        self.assertEqual(client.drain(), [])
-        self.net.clock.advance(0.01)
-        self.net.flush()
-        self.assertEqual([obj(m)["type"] for m in client.drain()], ["welcome"])
+        self.welcomed_after(client, DEFAULT_DIALECT_WAIT, early=0.01)
 
     def test_a_hello_before_or_with_the_pong_is_the_examples_dialect(self):
         """

@@ -99,10 +99,6 @@ def origin_allowed(origin, allowed, host, own_names):
     return host_name(netloc) in own_names
 
 
-#: What :meth:`HandshakePolicy.admit_upgrade` counted for a connection:
-#: ``(forwarded address key or None, counted among the WebSocket
-#: connections)``. The common answers are shared values, so that a
-#: connection holds no object of its own for them.
 #: How many client addresses :class:`LateSpeakers` keeps, and for how long (seconds).
 LATE_SPEAKERS = 4096
 LATE_SPEAKERS_TTL = 600.0
@@ -152,6 +148,10 @@ class LateSpeakers:
         return True
 
 
+#: What :meth:`HandshakePolicy.admit_upgrade` counted for a connection:
+#: ``(forwarded address key or None, counted among the WebSocket
+#: connections)``. The common answers are shared values, so that a
+#: connection holds no object of its own for them.
 NOTHING_COUNTED = (None, False)
 WEBSOCKET_COUNTED = (None, True)
 

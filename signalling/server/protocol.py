@@ -11,8 +11,8 @@ How long "silent" is, on an auto port: the server pings the client with its
 their open callback, which their WebSocket library calls on the ``101``,
 before or about when it answers the ping that follows it; a JSON client
 sends nothing. So a connection that said nothing by the pong plus a margin
-(the settings' ``dialect_margin``, 10 ms by default, or the round trip the pong measured when that is
-longer) is welcomed as JSON. The round trip is the application's, through any
+(the settings' ``dialect_margin``, 10 ms by default, or the round trip the
+pong measured when that is longer) is welcomed as JSON. The round trip is the application's, through any
 proxy, and it grows with a slow or loaded client, whose ``HELLO`` is late
 too. A client that answers no ping is welcomed after ``dialect_wait``. Should
 a first message of another dialect come after the welcome all the same (a
@@ -48,6 +48,8 @@ DIALECT_PING = b"dialect?"
 #: again, and how many times (then the connection is welcomed as JSON).
 DIALECT_RECHECK = 0.05
 DIALECT_RECHECKS = 100
+
+
 class _Switchable:
     """What ``_choosing`` is while a connection welcomed for its silence may still switch."""
 
@@ -117,7 +119,9 @@ class _Signalling:
         if dialect == AUTO:
             clock = factory.clock
             pinged_at = None
-            if self._client_host() not in factory.late_speakers:
+            late = factory.late_speakers
+            # (The client's address is worked out only when some spoke late.)
+            if not late or self._client_host() not in late:
                 pinged_at = clock.seconds()
                 self.sendPing(DIALECT_PING)
             self._choosing = clock.callLater(settings.dialect_wait, self._waited, 0, pinged_at)

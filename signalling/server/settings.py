@@ -33,8 +33,9 @@ DEFAULT_COMMAND_BURST = 2000
 #: Most fragments a message may come in, by default (a 1 MiB message in
 #: 1 KiB fragments; browsers and GStreamer send messages whole).
 DEFAULT_MAX_FRAGMENTS = 1024
-#: Seconds a connection on an auto port waits for a first message before it
-#: is taken for a JSON client and welcomed (plus three of its round trips).
+#: Seconds a silent connection on an auto port that answers no ping waits
+#: before it is welcomed as a JSON client; and the least time one that
+#: answered may still take to speak after its pong.
 DEFAULT_DIALECT_WAIT = 2.0
 DEFAULT_DIALECT_MARGIN = 0.01
 #: Seconds the holder of a uid has to answer a ping when a new connection
