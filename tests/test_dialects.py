@@ -109,8 +109,15 @@ class DialectTableTests(unittest.SynchronousTestCase):
     """The table itself."""
 
     def test_the_servers_table_names_its_dialects_in_the_order_they_are_tried(self):
-        """JSON is tried first (a JSON object), the examples' dialect takes the rest."""
-        self.assertEqual(DIALECTS.names, ("json", "examples"))
+        """
+        JSON is tried first (a JSON object), the examples' dialect takes the
+        rest; WHEP and WHIP are spoken over HTTP, never on a WebSocket.
+        """
+        self.assertEqual(DIALECTS.names, ("json", "examples", "whep", "whip"))
+        self.assertEqual(DIALECTS.websocket_names, ("json", "examples"))
+        self.assertEqual([d.http_prefix for d in DIALECTS.http], ["/whep/", "/whip/"])
+        self.assertIs(DIALECTS.for_http_path("/whep/cam"), DIALECTS["whep"])
+        self.assertIsNone(DIALECTS.for_http_path("/json"))
         self.assertIs(DIALECTS.for_first_message(b' {"type":"list"}', False), JSON)
         self.assertIs(DIALECTS.for_first_message(b"HELLO 1", False), EXAMPLES)
         self.assertIs(DIALECTS.for_first_message(b"{", True), EXAMPLES)
@@ -127,7 +134,7 @@ class DialectTableTests(unittest.SynchronousTestCase):
 
     def test_a_dialect_can_be_added_and_replaced(self):
         """with_dialect inserts where asked; replacing swaps the entry of that name."""
-        self.assertEqual(WITH_TINY.names, ("json", "tiny", "examples"))
+        self.assertEqual(WITH_TINY.websocket_names, ("json", "tiny", "examples"))
         self.assertIs(WITH_TINY.for_first_message(b"TINY a", False), TINY)
         other = dataclasses.replace(TINY, label="small")
         self.assertEqual(WITH_TINY.replacing(other)["tiny"].label, "small")

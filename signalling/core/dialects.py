@@ -6,11 +6,15 @@ rather than naming a dialect.
 - ``examples``: the protocol of GStreamer's webrtc examples (``HELLO``,
   ``SESSION``, ``ROOM``), :class:`signalling.core.connection.Connection`;
 - ``json``: the protocol of gst-plugins-rs (``webrtcsink``, ``webrtcsrc``,
-  ``gstwebrtc-api``), :class:`signalling.core.json_connection.JsonConnection`.
+  ``gstwebrtc-api``), :class:`signalling.core.json_connection.JsonConnection`;
+- ``whep`` and ``whip``: the HTTP ones, WHEP (watch a producer) and WHIP
+  (RFC 9725, publish), at ``/whep/`` and ``/whip/`` on every port:
+  :mod:`signalling.core.http_connections`, peers of the JSON dialect's part
+  of the registry driven by HTTP requests.
 
-On a port that speaks every dialect (``auto``), a connection's first message
-chooses: the first dialect in the table that recognises it, in the table's
-order; a connection that says nothing for a while is welcomed in the
+On a port that speaks every WebSocket dialect (``auto``), a connection's
+first message chooses: the first WebSocket dialect in the table that
+recognises it, in the table's order; a connection that says nothing for a while is welcomed in the
 dialect that waits for the server to speak first.
 """
 
@@ -18,6 +22,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from signalling.core.connection import Connection, examples_token_allows
+from signalling.core.http_connections import (
+    WhepSession,
+    WhipSession,
+    whep_token_allows,
+    whip_token_allows,
+)
 from signalling.core.interfaces import IExamplesRegistry, IJsonRegistry
 from signalling.core.json_connection import JsonConnection, json_token_allows
 
@@ -48,6 +58,10 @@ class Dialect:
     :ivar relay_kinds: ``(kind, messages, bytes)`` for each kind of message
         it relays: the ``kind`` label of the relay metrics, and the names of
         the counters its connections add to (on the server's ``Stats``).
+    :ivar http_prefix: None for a WebSocket dialect; for an HTTP one, the
+        path its resources live under on every port (``/whep/``): its
+        connection's class then takes ``begin``, ``trickle`` and ``end``
+        (:mod:`signalling.core.http_connections`).
     """
 
     name: str
@@ -59,6 +73,12 @@ class Dialect:
     label: str = field(default="")
     owns_part: bool = True
     relay_kinds: tuple = ()
+    http_prefix: str = None
+
+    @property
+    def over_websocket(self):
+        """Whether the dialect is spoken on a WebSocket (else over plain HTTP requests)."""
+        return self.http_prefix is None
 
     def __post_init__(self):
         if not self.label:
@@ -84,6 +104,13 @@ class DialectTable:
             raise ValueError("at most one dialect speaks first")
         #: The dialect a silent connection on an auto port gets, or None.
         self.speaks_first = first[0] if first else None
+        #: The dialects spoken on a WebSocket, in order, and the HTTP ones.
+        self.websocket = tuple(d for d in self._dialects if d.over_websocket)
+        self.http = tuple(d for d in self._dialects if not d.over_websocket)
+        if not self.websocket:
+            raise ValueError("a table needs a WebSocket dialect")
+        if any(d.speaks_first for d in self.http):
+            raise ValueError("an HTTP dialect does not speak first")
 
     def __iter__(self):
         return iter(self._dialects)
@@ -99,9 +126,14 @@ class DialectTable:
         """The dialects' names, in order."""
         return tuple(d.name for d in self._dialects)
 
+    @property
+    def websocket_names(self):
+        """The names of the dialects a WebSocket port or path may be pinned to, in order."""
+        return tuple(d.name for d in self.websocket)
+
     def for_first_message(self, payload, is_binary):
-        """:returns: the first dialect that recognises a first message, or None."""
-        for dialect in self._dialects:
+        """:returns: the first WebSocket dialect that recognises a first message, or None."""
+        for dialect in self.websocket:
             if dialect.recognises(payload, is_binary):
                 return dialect
         return None
@@ -109,7 +141,14 @@ class DialectTable:
     @property
     def for_silence(self):
         """The dialect a connection on an auto port that says nothing gets."""
-        return self.speaks_first or self._dialects[-1]
+        return self.speaks_first or self.websocket[-1]
+
+    def for_http_path(self, path):
+        """:returns: the HTTP dialect whose resources ``path`` (text) is under, or None."""
+        for dialect in self.http:
+            if path.startswith(dialect.http_prefix):
+                return dialect
+        return None
 
     def replacing(self, dialect):
         """:returns: a new table with ``dialect`` in place of the one of its name."""
@@ -136,6 +175,10 @@ def _anything(payload, is_binary):
     return True
 
 
+def _nothing(payload, is_binary):
+    return False
+
+
 JSON = Dialect(
     name="json",
     connection=JsonConnection,
@@ -157,7 +200,28 @@ EXAMPLES = Dialect(
     ),
 )
 
-#: The server's dialects: a first message that is a JSON object speaks the
-#: JSON dialect, anything else the examples' one (whose clients send HELLO
-#: at once), and a silent connection is a JSON client waiting for welcome.
-DIALECTS = DialectTable([JSON, EXAMPLES])
+WHEP = Dialect(
+    name="whep",
+    connection=WhepSession,
+    recognises=_nothing,
+    token_allows=whep_token_allows,
+    registry_part=IJsonRegistry,
+    owns_part=False,
+    http_prefix="/whep/",
+)
+WHIP = Dialect(
+    name="whip",
+    connection=WhipSession,
+    recognises=_nothing,
+    token_allows=whip_token_allows,
+    registry_part=IJsonRegistry,
+    owns_part=False,
+    http_prefix="/whip/",
+)
+
+#: The server's dialects: on a WebSocket, a first message that is a JSON
+#: object speaks the JSON dialect, anything else the examples' one (whose
+#: clients send HELLO at once), and a silent connection is a JSON client
+#: waiting for welcome; over HTTP, WHEP and WHIP (peers of the JSON
+#: dialect's part, counted with it).
+DIALECTS = DialectTable([JSON, EXAMPLES, WHEP, WHIP])

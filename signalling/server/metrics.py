@@ -49,6 +49,10 @@ class Stats:
         #: connections welcomed for their silence on an auto port whose
         #: first message then switched them, by the dialect they switched to.
         self.dialect_switches = {}
+        #: Responses of the HTTP dialects, by ``(dialect, status)``; their
+        #: open sessions, by dialect.
+        self.http_responses = {}
+        self.http_sessions = {}
 
     def error_sent(self, kind):
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -61,6 +65,16 @@ class Stats:
 
     def dialect_switched(self, dialect):
         self.dialect_switches[dialect] = self.dialect_switches.get(dialect, 0) + 1
+
+    def http_response(self, dialect, status):
+        key = (dialect, str(status))
+        self.http_responses[key] = self.http_responses.get(key, 0) + 1
+
+    def http_session_opened(self, dialect):
+        self.http_sessions[dialect] = self.http_sessions.get(dialect, 0) + 1
+
+    def http_session_closed(self, dialect):
+        self.http_sessions[dialect] -= 1
 
     def hello_rejected(self, kind):
         self.hello_rejections[kind] = self.hello_rejections.get(kind, 0) + 1
@@ -84,6 +98,7 @@ class SignallingCollector:
         self._endpoints = endpoints
         self._labels = {}
         self._relay_kinds = [kind for dialect in dialects for kind in dialect.relay_kinds]
+        self._http_labels = [dialect.label for dialect in dialects.http]
         for dialect in dialects:
             if dialect.owns_part:
                 self._labels[dialect.registry_part] = dialect.label
@@ -169,6 +184,22 @@ class SignallingCollector:
         for dialect, count in sorted(stats.dialect_switches.items()):
             switches.add_metric([dialect], count)
         yield switches
+        responses = CounterMetricFamily(
+            "signalling_http_responses",
+            "Responses of the HTTP dialects (WHEP, WHIP), by dialect and status.",
+            labels=["dialect", "status"],
+        )
+        for (dialect, status), count in sorted(stats.http_responses.items()):
+            responses.add_metric([dialect, status], count)
+        yield responses
+        http_sessions = GaugeMetricFamily(
+            "signalling_http_sessions",
+            "Open sessions of the HTTP dialects (WHEP viewers, WHIP streams), by dialect.",
+            labels=["dialect"],
+        )
+        for dialect in self._http_labels:
+            http_sessions.add_metric([dialect], stats.http_sessions.get(dialect, 0))
+        yield http_sessions
         yield CounterMetricFamily(
             "signalling_keepalive_timeouts",
             "Connections dropped because a pong did not come back in time.",

@@ -16,6 +16,7 @@ to it.
 import ipaddress
 from collections import OrderedDict
 
+from signalling.core.connection import take_token
 from signalling.core.dialects import AUTO
 from signalling.server.auth import TokenRefused
 from signalling.server.limits import REFUSED, parse_address
@@ -148,6 +149,57 @@ class LateSpeakers:
         return True
 
 
+#: How many client addresses :class:`RequestRates` keeps a bucket for.
+REQUEST_RATES = 4096
+
+
+class _Bucket:
+    __slots__ = ("_tokens", "_tokens_at", "_strikes")
+
+    def __init__(self):
+        self._tokens = None
+        self._tokens_at = 0.0
+        self._strikes = 0
+
+
+class RequestRates:
+    """
+    The request rate of the HTTP dialects, per client address: an address's
+    ``POST``, ``PATCH`` and ``DELETE`` requests draw on one bucket, as one
+    WebSocket connection's commands do (``command_rate`` a second,
+    ``command_burst`` at once: :func:`signalling.core.connection.take_token`).
+    The buckets of the :data:`REQUEST_RATES` addresses seen last are kept
+    (a forgotten one starts full again).
+
+    :param clock: an ``IReactorTime``.
+    :param settings: the :class:`signalling.server.settings.ServerSettings`.
+    """
+
+    def __init__(self, clock, settings, capacity=REQUEST_RATES):
+        self._clock = clock
+        self._settings = settings
+        self._capacity = capacity
+        self._buckets = OrderedDict()
+
+    def __len__(self):
+        return len(self._buckets)
+
+    def allows(self, key):
+        """:returns: whether a request from the address ``key`` may go on now."""
+        buckets = self._buckets
+        bucket = buckets.pop(key, None)
+        if bucket is None:
+            bucket = _Bucket()
+        buckets[key] = bucket
+        while len(buckets) > self._capacity:
+            buckets.popitem(last=False)
+        return take_token(bucket, self._clock, self._settings)
+
+    def retry_after(self):
+        """:returns: whole seconds until a refused address has a token again."""
+        return max(1, int(1.0 / self._settings.command_rate + 0.999))
+
+
 #: What :meth:`HandshakePolicy.admit_upgrade` counted for a connection:
 #: ``(forwarded address key or None, counted among the WebSocket
 #: connections)``. The common answers are shared values, so that a
@@ -235,26 +287,10 @@ class HandshakePolicy:
             :data:`WEBSOCKET_COUNTED`), to give back with :meth:`release_upgrade`.
         :raises Refused: 401, 403, 429 or 503.
         """
-        grant = None
         settings = self.settings
-        if self.auth is not None:
-            try:
-                grant = self.auth.check(token)
-            except TokenRefused as e:
-                self._stats.connection_refused("token_" + e.reason)
-                raise Refused(401, "A valid token is needed")
-            pinned = settings.dialect_for(path)
-            if pinned != AUTO and not settings.dialects[pinned].token_allows(grant):
-                # A valid token, for another dialect.
-                self._stats.connection_refused("token_not_allowed")
-                raise Refused(403, "The token does not allow this protocol")
-        allowed = settings.allowed_origins
-        if allowed:
-            origin = headers.get("origin")
-            host = headers.get("host", "")
-            if origin is not None and not origin_allowed(origin, allowed, host, self.server_names):
-                self._stats.connection_refused("origin")
-                raise Refused(403, "Origin not allowed")
+        pinned = settings.dialect_for(path)
+        grant = self._grant(token, None if pinned == AUTO else settings.dialects[pinned])
+        self._check_origin(headers)
         limits = self.limits
         if limits is None:
             return grant, NOTHING_COUNTED
@@ -267,6 +303,97 @@ class HandshakePolicy:
             self.release_upgrade((key, False))
             raise Refused(503, "Server full")
         return grant, WEBSOCKET_COUNTED if key is None else (key, True)
+
+    def _grant(self, token, dialect):
+        """
+        :returns: what ``token`` allows (None without tokens).
+        :raises Refused: 401 without a valid token; 403 for one that is not
+            for ``dialect`` (None: any).
+        """
+        if self.auth is None:
+            return None
+        try:
+            grant = self.auth.check(token)
+        except TokenRefused as e:
+            self._stats.connection_refused("token_" + e.reason)
+            raise Refused(401, "A valid token is needed")
+        if dialect is not None and not dialect.token_allows(grant):
+            # A valid token, for another dialect.
+            self._stats.connection_refused("token_not_allowed")
+            raise Refused(403, "The token does not allow this protocol")
+        return grant
+
+    def _check_origin(self, headers):
+        """:raises Refused: 403 for a page whose ``Origin`` may not use the server."""
+        allowed = self.settings.allowed_origins
+        if allowed:
+            origin = headers.get("origin")
+            host = headers.get("host", "")
+            if origin is not None and not origin_allowed(origin, allowed, host, self.server_names):
+                self._stats.connection_refused("origin")
+                raise Refused(403, "Origin not allowed")
+
+    def origin_allowed(self, origin, host):
+        """:returns: whether a page of ``origin`` may use the server (CORS), as for an upgrade."""
+        allowed = self.settings.allowed_origins
+        return not allowed or origin_allowed(origin, allowed, host, self.server_names)
+
+    # The HTTP dialects' sessions.
+
+    def client_key(self, host, forwarded):
+        """
+        :returns: what an HTTP request's client counts as (the forwarded
+            address behind a trusted proxy, else its own host), and whether
+            it is exempt from the per-address limit.
+        """
+        if forwarded is not None:
+            key = str(forwarded)
+            if self.limits is not None:
+                key = self.limits.key_of(key)
+            return key, False
+        if host is None:
+            return "unix", True
+        if self.limits is None:
+            return host, False
+        return self.limits.key_of(host), self.limits.exempt(host)
+
+    def admit_session(self, dialect, headers, token, key, exempt):
+        """
+        Decide a new session of an HTTP dialect (a WHEP or WHIP ``POST``):
+        as a WebSocket upgrade is decided, and counted as one (against the
+        client address and the server's total) for the session's life.
+
+        :param dialect: the :class:`signalling.core.dialects.Dialect`.
+        :param headers: the request's headers (lower-case names).
+        :param token: its token, or None.
+        :param key: its client's key, and whether that is ``exempt`` (see
+            :meth:`client_key`).
+        :returns: ``(grant, admission)``; give ``admission`` back with
+            :meth:`release_upgrade`.
+        :raises Refused: 401, 403, 429 or 503.
+        """
+        grant = self._grant(token, dialect)
+        self._check_origin(headers)
+        limits = self.limits
+        if limits is None:
+            return grant, NOTHING_COUNTED
+        counted = None
+        if not exempt:
+            if not limits.admit(key):
+                raise Refused(429, "Too many connections from your address")
+            counted = key
+        if not limits.admit_websocket():
+            self.release_upgrade((counted, False))
+            raise Refused(503, "Server full")
+        return grant, (counted, True)
+
+    def grant_of_request(self, token):
+        """
+        :returns: what the token of a request on an existing session allows
+            (None without tokens).
+        :raises Refused: 401 without a valid token.
+        """
+        return self._grant(token, None)
 
     def release_upgrade(self, admission):
         """Give back what :meth:`admit_upgrade` counted (``admission``: its pair)."""

@@ -38,6 +38,13 @@ DEFAULT_MAX_FRAGMENTS = 1024
 #: answered may still take to speak after its pong.
 DEFAULT_DIALECT_WAIT = 2.0
 DEFAULT_DIALECT_MARGIN = 0.01
+#: Seconds a WHEP ``POST`` waits for the producer's answer, by default.
+DEFAULT_ANSWER_TIMEOUT = 15.0
+#: Seconds without a new candidate after which a WHEP or WHIP answer goes
+#: out with the candidates gathered so far, by default.
+DEFAULT_CANDIDATE_WAIT = 0.2
+#: Seconds a WHIP ``POST`` waits for a consumer (and its answer), by default.
+DEFAULT_WHIP_WAIT = 30.0
 #: Seconds the holder of a uid has to answer a ping when a new connection
 #: asks for its uid; 0: a taken uid is refused at once (as the original
 #: server did), unless the newcomer's token names the uid.
@@ -87,6 +94,12 @@ class ServerSettings:
         open a WebSocket (besides the server's own); empty: any.
     :ivar reclaim_timeout: seconds a silent holder of a uid has to answer a
         ping before a ``HELLO`` for its uid takes it over (0: never).
+    :ivar answer_timeout: seconds a WHEP ``POST`` waits for the producer's
+        answer (then 504).
+    :ivar candidate_wait: seconds without a new candidate after which a
+        WHEP or WHIP answer goes out (the server cannot trickle them later).
+    :ivar whip_wait: seconds a WHIP ``POST`` waits for a consumer and its
+        answer (then 503).
     """
 
     keepalive: float = DEFAULT_KEEPALIVE
@@ -108,13 +121,16 @@ class ServerSettings:
     dialect_margin: float = DEFAULT_DIALECT_MARGIN
     allowed_origins: frozenset = frozenset()
     reclaim_timeout: float = DEFAULT_RECLAIM_TIMEOUT
+    answer_timeout: float = DEFAULT_ANSWER_TIMEOUT
+    candidate_wait: float = DEFAULT_CANDIDATE_WAIT
+    whip_wait: float = DEFAULT_WHIP_WAIT
 
     def __post_init__(self):
         if self.keepalive < MIN_KEEPALIVE:
             raise ValueError(f"keepalive must be at least {MIN_KEEPALIVE} s")
         for name in (self.dialect, *self.dialect_paths.values()):
-            if name != AUTO and name not in self.dialects:
-                raise ValueError(f"unknown dialect {name!r}")
+            if name != AUTO and name not in self.dialects.websocket_names:
+                raise ValueError(f"unknown dialect {name!r} (for a WebSocket)")
         setattr_ = object.__setattr__
         setattr_(self, "dialect_paths", MappingProxyType(dict(self.dialect_paths)))
         setattr_(
@@ -156,6 +172,9 @@ class ServerSettings:
             dialect_margin=config["dialect-margin"],
             allowed_origins=config["allowed-origin"],
             reclaim_timeout=config["reclaim-timeout"],
+            answer_timeout=config["answer-timeout"],
+            candidate_wait=config["candidate-wait"],
+            whip_wait=config["whip-wait"],
         )
 
 

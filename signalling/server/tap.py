@@ -72,7 +72,7 @@ _log_format.coerceDoc = "One of text, json."
 
 
 #: What --dialect may be: auto, or a dialect of the table.
-_PORT_DIALECTS = (AUTO, *DIALECTS.names)
+_PORT_DIALECTS = (AUTO, *DIALECTS.websocket_names)
 
 
 def _dialect(value):
@@ -265,6 +265,21 @@ class Options(usage.Options):
          "as the original server did; try 2. With --auth-secret, a token that "
          "names the uid takes it over at once either way.",
          _non_negative_float],
+        ["answer-timeout", None, _settings.DEFAULT_ANSWER_TIMEOUT,
+         "Seconds a WHEP POST (/whep/PRODUCER) waits for the producer's SDP "
+         "answer before it is answered 504 and the session ends.",
+         _positive(float)],
+        ["candidate-wait", None, _settings.DEFAULT_CANDIDATE_WAIT,
+         "WHEP and WHIP give the server no way to send candidates after its "
+         "answer: it waits until no new candidate came from the other side "
+         "for this many seconds (or it signals the end of its candidates) "
+         "and puts those it has into the answer.",
+         _positive(float)],
+        ["whip-wait", None, _settings.DEFAULT_WHIP_WAIT,
+         "Seconds a WHIP POST (/whip/NAME) waits for a consumer to start a "
+         "session with the stream and answer; then it is answered 503 with "
+         "Retry-After and the stream is removed.",
+         _positive(float)],
         ["dialect", None, AUTO,
          "The protocol the ports speak: examples (GStreamer's webrtc "
          "examples: HELLO, SESSION, ROOM), json (webrtcsink, webrtcsrc and "
@@ -400,8 +415,8 @@ class Options(usage.Options):
     def opt_dialect_path(self, pin):
         """PATH=DIALECT: connections that upgrade on this path (e.g. /webrtcsink=json or /=examples) speak that dialect (examples or json) from the start, with no wait. Repeatable."""
         path, sep, dialect = pin.rpartition("=")
-        if not sep or not path.startswith("/") or dialect not in DIALECTS:
-            choices = " or ".join(f"PATH={name}" for name in DIALECTS.names)
+        if not sep or not path.startswith("/") or dialect not in DIALECTS.websocket_names:
+            choices = " or ".join(f"PATH={name}" for name in DIALECTS.websocket_names)
             raise usage.UsageError(
                 f"--dialect-path: expected {choices} with PATH starting with /, not {pin!r}"
             )

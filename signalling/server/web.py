@@ -13,9 +13,11 @@ from urllib.parse import unquote
 from twisted.web import static
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from signalling.server.auth import TokenRefused
+from signalling.server.http_dialects import HttpDialectResource
+from signalling.server.policy import RequestRates
 from signalling.server.websocket import UpgradeResource
 
 #: The directory of the page's files, shipped in the package.
@@ -270,6 +272,15 @@ class SignallingRoot(Resource):
         self._page = PageResource(ice_servers, turn, policy)
         self._ice_servers = IceServersResource(ice_servers, turn, policy)
         self._files = _static_files()
+        rates = RequestRates(ws_factory.clock, ws_factory.settings)
+        #: ``(prefix, resource)`` of each HTTP dialect of the table (WHEP, WHIP).
+        self.http_dialects = [
+            (
+                dialect.http_prefix.encode("ascii"),
+                HttpDialectResource(dialect, ws_factory, ice_servers, turn, rates),
+            )
+            for dialect in ws_factory.settings.dialects.http
+        ]
 
     def getChildWithDefault(self, path, request):
         upgrade = request.getHeader(b"upgrade")
@@ -283,6 +294,9 @@ class SignallingRoot(Resource):
             return self._ice_servers
         if request.path in self._files:
             return self._files[request.path]
+        for prefix, resource in self.http_dialects:
+            if request.path.startswith(prefix):
+                return resource
         return NoResource()
 
 
@@ -346,6 +360,47 @@ class PageChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
 
 
+class PageRequest(Request):
+    """
+    A request with a bounded body: one that says (``Content-Length``) or
+    turns out (chunked) to be larger than the site's ``max_body`` is
+    answered ``413`` and its connection closed, before more of it is kept.
+    """
+
+    _body_bytes = 0
+    _too_large = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.channel.site.max_body:
+            self._refuse_body()
+            length = 0
+        Request.gotLength(self, length)
+
+    def handleContentChunk(self, data):
+        if self._too_large:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > self.channel.site.max_body:
+            self._refuse_body()
+            return
+        Request.handleContentChunk(self, data)
+
+    def _refuse_body(self):
+        if self._too_large:
+            return
+        self._too_large = True
+        channel = self.channel
+        channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: 24\r\nConnection: close\r\n\r\nThe body is too large.\r\n"
+        )
+        channel.loseConnection()
+
+    def process(self):
+        if not self._too_large:
+            Request.process(self)
+
+
 class PagesSite(Site):
     """
     The site of a port's pages, on the WebSocket factory's clock.
@@ -356,14 +411,20 @@ class PagesSite(Site):
         and may take to send one request whole.
     :param close_timeout: seconds a connection closed for its timeout may
         take to go before it is aborted.
+    :param max_body: the largest request body taken, in bytes (413 past it).
     """
 
     protocol = PageChannel
 
-    def __init__(self, root, clock, timeout=DEFAULT_HTTP_TIMEOUT, close_timeout=5.0):
-        super().__init__(root, timeout=timeout, reactor=clock)
+    def __init__(
+        self, root, clock, timeout=DEFAULT_HTTP_TIMEOUT, close_timeout=5.0, max_body=1024 * 1024
+    ):
+        super().__init__(root, timeout=timeout, reactor=clock, requestFactory=PageRequest)
         self.request_timeout = timeout
         self.close_timeout = close_timeout
+        #: The largest request body taken (``--max-message-size``: an SDP
+        #: offer is no larger than a message that could carry it).
+        self.max_body = max_body
         self.noisy = False
 
     def buildProtocol(self, addr):
@@ -388,5 +449,6 @@ def with_pages(
         ws_factory.clock,
         timeout,
         ws_factory.settings.close_timeout,
+        ws_factory.settings.max_message,
     )
     return ws_factory
