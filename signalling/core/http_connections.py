@@ -114,12 +114,13 @@ class _HttpSession(JsonConnection):
         self.name = name
         self._offer = offer
         self._mids = sdp.sections(offer)
-        self._result = defer.Deferred()
+        result = self._result = defer.Deferred()
         self._deadline = self._shared.clock.callLater(
             self._answer_timeout(), self._timed_out
         )
         self.opened()
-        return self._result
+        # (Already fired, when refused at once.)
+        return result
 
     def trickle(self, candidates):
         """

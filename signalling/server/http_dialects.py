@@ -205,10 +205,7 @@ class HttpDialectResource(Resource):
     def render(self, request):
         try:
             self._cors(request)
-            body = self._route(request)
-            if body is not NOT_DONE_YET:
-                self._count(request.code)
-            return body
+            return self._route(request)
         except Refusal as refusal:
             return self._refusal(request, refusal)
         except Exception:
@@ -271,24 +268,28 @@ class HttpDialectResource(Resource):
         factory.connections.add(session)
         session.start(factory.clock)
         self.stats.http_session_opened(self.dialect.label)
+        state = _Waiting()
+
+        def gone(_):
+            # A client that goes before its answer ends its session.
+            state.gone = True
+            if not state.answered:
+                session.connection.end()
+
+        request.notifyFinish().addErrback(gone)
         d = session.connection.begin(name, offer)
-        finished = request.notifyFinish()
-        answered = []
         d.addCallbacks(
-            self._created, self._refused, callbackArgs=(request, session, answered),
-            errbackArgs=(request, answered),
+            self._created, self._refused, callbackArgs=(request, session, state),
+            errbackArgs=(request, state),
         )
-        d.addErrback(self._failed, request, session)
-        # A client that goes before its answer ends its session.
-        finished.addErrback(lambda _: None if answered else session.connection.end())
+        d.addErrback(self._failed, request, session, state)
         return NOT_DONE_YET
 
-    def _created(self, answer, request, session, answered):
-        answered.append(True)
-        self._count(201)
-        if request.finished or request._disconnected:
+    def _created(self, answer, request, session, state):
+        state.answered = True
+        if state.gone:
             return
-        request.setResponseCode(201)
+        self._status(request, 201)
         request.setHeader(b"content-type", SDP)
         request.setHeader(b"location", session.location)
         request.setHeader(b"accept-patch", SDPFRAG)
@@ -299,16 +300,16 @@ class HttpDialectResource(Resource):
         request.write(answer.encode("utf-8"))
         request.finish()
 
-    def _refused(self, failure, request, answered):
+    def _refused(self, failure, request, state):
         failure.trap(Refusal)
-        answered.append(True)
-        if request.finished or request._disconnected:
+        state.answered = True
+        if state.gone:
             return
         body = self._refusal(request, failure.value)
         request.write(body)
         request.finish()
 
-    def _failed(self, failure, request, session):
+    def _failed(self, failure, request, session, state):
         _log.failure(
             "unexpected error in a {dialect} session from {peer}",
             failure,
@@ -316,7 +317,8 @@ class HttpDialectResource(Resource):
             peer=session.peer_addr,
         )
         session.over()
-        if not (request.finished or request._disconnected):
+        if not (state.gone or request.finished):
+            state.answered = True
             request.write(self._refusal(request, Refusal(500, "internal error")))
             request.finish()
 
@@ -327,12 +329,13 @@ class HttpDialectResource(Resource):
         connection = session.connection
         candidates, _ = sdp.fragment_candidates(request.content.read(), connection._mids)
         connection.trickle(candidates)
-        request.setResponseCode(204)
+        self._status(request, 204)
         return b""
 
     def _delete(self, request, session):
         self._session_request(request)
         session.connection.end()
+        self._status(request, 200)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"The session ended.\n"
 
@@ -347,7 +350,7 @@ class HttpDialectResource(Resource):
             raise Refusal(e.status, e.text)
 
     def _options(self, request, methods):
-        request.setResponseCode(204)
+        self._status(request, 204)
         request.setHeader(b"allow", methods)
         if methods is _COLLECTION_METHODS:
             request.setHeader(b"accept-post", SDP)
@@ -399,8 +402,7 @@ class HttpDialectResource(Resource):
 
     def _refusal(self, request, refusal):
         status = refusal.status
-        self._count(status)
-        request.setResponseCode(status)
+        self._status(request, status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         if status == 401:
@@ -417,7 +419,9 @@ class HttpDialectResource(Resource):
             )
         return (clip(refusal.text) + "\n").encode("utf-8")
 
-    def _count(self, status):
+    def _status(self, request, status):
+        """Answer with ``status``, counted by dialect."""
+        request.setResponseCode(status)
         self.stats.http_response(self.dialect.label, status)
 
     def session_over(self, session):
@@ -436,6 +440,16 @@ class HttpDialectResource(Resource):
             name=quote(connection.name),
             cause=connection.cause or "ended",
         )
+
+
+class _Waiting:
+    """A ``POST`` that waits: whether it was answered, and whether its client went."""
+
+    __slots__ = ("answered", "gone")
+
+    def __init__(self):
+        self.answered = False
+        self.gone = False
 
 
 def _path_name(segment):
