@@ -58,6 +58,22 @@ _STATUS_OF_KIND = {
 }
 
 
+def _fields(message):
+    """
+    :returns: the fields of a ``peer`` message the registry hands over: as
+        parsed here, or parsed from its text when it came from another
+        cluster node (which forwards the frame as it came); None for what
+        does not parse as a ``peer`` message.
+    """
+    if message.fields is not None:
+        return message.fields
+    try:
+        parsed = json_wire.parse(message.raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+    return parsed.fields if parsed is not None and parsed.type == "peer" else None
+
+
 def whep_token_allows(grant):
     """:returns: whether a token lets its holder watch: its ``roles`` (if any) hold consumer."""
     return grant.allows_roles([json_wire.CONSUMER])
@@ -334,8 +350,8 @@ class WhepSession(_HttpSession):
         self._say({"type": "endSession", "sessionId": session_id})
 
     def json_peer_message(self, message):
-        fields = message.fields
-        if fields["sessionId"] != self.session_id:
+        fields = _fields(message)
+        if fields is None or fields["sessionId"] != self.session_id:
             return
         if "sdp" in fields:
             description = fields["sdp"]
@@ -408,8 +424,8 @@ class WhipSession(_HttpSession):
         """A WHIP publisher consumes nothing."""
 
     def json_peer_message(self, message):
-        fields = message.fields
-        if fields["sessionId"] != self.session_id:
+        fields = _fields(message)
+        if fields is None or fields["sessionId"] != self.session_id:
             return
         if "sdp" in fields:
             # The registry passes no offer from a consumer.

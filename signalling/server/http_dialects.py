@@ -208,6 +208,8 @@ class HttpDialectResource(Resource):
             return self._route(request)
         except Refusal as refusal:
             return self._refusal(request, refusal)
+        except sdp.BadSdp as e:
+            return self._refusal(request, Refusal(400, str(e)))
         except Exception:
             _log.failure(
                 "unexpected error on a {dialect} request from {peer}",
