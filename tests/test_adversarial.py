@@ -65,6 +65,7 @@ from tests.certificates import write_certificate
 from tests.clients import WAIT, RawClient, eventually, frame
 from tests.servers import ProcessMixin, client_endpoint, client_factory
 from tests.test_abuse import Flooder, rss
+from tests.test_whep import OFFER
 
 #: What --max-output-buffer is in these tests (bytes).
 MAX_OUTPUT = 262144
@@ -92,6 +93,14 @@ LOG_PER_REQUEST = 8 * 1024
 SECRET = b"adversarial-secret-" + b"s" * 32
 #: The longest reply that counts as short (one that echoes ~256 characters).
 SHORT = 1024
+
+
+async def eventually_response(client):
+    """:returns: what a raw client received once the server answered and closed (or it dropped)."""
+    await eventually(lambda: b"\r\n\r\n" in client.received or client.is_lost, "an answer", WAIT)
+    if not client.is_lost:
+        client.transport.loseConnection()
+    return client.received
 
 
 def message(**fields):
@@ -692,6 +701,76 @@ class TransportCases(ProcessMixin):
         await self.check_aftermath()
 
 
+    # W. The HTTP dialects (WHEP, WHIP).
+
+    async def http(self, node, data):
+        """:returns: a raw client of ``node`` that sent ``data`` (an HTTP request)."""
+        client = await self.endpoint(node).connect(Factory.forProtocol(RawClient))
+        self.raw_clients.append(client)
+        client.transport.write(data)
+        return client
+
+    def whep_post(self, name, body, length=None, extra=b""):
+        """:returns: the bytes of a WHEP ``POST`` of ``body``."""
+        length = len(body) if length is None else length
+        if self.auth:
+            extra += b"Authorization: Bearer " + mint(SECRET, 600).encode() + b"\r\n"
+        return (
+            b"POST /whep/" + name + b" HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/sdp\r\nContent-Length: " + str(length).encode()
+            + b"\r\n" + extra + b"\r\n" + body
+        )
+
+    async def test_whep_posts_that_wait_hold_little_and_end_with_their_clients(self):
+        """
+        200 WHEP viewers ask a producer (on the other node) that never
+        answers: each waits on its own session, the servers' memory stays
+        within bounds, the producer is asked 200 times; when the viewers go,
+        every session ends (the producer hears each end) and nothing is
+        left in the registry.
+        """
+        count = 200
+        producer, _ = await self.producer(self.target, meta={"name": "silent"})
+        self.watch_rss()
+        offer = OFFER.encode()
+        viewers = [await self.http(self.attacker, self.whep_post(b"silent", offer)) for _ in range(count)]
+        starts = await producer.take(count, timeout=30)
+        self.assertEqual({json.loads(m)["type"] for m in starts}, {"startSession"})
+        for viewer in viewers:
+            viewer.transport.abortConnection()
+        ends = await producer.take(count, timeout=30)
+        self.assertEqual({json.loads(m)["type"] for m in ends}, {"endSession"})
+        self.assertEqual(
+            {json.loads(m)["sessionId"] for m in ends},
+            {json.loads(m)["sessionId"] for m in starts},
+        )
+        await self.check_aftermath(abusers=1)
+        answer = await self.assert_silent(producer)
+        self.assertIn({"name": "silent"}, [p["meta"] for p in answer["producers"]])
+
+    async def test_an_oversized_http_body_is_refused_before_it_is_kept(self):
+        """
+        A WHEP offer that says it is 50 MB, and one that is sent chunked
+        without end: 413 and the connection closed, the memory untouched.
+        """
+        self.watch_rss()
+        declared = await self.http(self.attacker, self.whep_post(b"x", b"", length=50 * 2**20))
+        self.assertIn(b" 413 ", (await declared.response()).split(b"\r\n")[0])
+        chunked = await self.http(
+            self.attacker,
+            b"POST /whep/x HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/sdp\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+        )
+        chunk = b"10000\r\n" + b"v" * 0x10000 + b"\r\n"
+        for _ in range(40):
+            if chunked.is_lost:
+                break
+            chunked.transport.write(chunk)
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertIn(b" 413 ", (await chunked.response()).split(b"\r\n")[0])
+        await self.check_aftermath()
+
+
 class AdversarialCases(TransportCases):
     """
     Every case: those of :class:`TransportCases` and those about the
@@ -790,6 +869,34 @@ class AdversarialCases(TransportCases):
                 lambda: f"{uid}-{node}" in self.servers[node][0].output, f"{uid} logged"
             )
             client.close()
+
+    async def test_huge_whep_names_bodies_and_fragments_are_answered_short(self):
+        """
+        WHEP and WHIP requests with a name of 100 KB, an offer of 1 MB of
+        one line, a fragment of 1 MB of candidates for no section: each is
+        answered with a short refusal, and the logs grow by far less.
+        """
+        await self.until_logged("before-w")
+        self.watch_rss()
+        logged = self.log_size()
+        requests = [
+            self.whep_post(b"n" * 100_000, OFFER.encode()),
+            self.whep_post(b"cam", b"v=0\r\nm=" + b"x" * 1_000_000),
+            self.whep_post(b"cam", b"v=0\r\n" + b"a=\x01\r\n" * 100_000),
+            self.whep_post(b"cam", b"{" * 1_000_000).replace(b"application/sdp", b"application/json"),
+            b"PATCH /whep/cam/nosuch HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            b"application/trickle-ice-sdpfrag\r\nContent-Length: 1000000\r\n\r\n"
+            + b"a=candidate:" + b"9" * 999_988,
+        ]
+        for request in requests:
+            client = await self.http(self.attacker, request + b"")
+            response = await eventually_response(client)
+            status = int(response.split(b" ", 2)[1])
+            self.assertIn(status, (400, 404, 414, 415, 431), response[:200])
+            self.assertLess(len(response), 2 * SHORT, response[:300])
+        await self.until_logged("after-w")
+        self.assertLess(self.log_size() - logged, len(requests) * LOG_PER_REQUEST)
+        await self.check_aftermath(settled=True)
 
     async def test_a_huge_json_peer_id_is_echoed_short_in_the_reply_and_the_log(self):
         """
