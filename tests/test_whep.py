@@ -22,6 +22,7 @@ from signalling.core.dialects import DIALECTS
 from signalling.server.auth import TokenKeys, mint
 from signalling.server.http_dialects import HttpDialectResource, HttpSession, link_headers
 from signalling.server.limits import ConnectionLimits
+from signalling.server.metrics import SignallingCollector
 from signalling.server.settings import DEFAULT_DIALECT_WAIT
 from tests import backends
 from tests.servers import Loopback
@@ -321,6 +322,32 @@ class SessionsMixin:
         self.assertEqual(len(self.whep.sessions), 1)
         self.assertEqual(self.factory.stats.http_sessions["whep"], 1)
         self.assertEqual(self.factory.stats.http_responses[("whep", "201")], 1)
+
+    def test_the_metrics_count_responses_and_open_sessions_by_dialect(self):
+        """``signalling_http_responses_total`` by dialect and status; open sessions by dialect."""
+        producer, _ = self.producer("cam")
+        self.post(self.whep, b"/whep/nobody")
+        request = self.post(self.whep, b"/whep/cam")
+        self.answer(producer, self.started(producer)["sessionId"])
+        self.assertEqual(request.responseCode, 201)
+        collector = SignallingCollector(
+            self.factory.stats, self.net.registry, [], self.factory.settings.dialects
+        )
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in collector.collect()
+            for sample in family.samples
+        }
+        self.assertEqual(
+            samples[("signalling_http_responses_total", (("dialect", "whep"), ("status", "404")))], 1
+        )
+        self.assertEqual(
+            samples[("signalling_http_responses_total", (("dialect", "whep"), ("status", "201")))], 1
+        )
+        self.assertEqual(samples[("signalling_http_sessions", (("dialect", "whep"),))], 1)
+        self.assertEqual(samples[("signalling_http_sessions", (("dialect", "whip"),))], 0)
+        # A WHEP viewer is a JSON peer, counted with them.
+        self.assertEqual(samples[("signalling_peers", (("dialect", "json"),))], 2)
 
     def test_a_producer_is_found_by_its_id_too(self):
         producer, producer_id = self.producer("cam")

@@ -251,7 +251,7 @@ class HttpDialectResource(Resource):
             raise Refusal(415, "the offer must be application/sdp")
         offer = sdp.check_offer(request.content.read())
         policy = factory.policy
-        key, exempt = self._client(request)
+        key, exempt, client = self._client(request)
         if not self._rates.allows(key):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
@@ -260,7 +260,7 @@ class HttpDialectResource(Resource):
             )
         except Refused as e:
             raise Refusal(e.status, e.text, retry_after=5 if e.status == 503 else None)
-        session = HttpSession(self, _client_text(request), grant, admission)
+        session = HttpSession(self, client, grant, admission)
         session.connection = self.dialect.connection(factory, session)
         session.location = (
             self._prefix + url_quote(name, safe="").encode("ascii") + b"/"
@@ -343,7 +343,7 @@ class HttpDialectResource(Resource):
 
     def _session_request(self, request):
         """A request on a session: within the rate, and with a valid token when they are needed."""
-        key, _ = self._client(request)
+        key, _, _ = self._client(request)
         if not self._rates.allows(key):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
@@ -383,7 +383,11 @@ class HttpDialectResource(Resource):
         request.setHeader(b"access-control-max-age", b"600")
 
     def _client(self, request):
-        """:returns: the request's client key and whether it is exempt (see the policy)."""
+        """
+        :returns: the request's client key, whether it is exempt (see the
+            policy), and its address for the log (the forwarded one behind a
+            trusted proxy).
+        """
         policy = self._factory.policy
         address = request.getClientAddress()
         host = getattr(address, "host", None)
@@ -394,7 +398,8 @@ class HttpDialectResource(Resource):
             )
         except Refused as e:
             raise Refusal(e.status, e.text)
-        return policy.client_key(host, forwarded)
+        key, exempt = policy.client_key(host, forwarded)
+        return key, exempt, (_client_text(request) if forwarded is None else str(forwarded))
 
     def _ice_for(self, session):
         servers = list(self._ice_servers)
