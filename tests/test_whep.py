@@ -19,6 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from signalling.core import sdp
 from signalling.core.dialects import DIALECTS
+from signalling.core.http_connections import WhepSession
 from signalling.server.auth import TokenKeys, mint
 from signalling.server.http_dialects import HttpDialectResource, HttpSession, link_headers
 from signalling.server.limits import ConnectionLimits
@@ -443,23 +444,39 @@ class SessionsMixin:
         self.assertEqual(self.whep.sessions, {})
         self.assertEqual([c for c in self.factory.connections if isinstance(c, HttpSession)], [])
 
-    def test_candidates_patched_before_the_session_started_follow_it(self):
+    def test_candidates_given_before_the_session_started_follow_its_start(self):
         """
-        A client may PATCH as soon as it has the Location, which it has with
-        the answer only; a PATCH racing its own POST's session set-up is
-        kept and sent once the session exists.
+        Candidates a WHIP publisher's session gets before a consumer came
+        are kept, and sent to the consumer after the offer.
         """
-        producer, _ = self.producer()
+        request = self.post(self.whip, b"/whip/studio")
+        [session] = self.whip.sessions.values()
+        session.connection.trickle([(1, CANDIDATE_2)])
+        [producer_id] = self.producer_ids()
+        consumer, _ = self.json_client()
+        consumer.send_text(json.dumps({"type": "startSession", "peerId": producer_id}))
+        started, offer, ice = self.received(consumer)
+        self.assertEqual(offer["sdp"]["type"], "offer")
+        self.assertEqual(ice["ice"], {"candidate": CANDIDATE_2, "sdpMLineIndex": 1})
+        self.assertFalse(request.finished)
+
+    def test_a_producers_answer_that_overtakes_session_started_is_taken(self):
+        """
+        The producer's answer may reach the viewer before ``sessionStarted``
+        (a cluster delivers what two peers cause in any order): it names
+        the session, and is the answer.
+        """
+        held = []
+        self.patch(WhepSession, "json_session_started", lambda self, *args: held.append(args))
+        producer, producer_id = self.producer()
         request = self.post(self.whep, b"/whep/cam")
         session_id = self.started(producer)["sessionId"]
-        self.answer(producer, session_id)
-        connection = next(iter(self.whep.sessions.values())).connection
+        self.answer(producer, session_id, CANDIDATE)
         self.assertEqual(request.responseCode, 201)
-        # The session exists: candidates go at once.
-        connection.trickle([(1, CANDIDATE_2)])
-        self.assertEqual(
-            [m["ice"]["sdpMLineIndex"] for m in self.received(producer)], [1]
-        )
+        self.assertIn(CANDIDATE, request.body.decode())
+        self.assertEqual(held, [(producer_id, session_id)])
+        [session] = self.whep.sessions.values()
+        self.assertEqual(session.connection.session_id, session_id)
 
     def test_a_producer_that_leaves_ends_its_whep_sessions(self):
         producer, _ = self.producer()

@@ -334,16 +334,25 @@ class WhepSession(_HttpSession):
         self._say({"type": "startSession", "peerId": match[0], "offer": self._offer})
 
     def json_session_started(self, peer_id, session_id):
-        if self.session_id is None:
-            self.session_id = session_id
-            self._log.info(
-                "WHEP session {session_id} of {uid} from {peer_addr} with producer {peer_id}",
-                session_id=session_id,
-                uid=self.uid,
-                peer_addr=self._output.peer_addr,
-                peer_id=peer_id,
-            )
-            self._flush_early()
+        self._adopt(session_id)
+
+    def _adopt(self, session_id):
+        """
+        The session exists: from ``sessionStarted``, or from the producer's
+        first message when that overtakes it (a cluster delivers what two
+        peers cause in any order; the viewer is in one session only).
+        """
+        if self.session_id is not None:
+            return
+        self.session_id = session_id
+        self._log.info(
+            "WHEP session {session_id} of {uid} from {peer_addr} with {name}",
+            session_id=session_id,
+            uid=self.uid,
+            peer_addr=self._output.peer_addr,
+            name=quote(self.name),
+        )
+        self._flush_early()
 
     def json_start_session(self, peer_id, session_id, offer):
         """A WHEP viewer produces nothing: a session asked of it ends at once."""
@@ -351,7 +360,10 @@ class WhepSession(_HttpSession):
 
     def json_peer_message(self, message):
         fields = _fields(message)
-        if fields is None or fields["sessionId"] != self.session_id:
+        if fields is None:
+            return
+        self._adopt(fields["sessionId"])
+        if fields["sessionId"] != self.session_id:
             return
         if "sdp" in fields:
             description = fields["sdp"]
