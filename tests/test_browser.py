@@ -28,7 +28,7 @@ import ipaddress
 import json
 import os
 import shutil
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from twisted.trial.unittest import TestCase
 
@@ -69,6 +69,48 @@ def _pages_unavailable():
 def _peer_expression(uid):
     """:returns: JavaScript for the page's stats of the peer ``uid`` (None: the caller)."""
     return f"callPage.peers().find((p) => p.uid === {json.dumps(uid)})"
+
+
+#: A short SDP description with one media section, as an offer and as an answer.
+_SDP = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+    "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n"
+)
+_OFFER = _SDP + "a=recvonly\r\n"
+_ANSWER = _SDP + "a=sendonly\r\n"
+
+#: JavaScript: a function of a meta that connects a producer of the JSON
+#: protocol from the page (a WebSocket of its own), which answers every
+#: offer a session brings with :data:`_ANSWER` and counts them; it resolves
+#: to the producer's id once welcomed.
+_FAKE_PRODUCER = """(meta) => new Promise((resolve, reject) => {
+  const scheme = location.protocol === 'https:' ? 'wss://' : 'ws://';
+  const ws = new WebSocket(scheme + location.host + '/');
+  ws.offers = 0;
+  (window.fakeProducers = window.fakeProducers || []).push(ws);
+  ws.onerror = () => reject(new Error('the producer could not connect'));
+  ws.onmessage = (event) => {
+    const m = JSON.parse(event.data);
+    if (m.type === 'welcome') {
+      ws.send(JSON.stringify({type: 'setPeerStatus', roles: ['producer'], meta: meta}));
+      resolve(m.peerId);
+    } else if (m.type === 'startSession' && m.offer) {
+      ws.offers += 1;
+      ws.send(JSON.stringify({type: 'peer', sessionId: m.sessionId,
+                              sdp: {type: 'answer', sdp: %s}}));
+    }
+  };
+})""" % json.dumps(_ANSWER)
+
+
+def _shown_whep_url(producer_id):
+    """:returns: JavaScript for the WHEP URL the page shows with a producer (null: none)."""
+    return (
+        "(() => { const item = [...document.querySelectorAll('#producer-list li')]"
+        f".find((li) => li.dataset.producerId === {json.dumps(producer_id)}); "
+        "if (!item) return null; const code = item.querySelector('.whep-url'); "
+        "return code ? code.textContent : ''; })()"
+    )
 
 
 def _received_video_frames(gst):
@@ -121,6 +163,10 @@ class BrowserTestsMixin(_interop.InteropMixin):
         page = await self.browser.open(self.page_url(**query), label)
         await page.wait_for("callPage.registered", f"{label} to register", timeout=15)
         return page
+
+    def whep_url(self, name):
+        """:returns: the WHEP URL naming ``name`` (a producer's name or id) on the test's server."""
+        return self.page_url()[:-1] + "/whep/" + quote(name, safe="")
 
     async def gst_decodes_video(self, gst):
         """Wait until the GStreamer peer ``gst`` has decoded video frames."""
@@ -426,6 +472,9 @@ class StreamViewerTests(BrowserTestsMixin, TestCase):
             timeout=15,
         )
         self.assertEqual(listed["meta"], {"display-name": "bars"})
+        # No name in its meta: its WHEP URL names it by its id.
+        shown = await page.wait_for(_shown_whep_url(producer_id), "the producer's WHEP URL")
+        self.assertEqual(shown, self.whep_url(producer_id))
         await page.evaluate(f"streamsPage.play({json.dumps(producer_id)})")
         frames = f"streamsPage.frames({json.dumps(producer_id)})"
         first = await page.wait_for(
@@ -449,6 +498,83 @@ class StreamViewerTests(BrowserTestsMixin, TestCase):
             "the producer to leave the list",
             timeout=15,
         )
+
+    async def test_each_listed_stream_shows_its_whep_url(self):
+        """
+        Each listed producer shows its WHEP URL on the page's origin, by the
+        name in its meta (percent-encoded) when that name leads to it alone,
+        else by its id; a stream published over WHIP shows none. A POST of
+        an offer to the URL reaches that producer and brings back its answer;
+        the copy button puts the URL on the clipboard.
+        """
+        await self.start()
+        page = await self.open_page("viewer", media="none")
+        await page.wait_for("streamsPage.clientId", "the viewer to be welcomed", timeout=15)
+        self.assertEqual(
+            await page.evaluate("document.getElementById('whip-url').textContent"),
+            self.page_url()[:-1] + "/whip/NAME",
+        )
+        metas = {
+            "named": {"name": "cam 1/\u00e9"},
+            "unnamed": {"display-name": "bars"},
+            "twin 1": {"name": "twin"},
+            "twin 2": {"name": "twin"},
+            "whip": {"name": "obs", "whip": True},
+        }
+        ids = {}
+        for label, meta in metas.items():
+            ids[label] = await page.evaluate(f"({_FAKE_PRODUCER})({json.dumps(meta)})")
+        for label, producer_id in ids.items():
+            await page.wait_for(
+                f"{_shown_whep_url(producer_id)} !== null", f"the {label} producer in the list"
+            )
+        shown = {
+            label: await page.evaluate(_shown_whep_url(producer_id))
+            for label, producer_id in ids.items()
+        }
+        self.assertEqual(
+            shown,
+            {
+                "named": self.whep_url("cam 1/\u00e9"),
+                "unnamed": self.whep_url(ids["unnamed"]),
+                # One name, two producers: the name would reach the older only.
+                "twin 1": self.whep_url(ids["twin 1"]),
+                "twin 2": self.whep_url(ids["twin 2"]),
+                "whip": "",
+            },
+        )
+        self.assertTrue(shown["named"].endswith("/whep/cam%201%2F%C3%A9"))
+
+        post = await page.evaluate(
+            "(async () => { "
+            f"const url = {json.dumps(shown['named'])}; "
+            "const r = await fetch(url, {method: 'POST', "
+            f"headers: {{'Content-Type': 'application/sdp'}}, body: {json.dumps(_OFFER)}}}); "
+            "const body = await r.text(); const location = r.headers.get('Location'); "
+            "const gone = location ? "
+            "(await fetch(new URL(location, url), {method: 'DELETE'})).status : null; "
+            "return {status: r.status, body: body, gone: gone, "
+            "offers: window.fakeProducers.map((ws) => ws.offers)}; })()"
+        )
+        self.assertEqual((post["status"], post["gone"]), (201, 200), post)
+        self.assertEqual(post["body"], _ANSWER + "a=end-of-candidates\r\n")
+        self.assertEqual(post["offers"], [1, 0, 0, 0, 0])
+
+        await self.browser.send(
+            "Browser.grantPermissions",
+            {"origin": self.page_url()[:-1],
+             "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+        )
+        await page.send("Emulation.setFocusEmulationEnabled", {"enabled": True})
+        item = (
+            "[...document.querySelectorAll('#producer-list li')]"
+            f".find((li) => li.dataset.producerId === {json.dumps(ids['named'])})"
+        )
+        await page.evaluate(f"{item}.querySelector('button.copy').click()")
+        await page.wait_for(
+            f"{item}.querySelector('button.copy').dataset.copied === 'yes'", "the URL to be copied"
+        )
+        self.assertEqual(await page.evaluate("navigator.clipboard.readText()"), shown["named"])
 
     async def test_a_gstreamer_consumer_plays_the_page_camera(self):
         """

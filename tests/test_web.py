@@ -166,6 +166,45 @@ class PageTests(WebTestsMixin, unittest.TestCase):
             status, _, _ = await self.request(path, method=b"POST")
             self.assertEqual(status, 405, path)
 
+    async def test_the_page_runs_no_inline_script(self):
+        """
+        The policy runs only the server's own script files, so the page
+        holds none of its own: every ``<script>`` loads a file or is the
+        JSON configuration, and no element carries an event handler
+        attribute (the stream viewer's copy buttons get theirs from
+        ``streams.js``).
+        """
+        _, _, body = await self.request("/")
+        page = body.decode("utf-8")
+        scripts = re.findall(r"<script([^>]*)>", page)
+        self.assertEqual(len(scripts), 4)
+        for attributes in scripts:
+            self.assertRegex(
+                attributes, r'^ (src="/static/[^"]+\.js"|id="config" type="application/json")$'
+            )
+        self.assertNotRegex(page, r"<[^>]*\son[a-z]+\s*=")
+        self.assertNotIn("javascript:", page)
+
+    async def test_the_viewers_whep_and_whip_urls_reach_their_resources(self):
+        """
+        The stream viewer shows ``<origin>/whep/<name>``, the name encoded as
+        ``encodeURIComponent`` does (a space as %20, a slash as %2F), and
+        ``<origin>/whip/NAME``: those paths are the WHEP and WHIP resources'
+        (a ``GET`` is 405 naming ``POST``, an ``OPTIONS`` names the SDP they
+        take), not the 404 of an unknown path; the page's placeholder for the
+        WHIP URL is there for the script to fill.
+        """
+        _, _, body = await self.request("/")
+        self.assertIn('<code id="whip-url">/whip/NAME</code>', body.decode("utf-8"))
+        for path in ("/whep/cam%201%2F%C3%A9", "/whep/1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                     "/whip/NAME"):
+            status, headers, _ = await self.request(path)
+            self.assertEqual((status, self.header(headers, "allow")), (405, "POST, OPTIONS"), path)
+            status, headers, _ = await self.request(path, method=b"OPTIONS")
+            self.assertEqual(
+                (status, self.header(headers, "accept-post")), (204, "application/sdp"), path
+            )
+
     async def test_head_of_the_page_has_no_body(self):
         """``HEAD /`` answers ``200`` without a body."""
         status, _, body = await self.request("/", method=b"HEAD")

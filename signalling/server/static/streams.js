@@ -5,6 +5,8 @@
  * consumer; and this page's own camera (or test pattern) published as a
  * producer. Built on gstwebrtc-api (vendored, see gstwebrtc-api-NOTICE.txt),
  * which speaks the JSON protocol on the same WebSocket URL as the call page.
+ * Each stream also shows its WHEP URL (https://host/whep/NAME), which any
+ * WHEP player can play, with a button that copies it.
  */
 (function () {
   'use strict';
@@ -25,6 +27,87 @@
       .filter(([key]) => !['display-name', 'name', 'title'].includes(key))
       .map(([key, value]) => key + ': ' + (typeof value === 'string' ? value : JSON.stringify(value)));
     return [name, ...rest].filter(Boolean).join(' \u00b7 ');
+  }
+
+  /* Longest name the server takes in a WHEP path (json_wire.MAX_ID_LENGTH). */
+  const MAX_NAME = 256;
+  /* What the server refuses in a name (Python's str.isprintable: "Other" and
+     "Separator" characters, the ASCII space excepted). */
+  const UNPRINTABLE = /[\p{C}\p{Zl}\p{Zp}]|(?! )\p{Zs}/u;
+
+  function metaName(meta) {
+    return meta && typeof meta === 'object' && typeof meta.name === 'string' ? meta.name : null;
+  }
+
+  /*
+   * What names a producer in its WHEP URL. The server finds a producer by
+   * its id first, then by the oldest whose meta names it: so the name, when
+   * the server takes it and it leads to this producer alone (no other
+   * listed producer has it as its name or id), else the id.
+   */
+  function whepKey(producer) {
+    const name = metaName(producer.meta);
+    if (name === null || name === '' || name === '.' || name === '..' ||
+        [...name].length > MAX_NAME || UNPRINTABLE.test(name)) {
+      return producer.id;
+    }
+    for (const other of producers.values()) {
+      if (other.id !== producer.id && (other.id === name || metaName(other.meta) === name)) {
+        return producer.id;
+      }
+    }
+    return name;
+  }
+
+  /*
+   * The producer's WHEP URL, absolute, on the page's own origin; null for
+   * a stream published over WHIP, which answers no offer.
+   */
+  function whepUrl(producer) {
+    if (producer.meta && producer.meta.whip === true) return null;
+    return location.origin + '/whep/' + encodeURIComponent(whepKey(producer));
+  }
+
+  /* Copy text; the Clipboard API needs a secure context, else select and copy. */
+  function copyText(text, selectable) {
+    if (navigator.clipboard && window.isSecureContext) {
+      return navigator.clipboard.writeText(text).then(() => true, () => selectAndCopy(selectable));
+    }
+    return Promise.resolve(selectAndCopy(selectable));
+  }
+
+  function selectAndCopy(element) {
+    const range = document.createRange();
+    range.selectNodeContents(element);
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    try {
+      return document.execCommand('copy');
+    } catch (e) {
+      return false;
+    }
+  }
+
+  function whepLine(url) {
+    const line = document.createElement('div');
+    line.className = 'whep';
+    const code = document.createElement('code');
+    code.className = 'whep-url';
+    code.textContent = url;
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'copy';
+    button.textContent = 'Copy';
+    button.title = 'Copy the WHEP URL';
+    button.addEventListener('click', () => {
+      copyText(url, code).then((copied) => {
+        button.textContent = copied ? 'Copied' : 'Selected';
+        button.dataset.copied = copied ? 'yes' : 'no';
+      });
+    });
+    line.append('WHEP: ', code, ' ', button);
+    return line;
   }
 
   function setStatus(text) {
@@ -51,6 +134,8 @@
         if (playing.has(producer.id)) stop(producer.id); else play(producer.id);
       });
       item.append(name, ' ', id, ' ', button);
+      const url = whepUrl(producer);
+      if (url !== null) item.append(whepLine(url));
       list.append(item);
     }
   }
@@ -143,6 +228,7 @@
   }
 
   function start() {
+    $('whip-url').textContent = location.origin + '/whip/NAME';
     if (typeof window.GstWebRTCAPI !== 'function') {
       setStatus('gstwebrtc-api did not load.');
       return;
@@ -189,6 +275,7 @@
     get clientId() { return clientId; },
     get publishing() { return publishing !== null; },
     producers: () => [...producers.values()].map((p) => ({id: p.id, meta: p.meta})),
+    whepUrl: (id) => (producers.has(id) ? whepUrl(producers.get(id)) : null),
     play: play,
     stop: stop,
     publish: publish,
