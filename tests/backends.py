@@ -139,6 +139,9 @@ class Reordering:
         proxy = self._inner.peer_of(uid)
         return proxy._peer if proxy is not None else None
 
+    def ask(self, uid, question):
+        return self._run(uid, self._inner.ask, uid, question)
+
     def start_session(self, caller_uid, callee_uid):
         return self._run(caller_uid, self._inner.start_session, caller_uid, callee_uid)
 
@@ -288,6 +291,9 @@ class _PeerProxy:
 
     def json_session_ended(self, session_id, error):
         self._later(self._peer.json_session_ended, session_id, error)
+
+    def asked(self, question):
+        return self._peer.asked(question)
 
 
 @implementer(ILink)
@@ -488,6 +494,9 @@ class RedisCluster:
 
     def peer_of(self, uid):
         return self._node_for(uid).peer_of(uid)
+
+    def ask(self, uid, question):
+        return self._track(self._node_for(uid).ask(uid, question))
 
     def start_session(self, caller_uid, callee_uid):
         return self._track(self._node_for(caller_uid).start_session(caller_uid, callee_uid))

@@ -292,7 +292,7 @@ class SharedNamesTests(unittest.TestCase):
                 self.assertIn(channel.KINDS[kind], peers.HANDLERS)
         self.assertEqual(
             set(kinds),
-            set(channel.KINDS) - {"RELAYED_FRAMES", "PROBE", "PROBE_ANSWER"},
+            set(channel.KINDS) - {"RELAYED_FRAMES", "PROBE", "PROBE_ANSWER", "ASK", "ASK_ANSWER"},
             "every notification a handler reads is one a script publishes",
         )
 

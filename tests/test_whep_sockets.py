@@ -115,9 +115,9 @@ class SocketsMixin:
         headers = {"Content-Type": content_type, **headers}
         return defer.ensureDeferred(self.request("POST", path, body, headers))
 
-    async def patch(self, location, body=FRAGMENT, **headers):
+    async def patch(self, location, body=FRAGMENT, node=None, **headers):
         headers = {"Content-Type": "application/trickle-ice-sdpfrag", **headers}
-        return await self.request("PATCH", location, body, headers)
+        return await self.request("PATCH", location, body, headers, node=node)
 
     # WebSocket peers.
 
@@ -189,7 +189,7 @@ class StatusesMixin(SocketsMixin):
         self.assertIn("a=" + CANDIDATE + "\r\n", created.body.decode())
         self.assertIn("a=end-of-candidates", created.body.decode())
         location = created.header("location")
-        self.assertRegex(location, r"^/whep/cam/[A-Za-z0-9_-]{20,}$")
+        self.assertRegex(location, r"^/whep/cam/[0-9a-f-]{36}\.[A-Za-z0-9_-]{24}$")
         patched = await self.patch(location)
         self.assertEqual(patched.status, 204)
         ice = await self.next_json(producer)
@@ -209,6 +209,32 @@ class StatusesMixin(SocketsMixin):
         self.assertEqual(stats.http_responses[("whep", "201")], 1)
         self.assertEqual(stats.http_responses[("whep", "404")], 2)
         self.assertEqual(stats.http_sessions["whep"], 0)
+
+    async def test_a_session_is_reached_from_every_node_with_its_secret_only(self):
+        """
+        A session's PATCH and DELETE may reach another node (or worker) than
+        the one that took its POST: they reach the session through the
+        registry. The path's secret must be the session's.
+        """
+        producer, session_id, created = await self.whep_session()
+        location = created.header("location")
+        uid, secret = location.rsplit("/", 1)[1].split(".")
+        forged = location.replace(secret, "A" * len(secret))
+        self.assertEqual((await self.patch(forged, node=self.far)).status, 404)
+        self.assertEqual((await self.request("DELETE", forged, node=self.far)).status, 404)
+        self.assertEqual((await self.patch(location, node=self.far)).status, 204)
+        ice = await self.next_json(producer)
+        self.assertEqual(ice["ice"]["candidate"], CLIENT_CANDIDATE)
+        bad = await self.patch(location, b"a=mid:7\r\na=" + CANDIDATE.encode(), node=self.far)
+        self.assertEqual(bad.status, 400)
+        self.assertIn(b"media section", bad.body)
+        self.assertEqual((await self.request("DELETE", location, node=self.far)).status, 200)
+        self.assertEqual(
+            await self.next_json(producer), {"type": "endSession", "sessionId": session_id}
+        )
+        self.assertEqual((await self.patch(location, node=self.far)).status, 404)
+        self.assertEqual((await self.patch(location)).status, 404)
+        await eventually(lambda: self.near.stats.http_sessions["whep"] == 0, "the session to go")
 
     async def test_a_producer_on_another_node_is_reached_and_its_leave_ends_the_session(self):
         """(On one process, the same node.) A producer that leaves: a later PATCH is 404."""

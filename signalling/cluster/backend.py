@@ -67,6 +67,8 @@ from signalling.cluster.probes import Probes, RemoteHolder
 HEARTBEAT = 1.0
 #: Seconds after its last heartbeat that a node counts as dead.
 NODE_TTL = 5.0
+#: Seconds a question for a peer on another node waits for its answer.
+ASK_TIMEOUT = 5.0
 
 
 @implementer(IRegistry)
@@ -333,6 +335,18 @@ class ClusterRegistry:
         if not self.up:
             return None
         return RemoteHolder(self.probes, uid)
+
+    def ask(self, uid, question):
+        """
+        The peer's answer: at once for a peer of this node; else, while
+        Redis is reachable, through its node (None after :data:`ASK_TIMEOUT`).
+        """
+        local = self.local.holding(uid)
+        if local is not None:
+            return local.peer.asked(question)
+        if not self.up:
+            return None
+        return self.probes.question(uid, question, ASK_TIMEOUT)
 
     def start_session(self, caller_uid, callee_uid):
         conn = self.local.own(caller_uid)

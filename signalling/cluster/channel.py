@@ -57,6 +57,12 @@ class Kind:
     PROBE = b"P"
     #: A probe's answer (no connection; "1" alive or "0", then the token).
     PROBE_ANSWER = b"A"
+    #: A question for the peer (the asking node, a token, then the question
+    #: as the rest): an HTTP dialect's request that reached another node.
+    ASK = b"Q"
+    #: A question's answer (no connection; the token, NUL, the answer; "-"
+    #: before the token: no answer).
+    ASK_ANSWER = b"q"
 
 
 #: Every kind by its name.
@@ -137,6 +143,33 @@ def probe_answer(token, alive):
 def read_probe_answer(body):
     """:returns: ``(token, alive)`` of a :func:`probe_answer`'s body."""
     return body[1:], body[:1] == b"1"
+
+
+def ask(conn, asker, token, question):
+    """:returns: the message that hands ``question`` (bytes) to the peer of ``conn``."""
+    return header(Kind.ASK, conn) + f"{asker}\0{token}\0".encode() + question
+
+
+def read_ask(body):
+    """:returns: ``(asker, token, question)`` of an :func:`ask`'s body."""
+    asker, _, rest = body.partition(b"\0")
+    token, _, question = rest.partition(b"\0")
+    return text(asker), token, question
+
+
+def ask_answer(token, answer):
+    """:returns: the answer (bytes, or None for none) to the question ``token`` (bytes)."""
+    if answer is None:
+        return header(Kind.ASK_ANSWER, "") + b"-" + token + b"\0"
+    return header(Kind.ASK_ANSWER, "") + token + b"\0" + answer
+
+
+def read_ask_answer(body):
+    """:returns: ``(token, answer or None)`` of an :func:`ask_answer`'s body."""
+    token, _, answer = body.partition(b"\0")
+    if token.startswith(b"-"):
+        return token[1:], None
+    return token, answer
 
 
 def text(value):

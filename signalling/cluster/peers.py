@@ -9,6 +9,7 @@ from zope.interface import implementer
 
 from signalling.core import json_wire
 from signalling.core.interfaces import ILink
+from signalling.cluster import channel
 from signalling.cluster.channel import (
     DIALECT_JSON,
     Kind,
@@ -199,6 +200,17 @@ class LocalPeers:
     def _probe_answer(self, conns, body):
         self._backend.probes.answered(body)
 
+    def _ask(self, conn, body):
+        local = self.records.get(conn.decode())
+        if local is not None:
+            self._backend.probes.question_asked(local.peer, body)
+        else:
+            asker, token, _ = channel.read_ask(body)
+            self._backend.relay(asker, channel.ask_answer(token, None))
+
+    def _ask_answer(self, conns, body):
+        self._backend.probes.question_answered(body)
+
     def _session_started(self, conn, local, fields):
         partner_uid, node, partner_conn, caller = fields[0], fields[1], fields[2], fields[3] == "1"
         if node == self._backend.node:
@@ -280,6 +292,8 @@ HANDLERS = {
     Kind.RELAYED_FRAMES: LocalPeers._relayed_frames,
     Kind.JSON_MESSAGE: LocalPeers._json_message,
     Kind.PROBE_ANSWER: LocalPeers._probe_answer,
+    Kind.ASK: LocalPeers._ask,
+    Kind.ASK_ANSWER: LocalPeers._ask_answer,
     Kind.SESSION_STARTED: _to_each(LocalPeers._session_started),
     Kind.SESSION_ENDED: _to_each(LocalPeers._session_ended),
     Kind.ROOM_JOINED: _to_each(LocalPeers._room_joined),

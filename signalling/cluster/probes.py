@@ -1,8 +1,10 @@
 """
-Reclaiming a uid held on another node: a ``HELLO`` that wants the uid back
-asks the holder's node to ping its peer (a *probe*) and replaces it if no
-pong comes back in time; a node answers the probes other nodes ask of its
-own peers.
+Reaching a peer held on another node. Reclaiming a uid: a ``HELLO`` that
+wants the uid back asks the holder's node to ping its peer (a *probe*) and
+replaces it if no pong comes back in time; a node answers the probes other
+nodes ask of its own peers. Questions (:meth:`signalling.core.interfaces.IIds.ask`):
+an HTTP dialect's request for a session another node holds goes to that
+node's peer, and its answer comes back.
 """
 
 import uuid
@@ -92,6 +94,44 @@ class Probes:
 
         located.addCallback(ask)
         return located
+
+    def question(self, uid, question, timeout):
+        """
+        Hand ``question`` to the peer holding ``uid`` on whichever node.
+
+        :returns: a Deferred of its answer (bytes), or None when no node
+            holds ``uid`` or none answers within ``timeout`` seconds.
+        """
+        located = self._backend.call("locate", uid, channel.DIALECT_JSON)
+
+        def ask(where):
+            if not where:
+                return None
+            node, conn = channel.text(where[0]), channel.text(where[1])
+            token = uuid.uuid4().hex.encode()
+            d = self.wait(token)
+            self._backend.relay(node, channel.ask(conn, self._backend.node, token.decode(), question))
+            d.addTimeout(timeout, self._clock, lambda *_: self._waiting.pop(token, None) and None)
+            return d
+
+        located.addCallback(ask)
+        return located
+
+    def question_answered(self, body):
+        """A question's answer arrived (the body of a :data:`~channel.Kind.ASK_ANSWER`)."""
+        token, answer = channel.read_ask_answer(body)
+        d = self._waiting.pop(token, None)
+        if d is not None and not d.called:
+            d.callback(answer)
+
+    def question_asked(self, peer, body):
+        """Another node hands ``peer`` a question (the body of a :data:`~channel.Kind.ASK`): answer it."""
+        asker, token, question = channel.read_ask(body)
+        answer = defer.maybeDeferred(peer.asked, question)
+        answer.addErrback(lambda f: None)
+        answer.addCallback(
+            lambda result: self._backend.relay(asker, channel.ask_answer(token, result))
+        )
 
     def wait(self, token):
         """:returns: a Deferred fired with the answer (alive) to probe ``token`` (bytes) once it arrives."""

@@ -492,12 +492,13 @@ return 'ok'
 
 # Reclaiming a uid whose holder is on another node.
 
-# ARGV: uid. Where its holder is: {node, conn}, or nothing.
+# ARGV: uid[, dialect code: the examples' by default]. Where its holder of
+# that dialect is: {node, conn}, or nothing.
 _script(
     "locate",
     r"""
 local w = redis.call('HMGET', P .. 'p:' .. ARGV[1], 'n', 'c', 'd')
-if not w[1] or w[3] ~= DIALECT_EXAMPLES then
+if not w[1] or w[3] ~= (ARGV[2] or DIALECT_EXAMPLES) then
   return {'ok', {}}
 end
 return {'ok', {w[1], w[2]}}

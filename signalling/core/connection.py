@@ -383,6 +383,10 @@ class ConnectionCommon:
     def _let_go(self):
         """The connection is ending: let go of what the dialect holds (a hook)."""
 
+    def asked(self, question):
+        """A question handed over by the registry's ``ask``: none is taken (a hook)."""
+        return None
+
     def withdraw(self):
         """
         The connection goes on in another dialect (an auto port welcomed it

@@ -25,6 +25,7 @@ The HTTP side (``signalling.server.http_dialects``) turns a
 :class:`Refusal` into its status.
 """
 
+import hmac
 import json
 
 from twisted.internet import defer
@@ -158,6 +159,34 @@ class _HttpSession(JsonConnection):
     def end(self):
         """The client ended the session (``DELETE``): the other side is told, the peer goes."""
         self._end_here("ended by the client")
+
+    def asked(self, question):
+        """
+        A request on the session's resource, from whichever process took it
+        (see :meth:`signalling.core.interfaces.IIds.ask`): ``METHOD NUL
+        secret NUL body``. The secret must be the session's own (the output's
+        ``session_key``; its resource's path carries it).
+
+        :returns: the status, and for a refusal its reason (``b"400 ..."``).
+        """
+        method, _, rest = question.partition(b"\0")
+        secret, _, body = rest.partition(b"\0")
+        own = self._output.session_key.encode("ascii")
+        if self.ended or self._closing or not hmac.compare_digest(secret, own):
+            return b"404 no such session"
+        if method == b"DELETE":
+            self.end()
+            return b"200"
+        if method != b"PATCH":
+            return b"405 method not allowed"
+        try:
+            candidates, _ = sdp.fragment_candidates(body, self._mids)
+            self.trickle(candidates)
+        except sdp.BadSdp as e:
+            return b"400 " + str(e).encode("utf-8")
+        except Refusal as e:
+            return f"{e.status} {e.text}".encode("utf-8")
+        return b"204"
 
     # The JSON dialect's path, as the client's messages.
 

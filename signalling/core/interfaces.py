@@ -308,6 +308,12 @@ class IJsonPeer(Interface):
     def json_session_ended(session_id, error):
         """The other side ended ``session_id`` (``error``: its reason, or None)."""
 
+    def asked(question):
+        """
+        :returns: the answer (bytes, or a Deferred of it) to a ``question``
+            handed over by :meth:`IIds.ask`; None for a peer that takes none.
+        """
+
 
 class IIds(Interface):
     """
@@ -337,6 +343,18 @@ class IIds(Interface):
             ask whether it is still alive), else None. A cluster node may
             answer, for a uid held elsewhere, a stand-in whose ``probe``,
             ``replaced`` and ``peer_addr`` go through the backend.
+        """
+
+    def ask(uid, question):
+        """
+        Hand ``question`` (bytes) to the peer of the JSON dialect's part
+        registered as ``uid``, wherever it is connected (a cluster node forwards it to the node that holds
+        the peer), and bring back what its ``asked(question)`` answers (see
+        :meth:`IJsonPeer.asked`): the requests of an HTTP dialect's session
+        that reach another process than the one holding the session.
+
+        :returns: the answer (bytes), or None when no peer holds ``uid`` or
+            none answers in time; directly or as a Deferred.
         """
 
 

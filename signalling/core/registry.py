@@ -104,6 +104,10 @@ class Registry:
         """:returns: the peer of the examples' dialect registered as ``uid`` here, or None."""
         return self._examples_peer(uid)
 
+    def ask(self, uid, question):
+        peer = self._peers.get(uid)
+        return None if peer is None else peer.asked(question)
+
     def remove(self, uid, peer):
         if self._peers.get(uid) is not peer:
             return

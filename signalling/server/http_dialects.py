@@ -40,7 +40,7 @@ from zope.interface import implementer
 from signalling.core import sdp
 from signalling.core.echo import clip, quote
 from signalling.core.http_connections import Refusal
-from signalling.core.interfaces import IConnectionOutput
+from signalling.core.interfaces import IConnectionOutput, SignallingError
 from signalling.core.json_wire import MAX_ID_LENGTH
 from signalling.server.auth import CLOSE_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED
 from signalling.server.policy import Refused, RequestRates
@@ -112,7 +112,8 @@ class HttpSession:
         self._admission = admission
         self.connection = None
         self.session_key = secrets.token_urlsafe(18)
-        self.location = None
+        #: The path its resource is under (its collection's, and a slash).
+        self.collection = None
         self._token_call = None
         self._over = False
 
@@ -230,15 +231,17 @@ class HttpDialectResource(Resource):
             if method == b"POST":
                 return self._post(request, name)
             return self._not_allowed(request, _COLLECTION_METHODS)
-        session = self.sessions.get(parts[1].decode("latin-1"))
-        if session is None:
+        uid, dot, secret = parts[1].decode("latin-1").rpartition(".")
+        if not dot or not uid or not secret or len(uid) > MAX_ID_LENGTH:
             raise Refusal(404, "no such session")
         if method == b"OPTIONS":
             return self._options(request, _SESSION_METHODS)
         if method == b"PATCH":
-            return self._patch(request, session)
+            if _media_type(request.getHeader(b"content-type")) != SDPFRAG:
+                raise Refusal(415, "candidates must be application/trickle-ice-sdpfrag")
+            return self._ask(request, uid, b"PATCH", secret, request.content.read())
         if method == b"DELETE":
-            return self._delete(request, session)
+            return self._ask(request, uid, b"DELETE", secret, b"")
         return self._not_allowed(request, _SESSION_METHODS)
 
     # The methods.
@@ -262,10 +265,7 @@ class HttpDialectResource(Resource):
             raise Refusal(e.status, e.text, retry_after=5 if e.status == 503 else None)
         session = HttpSession(self, client, grant, admission)
         session.connection = self.dialect.connection(factory, session)
-        session.location = (
-            self._prefix + url_quote(name, safe="").encode("ascii") + b"/"
-            + session.session_key.encode("ascii")
-        )
+        session.collection = self._prefix + url_quote(name, safe="").encode("ascii") + b"/"
         self.sessions[session.session_key] = session
         factory.connections.add(session)
         session.start(factory.clock)
@@ -293,7 +293,13 @@ class HttpDialectResource(Resource):
             return
         self._status(request, 201)
         request.setHeader(b"content-type", SDP)
-        request.setHeader(b"location", session.location)
+        # The session's resource names its peer, so that any node (or
+        # worker) reaches it through the registry; the secret is the key.
+        location = (
+            session.collection + session.connection.uid.encode("ascii") + b"."
+            + session.session_key.encode("ascii")
+        )
+        request.setHeader(b"location", location)
         request.setHeader(b"accept-patch", SDPFRAG)
         request.setHeader(b"etag", b'"' + session.session_key.encode("ascii") + b'"')
         for link in link_headers(self._ice_for(session)):
@@ -324,22 +330,56 @@ class HttpDialectResource(Resource):
             request.write(self._refusal(request, Refusal(500, "internal error")))
             request.finish()
 
-    def _patch(self, request, session):
+    def _ask(self, request, uid, method, secret, body):
+        """
+        A request on a session: handed to the session's peer through the
+        registry (:meth:`signalling.core.interfaces.IIds.ask`), which finds
+        it in this process or on another node; its answer is the status.
+        """
         self._session_request(request)
-        if _media_type(request.getHeader(b"content-type")) != SDPFRAG:
-            raise Refusal(415, "candidates must be application/trickle-ice-sdpfrag")
-        connection = session.connection
-        candidates, _ = sdp.fragment_candidates(request.content.read(), connection._mids)
-        connection.trickle(candidates)
-        self._status(request, 204)
+        question = method + b"\0" + secret.encode("latin-1") + b"\0" + body
+        answer = self._factory.registry.ask(uid, question)
+        if not isinstance(answer, defer.Deferred):
+            return self._session_answer(answer, request)
+        state = _Waiting()
+        request.notifyFinish().addErrback(lambda _: setattr(state, "gone", True))
+
+        def answered(result):
+            if not state.gone:
+                request.write(self._session_answer(result, request))
+                request.finish()
+
+        answer.addCallback(answered)
+        answer.addErrback(self._failed_question, request, state)
+        return NOT_DONE_YET
+
+    def _session_answer(self, answer, request):
+        """:returns: the body of the answer to a session's request (its status set)."""
+        if answer is None:
+            return self._refusal(request, Refusal(404, "no such session"))
+        status, _, text = answer.partition(b" ")
+        status = int(status) if status.isdigit() else 500
+        if status >= 400:
+            return self._refusal(request, Refusal(status, text.decode("utf-8", "replace")))
+        self._status(request, status)
+        if status == 200:
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"The session ended.\n"
         return b""
 
-    def _delete(self, request, session):
-        self._session_request(request)
-        session.connection.end()
-        self._status(request, 200)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"The session ended.\n"
+    def _failed_question(self, failure, request, state):
+        if failure.check(SignallingError):
+            # The backend cannot serve now (a cluster node without Redis).
+            refusal = Refusal(503, "the server cannot reach the session now", retry_after=5)
+        else:
+            _log.failure(
+                "unexpected error on a {dialect} session request", failure,
+                dialect=self.dialect.name,
+            )
+            refusal = Refusal(500, "internal error")
+        if not (state.gone or request.finished):
+            request.write(self._refusal(request, refusal))
+            request.finish()
 
     def _session_request(self, request):
         """A request on a session: within the rate, and with a valid token when they are needed."""
