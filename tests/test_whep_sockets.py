@@ -404,6 +404,49 @@ class StatusesMixin(SocketsMixin):
         await self.whep_session("cam2")
 
 
+class TimesMixin(SocketsMixin):
+    """The statuses of time and rate: 502, 504, WHIP's 503, and 429, over real sockets."""
+
+    options = (
+        "--answer-timeout", "0.5", "--whip-wait", "0.5",
+        "--command-burst", "6", "--command-rate", "1",
+    )
+
+    async def test_a_producer_that_never_answers_is_504_and_one_that_leaves_502(self):
+        producer, _ = await self.producer("cam")
+        posted = self.post("/whep/cam")
+        start = await self.next_json(producer)
+        timed_out = await posted
+        self.assertEqual(timed_out.status, 504)
+        self.assertEqual(
+            await self.next_json(producer), {"type": "endSession", "sessionId": start["sessionId"]}
+        )
+        posted = self.post("/whep/cam")
+        await self.next_json(producer)
+        producer.close()
+        self.assertEqual((await posted).status, 502)
+
+    async def test_a_whip_stream_no_consumer_came_for_is_503_with_retry_after(self):
+        listener, _ = await self.json_peer()
+        listener.send_text('{"type":"setPeerStatus","roles":["listener"],"meta":null}')
+        await self.next_json(listener)
+        refused = await self.post("/whip/studio")
+        self.assertEqual(refused.status, 503)
+        self.assertEqual(refused.header("retry-after"), "5")
+        appeared, left = await self.next_json(listener), await self.next_json(listener)
+        self.assertEqual(appeared["meta"], {"name": "studio", "whip": True})
+        self.assertEqual((left["peerId"], left["roles"]), (appeared["peerId"], []))
+
+    async def test_requests_past_the_rate_are_429_with_retry_after(self):
+        """An address's HTTP requests draw on one bucket: 6 at once, then 1 a second."""
+        statuses = [(await self.post("/whep/nobody")).status for _ in range(8)]
+        self.assertEqual(statuses, [404] * 6 + [429] * 2)
+        refused = await self.post("/whep/nobody")
+        self.assertEqual(refused.header("retry-after"), "1")
+        await pause(1.1)
+        self.assertEqual((await self.post("/whep/nobody")).status, 404)
+
+
 class TokensMixin(SocketsMixin):
     """Tokens (Authorization: Bearer), TURN credentials and ICE servers in Link headers."""
 
@@ -489,6 +532,17 @@ class ClusterPlaintextStatusTests(StatusesMixin, unittest.TestCase):
 
 class ClusterTLSStatusTests(StatusesMixin, unittest.TestCase):
     """Two nodes on Redis, TLS."""
+
+    cluster = True
+    tls = True
+
+
+class PlaintextTimesTests(TimesMixin, unittest.TestCase):
+    """Times and rates, one process, plaintext."""
+
+
+class ClusterTLSTimesTests(TimesMixin, unittest.TestCase):
+    """Times and rates, two nodes, TLS."""
 
     cluster = True
     tls = True
