@@ -108,7 +108,7 @@ class JsonClientTests(unittest.TestCase):
     """What the WebRTC peers say in the JSON dialect (signalling-peer, contrib/gst_peer.py)."""
 
     def options(self, **given):
-        values = dict(produce=False, consume=None, meta=None, call=None, room=None,
+        values = dict(produce=False, consume=None, meta=None, name=None, call=None, room=None,
                       protocol="json", protocol_version=None)
         values.update(given)
         return argparse.Namespace(**values)
@@ -121,6 +121,11 @@ class JsonClientTests(unittest.TestCase):
         )
         state, messages = words.json_after_welcome(self.options(produce=True), "p1")
         self.assertEqual(messages[0]["meta"], {"display-name": "p1"})
+        # --name: the name WHEP viewers find the producer by (POST /whep/NAME).
+        state, messages = words.json_after_welcome(
+            self.options(produce=True, meta="Camera", name="cam"), "p1"
+        )
+        self.assertEqual(messages[0]["meta"], {"display-name": "Camera", "name": "cam"})
         self.assertEqual(
             words.json_after_welcome(self.options(consume="first"), "c1")[0], "looking"
         )

@@ -118,7 +118,8 @@ def parse_reply(text):
 def add_json_arguments(parser, mode, verb):
     """
     Add the JSON dialect's options: ``--produce`` and ``--consume`` to the
-    ``mode`` group, ``--protocol``, ``--protocol-version`` and ``--meta``.
+    ``mode`` group, ``--protocol``, ``--protocol-version``, ``--meta`` and
+    ``--name``.
 
     :param verb: how the peer plays, for the help (``as webrtcsink does``).
     """
@@ -144,6 +145,11 @@ def add_json_arguments(parser, mode, verb):
     parser.add_argument(
         "--meta", metavar="NAME", help="with --produce: the display-name in the producer's meta"
     )
+    parser.add_argument(
+        "--name", metavar="NAME",
+        help="with --produce: the name in the producer's meta, by which WHEP "
+        "viewers find it (POST /whep/NAME)",
+    )
 
 
 def check_json_arguments(parser, options):
@@ -166,6 +172,8 @@ def json_after_welcome(options, peer_id):
     """
     if options.produce:
         meta = {"display-name": options.meta or peer_id}
+        if options.name:
+            meta["name"] = options.name
         return "producing", [{"type": "setPeerStatus", "roles": ["producer"], "meta": meta}]
     if options.consume == "first":
         return "looking", [
