@@ -214,24 +214,28 @@ class Browser:
 
     # Pages.
 
-    async def open(self, url, label):
+    async def open(self, url, label, ready="!!window.callPage", state=None):
         """
         Open ``url`` in a new window.
 
         :param label: names the page in failure messages.
+        :param ready: a JavaScript expression that holds once the page has
+            loaded (by default: the call page's).
+        :param state: a JavaScript expression for what the page shows, for
+            failure messages (by default: the call page's).
         :returns: a :class:`Page`.
         """
         target = await self.send("Target.createTarget", {"url": "about:blank", "newWindow": True})
         attached = await self.send(
             "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
         )
-        page = Page(self, attached["sessionId"], target["targetId"], label)
+        page = Page(self, attached["sessionId"], target["targetId"], label, state)
         self._sessions[page.session_id] = page
         await page.send("Runtime.enable")
         await page.send("Page.enable")
         await page.send("Page.navigate", {"url": url})
-        await page.wait_for("document.readyState !== 'loading' && !!window.callPage",
-                            "the call page to load")
+        await page.wait_for(f"document.readyState !== 'loading' && ({ready})",
+                            f"the page {url} to load")
         return page
 
     async def close(self):
@@ -255,11 +259,19 @@ class Browser:
 class Page:
     """One page (a CDP target) of a :class:`Browser`."""
 
-    def __init__(self, browser, session_id, target_id, label):
+    #: What :meth:`state` reads: the call page's state.
+    CALL_PAGE_STATE = (
+        "({callState: callPage.callState, callText: callPage.callText, "
+        "mode: callPage.mode, ourId: callPage.ourId, registered: callPage.registered, "
+        "mediaNote: callPage.mediaNote, peers: callPage.peers()})"
+    )
+
+    def __init__(self, browser, session_id, target_id, label, state=None):
         self.browser = browser
         self.session_id = session_id
         self.target_id = target_id
         self.label = label
+        self._state = state or self.CALL_PAGE_STATE
 
     def __repr__(self):
         return f"<Page {self.label}>"
@@ -308,13 +320,9 @@ class Page:
         )
 
     async def state(self):
-        """:returns: what the page shows (``window.callPage``), for failure messages."""
+        """:returns: what the page shows (by default ``window.callPage``), for failure messages."""
         try:
-            return await self.evaluate(
-                "({callState: callPage.callState, callText: callPage.callText, "
-                "mode: callPage.mode, ourId: callPage.ourId, registered: callPage.registered, "
-                "mediaNote: callPage.mediaNote, peers: callPage.peers()})"
-            )
+            return await self.evaluate(self._state)
         except CDPError as e:
             return f"(unreadable: {e})"
 
