@@ -28,7 +28,8 @@ and shows more and more frames, decoded frames grow in the browser's
 statistics, the GStreamer consumer decodes the page's camera, the candidate
 pair in use joins two loopback addresses; and ``DELETE`` (the libraries'
 ``unload`` and ``destroy``) ends the session on the other side. Both run
-over TLS and plaintext; then with tokens (``--auth-secret``: each library's
+over TLS and plaintext; a WHIP client publishes before its consumer is
+there (its POST waits past ``--http-timeout``); then with tokens (``--auth-secret``: each library's
 key as its ``Authorization`` header, a 401 without one), and with
 ``--allowed-origin`` (Chromium keeps a page of another origin from
 watching).
@@ -44,6 +45,7 @@ import shutil
 import subprocess
 import sys
 
+from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
 from signalling.server.auth import mint
@@ -343,6 +345,37 @@ class WhepClientsOverPlaintextTests(WatchAndPublishMixin, TestCase):
     """The clients against the server over plain HTTP (``http://``)."""
 
     tls = False
+
+
+class WhipPublisherFirstTests(WhepClientsMixin, TestCase):
+    """A WHIP client that publishes before any consumer is there, as an encoder may."""
+
+    tls = False
+    #: Seconds a plain HTTP connection may stay idle: shorter than the wait below.
+    HTTP_TIMEOUT = 2
+    server_args = ("--http-timeout", str(HTTP_TIMEOUT))
+
+    async def test_a_stream_published_first_waits_for_its_consumer(self):
+        """
+        The WHIP client's POST waits, past the server's ``--http-timeout``
+        (it is no idle connection), until a webrtcbin consumer comes and
+        finds the stream in the producers' list; the consumer's answer is
+        the 201's body, and the consumer decodes the camera.
+        """
+        await self.start()
+        endpoint = self.endpoint("/whip/camera")
+        await self.page.evaluate(f"void clientsPage.publish({json.dumps(endpoint)})")
+        await self.server.until(
+            lambda: b"WHIP stream 'camera' published" in self.server.stdout,
+            "the server to register the stream",
+            STEP,
+        )
+        await task.deferLater(reactor, self.HTTP_TIMEOUT + 1, lambda: None)
+        self.assertIsNone(await self.page.evaluate("clientsPage.resource"))
+        consumer = self.start_gst("gst-consumer", "--protocol", "json", "--consume", "first")
+        await self.assert_publishes(consumer, endpoint)
+        self.assertEqual(consumer.find("error"), [], consumer.output())
+        self.assert_no_failure_logged()
 
 
 class WhepClientsWithTokensTests(WhepClientsMixin, TestCase):
