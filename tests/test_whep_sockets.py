@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from signalling.server.auth import mint
 from tests._redis import RedisServer
 from tests.clients import WAIT, eventually, pause
-from tests.servers import Server
+from tests.servers import Server, _dechunk
 from tests.test_whep import ANSWER, CANDIDATE, CLIENT_CANDIDATE, FRAGMENT, OFFER
 
 SECRET = b"whep-sockets-secret-0123456789abcdef01"
@@ -50,15 +50,7 @@ def _parse(data):
         name, _, value = line.partition(b":")
         headers.setdefault(name.strip().lower().decode(), []).append(value.strip().decode())
     if headers.get("transfer-encoding", [""])[0].lower() == "chunked":
-        out = b""
-        while body:
-            size, _, rest = body.partition(b"\r\n")
-            length = int(size.split(b";")[0], 16)
-            if length == 0:
-                break
-            out += rest[:length]
-            body = rest[length + 2 :]
-        body = out
+        body = _dechunk(body)
     return Response(status, headers, body)
 
 

@@ -201,6 +201,23 @@ class TokenKeys:
             raise TokenRefused("lifetime")
 
 
+def bearer_token(request):
+    """
+    :returns: the token of a twisted.web request's ``Authorization: Bearer``
+        header (RFC 6750; RFC 9725 §4.4 for WHIP), or None for none, for
+        another scheme (``Basic``), and for a header that is not ASCII.
+    """
+    header = request.getHeader(b"authorization")
+    if not header:
+        return None
+    try:
+        header = header.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def token_of(request):
     """:returns: the token of an Autobahn ``ConnectionRequest``: ``?token=`` or a Bearer header."""
     values = request.params.get("token")

@@ -42,7 +42,7 @@ from signalling.core.echo import clip, quote
 from signalling.core.http_connections import Refusal
 from signalling.core.interfaces import IConnectionOutput, SignallingError
 from signalling.core.json_wire import MAX_ID_LENGTH
-from signalling.server.auth import CLOSE_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED
+from signalling.server.auth import CLOSE_TOKEN, TOKEN_EXPIRED, TOKEN_REVOKED, bearer_token
 from signalling.server.policy import Refused, RequestRates
 
 _log = Logger(namespace="signalling.server.http_dialects")
@@ -259,7 +259,7 @@ class HttpDialectResource(Resource):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
             grant, admission = policy.admit_session(
-                self.dialect, _headers(request), _bearer(request), key, exempt
+                self.dialect, _headers(request), bearer_token(request), key, exempt
             )
         except Refused as e:
             raise Refusal(e.status, e.text, retry_after=5 if e.status == 503 else None)
@@ -387,7 +387,7 @@ class HttpDialectResource(Resource):
         if not self._rates.allows(key):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
-            self._factory.policy.grant_of_request(_bearer(request))
+            self._factory.policy.grant_of_request(bearer_token(request))
         except Refused as e:
             raise Refusal(e.status, e.text)
 
@@ -524,19 +524,6 @@ def _headers(request):
         if value is not None:
             headers[name.decode("ascii")] = value.decode("latin-1")
     return headers
-
-
-def _bearer(request):
-    """:returns: the ``Authorization: Bearer`` token (RFC 9725 §4.4), or None."""
-    header = request.getHeader(b"authorization")
-    if not header:
-        return None
-    try:
-        header = header.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else None
 
 
 def _client_text(request):

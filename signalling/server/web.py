@@ -15,7 +15,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request, Site
 
-from signalling.server.auth import TokenRefused
+from signalling.server.auth import TokenRefused, bearer_token
 from signalling.server.http_dialects import HttpDialectResource
 from signalling.server.policy import RequestRates
 from signalling.server.websocket import UpgradeResource
@@ -125,15 +125,7 @@ def _request_token(request):
     values = request.args.get(b"token")
     if values:
         return values[0].decode("utf-8", "replace")
-    header = request.getHeader(b"authorization")
-    if not header:
-        return None
-    try:
-        header = header.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else None
+    return bearer_token(request)
 
 
 class IceServersResource(Resource):
