@@ -9,10 +9,11 @@ producer's candidates, or that does not end a session when asked.
 """
 
 import io
+import json
 import os
 import sys
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads, utils
 from twisted.trial import unittest
 
 from signalling.core import http_connections, sdp
@@ -27,6 +28,7 @@ SHORT_TIMEOUT = 1.0
 
 TINY = {
     "whep-setup": {"workers_per_target": 3, "producers": 3, "duration": 1.0},
+    "json-consumer-setup": {"workers_per_target": 3, "producers": 3, "duration": 1.0},
     "whep-latency": {"workers_per_target": 1, "producers": 2, "duration": 1.0},
 }
 
@@ -120,6 +122,24 @@ class WhepScenarioTests(unittest.TestCase):
         self.assertLessEqual(result["setup_p99_ms"], result["setup_max_ms"])
         self.assertGreater(result["server_cpu_ms_per_setup"], 0)
         self.assertAgreesWithTheServer(server, setups)
+        await self.assertEmptyAfter(server)
+
+    async def test_json_consumers_make_the_same_set_ups_without_whep(self):
+        """
+        json-consumer-setup: JSON consumers make the set-ups the WHEP viewers
+        make, against the same kind of producers; the server answered no WHEP
+        request, and the producers saw every session start and end.
+        """
+        server = await Server.listening(self, tls=False)
+        result = await whep_bench("json-consumer-setup", server.url())
+        self.assertTrue(result["ok"], result)
+        setups = result["setups"]
+        self.assertGreater(setups, 3)
+        self.assertEqual(
+            (result["producer_sessions"], result["producer_ended"]), (setups, setups)
+        )
+        self.assertLess(result["post_p50_ms"], result["setup_p50_ms"])
+        self.assertEqual(server.stats.http_responses, {})
         await self.assertEmptyAfter(server)
 
     async def test_whep_setup_over_tls(self):
@@ -229,11 +249,12 @@ class WhepCommandLineTests(unittest.TestCase):
              "--whep-sources", "3", "--dialect", "json"]
         )  # fmt: skip
         setup = cli.scenario_params("whep-setup", options)
+        json_setup = cli.scenario_params("json-consumer-setup", options)
         latency = cli.scenario_params("whep-latency", options)
         self.assertEqual(
-            (setup["workers_per_target"], latency["workers_per_target"]), (7, 2)
+            [p["workers_per_target"] for p in (setup, json_setup, latency)], [7, 7, 2]
         )
-        for params in (setup, latency):
+        for params in (setup, json_setup, latency):
             self.assertEqual(
                 (params["producers"], params["end_marker"], params["source_addresses"]),
                 (5, False, 3),
@@ -262,3 +283,52 @@ class WhepCommandLineTests(unittest.TestCase):
         other = dict(latency, target="B", json_p50_ms=6.0)
         comparison = report.compare([latency, other], "A", "B")
         self.assertEqual(comparison["metrics"]["json_p50_ms"]["ratio"], 2.0)
+
+
+class RunWhepScriptTests(unittest.TestCase):
+    """benchmarks/run-whep, with tiny sizes."""
+
+    timeout = 180
+
+    async def test_every_part_runs_on_a_fresh_server_and_is_summarised(self):
+        """
+        The plaintext part (with and without the end marker) and the pinned
+        aside run without a failure, on servers that stopped cleanly, and the
+        summary holds each part's figures.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = os.path.abspath(self.mktemp())
+        stdout, stderr, code = await utils.getProcessOutputAndValue(
+            sys.executable,
+            [os.path.join(root, "benchmarks", "run-whep"), "--parts", "plain,pinned",
+             "--rounds", "1", "--duration", "0.5", "--processes", "1", "--loop", "asyncio"],
+            env=dict(os.environ, OUT=out, PYTHON=sys.executable), reactor=reactor,
+        )  # fmt: skip
+        self.assertEqual(code, 0, stdout.decode() + stderr.decode())
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["failures"], [])
+        parts = {part: sorted(scenarios) for part, scenarios in summary["summary"].items()}
+        self.assertEqual(
+            parts,
+            {"plain": ["json-consumer-setup", "ratios", "whep-latency", "whep-setup"],
+             "plain-no-end-marker": ["json-consumer-setup", "ratios", "whep-latency", "whep-setup"],
+             "pinned": ["whep-latency"]},
+        )  # fmt: skip
+        ratio = summary["summary"]["plain"]["ratios"]["setups_whep_over_json"]
+        self.assertEqual(len(ratio["values"]), 1)
+        self.assertGreater(ratio["median"], 0)
+        with open(os.path.join(out, "results.jsonl")) as f:
+            runs = [json.loads(line) for line in f]
+        self.assertEqual(len(runs), 7)
+        self.assertTrue(all(run["ok"] for run in runs), runs)
+        self.assertEqual(
+            {run["end_marker"] for run in runs if run["part"] == "plain-no-end-marker"}, {False}
+        )
+        with open(os.path.join(out, "summary.md")) as f:
+            self.assertIn("### plain: whep-setup", f.read())
+        for name in ("plain.log", "pinned.log"):
+            with open(os.path.join(out, "logs", name)) as f:
+                log = f.read()
+            self.assertIn("Server Shut Down", log, name)
+            self.assertNotIn("Traceback", log, name)

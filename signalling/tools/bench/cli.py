@@ -28,7 +28,7 @@ EXIT_BENCH_FAILED = 3
 DEFAULT_SCENARIOS = ("idle", "relay", "setup", "rooms")
 #: The WHEP scenarios (the server's HTTP dialect, against producers the
 #: bench runs): only when named.
-WHEP_SCENARIOS = ("whep-setup", "whep-latency")
+WHEP_SCENARIOS = ("whep-setup", "json-consumer-setup", "whep-latency")
 #: ... and what may be asked for: the soak runs for minutes, so only when named.
 ALL_SCENARIOS = DEFAULT_SCENARIOS + ("soak",) + WHEP_SCENARIOS
 #: The scenarios that --dialect json changes.
@@ -236,13 +236,14 @@ def build_parser():
         "--soak-rooms", type=_positive(int), default=20, help="rooms the workers visit"
     )
     whep = parser.add_argument_group(
-        "whep-setup and whep-latency (only when named in --scenarios)",
+        "whep-setup, json-consumer-setup and whep-latency (only when named in --scenarios)",
         "WHEP viewers (POST /whep/PRODUCER on the URL's host and port, over "
         "https for a wss:// URL) against JSON producers the bench runs at "
         "the URL, which answer every session at once with an SDP answer and "
         "two candidates. whep-setup: --setup-workers viewers, each one "
-        "set-up after another. whep-latency: a JSON consumer's set-up and a "
-        "WHEP viewer's, alternating, side by side.",
+        "set-up after another; json-consumer-setup: the same with JSON "
+        "consumers at the URL, to run beside it. whep-latency: a JSON "
+        "consumer's set-up and a WHEP viewer's, alternating, side by side.",
     )
     whep.add_argument("--whep-producers", type=_positive(int), default=4, help="producers the viewers take in turn")
     whep.add_argument(
@@ -355,7 +356,7 @@ def _scenario_params(name, options):
     if name in WHEP_SCENARIOS:
         return {
             "workers_per_target": (
-                options.setup_workers if name == "whep-setup" else options.latency_workers
+                options.latency_workers if name == "whep-latency" else options.setup_workers
             ),
             "producers": options.whep_producers,
             "end_marker": options.end_marker,

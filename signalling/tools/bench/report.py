@@ -46,6 +46,12 @@ METRICS = {
         ("setup_p99_ms", "connect to 201 p99 (ms)", False),
         ("server_cpu_ms_per_setup", "server CPU per set-up (ms)", False),
     ],
+    "json-consumer-setup": [
+        ("setups_per_s", "JSON consumer set-ups/s", True),
+        ("setup_p50_ms", "connect to answer p50 (ms)", False),
+        ("setup_p99_ms", "connect to answer p99 (ms)", False),
+        ("server_cpu_ms_per_setup", "server CPU per set-up (ms)", False),
+    ],
     "whep-latency": [
         ("json_p50_ms", "JSON consumer, connect to answer p50 (ms)", False),
         ("whep_p50_ms", "WHEP viewer, connect to 201 p50 (ms)", False),
@@ -121,6 +127,17 @@ COLUMNS = {
         ("ended", "producer_ended", "{}"),
         ("server ms/set-up", "server_cpu_ms_per_setup", "{:.2f}"),
     ],
+    "json-consumer-setup": [
+        ("set-ups/s", "setups_per_s", "{:,.1f}"),
+        ("set-ups", "setups", "{}"),
+        ("p50 ms", "setup_p50_ms", "{:.2f}"),
+        ("p99 ms", "setup_p99_ms", "{:.2f}"),
+        ("start-answer p50", "post_p50_ms", "{:.2f}"),
+        ("failed", "failures", "{}"),
+        ("producers' sessions", "producer_sessions", "{}"),
+        ("ended", "producer_ended", "{}"),
+        ("server ms/set-up", "server_cpu_ms_per_setup", "{:.2f}"),
+    ],
     "whep-latency": [
         ("pairs", "pairs", "{}"),
         ("JSON p50", "json_p50_ms", "{:.2f}"),
@@ -182,6 +199,11 @@ TITLES = {
     "whep-setup": (
         "WHEP set-up: {workers} viewers (connect, POST, 201, DELETE, close) against "
         "{producers} producers ({candidates_end}), {duration:g} s"
+    ),
+    "json-consumer-setup": (
+        "JSON consumer set-up: {workers} consumers (connect, welcome, startSession, "
+        "answer, endSession, close) against {producers} producers ({candidates_end}), "
+        "{duration:g} s"
     ),
     "whep-latency": (
         "WHEP against a JSON consumer, alternating, {workers} at a time, {producers} "

@@ -10,6 +10,7 @@ the pool is kept for every scenario and round of a run.
 """
 
 import asyncio
+import functools
 import math
 import multiprocessing
 import os
@@ -885,15 +886,16 @@ def _server_ms_per(result, wall, count):
     return cpu / 100.0 * wall / count * 1000
 
 
-def run_whep_setup(pool, target, params, probe):
+def run_whep_setup(pool, target, params, probe, name="whep-setup"):
     """
-    The WHEP set-up scenario.
+    The WHEP set-up scenario (or, ``name`` ``json-consumer-setup``, the
+    same with JSON consumers).
 
     :param params: ``workers_per_target`` (C), ``producers``,
         ``end_marker``, ``duration``, ``timeout``, ``source_addresses``
         (0: one per worker).
     """
-    spec, run, start_at, ids, reasons = _start_whep(pool, "whep-setup", target, params)
+    spec, run, start_at, ids, reasons = _start_whep(pool, name, target, params)
     timeout = spec["timeout"]
     results, before, after, wall = _finish_whep(
         run, spec, probe, start_at, spec["duration"] + 4 * timeout + GRACE
@@ -910,11 +912,13 @@ def run_whep_setup(pool, target, params, probe):
         "setups": setups,
         "failures": failures,
         "setups_per_s": setups / elapsed if elapsed > 0 else 0.0,
-        #: From the start of the connection to the 201 read whole.
+        #: From the start of the connection to the 201 read whole (a JSON
+        #: consumer: to the producer's answer).
         "setup_p50_ms": latency["p50"],
         "setup_p99_ms": latency["p99"],
         "setup_max_ms": latency["max"],
-        #: From the POST sent (on the open connection) to the 201.
+        #: From the POST sent (on the open connection) to the 201 (a JSON
+        #: consumer: from its startSession, once welcomed, to the answer).
         "post_p50_ms": post["p50"],
         "post_p99_ms": post["p99"],
         "source_addresses": len([h for h in spec["source_hosts"] if h is not None]),
@@ -997,6 +1001,7 @@ RUNNERS = {
     "rooms": run_rooms,
     "soak": run_soak,
     "whep-setup": run_whep_setup,
+    "json-consumer-setup": functools.partial(run_whep_setup, name="json-consumer-setup"),
     "whep-latency": run_whep_latency,
 }
 

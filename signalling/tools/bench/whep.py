@@ -14,6 +14,9 @@ every set-up the viewers counted was a real one.
   loopback address of its own, as viewers have), ``POST /whep/<producer>``
   with a Chromium-like offer, ``201`` with the answer and the candidates,
   ``DELETE`` its ``Location``, close.
+- ``json-consumer-setup``: the same with JSON consumers (connect,
+  ``welcome``, ``startSession`` with the offer, the producer's answer and
+  candidates, ``endSession``, close), for a side by side with whep-setup.
 - ``whep-latency``: one set-up at a time, alternating a JSON consumer
   (connect, ``welcome``, ``startSession`` with the offer, the producer's
   answer) and a WHEP viewer (connect, ``POST``, ``201``), the two in turn
@@ -448,13 +451,19 @@ async def json_consumer(control, peer_id, timeout, end_marker, source_host=None,
         control.connections.discard(connection)
 
 
-async def whep_setup(spec, control):
+async def whep_setup(spec, control, viewer="whep"):
     """
     C viewers (``spec["workers_per_target"]``), each one set-up after
     another until the duration is over, against the producers of every
     process in turn.
+
+    :param viewer: ``"whep"``: WHEP viewers (the set-up time runs from the
+        connect to the ``201``, its second part from the ``POST``);
+        ``"json"``: JSON consumers doing the same (from the connect to the
+        answer, its second part from ``startSession``).
     """
     timeout = spec["timeout"]
+    end_marker = spec.get("end_marker", True)
     workers = list(mine(spec["workers_per_target"], spec))
     producers, start_at, ids = await _ready(spec, control, {"workers": len(workers)})
     names = sorted(ids)
@@ -472,7 +481,12 @@ async def whep_setup(spec, control):
             name = names[(index + count) % len(names)]
             count += 1
             try:
-                took, post = await whep_viewer(endpoint, name, timeout, source)
+                if viewer == "json":
+                    _, took, _, post = await json_consumer(
+                        control, ids[name], timeout, end_marker, source, index % control.nodes
+                    )
+                else:
+                    took, post = await whep_viewer(endpoint, name, timeout, source)
             except FAILURES as e:
                 consecutive += 1
                 failures.add(describe(e))
@@ -564,9 +578,18 @@ async def whep_latency(spec, control):
     }, start_at, cpu_start)  # fmt: skip
 
 
+async def json_consumer_setup(spec, control):
+    """:func:`whep_setup` with JSON consumers in place of the WHEP viewers."""
+    return await whep_setup(spec, control, viewer="json")
+
+
 def median_ms(samples):
     """:returns: the median of ``samples`` (seconds) in milliseconds, or None."""
     return statistics.median(samples) * 1000 if samples else None
 
 
-SCENARIOS = {"whep-setup": whep_setup, "whep-latency": whep_latency}
+SCENARIOS = {
+    "whep-setup": whep_setup,
+    "json-consumer-setup": json_consumer_setup,
+    "whep-latency": whep_latency,
+}
