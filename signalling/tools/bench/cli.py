@@ -257,8 +257,9 @@ def build_parser():
     )  # fmt: skip
     whep.add_argument(
         "--whep-sources", type=int, default=0,
-        help="loopback source addresses the viewers spread over (0: one per "
-        "worker; the server bounds the requests of one address)",
+        help="loopback source addresses the viewers take in turn, each "
+        "set-up the next (0: 64); the server bounds the requests of one "
+        "address (--command-rate, 200 a second by default; a set-up makes two)",
     )  # fmt: skip
     rooms = parser.add_argument_group("rooms")
     rooms.add_argument("--rooms", type=_positive(int), default=5, help="rooms (R)")

@@ -802,14 +802,18 @@ def run_soak(pool, target, params, probe):
     return result
 
 
-def viewer_sources(target, workers, count=0):
+#: Loopback source addresses the WHEP viewers take in turn, by default.
+VIEWER_SOURCES = 64
+
+
+def viewer_sources(target, count=0):
     """
-    :returns: the local addresses of the WHEP viewers: one loopback address
-        per worker (``count`` of them when given), as viewers each have
-        their own, since the server bounds the requests of one address
-        (``--command-rate``: 200 a second by default, a set-up making
-        two); ``[None]`` (the kernel's choice) when the server is not on an
-        IPv4 loopback address.
+    :returns: the local addresses the WHEP viewers take in turn:
+        ``count`` loopback addresses (:data:`VIEWER_SOURCES` for 0), as
+        viewers are clients of their own, and the server bounds the
+        requests of one address (``--command-rate``: 200 a second by
+        default, and a set-up makes two); ``[None]`` (the kernel's choice)
+        when the server is not on an IPv4 loopback address.
     """
     try:
         ip = Endpoint(target).resolve_ipv4()[0]
@@ -817,7 +821,7 @@ def viewer_sources(target, workers, count=0):
         return [None]
     if not ip.startswith("127."):
         return [None]
-    return [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(count or workers)]
+    return [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(count or VIEWER_SOURCES)]
 
 
 def _start_whep(pool, name, target, params):
@@ -829,9 +833,7 @@ def _start_whep(pool, name, target, params):
     """
     nodes = as_nodes(target)
     spec = dict(params, tag=new_tag())
-    spec["source_hosts"] = viewer_sources(
-        nodes[0], spec["workers_per_target"], spec.get("source_addresses", 0)
-    )
+    spec["source_hosts"] = viewer_sources(nodes[0], spec.get("source_addresses", 0))
     run = pool.start(name, target, spec)
     ready = run.sync("ready", within=3 * spec["timeout"] + GRACE)
     ids = {}
@@ -893,7 +895,7 @@ def run_whep_setup(pool, target, params, probe, name="whep-setup"):
 
     :param params: ``workers_per_target`` (C), ``producers``,
         ``end_marker``, ``duration``, ``timeout``, ``source_addresses``
-        (0: one per worker).
+        (0: :data:`VIEWER_SOURCES`).
     """
     spec, run, start_at, ids, reasons = _start_whep(pool, name, target, params)
     timeout = spec["timeout"]

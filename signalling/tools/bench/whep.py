@@ -10,8 +10,9 @@ server answer a WHEP ``POST`` without waiting ``--candidate-wait``. They
 count the sessions started and ended, so that the parent can check that
 every set-up the viewers counted was a real one.
 
-- ``whep-setup``: C workers, each a viewer after another: connect (from a
-  loopback address of its own, as viewers have), ``POST /whep/<producer>``
+- ``whep-setup``: C workers, each a viewer after another: connect (each
+  viewer from the next of the loopback addresses given, as viewers are
+  clients of their own), ``POST /whep/<producer>``
   with a Chromium-like offer, ``201`` with the answer and the candidates,
   ``DELETE`` its ``Location``, close.
 - ``json-consumer-setup``: the same with JSON consumers (connect,
@@ -362,10 +363,14 @@ async def _finish(spec, control, producers, info, start_at, cpu_start):
     )
 
 
-def _source(spec, worker):
-    """:returns: the local address of viewer ``worker``, or None (the kernel's choice)."""
+def _source(spec, worker, count):
+    """
+    :returns: the local address of set-up ``count`` of worker ``worker``, or
+        None (the kernel's choice): the workers take the addresses in turn,
+        each set-up the next, as each viewer is a client of its own.
+    """
     hosts = spec.get("source_hosts") or [None]
-    return hosts[worker % len(hosts)]
+    return hosts[(worker + count * spec["workers_per_target"]) % len(hosts)]
 
 
 async def whep_viewer(endpoint, name, timeout, source_host=None):
@@ -476,9 +481,9 @@ async def whep_setup(spec, control, viewer="whep"):
     async def worker(index):
         count = consecutive = 0
         endpoint = control.endpoints[index % control.nodes]
-        source = _source(spec, index)
         while now() < deadline and consecutive < MAX_CONSECUTIVE_FAILURES and names:
             name = names[(index + count) % len(names)]
+            source = _source(spec, index, count)
             count += 1
             try:
                 if viewer == "json":
@@ -532,10 +537,11 @@ async def whep_latency(spec, control):
         nonlocal sessions
         endpoint = control.endpoints[index % control.nodes]
         node = index % control.nodes
-        source = _source(spec, index)
         pair = consecutive = 0
         while now() < deadline and consecutive < MAX_CONSECUTIVE_FAILURES and names:
             name = names[(index + pair) % len(names)]
+            # The JSON consumer and the WHEP viewer of a pair from one address.
+            source = _source(spec, index, pair)
             got = {}
             try:
                 for kind in ("json", "whep") if pair % 2 == 0 else ("whep", "json"):
