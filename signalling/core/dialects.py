@@ -21,6 +21,7 @@ dialect that waits for the server to speak first.
 from dataclasses import dataclass, field
 from typing import Callable
 
+from signalling.core import words
 from signalling.core.connection import Connection, examples_token_allows
 from signalling.core.http_connections import (
     WhepSession,
@@ -207,7 +208,7 @@ WHEP = Dialect(
     token_allows=whep_token_allows,
     registry_part=IJsonRegistry,
     owns_part=False,
-    http_prefix="/whep/",
+    http_prefix=words.WHEP_PREFIX,
 )
 WHIP = Dialect(
     name="whip",
@@ -216,7 +217,7 @@ WHIP = Dialect(
     token_allows=whip_token_allows,
     registry_part=IJsonRegistry,
     owns_part=False,
-    http_prefix="/whip/",
+    http_prefix=words.WHIP_PREFIX,
 )
 
 #: The server's dialects: on a WebSocket, a first message that is a JSON

@@ -19,6 +19,11 @@ ROOM_PEER_LIST = "ROOM_PEER_LIST"
 #: Not a command: a payload some clients relay to ask the partner for an offer.
 OFFER_REQUEST = "OFFER_REQUEST"
 
+#: Where the HTTP dialects' resources live on every port: ``/whep/<producer>``
+#: (watch a producer: WHEP) and ``/whip/<stream>`` (publish: WHIP).
+WHEP_PREFIX = "/whep/"
+WHIP_PREFIX = "/whip/"
+
 # Replies and notices the server sends.
 SESSION_OK = "SESSION_OK"
 ROOM_OK = "ROOM_OK"

@@ -26,8 +26,11 @@ EXIT_BENCH_FAILED = 3
 
 #: What runs by default, in this order.
 DEFAULT_SCENARIOS = ("idle", "relay", "setup", "rooms")
+#: The WHEP scenarios (the server's HTTP dialect, against producers the
+#: bench runs): only when named.
+WHEP_SCENARIOS = ("whep-setup", "json-consumer-setup", "whep-latency")
 #: ... and what may be asked for: the soak runs for minutes, so only when named.
-ALL_SCENARIOS = DEFAULT_SCENARIOS + ("soak",)
+ALL_SCENARIOS = DEFAULT_SCENARIOS + ("soak",) + WHEP_SCENARIOS
 #: The scenarios that --dialect json changes.
 JSON_SCENARIOS = ("idle", "relay", "setup")
 #: The smallest relayed message of the JSON dialect: a peer message with its
@@ -232,6 +235,32 @@ def build_parser():
     soak.add_argument(
         "--soak-rooms", type=_positive(int), default=20, help="rooms the workers visit"
     )
+    whep = parser.add_argument_group(
+        "whep-setup, json-consumer-setup and whep-latency (only when named in --scenarios)",
+        "WHEP viewers (POST /whep/PRODUCER on the URL's host and port, over "
+        "https for a wss:// URL) against JSON producers the bench runs at "
+        "the URL, which answer every session at once with an SDP answer and "
+        "two candidates. whep-setup: --setup-workers viewers, each one "
+        "set-up after another; json-consumer-setup: the same with JSON "
+        "consumers at the URL, to run beside it. whep-latency: a JSON "
+        "consumer's set-up and a WHEP viewer's, alternating, side by side.",
+    )
+    whep.add_argument("--whep-producers", type=_positive(int), default=4, help="producers the viewers take in turn")
+    whep.add_argument(
+        "--no-end-of-candidates", dest="end_marker", action="store_false",
+        help="the producers send no empty candidate after theirs, so that the "
+        "server answers a POST only after its --candidate-wait",
+    )  # fmt: skip
+    whep.add_argument(
+        "--latency-workers", type=_positive(int), default=1,
+        help="whep-latency: set-ups on their way at once (1: the latency of one alone)",
+    )  # fmt: skip
+    whep.add_argument(
+        "--whep-sources", type=int, default=0,
+        help="loopback source addresses the viewers take in turn, each "
+        "set-up the next (0: 64); the server bounds the requests of one "
+        "address (--command-rate, 200 a second by default; a set-up makes two)",
+    )  # fmt: skip
     rooms = parser.add_argument_group("rooms")
     rooms.add_argument("--rooms", type=_positive(int), default=5, help="rooms (R)")
     rooms.add_argument("--members", type=_positive(int), default=40, help="members per room (M)")
@@ -275,8 +304,12 @@ def parse_args(argv):
         parser.error(f"--ca-file: no such file: {options.ca_file}")
     if options.source_addresses < 0:
         parser.error("--source-addresses must be 0 or more")
+    if options.whep_sources < 0:
+        parser.error("--whep-sources must be 0 or more")
     if options.dialect == "json":
-        others = [name for name in options.scenarios if name not in JSON_SCENARIOS]
+        others = [
+            name for name in options.scenarios if name not in JSON_SCENARIOS + WHEP_SCENARIOS
+        ]
         if others:
             parser.error(f"--dialect json runs {', '.join(JSON_SCENARIOS)}, not {', '.join(others)}")
         if options.size < JSON_MIN_SIZE:
@@ -320,6 +353,17 @@ def _scenario_params(name, options):
             "storm_timeout": options.storm_timeout,
             "source_addresses": options.source_addresses,
             "timeout": timeout,
+        }
+    if name in WHEP_SCENARIOS:
+        return {
+            "workers_per_target": (
+                options.latency_workers if name == "whep-latency" else options.setup_workers
+            ),
+            "producers": options.whep_producers,
+            "end_marker": options.end_marker,
+            "duration": options.duration,
+            "timeout": timeout,
+            "source_addresses": options.whep_sources,
         }
     if name == "soak":
         return {

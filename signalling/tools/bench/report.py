@@ -40,6 +40,24 @@ METRICS = {
         ("cycles_per_s", "churn cycles/s", True),
         ("rss_end_kb", "RSS at the end (KiB)", False),
     ],
+    "whep-setup": [
+        ("setups_per_s", "WHEP set-ups/s", True),
+        ("setup_p50_ms", "connect to 201 p50 (ms)", False),
+        ("setup_p99_ms", "connect to 201 p99 (ms)", False),
+        ("server_cpu_ms_per_setup", "server CPU per set-up (ms)", False),
+    ],
+    "json-consumer-setup": [
+        ("setups_per_s", "JSON consumer set-ups/s", True),
+        ("setup_p50_ms", "connect to answer p50 (ms)", False),
+        ("setup_p99_ms", "connect to answer p99 (ms)", False),
+        ("server_cpu_ms_per_setup", "server CPU per set-up (ms)", False),
+    ],
+    "whep-latency": [
+        ("json_p50_ms", "JSON consumer, connect to answer p50 (ms)", False),
+        ("whep_p50_ms", "WHEP viewer, connect to 201 p50 (ms)", False),
+        ("added_p50_ms", "WHEP minus JSON, median over pairs (ms)", False),
+        ("ratio_p50", "WHEP p50 / JSON p50", False),
+    ],
 }
 
 #: More metrics compared when either server has several nodes.
@@ -98,6 +116,41 @@ COLUMNS = {
         ("RSS max KiB", "rss_max_kb", "{:,}"),
         ("RSS end KiB", "rss_end_kb", "{:,}"),
     ],
+    "whep-setup": [
+        ("set-ups/s", "setups_per_s", "{:,.1f}"),
+        ("set-ups", "setups", "{}"),
+        ("p50 ms", "setup_p50_ms", "{:.2f}"),
+        ("p99 ms", "setup_p99_ms", "{:.2f}"),
+        ("POST p50", "post_p50_ms", "{:.2f}"),
+        ("failed", "failures", "{}"),
+        ("producers' sessions", "producer_sessions", "{}"),
+        ("ended", "producer_ended", "{}"),
+        ("server ms/set-up", "server_cpu_ms_per_setup", "{:.2f}"),
+    ],
+    "json-consumer-setup": [
+        ("set-ups/s", "setups_per_s", "{:,.1f}"),
+        ("set-ups", "setups", "{}"),
+        ("p50 ms", "setup_p50_ms", "{:.2f}"),
+        ("p99 ms", "setup_p99_ms", "{:.2f}"),
+        ("start-answer p50", "post_p50_ms", "{:.2f}"),
+        ("failed", "failures", "{}"),
+        ("producers' sessions", "producer_sessions", "{}"),
+        ("ended", "producer_ended", "{}"),
+        ("server ms/set-up", "server_cpu_ms_per_setup", "{:.2f}"),
+    ],
+    "whep-latency": [
+        ("pairs", "pairs", "{}"),
+        ("JSON p50", "json_p50_ms", "{:.2f}"),
+        ("JSON p99", "json_p99_ms", "{:.2f}"),
+        ("WHEP p50", "whep_p50_ms", "{:.2f}"),
+        ("WHEP p99", "whep_p99_ms", "{:.2f}"),
+        ("WHEP-JSON", "added_p50_ms", "{:+.2f}"),
+        ("WHEP/JSON", "ratio_p50", "{:.2f}x"),
+        ("JSON welcome", "json_welcome_p50_ms", "{:.2f}"),
+        ("JSON start-answer", "json_after_welcome_p50_ms", "{:.2f}"),
+        ("WHEP POST-201", "whep_post_p50_ms", "{:.2f}"),
+        ("failed", "failures", "{}"),
+    ],
     "rooms": [
         ("total s", "total_seconds", "{:.3f}"),
         ("joins s", "join_seconds", "{:.3f}"),
@@ -143,6 +196,19 @@ TITLES = {
     "idle": "idle: {peers} peers opened in a storm",
     "rooms": "rooms: {rooms} rooms x {members} members",
     "soak": "soak: {peers} peers churning through {rooms} rooms and calls, {duration:g} s",
+    "whep-setup": (
+        "WHEP set-up: {workers} viewers (connect, POST, 201, DELETE, close) against "
+        "{producers} producers ({candidates_end}), {duration:g} s"
+    ),
+    "json-consumer-setup": (
+        "JSON consumer set-up: {workers} consumers (connect, welcome, startSession, "
+        "answer, endSession, close) against {producers} producers ({candidates_end}), "
+        "{duration:g} s"
+    ),
+    "whep-latency": (
+        "WHEP against a JSON consumer, alternating, {workers} at a time, {producers} "
+        "producers ({candidates_end}), {duration:g} s; p50 and p99 in ms"
+    ),
 }
 
 

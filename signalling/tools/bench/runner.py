@@ -10,6 +10,7 @@ the pool is kept for every scenario and round of a run.
 """
 
 import asyncio
+import functools
 import math
 import multiprocessing
 import os
@@ -18,9 +19,12 @@ import secrets
 import time
 import traceback
 
-from signalling.tools.bench import report
-from signalling.tools.bench.scenarios import SCENARIOS, Control
+from signalling.tools.bench import report, scenarios, whep
+from signalling.tools.bench.scenarios import Control
 from signalling.tools.bench.wsclient import Endpoint
+
+#: What a client process runs, by scenario.
+SCENARIOS = {**scenarios.SCENARIOS, **whep.SCENARIOS}
 
 #: Seconds between telling the processes when to start and the start.
 LEAD = 0.2
@@ -798,12 +802,209 @@ def run_soak(pool, target, params, probe):
     return result
 
 
+#: Loopback source addresses the WHEP viewers take in turn, by default.
+VIEWER_SOURCES = 64
+
+
+def viewer_sources(target, count=0):
+    """
+    :returns: the local addresses the WHEP viewers take in turn:
+        ``count`` loopback addresses (:data:`VIEWER_SOURCES` for 0), as
+        viewers are clients of their own, and the server bounds the
+        requests of one address (``--command-rate``: 200 a second by
+        default, and a set-up makes two); ``[None]`` (the kernel's choice)
+        when the server is not on an IPv4 loopback address.
+    """
+    try:
+        ip = Endpoint(target).resolve_ipv4()[0]
+    except OSError:
+        return [None]
+    if not ip.startswith("127."):
+        return [None]
+    return [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(count or VIEWER_SOURCES)]
+
+
+def _start_whep(pool, name, target, params):
+    """
+    Start a WHEP scenario: the producers opened in every process, their
+    names and peer ids handed to all, the start named.
+
+    :returns: ``(spec, run, start_at, {name: peer id}, reasons)``.
+    """
+    nodes = as_nodes(target)
+    spec = dict(params, tag=new_tag())
+    spec["source_hosts"] = viewer_sources(nodes[0], spec.get("source_addresses", 0))
+    run = pool.start(name, target, spec)
+    ready = run.sync("ready", within=3 * spec["timeout"] + GRACE)
+    ids = {}
+    reasons = []
+    for info in ready:
+        ids.update(info["producers"])
+        if info["reason"]:
+            reasons.append(f"producers: {info['reason']}")
+    start_at = now() + LEAD
+    run.answer({"start_at": start_at, "producers": ids})
+    return spec, run, start_at, ids, reasons
+
+
+def _finish_whep(run, spec, probe, start_at, within):
+    """
+    Wait until every process's viewers are done, read the CPU, let the
+    producers drain; :returns: ``(results, before, after, wall)``.
+    """
+    sleep_until(start_at)
+    before = Reading(probe)
+    run.sync("done", within=within)
+    after = Reading(probe)
+    wall = now() - start_at
+    run.answer(None)
+    results = run.results(within=3 * spec["timeout"] + GRACE)
+    return results, before, after, wall
+
+
+def _producer_fields(spec, ids, results):
+    """The producers' side of a WHEP result: how many, their sessions, what went wrong."""
+    return {
+        "producers": spec["producers"],
+        "producers_opened": len(ids),
+        "end_marker": spec.get("end_marker", True),
+        "candidates_end": (
+            "an empty candidate after theirs"
+            if spec.get("end_marker", True)
+            else "no end marker, the server waits --candidate-wait"
+        ),
+        #: Sessions the producers were asked for (``startSession``), and that ended.
+        "producer_sessions": sum(r["producer_started"] for r in results),
+        "producer_ended": sum(r["producer_ended"] for r in results),
+        "producer_errors": sum(r["producer_errors"] for r in results),
+    }
+
+
+def _server_ms_per(result, wall, count):
+    """:returns: milliseconds of the server's CPU per set-up (None without its pid)."""
+    cpu = result.get("server_cpu_percent")
+    if cpu is None or not count:
+        return None
+    return cpu / 100.0 * wall / count * 1000
+
+
+def run_whep_setup(pool, target, params, probe, name="whep-setup"):
+    """
+    The WHEP set-up scenario (or, ``name`` ``json-consumer-setup``, the
+    same with JSON consumers).
+
+    :param params: ``workers_per_target`` (C), ``producers``,
+        ``end_marker``, ``duration``, ``timeout``, ``source_addresses``
+        (0: :data:`VIEWER_SOURCES`).
+    """
+    spec, run, start_at, ids, reasons = _start_whep(pool, name, target, params)
+    timeout = spec["timeout"]
+    results, before, after, wall = _finish_whep(
+        run, spec, probe, start_at, spec["duration"] + 4 * timeout + GRACE
+    )
+    setups = sum(r["setups"] for r in results)
+    failures = sum(r["failures"] for r in results)
+    ends = [r["last_end"] for r in results if r["last_end"] is not None]
+    elapsed = (max(ends) - start_at) if ends else spec["duration"]
+    latency = report.percentiles(report.merge_samples(r["samples"] for r in results))
+    post = report.percentiles(report.merge_samples(r["post_samples"] for r in results))
+    result = {
+        "workers": spec["workers_per_target"],
+        "duration": spec["duration"],
+        "setups": setups,
+        "failures": failures,
+        "setups_per_s": setups / elapsed if elapsed > 0 else 0.0,
+        #: From the start of the connection to the 201 read whole (a JSON
+        #: consumer: to the producer's answer).
+        "setup_p50_ms": latency["p50"],
+        "setup_p99_ms": latency["p99"],
+        "setup_max_ms": latency["max"],
+        #: From the POST sent (on the open connection) to the 201 (a JSON
+        #: consumer: from its startSession, once welcomed, to the answer).
+        "post_p50_ms": post["p50"],
+        "post_p99_ms": post["p99"],
+        "source_addresses": len([h for h in spec["source_hosts"] if h is not None]),
+    }
+    result.update(_producer_fields(spec, ids, results))
+    result["reasons"] = (reasons + _reasons(results) + [
+        reason for r in results for reason in r["producer_reasons"]
+    ])[:5]  # fmt: skip
+    result["ok"] = (
+        failures == 0
+        and setups > 0
+        and result["producers_opened"] == spec["producers"]
+        and result["producer_errors"] == 0
+        and result["producer_sessions"] == setups
+        and result["producer_ended"] == setups
+    )
+    result.update(_cpu_fields(before, after, wall, results))
+    result["server_cpu_ms_per_setup"] = _server_ms_per(result, wall, setups)
+    return result
+
+
+def run_whep_latency(pool, target, params, probe):
+    """
+    The side-by-side latency of a JSON consumer's set-up and a WHEP
+    viewer's, alternating, against the same producers.
+
+    :param params: ``workers_per_target`` (1: one set-up at a time),
+        ``producers``, ``end_marker``, ``duration``, ``timeout``,
+        ``source_addresses``.
+    """
+    spec, run, start_at, ids, reasons = _start_whep(pool, "whep-latency", target, params)
+    timeout = spec["timeout"]
+    results, before, after, wall = _finish_whep(
+        run, spec, probe, start_at, spec["duration"] + 8 * timeout + GRACE
+    )
+    pairs = sum(r["pairs"] for r in results)
+    sessions = sum(r["sessions"] for r in results)
+    failures = sum(r["failures"] for r in results)
+    kinds = ("json", "whep", "json_welcome", "json_after_welcome", "json_complete", "whep_post")
+    merged = {k: report.merge_samples(r["samples"][k] for r in results) for k in kinds}
+    added = report.merge_samples(r["added"] for r in results)
+    result = {
+        "workers": spec["workers_per_target"],
+        "duration": spec["duration"],
+        #: Pairs counted (a JSON set-up and a WHEP one each).
+        "pairs": pairs,
+        "failures": failures,
+        "source_addresses": len([h for h in spec["source_hosts"] if h is not None]),
+    }
+    for kind in kinds:
+        latency = report.percentiles(merged[kind])
+        result[f"{kind}_p50_ms"] = latency["p50"]
+        result[f"{kind}_p99_ms"] = latency["p99"]
+    #: The median over the pairs of (WHEP - JSON), and the ratio of their medians.
+    result["added_p50_ms"] = whep.median_ms(added)
+    json_p50, whep_p50 = result["json_p50_ms"], result["whep_p50_ms"]
+    result["ratio_p50"] = whep_p50 / json_p50 if json_p50 and whep_p50 is not None else None
+    result.update(_producer_fields(spec, ids, results))
+    result["reasons"] = (reasons + _reasons(results) + [
+        reason for r in results for reason in r["producer_reasons"]
+    ])[:5]  # fmt: skip
+    result["ok"] = (
+        failures == 0
+        and pairs > 0
+        and result["producers_opened"] == spec["producers"]
+        and result["producer_errors"] == 0
+        # Every set-up the viewers made (the warm-up pairs' too) was a
+        # session at a producer, and ended there.
+        and result["producer_sessions"] == sessions
+        and result["producer_ended"] == sessions
+    )
+    result.update(_cpu_fields(before, after, wall, results))
+    return result
+
+
 RUNNERS = {
     "relay": run_relay,
     "setup": run_setup,
     "idle": run_idle,
     "rooms": run_rooms,
     "soak": run_soak,
+    "whep-setup": run_whep_setup,
+    "json-consumer-setup": functools.partial(run_whep_setup, name="json-consumer-setup"),
+    "whep-latency": run_whep_latency,
 }
 
 

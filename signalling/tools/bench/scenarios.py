@@ -254,10 +254,19 @@ class Control:
             raise ProtocolFailure(f"expected welcome, received {reply[:60]!r}")
         return connection, message["peerId"]
 
-    async def producer(self, timeout, source_host=None, node=None):
-        """:returns: ``(connection, peer id)`` of a producer whose status is set."""
+    async def producer(self, timeout, source_host=None, node=None, meta=None):
+        """
+        :param meta: the producer's meta (its ``name`` is what a WHEP
+            viewer's path may name); None by default.
+        :returns: ``(connection, peer id)`` of a producer whose status is set.
+        """
         connection, peer_id = await self.welcomed(timeout, source_host, node)
-        connection.send_text(_PRODUCER_STATUS)
+        if meta is None:
+            connection.send_text(_PRODUCER_STATUS)
+        else:
+            connection.send_text(
+                json.dumps({"type": "setPeerStatus", "roles": ["producer"], "meta": meta})
+            )
         connection.send_text(_LIST)
         reply = await connection.recv_text(timeout)
         if _json_message(reply).get("type") != "listConsumers":
