@@ -8,6 +8,7 @@ the WHEP or WHIP client on the other). Trial fails a test that logs an
 error, so none of these requests may end in a traceback.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -402,6 +403,8 @@ class TimesMixin(SocketsMixin):
     options = (
         "--answer-timeout", "0.5", "--whip-wait", "0.5",
         "--command-burst", "6", "--command-rate", "1",
+        # Loopback, exempt by default (a local proxy's), is counted here.
+        "--unlimited-address", "192.0.2.0/24",
     )
 
     async def test_a_producer_that_never_answers_is_504_and_one_that_leaves_502(self):
@@ -430,13 +433,22 @@ class TimesMixin(SocketsMixin):
         self.assertEqual((left["peerId"], left["roles"]), (appeared["peerId"], []))
 
     async def test_requests_past_the_rate_are_429_with_retry_after(self):
-        """An address's HTTP requests draw on one bucket: 6 at once, then 1 a second."""
+        """
+        An address's HTTP requests draw on one bucket: 6 at once, then 1 a
+        second; an exempt address (a local proxy's) on none.
+        """
         statuses = [(await self.post("/whep/nobody")).status for _ in range(8)]
         self.assertEqual(statuses, [404] * 6 + [429] * 2)
         refused = await self.post("/whep/nobody")
         self.assertEqual(refused.header("retry-after"), "1")
         await pause(1.1)
         self.assertEqual((await self.post("/whep/nobody")).status, 404)
+        for node in self.nodes:
+            limits = node.factory.policy.limits
+            limits._exempt.append(ipaddress.ip_network("127.0.0.0/8"))
+            limits._hosts.clear()
+        statuses = [(await self.post("/whep/nobody")).status for _ in range(10)]
+        self.assertEqual(statuses, [404] * 10)
 
 
 class TokensMixin(SocketsMixin):

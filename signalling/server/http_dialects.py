@@ -255,7 +255,7 @@ class HttpDialectResource(Resource):
         offer = sdp.check_offer(request.content.read())
         policy = factory.policy
         key, exempt, client = self._client(request)
-        if not self._rates.allows(key):
+        if not exempt and not self._rates.allows(key):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
             grant, admission = policy.admit_session(
@@ -383,8 +383,8 @@ class HttpDialectResource(Resource):
 
     def _session_request(self, request):
         """A request on a session: within the rate, and with a valid token when they are needed."""
-        key, _, _ = self._client(request)
-        if not self._rates.allows(key):
+        key, exempt, _ = self._client(request)
+        if not exempt and not self._rates.allows(key):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
             self._factory.policy.grant_of_request(bearer_token(request))

@@ -168,6 +168,9 @@ class RequestRates:
     ``POST``, ``PATCH`` and ``DELETE`` requests draw on one bucket, as one
     WebSocket connection's commands do (``command_rate`` a second,
     ``command_burst`` at once: :func:`signalling.core.connection.take_token`).
+    The exempt networks of the limits (a local proxy's, ``--unlimited-address``)
+    draw on none, as they hold no count: requests that a proxy passes on
+    without the client's address would otherwise share one bucket.
     The buckets of the :data:`REQUEST_RATES` addresses seen last are kept
     (a forgotten one starts full again).
 
