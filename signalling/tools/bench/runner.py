@@ -925,21 +925,31 @@ def run_whep_setup(pool, target, params, probe, name="whep-setup"):
         "post_p99_ms": post["p99"],
         "source_addresses": len([h for h in spec["source_hosts"] if h is not None]),
     }
+    _whep_verdict(result, spec, ids, results, reasons, failures, setups > 0, setups)
+    result.update(_cpu_fields(before, after, wall, results))
+    result["server_cpu_ms_per_setup"] = _server_ms_per(result, wall, setups)
+    return result
+
+
+def _whep_verdict(result, spec, ids, results, reasons, failures, counted, sessions):
+    """
+    Add to a WHEP scenario's ``result`` the producers' counts, the first
+    reasons of failure, and ``ok``: no failure, something ``counted``, every
+    producer opened and without error, and as many sessions at the
+    producers, each ended there, as the viewers made (``sessions``).
+    """
     result.update(_producer_fields(spec, ids, results))
     result["reasons"] = (reasons + _reasons(results) + [
         reason for r in results for reason in r["producer_reasons"]
     ])[:5]  # fmt: skip
     result["ok"] = (
         failures == 0
-        and setups > 0
+        and counted
         and result["producers_opened"] == spec["producers"]
         and result["producer_errors"] == 0
-        and result["producer_sessions"] == setups
-        and result["producer_ended"] == setups
+        and result["producer_sessions"] == sessions
+        and result["producer_ended"] == sessions
     )
-    result.update(_cpu_fields(before, after, wall, results))
-    result["server_cpu_ms_per_setup"] = _server_ms_per(result, wall, setups)
-    return result
 
 
 def run_whep_latency(pool, target, params, probe):
@@ -978,20 +988,9 @@ def run_whep_latency(pool, target, params, probe):
     result["added_p50_ms"] = whep.median_ms(added)
     json_p50, whep_p50 = result["json_p50_ms"], result["whep_p50_ms"]
     result["ratio_p50"] = whep_p50 / json_p50 if json_p50 and whep_p50 is not None else None
-    result.update(_producer_fields(spec, ids, results))
-    result["reasons"] = (reasons + _reasons(results) + [
-        reason for r in results for reason in r["producer_reasons"]
-    ])[:5]  # fmt: skip
-    result["ok"] = (
-        failures == 0
-        and pairs > 0
-        and result["producers_opened"] == spec["producers"]
-        and result["producer_errors"] == 0
-        # Every set-up the viewers made (the warm-up pairs' too) was a
-        # session at a producer, and ended there.
-        and result["producer_sessions"] == sessions
-        and result["producer_ended"] == sessions
-    )
+    # Every set-up the viewers made (the warm-up pairs' too) was a session
+    # at a producer, and ended there.
+    _whep_verdict(result, spec, ids, results, reasons, failures, pairs > 0, sessions)
     result.update(_cpu_fields(before, after, wall, results))
     return result
 
