@@ -124,6 +124,29 @@ class ParseTests(unittest.SynchronousTestCase):
             {"type": "peer", "sessionId": "s", "sdp": {"type": "answer", "sdp": "v=0"}},
         )
 
+    def test_meta_names_are_read_alike_and_remembered_within_bounds(self):
+        """
+        ``meta_name`` answers the same whether it remembers the meta or not;
+        it remembers small metas only, and no more than ``NAMES_MAX``.
+        """
+        self.patch(json_wire, "_NAMES", {})
+        self.patch(json_wire, "NAMES_MAX", 3)
+        cases = [
+            ('{"name":"cam"}', "cam"),
+            ('{"name":7}', None),
+            ('["name"]', None),
+            ('{"other":"name"}', None),
+            ('{"name":"\\u00e9"}', "\u00e9"),
+            ("null", None),
+        ]
+        for _ in range(2):
+            for meta, name in cases:
+                self.assertEqual(json_wire.meta_name(meta), name, meta)
+        self.assertLessEqual(len(json_wire._NAMES), 3)
+        large = json_wire.canonical({"name": "big", "pad": "x" * json_wire.NAMES_META_MAX})
+        self.assertEqual(json_wire.meta_name(large), "big")
+        self.assertNotIn(large, json_wire._NAMES)
+
     def test_what_the_server_sends_names_every_field_null_included(self):
         """
         The server's messages name every field, null for an empty one; v1_0's
@@ -561,6 +584,30 @@ class DialectTests(unittest.TestCase):
         auto.sendPing(b"keepalive")
         self.net.flush()
         self.assertEqual(sorted(auto.__dict__), sorted(pinned.__dict__))
+
+    def test_a_connection_that_paused_for_a_turn_holds_nothing_more(self):
+        """
+        A connection whose turn of reading ran out (reading paused, the next
+        turn scheduled, as ``consumeData`` does) holds, once it reads again,
+        the same attributes as before: the pause and the turn's call go back
+        to the class's. (How long a turn takes decided whether a connection
+        in other tests kept two keys more.)
+        """
+        client, _ = self.json_client()
+        server = client.server
+        before = sorted(server.__dict__)
+        server.pause_reading("turn")
+        server.pause_reading("held input")
+        server._next_turn_call = self.net.clock.callLater(0, server._next_turn)
+        self.assertEqual(server.read_pauses, {"turn", "held input"})
+        self.net.flush()
+        self.assertEqual(server.read_pauses, {"held input"})
+        server.resume_reading("held input")
+        self.assertEqual(server.read_pauses, frozenset())
+        self.assertEqual(sorted(server.__dict__), before)
+        client.send_text('{"type":"list"}')
+        self.net.flush()
+        self.assertEqual(obj(client.drain()[-1])["type"], "list")
 
     def test_only_the_first_message_after_the_welcome_may_switch(self):
         """A JSON message first keeps the dialect: a HELLO after it is garbage, dropped."""

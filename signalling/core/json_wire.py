@@ -367,16 +367,42 @@ def meta_too_large(peer_id, size, limit):
     return f"Peer '{peer_id}' meta is too large: {size} bytes, at most {limit}"
 
 
+#: The names of the metas read last (:func:`meta_name`): metas up to
+#: :data:`NAMES_META_MAX` characters, the :data:`NAMES_MAX` read first
+#: since they were remembered (the oldest goes first). A producer's meta is
+#: the registry's own text, shared; metas of peers gone hold at most 16 MB.
+_NAMES = {}
+NAMES_MAX = 16384
+NAMES_META_MAX = 1024
+_UNKNOWN = object()
+
+
 def meta_name(meta):
     """
     :param meta: canonical JSON text.
     :returns: its ``name`` when it is an object whose ``name`` is text, else None.
+
+    A WHEP ``POST`` reads the name of every producer's meta, and a
+    ``list`` every one the token's ``calls`` filter: the names of small
+    metas are remembered, so that these cost a dictionary look-up per
+    producer rather than a JSON decoding (10 ms for 5,000 producers).
     """
     if '"name"' not in meta:
         return None
+    small = len(meta) <= NAMES_META_MAX
+    if small:
+        name = _NAMES.get(meta, _UNKNOWN)
+        if name is not _UNKNOWN:
+            return name
     value = _decode(meta)
     name = value.get("name") if type(value) is dict else None
-    return name if type(name) is str else None
+    if type(name) is not str:
+        name = None
+    if small:
+        if len(_NAMES) >= NAMES_MAX:
+            del _NAMES[next(iter(_NAMES))]
+        _NAMES[meta] = name
+    return name
 
 
 def named(meta, name):
