@@ -96,8 +96,14 @@ class TransportControl:
         """Withdraw a reason to stop reading; read again when none is left."""
         if reason not in self._read_pauses:
             return
-        self._read_pauses = self._read_pauses - {reason}
-        if not self._read_pauses and self.transport is not None:
+        pauses = self._read_pauses - {reason}
+        if pauses:
+            self._read_pauses = pauses
+            return
+        # Back to the class's empty set: no key of its own in the
+        # connection's dictionary, for the rest of its life.
+        self.__dict__.pop("_read_pauses", None)
+        if self.transport is not None:
             self.transport.resumeProducing()
 
     @property

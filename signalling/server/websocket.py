@@ -493,7 +493,8 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
                 return
 
     def _next_turn(self):
-        self._next_turn_call = None
+        # Back to the class default (None): no key of its own in the dictionary.
+        self.__dict__.pop("_next_turn_call", None)
         self.resume_reading("turn")
         if self.data and (self.state == _OPEN or self.state == _CLOSING):
             self.consumeData()
