@@ -14,6 +14,7 @@ The clients are those of ``tests/clients.py``.
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -717,6 +718,37 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports_in_a_row(count):
+    """
+    :returns: the first of ``count`` consecutive TCP ports on 127.0.0.1 that
+        were all free a moment ago, below the kernel's range of ephemeral
+        ports (an outgoing connection of another test takes any port of
+        that range at any time, so the neighbour of a free one there may be
+        gone a moment later).
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, max(10001, first_ephemeral - count))
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+        return base
+    raise RuntimeError(f"no {count} free ports in a row below {first_ephemeral}")
 
 
 class ServerProcess(ProcessProtocol):

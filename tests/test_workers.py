@@ -16,7 +16,15 @@ from signalling.server.tap import Options, _offset_port
 from signalling.server.workers import worker_argv
 from tests._redis import RedisServer
 from tests.clients import eventually
-from tests.servers import NotifySocket, ProcessMixin, ROOT, ServerProcess, free_port, twistd_command
+from tests.servers import (
+    NotifySocket,
+    ProcessMixin,
+    ROOT,
+    ServerProcess,
+    free_port,
+    free_ports_in_a_row,
+    twistd_command,
+)
 from tests.test_cluster import _close_client, client_factory_connect
 
 
@@ -143,7 +151,8 @@ class WorkersTests(ProcessMixin, TestCase):
         workers call each other; each worker serves its own metrics port,
         counting its own peers, and together they hold every peer.
         """
-        metrics_port = free_port()
+        # Worker i serves metrics on the port after the one before.
+        metrics_port = free_ports_in_a_row(2)
         server, port = self.spawn_parent(2, "--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1")
         await self.all_ready(server, 2)
         pids = self.ready_pids(server)
