@@ -77,23 +77,14 @@ class Probes:
             pong came back within ``timeout`` seconds (False when no node
             answers in time), and where the holder was.
         """
-        located = self._backend.call("locate", uid)
-
-        def ask(where):
-            if not where:
-                return False, None
-            node, conn = channel.text(where[0]), channel.text(where[1])
-            token = uuid.uuid4().hex.encode()
-            d = self.wait(token)
-            self._backend.relay(node, channel.probe(conn, self._backend.node, token.decode(), timeout))
-            # The holder's node answers within ``timeout``; a node that
-            # cannot answer (gone, or far behind) counts as silent.
-            d.addTimeout(timeout + 1.0, self._clock, lambda *_: self._waiting.pop(token, None) and False)
-            d.addCallback(lambda alive: (bool(alive), (node, conn)))
-            return d
-
-        located.addCallback(ask)
-        return located
+        # The holder's node answers within ``timeout``; a node that cannot
+        # answer (gone, or far behind) counts as silent.
+        d = self._through_holder(
+            uid, channel.DIALECT_EXAMPLES, timeout + 1.0, False,
+            lambda conn, token: channel.probe(conn, self._backend.node, token, timeout),
+        )  # fmt: skip
+        d.addCallback(lambda result: (bool(result[0]), result[1]))
+        return d
 
     def question(self, uid, question, timeout):
         """
@@ -102,19 +93,36 @@ class Probes:
         :returns: a Deferred of its answer (bytes), or None when no node
             holds ``uid`` or none answers within ``timeout`` seconds.
         """
-        located = self._backend.call("locate", uid, channel.DIALECT_JSON)
+        d = self._through_holder(
+            uid, channel.DIALECT_JSON, timeout, None,
+            lambda conn, token: channel.ask(conn, self._backend.node, token, question),
+        )  # fmt: skip
+        d.addCallback(lambda result: result[0])
+        return d
 
-        def ask(where):
+    def _through_holder(self, uid, dialect, timeout, missing, message):
+        """
+        Find the node holding ``uid`` (a peer of ``dialect``), send it
+        ``message(conn, token)`` and wait for the answer to ``token``.
+
+        :returns: a Deferred firing ``(answer, (node, conn))``, or
+            ``(missing, None)`` when no node holds ``uid``; ``missing`` as
+            the answer when none comes within ``timeout`` seconds.
+        """
+        located = self._backend.call("locate", uid, dialect)
+
+        def send(where):
             if not where:
-                return None
+                return missing, None
             node, conn = channel.text(where[0]), channel.text(where[1])
             token = uuid.uuid4().hex.encode()
             d = self.wait(token)
-            self._backend.relay(node, channel.ask(conn, self._backend.node, token.decode(), question))
-            d.addTimeout(timeout, self._clock, lambda *_: self._waiting.pop(token, None) and None)
+            self._backend.relay(node, message(conn, token.decode()))
+            d.addTimeout(timeout, self._clock, lambda *_: self._waiting.pop(token, None) and missing)
+            d.addCallback(lambda answer: (answer, (node, conn)))
             return d
 
-        located.addCallback(ask)
+        located.addCallback(send)
         return located
 
     def question_answered(self, body):
@@ -134,7 +142,7 @@ class Probes:
         )
 
     def wait(self, token):
-        """:returns: a Deferred fired with the answer (alive) to probe ``token`` (bytes) once it arrives."""
+        """:returns: a Deferred fired with the answer to ``token`` (bytes: a probe's or a question's) once it arrives."""
         d = self._waiting[token] = defer.Deferred()
         return d
 
