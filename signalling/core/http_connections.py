@@ -32,6 +32,7 @@ from twisted.internet import defer
 
 from signalling.core import json_wire, sdp
 from signalling.core.echo import quote
+from signalling.core.connection import ConnectionCommon
 from signalling.core.json_connection import JsonConnection
 
 
@@ -305,14 +306,8 @@ class _HttpSession(JsonConnection):
     # Refusals on the JSON dialect's path.
 
     def _send_error(self, details, kind="json_refused"):
-        self._stats.error_sent(kind)
-        self._log.info(
-            "refused a {dialect} request from {uid} at {peer_addr}: {reason}",
-            dialect=self.dialect_name,
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-            reason=details,
-        )
+        # Counted and logged as every dialect's refusals (its text goes nowhere).
+        ConnectionCommon._send_error(self, details, kind)
         self._refuse(_STATUS_OF_KIND.get(kind, self._refused_status), details)
 
     #: The status of a refusal of the registry (a producer gone meanwhile).

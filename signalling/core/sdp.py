@@ -24,10 +24,6 @@ def _lines(text):
     return [line.rstrip("\r") for line in text.split("\n")]
 
 
-def _printable(line):
-    return line.isprintable()
-
-
 def sections(sdp):
     """
     :param sdp: a session description (text).
@@ -58,7 +54,7 @@ def check_offer(body):
     if not lines or lines[0] != "v=0":
         raise BadSdp("the offer is not an SDP description (it must begin with v=0)")
     for line in lines:
-        if len(line) < 2 or line[1] != "=" or not line[0].isalpha() or not _printable(line):
+        if len(line) < 2 or line[1] != "=" or not line[0].isalpha() or not line.isprintable():
             raise BadSdp("the offer holds a line that is not an SDP line")
     count = sum(1 for line in lines if line.startswith("m="))
     if count == 0:
@@ -83,7 +79,7 @@ def with_candidates(sdp, candidates, complete=True):
         candidate = candidate.strip()
         if candidate.startswith("a="):
             candidate = candidate[2:]
-        if not candidate.startswith("candidate:") or not _printable(candidate):
+        if not candidate.startswith("candidate:") or not candidate.isprintable():
             continue
         by_section.setdefault(index, []).append("a=" + candidate)
     out = []
@@ -139,7 +135,7 @@ def fragment_candidates(body, mids):
     for line in _lines(text):
         if not line:
             continue
-        if len(line) < 2 or line[1] != "=" or not _printable(line):
+        if len(line) < 2 or line[1] != "=" or not line.isprintable():
             raise BadSdp("the fragment holds a line that is not an SDP line")
         if line.startswith("m="):
             sections_seen += 1

@@ -103,8 +103,6 @@ class HttpSession:
     :ivar session_key: the secret part of its resource's path.
     """
 
-    probe_result = True
-
     def __init__(self, resource, peer_addr, grant, admission):
         self._resource = resource
         self.peer_addr = peer_addr
@@ -250,13 +248,14 @@ class HttpDialectResource(Resource):
         factory = self._factory
         if factory.shutting_down or not factory.registry.up:
             raise Refusal(503, "the server cannot take new sessions now", retry_after=5)
+        # The rate first: a refused request costs nothing more.
+        key, exempt, client = self._client(request)
+        if not self._rates.allows(key, exempt):
+            raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         if _media_type(request.getHeader(b"content-type")) != SDP:
             raise Refusal(415, "the offer must be application/sdp")
         offer = sdp.check_offer(request.content.read())
         policy = factory.policy
-        key, exempt, client = self._client(request)
-        if not exempt and not self._rates.allows(key):
-            raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
             grant, admission = policy.admit_session(
                 self.dialect, _headers(request), bearer_token(request), key, exempt
@@ -384,7 +383,7 @@ class HttpDialectResource(Resource):
     def _session_request(self, request):
         """A request on a session: within the rate, and with a valid token when they are needed."""
         key, exempt, _ = self._client(request)
-        if not exempt and not self._rates.allows(key):
+        if not self._rates.allows(key, exempt):
             raise Refusal(429, "too many requests", retry_after=self._rates.retry_after())
         try:
             self._factory.policy.grant_of_request(bearer_token(request))
