@@ -710,13 +710,13 @@ class TransportCases(ProcessMixin):
         client.transport.write(data)
         return client
 
-    def whep_post(self, name, body, length=None, extra=b""):
-        """:returns: the bytes of a WHEP ``POST`` of ``body``."""
+    def whep_post(self, name, body, length=None, extra=b"", prefix=b"/whep/"):
+        """:returns: the bytes of a WHEP (or, with ``prefix``, WHIP) ``POST`` of ``body``."""
         length = len(body) if length is None else length
         if self.auth:
             extra += b"Authorization: Bearer " + mint(SECRET, 600).encode() + b"\r\n"
         return (
-            b"POST /whep/" + name + b" HTTP/1.1\r\nHost: localhost\r\n"
+            b"POST " + prefix + name + b" HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/sdp\r\nContent-Length: " + str(length).encode()
             + b"\r\n" + extra + b"\r\n" + body
         )
@@ -747,6 +747,38 @@ class TransportCases(ProcessMixin):
         await self.check_aftermath(abusers=1)
         answer = await self.assert_silent(producer)
         self.assertIn({"name": "silent"}, [p["meta"] for p in answer["producers"]])
+
+    async def test_whip_streams_that_wait_hold_little_and_go_with_their_clients(self):
+        """
+        100 WHIP publishers wait for consumers that never come: each is a
+        producer the listener (on the other node) hears of, the servers'
+        memory stays within bounds; when the publishers go, every stream
+        goes (the listener hears each leave) and nothing is left.
+        """
+        count = 100
+        listener, _ = await self.listener(self.target)
+        self.watch_rss()
+        publishers = [
+            await self.http(self.attacker, self.whep_post(b"s%d" % i, OFFER.encode(), prefix=b"/whip/"))
+            for i in range(count)
+        ]
+        appeared = [json.loads(m) for m in await listener.take(count, timeout=30)]
+        self.assertEqual(
+            sorted(m["meta"]["name"] for m in appeared), sorted(f"s{i}" for i in range(count))
+        )
+        for publisher in publishers:
+            publisher.transport.abortConnection()
+        left = [json.loads(m) for m in await listener.take(count, timeout=30)]
+        self.assertEqual({m["peerId"] for m in left}, {m["peerId"] for m in appeared})
+        self.assertEqual({tuple(m["roles"]) for m in left}, {()})
+        await self.check_aftermath(abusers=1)
+        # (The listener heard the unrelated pairs' producer come and go too.)
+        listener.send_text(message(type="list"))
+        while (answer := await self.next_json(listener))["type"] != "list":
+            self.assertEqual(answer["type"], "peerStatusChanged")
+        self.assertFalse(
+            [p for p in answer["producers"] if (p["meta"] or {}).get("whip")], answer
+        )
 
     async def test_an_oversized_http_body_is_refused_before_it_is_kept(self):
         """
@@ -881,6 +913,8 @@ class AdversarialCases(TransportCases):
         logged = self.log_size()
         requests = [
             self.whep_post(b"n" * 100_000, OFFER.encode()),
+            self.whep_post(b"w" * 100_000, OFFER.encode(), prefix=b"/whip/"),
+            self.whep_post(b"studio", b"y" * 1_000_000, prefix=b"/whip/"),
             self.whep_post(b"cam", b"v=0\r\nm=" + b"x" * 1_000_000),
             self.whep_post(b"cam", b"v=0\r\n" + b"a=\x01\r\n" * 100_000),
             self.whep_post(b"cam", b"{" * 1_000_000).replace(b"application/sdp", b"application/json"),
