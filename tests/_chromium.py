@@ -8,6 +8,7 @@ and events on 4, as JSON messages each ended by a NUL byte.
 """
 
 import base64
+import ipaddress
 import json
 import os
 import shutil
@@ -66,6 +67,29 @@ def unavailable():
     if shutil.which(CHROMIUM) is None:
         return f"{CHROMIUM} is missing (apt-get install chromium)"
     return None
+
+
+async def save_screenshot(testcase, page, name):
+    """
+    Save a PNG of ``page`` in ``testcase``'s temporary directory (to look at
+    a failure, or for the docs).
+
+    :returns: its bytes.
+    """
+    png = await page.screenshot()
+    testcase.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+    directory = os.path.abspath(testcase.mktemp())
+    os.makedirs(directory)
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(png)
+    return png
+
+
+def assert_loopback_pair(testcase, pair, context):
+    """Fail unless the candidate ``pair`` in use joins two loopback addresses."""
+    testcase.assertIsNotNone(pair, f"no selected candidate pair in {context}")
+    for address in (pair["local"], pair["remote"]):
+        testcase.assertTrue(ipaddress.ip_address(address).is_loopback, f"not loopback: {pair}")
 
 
 class CDPError(Exception):

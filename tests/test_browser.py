@@ -24,7 +24,6 @@ Without Chromium, GStreamer or the rights to make a namespace the tests skip,
 naming what to install; with ``CI=true`` they fail instead.
 """
 
-import ipaddress
 import json
 import os
 import shutil
@@ -200,20 +199,12 @@ class BrowserTestsMixin(_interop.InteropMixin):
             self.assertEqual((first["videoWidth"], first["videoHeight"]), size)
         pairs = await page.evaluate("callPage.selectedPairs()")
         [pair] = [p["pair"] for p in pairs if p["uid"] == uid]
-        self.assertIsNotNone(pair, f"no selected candidate pair in {pairs}")
-        for address in (pair["local"], pair["remote"]):
-            self.assertTrue(ipaddress.ip_address(address).is_loopback, f"not loopback: {pair}")
+        _chromium.assert_loopback_pair(self, pair, pairs)
         return first
 
     async def screenshot(self, page, name):
         """Save a PNG of ``page`` in the test's temporary directory. :returns: its bytes."""
-        png = await page.screenshot()
-        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(png)
-        return png
+        return await _chromium.save_screenshot(self, page, name)
 
 
 class BrowserTests(BrowserTestsMixin, TestCase):

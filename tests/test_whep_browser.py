@@ -38,7 +38,6 @@ Without Chromium, GStreamer, node and npm or the rights to make a namespace
 the tests skip, naming what is missing; with ``CI=true`` they fail instead.
 """
 
-import ipaddress
 import json
 import os
 import shutil
@@ -258,19 +257,11 @@ class WhepClientsMixin(_interop.InteropMixin):
 
     def assert_loopback_pair(self, info):
         """Fail unless the candidate pair in use joins two loopback addresses."""
-        pair = info["pair"]
-        self.assertIsNotNone(pair, f"no selected candidate pair in {info}")
-        for address in (pair["local"], pair["remote"]):
-            self.assertTrue(ipaddress.ip_address(address).is_loopback, f"not loopback: {pair}")
+        _chromium.assert_loopback_pair(self, info["pair"], info)
 
     async def screenshot(self, page, name):
         """Save a PNG of ``page`` in the test's temporary directory (to look at a failure)."""
-        png = await page.screenshot()
-        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(png)
+        await _chromium.save_screenshot(self, page, name)
 
     def assert_no_failure_logged(self):
         """Fail if the libraries logged an error or the page threw."""
