@@ -21,6 +21,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
+from signalling.server import websocket
 from tests.certificates import write_certificate
 from tests.clients import RawClient, WAIT, eventually, pause
 from tests.servers import Server
@@ -1009,6 +1010,26 @@ class IntegrationTestsMixin:
             self.assertIn(frames, self.answers_before_close)
             await raw.dropped()
             await self.server.wait_for_connections(0)
+        self.assertTrue(self.server.registry.is_empty())
+
+    async def test_frames_with_no_payload_are_handled_when_every_turn_ends_after_one_step(self):
+        """
+        A frame with no payload whose header was read as a turn's time ran
+        out is complete with no more data: the next turn handles it (it
+        waited for more input that might never come).
+        """
+        self.patch(websocket, "TURN_SECONDS", -1.0)
+        raw = await self.server.raw()
+        await raw.hello("empty")
+        # Read alone: nothing follows it.
+        raw.send_frame(9, b"")
+        self.assertEqual(await raw.next_frames(2), [(1, b"HELLO"), (10, b"")])
+        raw.send_frame(1, b"")
+        raw.send_frame(8, b"")
+        (got, _), frames = await raw.close_frame()
+        self.assertEqual(got, 1000)
+        await raw.dropped()
+        await self.server.wait_for_connections(0)
         self.assertTrue(self.server.registry.is_empty())
 
     # A failed connection lets go at once, and its transport in bounded time.

@@ -496,7 +496,11 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
         # Back to the class default (None): no key of its own in the dictionary.
         self.__dict__.pop("_next_turn_call", None)
         self.resume_reading("turn")
-        if self.data and (self.state == _OPEN or self.state == _CLOSING):
+        # A frame whose header was read may be complete with no more data
+        # (an empty payload: a close or ping frame, an empty message).
+        if (self.data or self.current_frame is not None) and (
+            self.state == _OPEN or self.state == _CLOSING
+        ):
             self.consumeData()
 
     def onMessageBegin(self, isBinary):
