@@ -75,6 +75,37 @@ class NodeTestCase(unittest.TestCase):
         self.node.delivered(header(kind, conns) + "\0".join(fields).encode())
 
 
+class SameNodeSessionTests(NodeTestCase):
+    def test_a_callee_on_the_callers_node_starts_with_the_callers_notice(self):
+        """
+        A session within the node: the callee starts its session as the
+        caller hears of it, before the callee's own notice comes through the
+        channel. The caller's first message can reach the callee before that
+        notice, and a callee that answers it must already be in its session
+        (a fast client's answer was refused as an unknown command). Its own
+        notice then changes nothing.
+        """
+        a, a_conn = self.register("a")
+        b, b_conn = self.register("b")
+        self.deliver(Kind.SESSION_STARTED, a_conn, "b", "here", b_conn, "1")
+        self.assertEqual(a.calls[-1], ("session_started", "b", True))
+        self.assertEqual(b.calls[-1], ("session_started", "a", False))
+        a.send(b"offer", False)
+        b.send(b"answer", False)
+        self.assertEqual((a.frames, b.frames), ([(b"answer", False)], [(b"offer", False)]))
+        calls = list(b.calls)
+        self.deliver(Kind.SESSION_STARTED, b_conn, "a", "here", a_conn, "0")
+        self.assertEqual(b.calls, calls)
+        b.send(b"again", False)
+        self.assertEqual(a.frames[-1], (b"again", False))
+
+    def test_a_callee_on_another_node_starts_with_its_own_notice(self):
+        """Across nodes, each side starts with its own notice, as before."""
+        a, a_conn = self.register("a")
+        self.deliver(Kind.SESSION_STARTED, a_conn, "far", "there", "7", "1")
+        self.assertEqual(a.calls[-1], ("session_started", "far", True))
+
+
 class OutageTests(NodeTestCase):
     def test_losing_redis_ends_what_spans_nodes_and_keeps_what_does_not(self):
         """

@@ -213,13 +213,25 @@ class LocalPeers:
 
     def _session_started(self, conn, local, fields):
         partner_uid, node, partner_conn, caller = fields[0], fields[1], fields[2], fields[3] == "1"
+        partner = (partner_uid, node, partner_conn, caller)
+        if local.partner == partner:
+            return  # started with its caller's notice (below)
+        other = None
         if node == self._backend.node:
             other = self.records.get(partner_conn)
             link = other.peer.receiver if other is not None else _GONE
         else:
             link = RemoteLink(self._backend, node, partner_conn)
-        local.partner = (partner_uid, node, partner_conn, caller)
+        local.partner = partner
         local.peer.session_started(partner_uid, link, caller)
+        if caller and other is not None and other.partner is None:
+            # The callee is on this node: it starts now, as the in-memory
+            # registry starts it, right after its caller. Its own notice
+            # follows on the channel, but the caller's first message goes
+            # to it directly and can come first: a callee that answered it
+            # would not yet be in its session.
+            other.partner = (local.uid, node, conn, False)
+            other.peer.session_started(local.uid, local.peer.receiver, False)
 
     def _session_ended(self, conn, local, fields):
         self.drop(conn)
