@@ -269,9 +269,11 @@ class AbuseMixin(ProcessMixin):
         before = rss(self.pid)
         payload = b"m" * CHUNK
         for i in range(PEAK_READERS):
-            line = b"ROOM_PEER_MSG reader%d " % i + payload
-            for _ in range(PEAK_PER_READER // CHUNK):
-                sender.send_frame(1, line)
+            for k in range(PEAK_PER_READER // CHUNK):
+                # Each message its own text: the server sends the same text
+                # to one connection after another as one shared frame, which
+                # its buffers would hold once, however often queued.
+                sender.send_frame(1, b"ROOM_PEER_MSG reader%d %d " % (i, k) + payload)
         await self.until_rss(
             lambda grown: grown > PEAK_HELD, before, "the peak"
         )

@@ -1463,3 +1463,67 @@ class CloseFrameTests(unittest.TestCase):
         self.assertEqual(parsed, [])
         self.assertEqual(proto.remoteCloseCode, 1000)
         self.assertTrue(transport.value().startswith(b"\x88\x02\x03\xe8"))
+class PongFrameTests(unittest.TestCase):
+    """
+    A pong the fast layer takes itself (the dialect ping's, a probe's) is
+    handled exactly as on Autobahn's own paths; a keepalive ping's pong is
+    left to Autobahn.
+    """
+
+    def opened(self, fast_path):
+        """:returns: a connection of an auto port past its handshake, silent, and its transport."""
+        net = Loopback(self, fast_path=fast_path)
+        proto = net.factory.buildProtocol(None)
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        self.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
+        proto.dataReceived(_UPGRADE)
+        return net, proto, transport
+
+    def after(self, fast_path, data):
+        net, proto, transport = self.opened(fast_path)
+        transport.clear()
+        proto.dataReceived(data)
+        while proto._next_turn_call is not None:
+            net.clock.advance(0)
+        choosing = proto._choosing
+        return transport.value(), proto.state, choosing.args if choosing is not None else None
+
+    def test_pongs_end_as_on_autobahns_paths(self):
+        """The dialect pong (its round trip taken), another pong, a pong then HELLO."""
+        for name, data, args in [
+            ("the dialect pong", masked_frame(b"dialect?", opcode=0xA), (0, None)),
+            ("another pong", masked_frame(b"other", opcode=0xA), None),
+            ("an empty pong", masked_frame(b"", opcode=0xA), None),
+            ("a pong then HELLO", masked_frame(b"dialect?", opcode=0xA) + masked_frame(b"HELLO p"), "hello"),
+        ]:
+            fast, plain = self.after(True, data), self.after(False, data)
+            self.assertEqual(fast, plain, name)
+            if args == "hello":
+                self.assertEqual(fast[0], b"\x81\x05HELLO", name)
+            elif args is not None:
+                self.assertEqual(fast[2], args, name)
+            else:
+                self.assertNotEqual(fast[2][1], None, name)
+
+    def test_the_fast_layer_takes_a_pong_itself(self):
+        """A pong does not go through Autobahn's frame parser."""
+        net, proto, transport = self.opened(True)
+        parsed = []
+        self.patch(websocket.WebSocketServerProtocol, "processData", lambda p: parsed.append(p))
+        proto.dataReceived(masked_frame(b"dialect?", opcode=0xA))
+        self.assertEqual((parsed, proto._choosing.args), ([], (0, None)))
+
+    def test_a_keepalive_pong_is_left_to_autobahn(self):
+        """While a keepalive ping waits for its pong, Autobahn matches it."""
+        for fast_path in (True, False):
+            net, proto, transport = self.opened(fast_path)
+            proto.dataReceived(masked_frame(b"HELLO kept"))
+            proto._sendAutoPing()
+            pending = proto.autoPingPending
+            self.assertIsNotNone(pending)
+            proto.dataReceived(masked_frame(pending, opcode=0xA))
+            self.assertIsNone(proto.autoPingPending)
+            self.assertIsNotNone(proto.autoPingPendingCall)
+
+

@@ -3,10 +3,12 @@ A WebSocket connection's transport and socket, below Autobahn: what it
 writes that the peer does not read (flow control, through the transport's
 producer interface), reading paused for the server's own reasons, and what
 the kernel and OpenSSL know of the socket (the round trip, bytes waiting
-unread). Twisted's public transport interface and the socket only: nothing
-here reaches into Autobahn, which :mod:`signalling.server.websocket`
-adapts, and ``tests/test_framework_assumptions.py`` checks what it assumes
-of Twisted's TLS layer.
+unread), and writes sent at once (:func:`send_now`). Twisted's public
+transport interface and the socket, and the buffer state of Twisted's TCP
+connection that :func:`send_now` reads: nothing here reaches into Autobahn,
+which :mod:`signalling.server.websocket` adapts, and
+``tests/test_framework_assumptions.py`` checks what it assumes of Twisted's
+TCP and TLS layers.
 
 :class:`TransportControl` is a mixin of
 :class:`signalling.server.websocket.ServerProtocol`, which holds its
@@ -19,7 +21,44 @@ import socket
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.tcp import Connection as _TCPConnection
 from zope.interface import implementer
+
+
+def send_now(transport, data):
+    """
+    Write ``data`` to ``transport``; to a TCP connection with nothing
+    waiting to be sent, at once, with one ``send``. Twisted's own write
+    buffers the data and registers the socket for writing, and the next
+    poll sends it and withdraws the registration: two ``epoll_ctl`` calls
+    and a turn of the reactor for each write, a third of what a short-lived
+    connection costs the kernel.
+
+    Whatever the socket does not take at once (it is full, or broken) goes
+    to the transport's own write, which buffers it, pushes back on the
+    producer and finds the error, as it always does; and so does everything
+    written while the transport holds unsent bytes (the order is kept), once
+    it is closing, aborted or half-closed, or when it is not a TCP
+    connection of its own (an in-memory transport, a TLS layer).
+    """
+    if (
+        isinstance(transport, _TCPConnection)
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+        and not transport._writeDisconnected
+        and not transport.TLS
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 @implementer(IPushProducer)

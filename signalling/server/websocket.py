@@ -43,8 +43,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from signalling.server.auth import token_of
 from signalling.server.limits import host_of
 from signalling.server.policy import NOTHING_COUNTED, Refused
-from signalling.server.tls import tls_failure_reason
-from signalling.server.transport import TransportControl
+from signalling.server.tls import TURN_WRITES, tls_failure_reason
+from signalling.server.transport import TransportControl, send_now
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -67,8 +67,10 @@ _BINARY = 2
 #: RSV bits): the only frames the fast receive path takes.
 _FIN_TEXT = 0x80 | _TEXT
 _FIN_BINARY = 0x80 | _BINARY
-#: ... and of a close frame, which the fast path takes when it comes first.
+#: ... and of a close frame and a pong, which the fast path takes when they
+#: come first.
 _FIN_CLOSE = 0x80 | 8
+_FIN_PONG = 0x80 | 10
 #: Payloads up to this size are unmasked with Python's big integers, which
 #: beat Autobahn's masker (a cffi object per frame) below a couple of KiB.
 _SMALL_UNMASK = 2048
@@ -694,7 +696,51 @@ class FastServerProtocol(ServerProtocol):
         self.__dict__.pop("_transport_details_made", None)
 
     def dataReceived(self, data):
-        self._dataReceived(data)
+        # What this connection's own input makes it write (the 101 and the
+        # dialect ping, a reply and what follows it) goes in one write once
+        # that input is handled: with send_now, one system call.
+        global _reading
+        if _reading is not None:
+            self._dataReceived(data)
+            return
+        _reading = self
+        try:
+            self._dataReceived(data)
+        finally:
+            _reading = None
+            if _held:
+                self._send_held()
+
+    def _write(self, data):
+        """
+        Write ``data`` to the transport: held while this connection's own
+        input is handled (at most TURN_WRITES, then at once: the output
+        bound counts what the transport holds), else at once.
+        """
+        global _held_size
+        if _reading is self:
+            _held.append(data)
+            _held_size += len(data)
+            if _held_size >= TURN_WRITES:
+                self._send_held()
+        else:
+            send_now(self.transport, data)
+
+    def _closeConnection(self, abort=False):
+        # What was held goes before the close (a transport closing or
+        # aborted, and a TLS layer closing, take no more writes).
+        if _reading is self and _held:
+            self._send_held()
+        WebSocketServerProtocol._closeConnection(self, abort)
+
+    def _send_held(self):
+        """Write what was held (see :meth:`dataReceived`), unless the transport is gone."""
+        global _held_size
+        data = _held[0] if len(_held) == 1 else b"".join(_held)
+        _held.clear()
+        _held_size = 0
+        if self.transport is not None:
+            send_now(self.transport, data)
 
     def connectionMade(self):
         # Autobahn's, without its debug line (whose arguments it builds
@@ -753,13 +799,31 @@ class FastServerProtocol(ServerProtocol):
         # Autobahn's, without its debug line's arguments, for the one case
         # the server has: one write at once, nothing queued.
         if chopsize or sync or self.send_queue.items or self.logOctets:
+            if _reading is self and _held:
+                # Autobahn's path writes to the transport: what was held goes first.
+                self._send_held()
             return WebSocketServerProtocol.sendData(self, data, sync, chopsize)
-        self.transport.write(data)
+        self._write(data)
         state = self.state
         if state == _OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif state == _CONNECTING:
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+
+    def sendPing(self, payload=None):
+        # Autobahn's, for the pings the server sends (a payload, nothing
+        # queued, no frame logging or masking), without building the frame
+        # in general.
+        if (
+            payload
+            and len(payload) <= 125
+            and self.state == _OPEN
+            and self._plain_writes
+            and not self.send_queue.items
+        ):
+            self.sendData(bytes((0x89, len(payload))) + payload)
+            return
+        WebSocketServerProtocol.sendPing(self, payload)
 
     def connectionLost(self, reason):
         if isinstance(reason.value, SSL.Error):
@@ -884,7 +948,7 @@ class FastServerProtocol(ServerProtocol):
             if batch:
                 link.send_frames(batch)
         if not pos:
-            if self._close_frame():
+            if self._close_frame() or self._pong_frame():
                 return len(self.data) > 0
             return WebSocketServerProtocol.processData(self)
         return len(self.data) > 0
@@ -918,6 +982,31 @@ class FastServerProtocol(ServerProtocol):
                 reason = payload[2:]
         self.data = data[6 + length :]
         self.onCloseFrame(code, reason)
+        return True
+
+    def _pong_frame(self):
+        """
+        Take a complete, masked pong frame at the front of the input while
+        no keepalive ping waits for its pong (its payload is then for
+        ``onPong`` alone: the dialect ping's, a probe's), as Autobahn's
+        ``processData`` and ``processControlFrame`` do, without a frame
+        object, a masker object and four calls. Anything else is left to
+        Autobahn.
+
+        :returns: whether it took one.
+        """
+        data = self.data
+        if len(data) < 6 or data[0] != _FIN_PONG or self.autoPingPending:
+            return False
+        length = data[1] ^ 0x80
+        if length > 125 or len(data) < 6 + length:
+            return False
+        frame_limit = self.maxFramePayloadSize
+        if 0 < frame_limit < length:
+            return False
+        payload = _unmask(data[6 : 6 + length], data[2:6]) if length else b""
+        self.data = data[6 + length :]
+        self.onPong(payload)
         return True
 
     def _batch_link(self):
@@ -957,7 +1046,7 @@ class FastServerProtocol(ServerProtocol):
             parts.append(_frame_header(first, len(payload)))
             parts.append(payload)
         data = b"".join(parts)
-        self.transport.write(data)
+        self._write(data)
         traffic = self.trafficStats
         traffic.outgoingWebSocketFrames += len(frames)
         traffic.outgoingOctetsWireLevel += len(data)
@@ -980,12 +1069,19 @@ class FastServerProtocol(ServerProtocol):
             size = len(payload)
             data = _frame_header(0x80 | _TEXT, size) + payload
             _last_text = (text, data, size)
-        self.transport.write(data)
+        self._write(data)
         traffic = self.trafficStats
         traffic.outgoingWebSocketFrames += 1
         traffic.outgoingOctetsWireLevel += len(data)
         return size
 
+
+#: The connection whose own input is being handled (one at a time: the
+#: reactor reads one connection after another), and what it wrote meanwhile,
+#: written together once that input is handled (FastServerProtocol.dataReceived).
+_reading = None
+_held = []
+_held_size = 0
 
 #: The last text :meth:`FastServerProtocol.write_text` encoded, its frame and
 #: its payload size.

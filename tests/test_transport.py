@@ -1,0 +1,210 @@
+"""
+Writes sent at once (``signalling.server.transport.send_now``), on real TCP
+connections over loopback: what the socket takes goes at once, without the
+transport registering for writing; anything else takes Twisted's own
+buffered path, in order, with its push-back on the producer. And a
+connection's own replies go in one write (``FastServerProtocol``).
+"""
+
+import socket
+
+from twisted.internet import defer, endpoints, error, reactor, task
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from signalling.server.tls import TURN_WRITES
+from signalling.server.transport import send_now
+from tests.test_protocol import _CountingTransport, _UPGRADE, masked_frame
+from tests.servers import Loopback
+
+WAIT = 10.0
+
+
+class _Collect(Protocol):
+    """The client side: keeps what it reads, and tells when the connection ends."""
+
+    def __init__(self):
+        self.received = bytearray()
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+@implementer(IPushProducer)
+class _Producer:
+    def __init__(self):
+        self.paused = 0
+
+    def pauseProducing(self):
+        self.paused += 1
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+async def _until(predicate, what):
+    for _ in range(int(WAIT / 0.01)):
+        if predicate():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class SendNowTests(unittest.TestCase):
+    """``send_now`` on a server-side TCP transport of a real connection."""
+
+    async def connect(self):
+        """
+        :returns: the server's TCP transport and the client protocol; the
+            server side's connectionLost fires ``self.server_lost`` with its reason.
+        """
+        made = defer.Deferred()
+        self.server_lost = lost = defer.Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self):
+                made.callback(self.transport)
+
+            def connectionLost(self, reason):
+                lost.callback(reason.value)
+
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Server)
+        )
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+        )
+        transport = await made
+        self.addCleanup(lambda: client.lost if transport.connected else None)
+        self.addCleanup(transport.abortConnection)
+        return transport, client
+
+    async def test_an_idle_connection_is_written_at_once(self):
+        """Nothing is buffered, and the socket is not registered for writing."""
+        transport, client = await self.connect()
+        send_now(transport, b"x" * 1000)
+        self.assertEqual((transport._tempDataLen, transport.dataBuffer), (0, b""))
+        self.assertNotIn(transport, reactor.getWriters())
+        await _until(lambda: len(client.received) == 1000, "the bytes")
+
+    async def test_bytes_not_yet_sent_go_first(self):
+        """Behind bytes the transport holds, a write waits its turn: order is kept."""
+        transport, client = await self.connect()
+        transport.write(b"first ")
+        send_now(transport, b"second")
+        self.assertEqual(transport._tempDataLen, len(b"first second"))
+        await _until(lambda: bytes(client.received) == b"first second", "both, in order")
+
+    async def test_what_the_socket_does_not_take_is_buffered_and_pushes_back(self):
+        """
+        A peer that does not read: the socket takes what it can, the rest is
+        buffered, the producer is paused, and everything arrives in order
+        once the peer reads.
+        """
+        transport, client = await self.connect()
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        client.transport.pauseProducing()
+        data = bytes(range(256)) * (32 * 1024)  # 8 MB: more than the socket buffers
+        send_now(transport, data)
+        self.assertGreater(transport._tempDataLen, 0)
+        self.assertLess(transport._tempDataLen, len(data))
+        self.assertEqual(producer.paused, 1)
+        send_now(transport, b"end")
+        client.transport.resumeProducing()
+        await _until(lambda: len(client.received) == len(data) + 3, "every byte")
+        self.assertEqual(bytes(client.received), data + b"end")
+
+    async def test_a_closing_connection_sends_what_it_was_given_then_closes(self):
+        """After ``loseConnection``, the write is the transport's: sent, then the close."""
+        transport, client = await self.connect()
+        transport.loseConnection()
+        send_now(transport, b"last words")
+        await client.lost
+        self.assertEqual(bytes(client.received), b"last words")
+
+    async def test_an_aborted_connection_sends_nothing_more(self):
+        """After ``abortConnection``, nothing more goes to the socket."""
+        transport, client = await self.connect()
+        transport.abortConnection()
+        send_now(transport, b"never")
+        await client.lost
+        self.assertEqual(bytes(client.received), b"")
+
+    async def test_a_broken_connection_is_found_by_the_transport(self):
+        """
+        A peer that reset the connection: the write is handed to the
+        transport, which finds the error and ends the connection.
+        """
+        transport, client = await self.connect()
+        transport.stopReading()  # the reset is found by the write alone
+        handle = client.transport.getHandle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.transport.abortConnection()
+        await client.lost
+        await task.deferLater(reactor, 0.05, lambda: None)
+        for _ in range(3):
+            if transport.connected:
+                send_now(transport, b"x" * 1000)
+                await task.deferLater(reactor, 0.05, lambda: None)
+        reason = await self.server_lost
+        self.assertIsInstance(reason, error.ConnectionLost)
+        self.assertFalse(transport.connected)
+
+    def test_other_transports_get_a_plain_write(self):
+        """An in-memory transport (or a TLS layer) is written to as always."""
+        transport = StringTransport()
+        send_now(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
+
+
+class OwnInputTests(unittest.TestCase):
+    """What a connection's own input makes it write goes in one write."""
+
+    def test_the_101_and_the_dialect_ping_are_one_write(self):
+        net = Loopback(self)
+        proto = net.factory.buildProtocol(None)
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(_UPGRADE)
+        self.assertEqual(len(transport.writes), 1)
+        head, _, ping = transport.writes[0].partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "))
+        self.assertEqual(ping, b"\x89\x08dialect?")
+        proto.dataReceived(masked_frame(b"HELLO one") + masked_frame(b"SESSION nobody"))
+        self.assertEqual(
+            transport.writes[1:], [b"\x81\x05HELLO" + b"\x81\x1dERROR peer 'nobody' not found"]
+        )
+        proto.dataReceived(masked_frame(b"\x03\xe8", opcode=0x8))
+        self.assertEqual(transport.writes[2:], [b"\x88\x02\x03\xe8"])
+
+    def test_what_is_held_goes_once_it_reaches_a_tls_records_worth(self):
+        """
+        What a connection's own input makes it write is held up to
+        ``TURN_WRITES`` at most: the output bound counts what the transport
+        holds, so a flood of replies is checked against it as it grows.
+        """
+        net = Loopback(self)
+        proto = net.factory.buildProtocol(None)
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(_UPGRADE + masked_frame(b"HELLO talker") + masked_frame(b"ROOM echo"))
+        del transport.writes[:]
+        line = b"ROOM_PEER_MSG talker " + b"m" * 10_000
+        proto.dataReceived(masked_frame(line) * 4)
+        # Two relayed messages pass a TLS record's worth: two writes of two.
+        self.assertLess(10_025, TURN_WRITES)
+        self.assertGreaterEqual(2 * 10_025, TURN_WRITES)
+        self.assertEqual([w.count(b"ROOM_PEER_MSG talker m") for w in transport.writes], [2, 2])
