@@ -208,3 +208,27 @@ class OwnInputTests(unittest.TestCase):
         self.assertLess(10_025, TURN_WRITES)
         self.assertGreaterEqual(2 * 10_025, TURN_WRITES)
         self.assertEqual([w.count(b"ROOM_PEER_MSG talker m") for w in transport.writes], [2, 2])
+
+    def test_what_one_input_sends_to_another_connection_is_one_write(self):
+        """Room messages read together reach each member in one write."""
+        net = Loopback(self)
+        members = []
+        for uid in ("sender", "one", "two"):
+            proto = net.factory.buildProtocol(None)
+            transport = _CountingTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(_UPGRADE + masked_frame(b"HELLO " + uid.encode()))
+            proto.dataReceived(masked_frame(b"ROOM r"))
+            members.append((proto, transport))
+        for _, transport in members:
+            del transport.writes[:]
+        sender = members[0][0]
+        sender.dataReceived(
+            b"".join(masked_frame(b"ROOM_PEER_MSG %s m%d" % (uid, n)) for n in range(3) for uid in (b"one", b"two"))
+        )
+        for (_, transport), uid in zip(members[1:], ("one", "two")):
+            self.assertEqual(
+                transport.writes,
+                [b"".join(b"\x81\x17ROOM_PEER_MSG sender m%d" % n for n in range(3))],
+                uid,
+            )

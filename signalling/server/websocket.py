@@ -696,9 +696,11 @@ class FastServerProtocol(ServerProtocol):
         self.__dict__.pop("_transport_details_made", None)
 
     def dataReceived(self, data):
-        # What this connection's own input makes it write (the 101 and the
-        # dialect ping, a reply and what follows it) goes in one write once
-        # that input is handled: with send_now, one system call.
+        # What this connection's input makes the server write, to it (the
+        # 101 and the dialect ping, a reply and what follows it) and to
+        # others (relayed messages, a room's notices), goes to each
+        # connection in one write once that input is handled: with
+        # send_now, one system call each.
         global _reading
         if _reading is not None:
             self._dataReceived(data)
@@ -709,36 +711,41 @@ class FastServerProtocol(ServerProtocol):
         finally:
             _reading = None
             if _held:
-                self._send_held()
+                for proto in list(_held):
+                    proto._send_held()
 
     def _write(self, data):
         """
-        Write ``data`` to the transport: held while this connection's own
-        input is handled (at most TURN_WRITES, then at once: the output
-        bound counts what the transport holds), else at once.
+        Write ``data`` to the transport: while a connection's input is
+        handled, held until it is (at most TURN_WRITES for one connection,
+        then at once: the output bound counts what the transport holds);
+        else at once.
         """
-        global _held_size
-        if _reading is self:
-            _held.append(data)
-            _held_size += len(data)
-            if _held_size >= TURN_WRITES:
-                self._send_held()
-        else:
+        if _reading is None:
             send_now(self.transport, data)
+            return
+        held = _held.get(self)
+        if held is None:
+            held = _held[self] = [0, []]
+        held[0] += len(data)
+        held[1].append(data)
+        if held[0] >= TURN_WRITES:
+            self._send_held()
 
     def _closeConnection(self, abort=False):
         # What was held goes before the close (a transport closing or
         # aborted, and a TLS layer closing, take no more writes).
-        if _reading is self and _held:
+        if self in _held:
             self._send_held()
         WebSocketServerProtocol._closeConnection(self, abort)
 
     def _send_held(self):
-        """Write what was held (see :meth:`dataReceived`), unless the transport is gone."""
-        global _held_size
-        data = _held[0] if len(_held) == 1 else b"".join(_held)
-        _held.clear()
-        _held_size = 0
+        """Write what was held for this connection (see :meth:`dataReceived`), unless its transport is gone."""
+        held = _held.pop(self, None)
+        if held is None:
+            return
+        chunks = held[1]
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self.transport is not None:
             send_now(self.transport, data)
 
@@ -799,7 +806,7 @@ class FastServerProtocol(ServerProtocol):
         # Autobahn's, without its debug line's arguments, for the one case
         # the server has: one write at once, nothing queued.
         if chopsize or sync or self.send_queue.items or self.logOctets:
-            if _reading is self and _held:
+            if self in _held:
                 # Autobahn's path writes to the transport: what was held goes first.
                 self._send_held()
             return WebSocketServerProtocol.sendData(self, data, sync, chopsize)
@@ -1076,12 +1083,13 @@ class FastServerProtocol(ServerProtocol):
         return size
 
 
-#: The connection whose own input is being handled (one at a time: the
-#: reactor reads one connection after another), and what it wrote meanwhile,
-#: written together once that input is handled (FastServerProtocol.dataReceived).
+#: The connection whose input is being handled (one at a time: the reactor
+#: reads one connection after another); what is written to any connection
+#: meanwhile is written together once that input is handled
+#: (FastServerProtocol.dataReceived).
 _reading = None
-_held = []
-_held_size = 0
+#: What was written to each connection meanwhile: ``[size, [bytes, ...]]``.
+_held = {}
 
 #: The last text :meth:`FastServerProtocol.write_text` encoded, its frame and
 #: its payload size.
