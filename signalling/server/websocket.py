@@ -960,59 +960,65 @@ class FastServerProtocol(ServerProtocol):
             return WebSocketServerProtocol.processData(self)
         return len(self.data) > 0
 
+    def _take_control_frame(self, first):
+        """
+        Take a complete, masked control frame whose first byte is ``first``
+        (FIN set, no RSV bits) at the front of the input, as Autobahn's
+        ``processData`` does, without a frame object, a masker object and
+        four calls.
+
+        :returns: its unmasked payload, or None when there is none such to
+            take: no such frame first, not yet complete, unmasked, over 125
+            bytes or over the frame size limit (all left to Autobahn), and a
+            close frame's payload of one byte (Autobahn refuses it).
+        """
+        data = self.data
+        if len(data) < 6 or data[0] != first:
+            return None
+        # Masked: the mask bit cleared leaves the length; unmasked: over 125.
+        length = data[1] ^ 0x80
+        if length > 125 or len(data) < 6 + length or (length == 1 and first == _FIN_CLOSE):
+            return None
+        frame_limit = self.maxFramePayloadSize
+        if 0 < frame_limit < length:
+            return None
+        self.data = data[6 + length :]
+        return _unmask(data[6 : 6 + length], data[2:6]) if length else b""
+
     def _close_frame(self):
         """
-        Take a complete, masked close frame at the front of the input (with
-        no payload, or a code and a reason) as Autobahn's ``processData``
-        and ``processControlFrame`` do, without a frame object, a masker
-        object and four calls: its code and reason go to ``onCloseFrame``,
-        which checks them. Anything else (a payload of one byte, a frame
-        not yet complete or over the frame size limit) is left to Autobahn.
+        Take a close frame at the front of the input (no payload, or a code
+        and a reason: :meth:`_take_control_frame`) as Autobahn's
+        ``processControlFrame`` does: its code and reason go to
+        ``onCloseFrame``, which checks them.
 
         :returns: whether it took one.
         """
-        data = self.data
-        if len(data) < 6 or data[0] != _FIN_CLOSE:
-            return False
-        # Masked: the mask bit cleared leaves the length; unmasked: over 125.
-        length = data[1] ^ 0x80
-        if length > 125 or length == 1 or len(data) < 6 + length:
-            return False
-        frame_limit = self.maxFramePayloadSize
-        if 0 < frame_limit < length:
+        payload = self._take_control_frame(_FIN_CLOSE)
+        if payload is None:
             return False
         code = reason = None
-        if length:
-            payload = _unmask(data[6 : 6 + length], data[2:6])
+        if payload:
             code = (payload[0] << 8) | payload[1]
-            if length > 2:
+            if len(payload) > 2:
                 reason = payload[2:]
-        self.data = data[6 + length :]
         self.onCloseFrame(code, reason)
         return True
 
     def _pong_frame(self):
         """
-        Take a complete, masked pong frame at the front of the input while
-        no keepalive ping waits for its pong (its payload is then for
-        ``onPong`` alone: the dialect ping's, a probe's), as Autobahn's
-        ``processData`` and ``processControlFrame`` do, without a frame
-        object, a masker object and four calls. Anything else is left to
-        Autobahn.
+        Take a pong at the front of the input (:meth:`_take_control_frame`)
+        while no keepalive ping waits for its pong: its payload is then for
+        ``onPong`` alone (the dialect ping's, a probe's), as in Autobahn's
+        ``processControlFrame``. A keepalive's pong is left to Autobahn.
 
         :returns: whether it took one.
         """
-        data = self.data
-        if len(data) < 6 or data[0] != _FIN_PONG or self.autoPingPending:
+        if self.autoPingPending:
             return False
-        length = data[1] ^ 0x80
-        if length > 125 or len(data) < 6 + length:
+        payload = self._take_control_frame(_FIN_PONG)
+        if payload is None:
             return False
-        frame_limit = self.maxFramePayloadSize
-        if 0 < frame_limit < length:
-            return False
-        payload = _unmask(data[6 : 6 + length], data[2:6]) if length else b""
-        self.data = data[6 + length :]
         self.onPong(payload)
         return True
 
