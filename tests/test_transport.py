@@ -15,8 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from signalling.server.tls import TURN_WRITES
-from signalling.server.transport import send_now
+from signalling.server.transport import TURN_WRITES, send_now
 from tests.test_protocol import _CountingTransport, _UPGRADE, masked_frame
 from tests.servers import Loopback
 

@@ -30,6 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from signalling.server.limits import REFUSED
+from signalling.server.transport import TURN_WRITES
 
 _log = Logger()
 
@@ -317,11 +318,6 @@ PLAIN_HTTP_ANSWER = (
 
 #: First bytes of the HTTP methods a browser or curl sends.
 _HTTP_METHODS = (b"GET ", b"HEAD", b"POST", b"PUT ", b"OPTI", b"DELE", b"PATC", b"CONN")
-
-
-#: Bytes written in one turn of the reactor that a TLS connection holds back
-#: to send together at most: one TLS record's worth of application data.
-TURN_WRITES = 16 * 1024
 
 
 class _CountingTLSProtocol(TLSMemoryBIOProtocol):

@@ -6,9 +6,11 @@ the kernel and OpenSSL know of the socket (the round trip, bytes waiting
 unread), and writes sent at once (:func:`send_now`). Twisted's public
 transport interface and the socket, and the buffer state of Twisted's TCP
 connection that :func:`send_now` reads: nothing here reaches into Autobahn,
-which :mod:`signalling.server.websocket` adapts, and
-``tests/test_framework_assumptions.py`` checks what it assumes of Twisted's
-TCP and TLS layers.
+which :mod:`signalling.server.websocket` adapts.
+``tests/test_transport.py`` checks what :func:`send_now` assumes of
+Twisted's TCP connection, on real ones, and
+``tests/test_framework_assumptions.py`` what the rest assumes of Twisted's
+TLS layer.
 
 :class:`TransportControl` is a mixin of
 :class:`signalling.server.websocket.ServerProtocol`, which holds its
@@ -23,6 +25,13 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.tcp import Connection as _TCPConnection
 from zope.interface import implementer
+
+#: Bytes written to one connection that are held back to go together at
+#: most (what a connection's input makes the server write, a TLS layer's
+#: writes of one turn): one TLS record's worth of application data. Past it
+#: they go at once, so that the output bound, which counts what the
+#: transport holds, sees them.
+TURN_WRITES = 16 * 1024
 
 
 def send_now(transport, data):

@@ -43,8 +43,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from signalling.server.auth import token_of
 from signalling.server.limits import host_of
 from signalling.server.policy import NOTHING_COUNTED, Refused
-from signalling.server.tls import TURN_WRITES, tls_failure_reason
-from signalling.server.transport import TransportControl, send_now
+from signalling.server.tls import tls_failure_reason
+from signalling.server.transport import TURN_WRITES, TransportControl, send_now
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
