@@ -201,6 +201,12 @@ class TokenKeys:
             raise TokenRefused("lifetime")
 
 
+def _bearer(header):
+    """:returns: the token of an ``Authorization`` header's text when its scheme is ``Bearer``, else None."""
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
 def bearer_token(request):
     """
     :returns: the token of a twisted.web request's ``Authorization: Bearer``
@@ -214,8 +220,7 @@ def bearer_token(request):
         header = header.decode("ascii")
     except UnicodeDecodeError:
         return None
-    scheme, _, value = header.strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else None
+    return _bearer(header)
 
 
 def token_of(request):
@@ -223,8 +228,4 @@ def token_of(request):
     values = request.params.get("token")
     if values:
         return values[0]
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip()
-    return None
+    return _bearer(request.headers.get("authorization", ""))
