@@ -612,15 +612,24 @@ def source_hosts(target, peers, count):
         ``count`` of them when given; ``[None]`` (the kernel's choice) when
         the server is not on an IPv4 loopback address.
     """
+    if not count:
+        count = math.ceil(peers / 20000)
+    if count <= 1:
+        return [None]
+    return _loopback_sources(target, count)
+
+
+def _loopback_sources(target, count):
+    """
+    :returns: ``count`` loopback addresses (127.0.x.y) to connect from, or
+        ``[None]`` (the kernel's choice) when the server is not on an IPv4
+        loopback address.
+    """
     try:
         ip = Endpoint(target).resolve_ipv4()[0]
     except OSError:
         return [None]
     if not ip.startswith("127."):
-        return [None]
-    if not count:
-        count = math.ceil(peers / 20000)
-    if count <= 1:
         return [None]
     return [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(count)]
 
@@ -815,13 +824,7 @@ def viewer_sources(target, count=0):
         default, and a set-up makes two); ``[None]`` (the kernel's choice)
         when the server is not on an IPv4 loopback address.
     """
-    try:
-        ip = Endpoint(target).resolve_ipv4()[0]
-    except OSError:
-        return [None]
-    if not ip.startswith("127."):
-        return [None]
-    return [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in range(count or VIEWER_SOURCES)]
+    return _loopback_sources(target, count or VIEWER_SOURCES)
 
 
 def _start_whep(pool, name, target, params):
