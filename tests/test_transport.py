@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from signalling.server.transport import TURN_WRITES, send_now
-from tests.test_protocol import _CountingTransport, _UPGRADE, masked_frame
+from tests.test_protocol import _CountingTransport, _UPGRADE, _open, masked_frame
 from tests.servers import Loopback
 
 WAIT = 10.0
@@ -196,10 +196,8 @@ class OwnInputTests(unittest.TestCase):
         holds, so a flood of replies is checked against it as it grows.
         """
         net = Loopback(self)
-        proto = net.factory.buildProtocol(None)
-        transport = _CountingTransport()
-        proto.makeConnection(transport)
-        proto.dataReceived(_UPGRADE + masked_frame(b"HELLO talker") + masked_frame(b"ROOM echo"))
+        proto, transport = _open(self, net.factory, "talker")
+        proto.dataReceived(masked_frame(b"ROOM echo"))
         del transport.writes[:]
         line = b"ROOM_PEER_MSG talker " + b"m" * 10_000
         proto.dataReceived(masked_frame(line) * 4)
@@ -213,10 +211,7 @@ class OwnInputTests(unittest.TestCase):
         net = Loopback(self)
         members = []
         for uid in ("sender", "one", "two"):
-            proto = net.factory.buildProtocol(None)
-            transport = _CountingTransport()
-            proto.makeConnection(transport)
-            proto.dataReceived(_UPGRADE + masked_frame(b"HELLO " + uid.encode()))
+            proto, transport = _open(self, net.factory, uid)
             proto.dataReceived(masked_frame(b"ROOM r"))
             members.append((proto, transport))
         for _, transport in members:
