@@ -1,9 +1,13 @@
 """
-Writes sent at once (``signalling.server.transport.send_now``), on real TCP
+Writes sent and connections closed at once
+(``signalling.server.transport.send_now``, ``close_now``), on real TCP
 connections over loopback: what the socket takes goes at once, without the
 transport registering for writing; anything else takes Twisted's own
-buffered path, in order, with its push-back on the producer. And a
-connection's own replies go in one write (``FastServerProtocol``).
+buffered path, in order, with its push-back on the producer; a connection
+with nothing unsent closes before ``close_now`` returns, any other the
+transport's way. And a connection's own replies go in one write, and its
+close handshake ends it within the read of the peer's close frame
+(``FastServerProtocol``).
 """
 
 import socket
@@ -15,7 +19,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from signalling.server.transport import TURN_WRITES, send_now
+from signalling.server.transport import TURN_WRITES, close_now, send_now
+from signalling.server.websocket import FastServerProtocol
 from tests.test_protocol import _CountingTransport, _UPGRADE, _open, masked_frame
 from tests.servers import Loopback
 
@@ -33,6 +38,7 @@ class _Collect(Protocol):
         self.received += data
 
     def connectionLost(self, reason):
+        self.reason = reason.value
         self.lost.callback(None)
 
 
@@ -167,6 +173,115 @@ class SendNowTests(unittest.TestCase):
         transport = StringTransport()
         send_now(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class CloseNowTests(SendNowTests):
+    """``close_now`` on a server-side TCP transport of a real connection."""
+
+    async def test_an_idle_connection_is_closed_before_it_returns(self):
+        """
+        Shut down and closed, the protocol told (``ConnectionDone``), and
+        never registered for writing; the peer gets what was sent before,
+        then an orderly end.
+        """
+        transport, client = await self.connect()
+        send_now(transport, b"last words")
+        writers = []
+        self.patch(transport, "startWriting", lambda: writers.append(transport))
+        self.assertTrue(close_now(transport))
+        self.assertTrue(self.server_lost.called)
+        self.assertIsInstance(await self.server_lost, error.ConnectionDone)
+        self.assertEqual(writers, [])
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertFalse(transport.connected)
+        await client.lost
+        self.assertEqual(bytes(client.received), b"last words")
+        self.assertIsInstance(client.reason, error.ConnectionDone)
+
+    async def test_unsent_bytes_are_sent_first_then_the_connection_closes(self):
+        """Behind bytes the transport holds, the close is Twisted's: after them."""
+        transport, client = await self.connect()
+        transport.write(b"still buffered")
+        self.assertFalse(close_now(transport))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(self.server_lost.called)
+        self.assertIsInstance(await self.server_lost, error.ConnectionDone)
+        await client.lost
+        self.assertEqual(bytes(client.received), b"still buffered")
+
+    async def test_a_paused_producer_leaves_the_close_to_the_transport(self):
+        """A producer the transport paused is one Twisted's close deals with."""
+        transport, client = await self.connect()
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        transport.producerPaused = True
+        self.assertFalse(close_now(transport))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(self.server_lost.called)
+
+    async def test_a_closing_connection_is_left_to_its_close(self):
+        """After ``loseConnection``, nothing changes: the transport closes it."""
+        transport, client = await self.connect()
+        transport.loseConnection()
+        self.assertFalse(close_now(transport))
+        self.assertFalse(self.server_lost.called)
+        self.assertIsInstance(await self.server_lost, error.ConnectionDone)
+
+    def test_other_transports_lose_their_connection(self):
+        """An in-memory transport (or a TLS layer) is closed as always."""
+        transport = StringTransport()
+        self.assertFalse(close_now(transport))
+        self.assertTrue(transport.disconnecting)
+
+
+class CloseHandshakeTests(unittest.TestCase):
+    """
+    A server connection on a real TCP socket ends within the read of the
+    peer's close frame: what it answered goes first, then an orderly close.
+    """
+
+    async def connect(self):
+        net = Loopback(self)
+        port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(net.factory)
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+        )
+        self.addCleanup(lambda: None if client.lost.called else client.transport.abortConnection())
+        after_reads = []
+        original = FastServerProtocol.dataReceived
+
+        def reading(proto, data):
+            original(proto, data)
+            after_reads.append((data, proto.transport.connected))
+
+        self.patch(FastServerProtocol, "dataReceived", reading)
+        return net, client, after_reads
+
+    async def test_the_close_reply_goes_then_the_connection_ends_within_the_read(self):
+        net, client, after_reads = await self.connect()
+        client.transport.write(_UPGRADE)
+        await _until(lambda: b"dialect?" in client.received, "the 101")
+        close = masked_frame(b"\x03\xe8", opcode=0x8)
+        client.transport.write(masked_frame(b"HELLO closer") + close)
+        await client.lost
+        self.assertIsInstance(client.reason, error.ConnectionDone)
+        self.assertTrue(bytes(client.received).endswith(b"\x81\x05HELLO\x88\x02\x03\xe8"))
+        self.assertEqual(after_reads[-1][1], 0, "closed within the read of the close frame")
+        self.assertTrue(net.registry.is_empty())
+        self.assertEqual(net.factory.countConnections, 0)
+
+    async def test_a_close_frame_read_alone_ends_the_connection_too(self):
+        net, client, after_reads = await self.connect()
+        client.transport.write(_UPGRADE + masked_frame(b"HELLO alone"))
+        await _until(lambda: b"\x81\x05HELLO" in client.received, "the HELLO reply")
+        client.transport.write(masked_frame(b"\x03\xe8", opcode=0x8))
+        await client.lost
+        self.assertIsInstance(client.reason, error.ConnectionDone)
+        self.assertTrue(bytes(client.received).endswith(b"\x88\x02\x03\xe8"))
+        self.assertEqual(after_reads[-1][1], 0, "closed within the read of the close frame")
+        self.assertTrue(net.registry.is_empty())
 
 
 class OwnInputTests(unittest.TestCase):

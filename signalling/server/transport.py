@@ -3,7 +3,8 @@ A WebSocket connection's transport and socket, below Autobahn: what it
 writes that the peer does not read (flow control, through the transport's
 producer interface), reading paused for the server's own reasons, and what
 the kernel and OpenSSL know of the socket (the round trip, bytes waiting
-unread), and writes sent at once (:func:`send_now`). Twisted's public
+unread), and writes sent and connections closed at once
+(:func:`send_now`, :func:`close_now`). Twisted's public
 transport interface and the socket, and the buffer state of Twisted's TCP
 connection that :func:`send_now` reads: nothing here reaches into Autobahn,
 which :mod:`signalling.server.websocket` adapts.
@@ -23,7 +24,9 @@ import socket
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.tcp import Connection as _TCPConnection
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: Bytes written to one connection that are held back to go together at
@@ -32,6 +35,53 @@ from zope.interface import implementer
 #: they go at once, so that the output bound, which counts what the
 #: transport holds, sees them.
 TURN_WRITES = 16 * 1024
+
+
+def _idle_tcp(transport):
+    """
+    :returns: whether ``transport`` is a TCP connection of its own (not a
+        TLS one) that is open, not closing, and holds nothing unsent.
+    """
+    return (
+        isinstance(transport, _TCPConnection)
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+        and not transport._writeDisconnected
+        and not transport.TLS
+    )
+
+
+def can_close_now(transport):
+    """:returns: whether :func:`close_now` would close ``transport`` at once."""
+    producer = transport.producer if isinstance(transport, _TCPConnection) else None
+    return _idle_tcp(transport) and (
+        producer is None or (transport.streamingProducer and not transport.producerPaused)
+    )
+
+
+def close_now(transport):
+    """
+    Close ``transport`` gracefully: a TCP connection with nothing unsent
+    (and no producer it would wait for) at once, as Twisted closes one
+    whose writing side is already shut: ``shutdown``, ``close``, and the
+    protocol's ``connectionLost`` (with ``ConnectionDone``) before this
+    returns. Twisted's own ``loseConnection`` registers the socket for
+    writing, and the next poll finds nothing to write and closes it: two
+    more ``epoll_ctl`` calls, an empty ``send`` and a turn of the reactor
+    for each connection. Any other transport gets its ``loseConnection``.
+
+    :returns: whether the connection was closed at once.
+    """
+    if not can_close_now(transport):
+        transport.loseConnection()
+        return False
+    transport.stopReading()
+    transport.stopWriting()
+    transport.connectionLost(Failure(CONNECTION_DONE))
+    return True
 
 
 def send_now(transport, data):
@@ -50,16 +100,7 @@ def send_now(transport, data):
     it is closing, aborted or half-closed, or when it is not a TCP
     connection of its own (an in-memory transport, a TLS layer).
     """
-    if (
-        isinstance(transport, _TCPConnection)
-        and not transport._tempDataLen
-        and not transport.dataBuffer
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._aborting
-        and not transport._writeDisconnected
-        and not transport.TLS
-    ):
+    if _idle_tcp(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:

@@ -44,7 +44,13 @@ from signalling.server.auth import token_of
 from signalling.server.limits import host_of
 from signalling.server.policy import NOTHING_COUNTED, Refused
 from signalling.server.tls import tls_failure_reason
-from signalling.server.transport import TURN_WRITES, TransportControl, send_now
+from signalling.server.transport import (
+    TURN_WRITES,
+    TransportControl,
+    can_close_now,
+    close_now,
+    send_now,
+)
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -617,12 +623,12 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
         was_closed = self.state == _CLOSED
         WebSocketServerProtocol.dropConnection(self, abort)
         self.closing()
-        if (
-            not abort
-            and not was_closed
-            and self.transport is not None
-            and self._drop_call is None
-        ):
+        if not abort and not was_closed and self not in _closing:
+            self._bound_close()
+
+    def _bound_close(self):
+        """Abort the transport if its graceful close takes longer than the factory's ``close_timeout``."""
+        if self.transport is not None and self._drop_call is None:
             self._drop_call = self.factory.clock.callLater(
                 self.factory.settings.close_timeout, self._abort
             )
@@ -713,6 +719,32 @@ class FastServerProtocol(ServerProtocol):
             if _held:
                 for proto in list(_held):
                     proto._send_held()
+            if _closing:
+                self._close_now()
+
+    def _close_now(self):
+        """
+        Close the connections a graceful drop during this input left to
+        close (see :meth:`_closeConnection`), now that everything held for
+        them is sent: each at once if it has nothing unsent, else the
+        transport's way, bounded by the close timeout.
+        """
+        closing = _closing[:]
+        del _closing[:]
+        for proto in closing:
+            transport = proto.transport
+            if (
+                transport is None
+                or not transport.connected
+                or transport.disconnecting
+                or getattr(transport, "_aborting", False)
+            ):
+                continue
+            try:
+                if not close_now(transport):
+                    proto._bound_close()
+            except Exception:
+                self._log.failure("while closing {peer}", peer=proto.peer)
 
     def _write(self, data):
         """
@@ -737,6 +769,13 @@ class FastServerProtocol(ServerProtocol):
         # aborted, and a TLS layer closing, take no more writes).
         if self in _held:
             self._send_held()
+        if not abort and _reading is not None and can_close_now(self.transport):
+            # Closed at once once the input is handled (_close_now), from
+            # the reactor's read of it rather than from within Autobahn's
+            # frame handling, which goes on after this returns.
+            if self not in _closing:
+                _closing.append(self)
+            return
         WebSocketServerProtocol._closeConnection(self, abort)
 
     def _send_held(self):
@@ -1096,6 +1135,9 @@ class FastServerProtocol(ServerProtocol):
 _reading = None
 #: What was written to each connection meanwhile: ``[size, [bytes, ...]]``.
 _held = {}
+#: The connections a graceful drop meanwhile left to close once it is
+#: handled (FastServerProtocol._closeConnection).
+_closing = []
 
 #: The last text :meth:`FastServerProtocol.write_text` encoded, its frame and
 #: its payload size.
