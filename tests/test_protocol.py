@@ -1528,3 +1528,44 @@ class PongFrameTests(unittest.TestCase):
             self.assertIsNotNone(proto.autoPingPendingCall)
 
 
+
+
+class ProtocolOptionsTests(unittest.TestCase):
+    """
+    Autobahn's options reach each connection as class attributes of the
+    class the factory builds its connections from, with the factory's
+    values when it was made: none in the connection's own dictionary.
+    """
+
+    def test_each_connection_sees_the_options_set_before_it_was_made(self):
+        net = Loopback(self)
+        factory = net.factory
+        first, _ = _open(self, factory, "first")
+        self.assertEqual(first.maxMessagePayloadSize, factory.maxMessagePayloadSize)
+        self.assertEqual(first.openHandshakeTimeout, factory.openHandshakeTimeout)
+        self.assertIsInstance(first, factory.protocol)
+        self.assertEqual(type(first).__name__, factory.protocol.__name__)
+        self.assertNotIn("maxMessagePayloadSize", first.__dict__)
+        self.assertIn("maxMessagePayloadSize", type(first).__dict__)
+        factory.setProtocolOptions(maxMessagePayloadSize=100)
+        second, _ = _open(self, factory, "second")
+        self.assertEqual(second.maxMessagePayloadSize, 100)
+        # Connections made before keep theirs, as with Autobahn's copies.
+        self.assertEqual(first.maxMessagePayloadSize, factory.settings.max_message)
+        # The new value is the connection's bound.
+        second.dataReceived(masked_frame(b"ROOM_PEER_MSG first " + b"x" * 200))
+        self.assertEqual(second.localCloseCode, 1009)
+        # A new protocol class gets its own built class.
+        class Other(type(factory).protocol):
+            pass
+
+        factory.protocol = Other
+        third, _ = _open(self, factory, "third")
+        self.assertIsInstance(third, Other)
+        self.assertEqual(third.maxMessagePayloadSize, 100)
+        # An option set on the factory itself counts too.
+        before = factory.openHandshakeTimeout
+        factory.openHandshakeTimeout = before + 3
+        fourth, _ = _open(self, factory, "fourth")
+        self.assertEqual(fourth.openHandshakeTimeout, before + 3)
+        self.assertEqual(third.openHandshakeTimeout, before)

@@ -4,7 +4,7 @@ share (the registry, the clock, the counters, the settings, the handshake
 policy), and gives each connection's logic that much and no more.
 """
 
-from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
 
@@ -14,6 +14,7 @@ from signalling.server.metrics import Stats
 from signalling.server.policy import HandshakePolicy, LateSpeakers
 from signalling.server.protocol import PlainSignallingServerProtocol, SignallingServerProtocol
 from signalling.server.settings import ServerSettings
+from signalling.server.websocket import FastServerProtocol
 
 #: How long the HTTP upgrade may take.
 OPEN_HANDSHAKE_TIMEOUT = 10.0
@@ -22,6 +23,10 @@ OPEN_HANDSHAKE_TIMEOUT = 10.0
 #: this much early. The pong deadline gets it added so that a pong always has
 #: at least the full keepalive time.
 TIMER_ROUNDING = 1.0
+
+
+#: Autobahn's protocol options, which its factory holds.
+_OPTIONS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
 
 
 def _refuse_compression(offers):
@@ -55,6 +60,8 @@ class SignallingServerFactory(WebSocketServerFactory):
     """
 
     protocol = SignallingServerProtocol
+    #: ``(protocol, the class built from it)``: see :meth:`_built_protocol`.
+    _built = None
 
     def __init__(
         self,
@@ -114,10 +121,41 @@ class SignallingServerFactory(WebSocketServerFactory):
             host = self.policy.admit_address(addr)
             if host is REFUSED:
                 return None
-        proto = WebSocketServerFactory.buildProtocol(self, addr)
+        proto = self._built_protocol()()
+        proto.factory = self
         if host is not None:
             proto.counted_host = host
         return proto
+
+    def __setattr__(self, name, value):
+        # An Autobahn option set (by setProtocolOptions, or on the factory
+        # itself, as logFrames is): the class of the next connection is
+        # made again, with it (see _built_protocol).
+        object.__setattr__(self, name, value)
+        if name in _OPTIONS:
+            object.__setattr__(self, "_built", None)
+
+    def _built_protocol(self):
+        """
+        :returns: the class of this factory's connections: a subclass of
+            ``self.protocol`` whose Autobahn options are class attributes
+            with the factory's values when it is a
+            :class:`FastServerProtocol` (its connections read each option
+            from the factory otherwise, with a call each time; Autobahn
+            copies every option onto each connection); else ``self.protocol``.
+            Made again when the options or the protocol change.
+        """
+        protocol = self.protocol
+        built = self._built
+        if built is None or built[0] is not protocol:
+            made = protocol
+            if issubclass(protocol, FastServerProtocol):
+                attributes = {name: getattr(self, name) for name in _OPTIONS}
+                attributes["__module__"] = protocol.__module__
+                attributes["__qualname__"] = protocol.__qualname__
+                made = type(protocol.__name__, (protocol,), attributes)
+            built = self._built = (protocol, made)
+        return built[1]
 
     def acceptableProtocols(self):
         """

@@ -678,11 +678,12 @@ class FastServerProtocol(ServerProtocol):
     an idle connection small.
     """
 
-    # Per-connection memory: Autobahn's options come from the factory (see
-    # _FactoryOption), so there is nothing for _connectionMade to copy (and
-    # pretty-print for a debug line, a tenth of the CPU of a call set-up).
-    # The options themselves and _AUTOBAHN_DEFAULTS are set on the class
-    # below it.
+    # Per-connection memory: Autobahn's options are class attributes of the
+    # subclass the factory builds its connections from (its
+    # _built_protocol), else come from the factory (see _FactoryOption), so
+    # there is nothing for _connectionMade to copy (and pretty-print for a
+    # debug line, a tenth of the CPU of a call set-up). The options
+    # themselves and _AUTOBAHN_DEFAULTS are set on the class below it.
     CONFIG_ATTRS = ()
     utf8validator = _CreatedOnUse("utf8validator", Utf8Validator)
 
