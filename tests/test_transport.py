@@ -13,13 +13,17 @@ close handshake ends it within the read of the peer's close frame
 import socket
 
 from twisted.internet import defer, endpoints, error, reactor, task
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from signalling.server.transport import TURN_WRITES, close_now, send_now
+from signalling.server import tls
+from signalling.server.service import PortService
+from signalling.server.transport import SEND_BUFFER, TURN_WRITES, close_now, send_now
+from tests.certificates import write_certificate
 from signalling.server.websocket import FastServerProtocol
 from tests.test_protocol import _CountingTransport, _UPGRADE, _open, masked_frame
 from tests.servers import Loopback
@@ -232,6 +236,102 @@ class CloseNowTests(SendNowTests):
         transport = StringTransport()
         self.assertFalse(close_now(transport))
         self.assertTrue(transport.disconnecting)
+
+
+class TLSSendNowTests(unittest.TestCase):
+    """
+    The project's TLS layer (``ServerTLSFactory``) over a real TCP
+    connection: what TLS makes for the peer goes to the socket at once
+    when the TCP connection holds nothing unsent, else takes Twisted's
+    buffered path, in order, with its push-back.
+    """
+
+    async def connect(self):
+        """:returns: the server's TLS transport, its TCP transport and the client protocol."""
+        made = defer.Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self):
+                made.callback(self.transport)
+
+        files = write_certificate(self.mktemp())
+        factory = tls.ServerTLSFactory(tls.ServerTLS(files), Factory.forProtocol(Server))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Collect()
+        endpoint = endpoints.wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(files.pem)),
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        )
+        await endpoint.connect(Factory.forProtocol(lambda: client))
+        server = await made
+        self.addCleanup(lambda: None if client.lost.called else client.lost)
+        self.addCleanup(lambda: server.abortConnection() if server.transport.connected else None)
+        # The handshake is done once the client has what the server wrote.
+        server.write(b"hello")
+        await _until(lambda: bytes(client.received) == b"hello", "the handshake and a first write")
+        return server, server.transport, client
+
+    async def test_a_record_goes_to_an_idle_socket_at_once(self):
+        server, tcp, client = await self.connect()
+        writers = []
+        start_writing = tcp.startWriting
+        self.patch(tcp, "startWriting", lambda: (writers.append(tcp), start_writing()))
+        server.write(b"x" * 1000)
+        await _until(lambda: len(client.received) == 5 + 1000, "the bytes")
+        self.assertEqual(writers, [])
+
+    async def test_what_the_socket_does_not_take_is_buffered_and_pushes_back(self):
+        server, tcp, client = await self.connect()
+        producer = _Producer()
+        server.registerProducer(producer, True)
+        client.transport.pauseProducing()
+        data = bytes(range(256)) * (32 * 1024)  # 8 MB: more than the socket buffers
+        server.write(data)
+        await _until(lambda: tcp._tempDataLen or tcp.dataBuffer, "bytes held by the transport")
+        self.assertEqual(producer.paused, 1)
+        server.write(b"end")
+        client.transport.resumeProducing()
+        await _until(lambda: len(client.received) == 5 + len(data) + 3, "every byte")
+        self.assertEqual(bytes(client.received), b"hello" + data + b"end")
+
+
+class SendBufferTests(unittest.TestCase):
+    """
+    The connections of a signalling port get a send buffer of
+    ``SEND_BUFFER`` (Linux keeps twice what is set), not one Linux lets
+    grow to megabytes; the metrics port keeps the system's.
+    """
+
+    async def accepted(self, option):
+        made = defer.Deferred()
+
+        class Server(Protocol):
+            def connectionMade(self):
+                made.callback(self.transport)
+
+        service = PortService(
+            "tcp:0",
+            endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            Factory.forProtocol(Server),
+            option,
+        )
+        _, port = await service.listen()
+        self.addCleanup(service.stop_listening)
+        client = _Collect()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+        )
+        transport = await made
+        self.addCleanup(lambda: client.lost)
+        self.addCleanup(transport.loseConnection)
+        return transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    async def test_a_signalling_port_connection_has_a_fixed_send_buffer(self):
+        self.assertEqual(await self.accepted("--port"), 2 * SEND_BUFFER)
+
+    async def test_the_metrics_port_keeps_the_systems(self):
+        self.assertNotEqual(await self.accepted("--metrics-port"), 2 * SEND_BUFFER)
 
 
 class CloseHandshakeTests(unittest.TestCase):

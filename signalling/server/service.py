@@ -17,6 +17,7 @@ from twisted.python.components import Componentized
 
 from signalling.server.auth import AuthConfigError
 from signalling.server.listening import FamilyUnavailable, StartupError, cannot_listen
+from signalling.server.transport import limit_send_buffer
 
 def raise_file_limit(log=None):
     """
@@ -124,6 +125,8 @@ class PortService(Service):
 
     def _bound(self, port):
         self._port = port
+        if self.option == "--port":
+            limit_send_buffer(port)
         return self.description, port
 
     def stop_listening(self):

@@ -30,7 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from signalling.server.limits import REFUSED
-from signalling.server.transport import TURN_WRITES
+from signalling.server.transport import TURN_WRITES, send_now
 
 _log = Logger()
 
@@ -398,6 +398,17 @@ class _CountingTLSProtocol(TLSMemoryBIOProtocol):
         if turn is not None:
             self._turn = None
             TLSMemoryBIOProtocol.write(self, turn[0] if len(turn) == 1 else b"".join(turn))
+
+    def _flushSendBIO(self):
+        # Twisted's, with what TLS made for the peer sent at once when the
+        # TCP connection holds nothing unsent (see send_now).
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except SSL.WantReadError:
+            # Nothing to send.
+            pass
+        else:
+            send_now(self.transport, data)
 
     def loseConnection(self):
         self.send_turn()

@@ -37,6 +37,30 @@ from zope.interface import implementer
 TURN_WRITES = 16 * 1024
 
 
+#: The kernel's send buffer of each signalling connection (``SO_SNDBUF``;
+#: Linux keeps twice this, for its own bookkeeping): a fixed size rather
+#: than Linux's automatic growth up to ``net.ipv4.tcp_wmem``'s maximum
+#: (4 MiB by default). What the server sends goes into it at once
+#: (:func:`send_now`), so a peer that stops reading could otherwise leave
+#: megabytes there, outside the output bound, before the server holds any
+#: of it; now it costs at most this much beyond the bound. It is still
+#: several times the largest message of a call (an offer with its
+#: candidates), and over a hundred milliseconds of round trip at 10 Mbit/s.
+SEND_BUFFER = 128 * 1024
+
+
+def limit_send_buffer(port):
+    """
+    Give the connections ``port`` (an ``IListeningPort``) accepts a send
+    buffer of :data:`SEND_BUFFER`: Linux copies a listening socket's buffer
+    sizes to each connection it accepts. A port without a socket of its own
+    (in memory, in tests) is left alone.
+    """
+    sock = getattr(port, "socket", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
 def _idle_tcp(transport):
     """
     :returns: whether ``transport`` is a TCP connection of its own (not a
