@@ -22,6 +22,7 @@ import sys
 import tempfile
 
 import txaio
+from autobahn.websocket.compress import PerMessageDeflateOffer
 from twisted.internet import defer, endpoints, reactor, task, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -490,9 +491,13 @@ class Server:
         return self.tls if tls is None else tls
 
     async def connect(
-        self, index=0, path="/", name=None, answer_pings=True, tls=None, headers=None
+        self, index=0, path="/", name=None, answer_pings=True, tls=None, headers=None,
+        compression=False,
     ):
-        """:returns: a new open :class:`tests.clients.Client` on the ``index``-th port."""
+        """
+        :param compression: offer permessage-deflate, as browsers do.
+        :returns: a new open :class:`tests.clients.Client` on the ``index``-th port.
+        """
         label = name or f"client-{len(self.clients) + 1}"
         tls = self._use_tls(tls)
 
@@ -510,6 +515,8 @@ class Server:
             # Bound the closing handshake so cleanup never hangs.
             closeHandshakeTimeout=2, serverConnectionDropTimeout=2, openHandshakeTimeout=5
         )
+        if compression:
+            factory.setProtocolOptions(perMessageCompressionOffers=[PerMessageDeflateOffer()])
         endpoint = client_endpoint(port_number, self.pem if tls else None)
         client = await endpoint.connect(factory)
         await defer.Deferred.addTimeout(client.opened, WAIT, reactor)

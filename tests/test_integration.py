@@ -120,6 +120,20 @@ class IntegrationTestsMixin:
         caller.send_text("SESSION alice")
         await caller.expect("SESSION_OK")
 
+    async def test_a_client_offering_compression_is_served_without_it(self):
+        """
+        A client that offers permessage-deflate (every browser) is accepted
+        with no extension, and relays as any other.
+        """
+        a = await self.server.connect(compression=True)
+        self.assertEqual(a.websocket_extensions_in_use, [])
+        a.send_text("HELLO deflating")
+        await a.expect("HELLO")
+        b = await self.server.hello("plain")
+        b.send_text("SESSION deflating")
+        await b.expect("SESSION_OK")
+        await self.assert_session_works(b, a)
+
     async def test_hello_accepts_tabs_repeated_spaces_and_no_break_spaces_as_separator(self):
         """Any run of Unicode whitespace separates ``HELLO`` from the uid."""
         caller = await self.server.hello("caller")

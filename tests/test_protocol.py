@@ -1530,6 +1530,18 @@ class PongFrameTests(unittest.TestCase):
 
 
 
+def _opened_offering_compression(factory):
+    """:returns: the compression callback a new connection of ``factory`` reads, after opening one that offers compression."""
+    proto = factory.buildProtocol(None)
+    transport = _CountingTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(PLAIN_UPGRADES["a browser"])
+    assert transport.writes[0].startswith(b"HTTP/1.1 101 "), transport.writes[0]
+    assert proto.websocket_extensions_in_use == []
+    proto.connectionLost(Failure(ConnectionDone()))
+    return proto.perMessageCompressionAccept
+
+
 class ProtocolOptionsTests(unittest.TestCase):
     """
     Autobahn's options reach each connection as class attributes of the
@@ -1564,8 +1576,207 @@ class ProtocolOptionsTests(unittest.TestCase):
         self.assertIsInstance(third, Other)
         self.assertEqual(third.maxMessagePayloadSize, 100)
         # An option set on the factory itself counts too.
+        # An option that is a function is read as it is, not bound to the
+        # connection: a browser's offer of compression is refused, and the
+        # connection opened.
+        self.assertIs(_opened_offering_compression(factory), factory.perMessageCompressionAccept)
         before = factory.openHandshakeTimeout
         factory.openHandshakeTimeout = before + 3
         fourth, _ = _open(self, factory, "fourth")
         self.assertEqual(fourth.openHandshakeTimeout, before + 3)
         self.assertEqual(third.openHandshakeTimeout, before)
+
+
+def _head(*lines, target=b"/", request_line=None):
+    """:returns: a request head of ``lines`` (bytes, without line ends)."""
+    first = request_line if request_line is not None else b"GET " + target + b" HTTP/1.1"
+    return b"\r\n".join((first,) + lines) + b"\r\n\r\n"
+
+
+_KEY_LINE = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="
+_BASE = (b"Host: localhost", b"Upgrade: websocket", b"Connection: Upgrade", _KEY_LINE, b"Sec-WebSocket-Version: 13")
+_BROWSER = (
+    b"Host: localhost:8443",
+    b"Connection: Upgrade",
+    b"Pragma: no-cache",
+    b"Cache-Control: no-cache",
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
+    b"Upgrade: websocket",
+    b"Origin: http://localhost:8443",
+    b"Sec-WebSocket-Version: 13",
+    b"Accept-Encoding: gzip, deflate, br",
+    b"Accept-Language: en-GB,en;q=0.9",
+    b"Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==",
+    b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+)
+
+#: Requests the fast handshake takes.
+PLAIN_UPGRADES = {
+    "the examples' client": _head(*_BASE),
+    "a browser": _head(*_BROWSER),
+    "a query and a path": _head(*_BASE, target=b"/examples?token=abc%20d&x=1&x=2&empty="),
+    "headers in other cases": _head(
+        b"HOST: localhost", b"upgrade: WebSocket", b"connection: keep-alive, Upgrade",
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==", b"SEC-WEBSOCKET-VERSION: 13",
+    ),
+    "an IPv6 host with a port": _head(b"Host: [::1]:8443", *_BASE[1:]),
+    "an IPv6 host": _head(b"Host: [::1]", *_BASE[1:]),
+    "a bearer token": _head(*_BASE, b"Authorization: Bearer abc.def"),
+    "an empty header and tabs": _head(*_BASE, b"X-Empty:", b"X-Tabs:\t one two \t"),
+    "extensions with quoted values": _head(*_BASE, b'Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits="10", x-other'),
+}
+
+#: Requests it leaves to Autobahn's handshake (which accepts or refuses them).
+OTHER_REQUESTS = {
+    "two hosts": _head(b"Host: a", *_BASE),
+    "no host": _head(*_BASE[1:]),
+    "version 8": _head(*_BASE[:4], b"Sec-WebSocket-Version: 8"),
+    "version with a space inside": _head(*_BASE[:4], b"Sec-WebSocket-Version: 1 3"),
+    "a short key": _head(*_BASE[:3], b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=", *_BASE[4:]),
+    "a key out of base64": _head(*_BASE[:3], b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j*Q==", *_BASE[4:]),
+    "a fragment": _head(*_BASE, target=b"/#frag"),
+    "parameters": _head(*_BASE, target=b"/a;b?c=d"),
+    "a scheme-relative target": _head(*_BASE, target=b"//evil/path"),
+    "an absolute target": _head(*_BASE, target=b"http://localhost/"),
+    "POST": _head(*_BASE, request_line=b"POST / HTTP/1.1"),
+    "HTTP/1.0": _head(*_BASE, request_line=b"GET / HTTP/1.0"),
+    "two spaces in the request line": _head(*_BASE, request_line=b"GET  / HTTP/1.1"),
+    "lower-case get": _head(*_BASE, request_line=b"get / HTTP/1.1"),
+    "an origin without a host": _head(*_BASE, b"Origin: http://"),
+    "an origin with a bad port": _head(*_BASE, b"Origin: http://a:99999"),
+    "subprotocols": _head(*_BASE, b"Sec-WebSocket-Protocol: a, b"),
+    "duplicate subprotocols": _head(*_BASE, b"Sec-WebSocket-Protocol: a, a"),
+    "an obsolete line fold": _head(*_BASE, b"X-Folded: one", b" two"),
+    "Latin-1 in a value": _head(*_BASE, "X-Name: caf\u00e9".encode("latin-1")),
+    "a host with a bad port": _head(b"Host: localhost:abc", *_BASE[1:]),
+    "no upgrade in Connection": _head(*_BASE[:2], b"Connection: keep-alive", *_BASE[3:]),
+    "another upgrade": _head(_BASE[0], b"Upgrade: h2c", *_BASE[2:]),
+    "a header name with a space": _head(*_BASE, b"Bad Name: x"),
+    "a value with a control character": _head(*_BASE, b"X-Bell: a\x07b"),
+    "a null origin": _head(*_BASE, b"Origin: null"),
+    "a file origin": _head(*_BASE, b"Origin: file://"),
+}
+
+
+class PlainUpgradeTests(unittest.TestCase):
+    """
+    The fast handshake (``FastServerProtocol._plain_upgrade``) takes the
+    requests every known client sends and leaves the rest to Autobahn's;
+    either way a connection ends up as Autobahn's handshake alone would
+    leave it: the same bytes written, the same request handed to
+    ``onConnect``, the same state, the same attributes.
+    """
+
+    def connect(self, request, fast, busy=0, **options):
+        """
+        :param busy: connections the factory holds already.
+        :param options: Autobahn options to set on the factory.
+        """
+        net = Loopback(self)
+        if options:
+            net.factory.setProtocolOptions(**options)
+        net.factory.countConnections += busy
+        proto = net.factory.buildProtocol(None)
+        taken = []
+        plain_upgrade = proto._plain_upgrade
+        if fast:
+            proto._plain_upgrade = lambda end: taken.append(plain_upgrade(end)) or taken[-1]
+        else:
+            proto._plain_upgrade = lambda end: taken.append(False) or False
+        requests = []
+        on_connect = proto.onConnect
+
+        def recording(request):
+            requests.append(
+                {
+                    name: getattr(request, name)
+                    for name in (
+                        "peer", "headers", "host", "path", "params", "version",
+                        "origin", "protocols", "extensions",
+                    )
+                }
+            )
+            return on_connect(request)
+
+        proto.onConnect = recording
+        transport = _CountingTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(request + masked_frame(b"HELLO peer"))
+        while proto._next_turn_call is not None:
+            net.clock.advance(0)
+        self.addCleanup(lambda: proto.transport and proto.connectionLost(Failure(ConnectionDone())))
+        seen = {
+            "writes": transport.writes,
+            "requests": requests,
+            "state": proto.state,
+            "disconnecting": transport.disconnecting,
+            "reason": proto.wasNotCleanReason,
+            "peers": net.registry.peer_count,
+        }
+        for name in (
+            "http_status_line", "http_headers", "http_request_uri", "http_request_path",
+            "http_request_params", "http_request_host", "websocket_version",
+            "websocket_protocols", "websocket_origin", "websocket_extensions", "peer",
+        ):
+            seen[name] = proto.__dict__.get(name, "(not set)")
+        return taken, seen
+
+    def check(self, requests, fast_expected, busy=0, **options):
+        for name, request in requests.items():
+            taken, fast = self.connect(request, True, busy, **options)
+            _, autobahn = self.connect(request, False, busy, **options)
+            self.assertEqual(taken, [fast_expected], name)
+            self.assertEqual(fast, autobahn, name)
+
+    def test_the_requests_of_known_clients_take_the_fast_handshake(self):
+        self.check(PLAIN_UPGRADES, True)
+        _, seen = self.connect(PLAIN_UPGRADES["a browser"], True)
+        self.assertTrue(seen["writes"][0].startswith(b"HTTP/1.1 101 "))
+        self.assertEqual(seen["peers"], 1)
+        _, seen = self.connect(PLAIN_UPGRADES["a query and a path"], True)
+        self.assertEqual(
+            seen["requests"][0]["params"], {"token": ["abc d"], "x": ["1", "2"]}
+        )
+
+    def test_other_requests_are_autobahns_to_accept_or_refuse(self):
+        self.check(OTHER_REQUESTS, False)
+        refused = [
+            name for name, request in OTHER_REQUESTS.items()
+            if not self.connect(request, True)[1]["writes"][0].startswith(b"HTTP/1.1 101 ")
+        ]
+        self.assertIn("two hosts", refused)
+        self.assertIn("a fragment", refused)
+        self.assertNotIn("subprotocols", refused)
+        self.assertNotIn("Latin-1 in a value", refused)
+
+    def test_a_forwarded_address_is_autobahns_to_take_behind_a_trusted_proxy(self):
+        forwarded = {"forwarded": _head(*_BASE, b"X-Forwarded-For: 203.0.113.9")}
+        self.check(forwarded, True)
+        self.check(forwarded, False, trustXForwardedFor=1)
+
+    def test_a_full_server_is_autobahns_to_refuse(self):
+        full = {"full": PLAIN_UPGRADES["the examples' client"]}
+        self.check(full, True, busy=1, maxConnections=2)
+        self.check(full, False, busy=2, maxConnections=2)
+        _, seen = self.connect(full["full"], True, busy=2, maxConnections=2)
+        self.assertTrue(seen["writes"][0].startswith(b"HTTP/1.1 503 "), seen["writes"][0])
+
+    def test_a_refusal_or_an_error_of_onconnect_is_answered_alike(self):
+        request = PLAIN_UPGRADES["the examples' client"]
+        from autobahn.websocket.types import ConnectionDeny
+
+        def deny(self, request):
+            raise ConnectionDeny(403, "not from here")
+
+        def fail(self, request):
+            raise RuntimeError("broken")
+
+        for name, on_connect in (("refused", deny), ("failed", fail)):
+            self.patch(websocket.FastServerProtocol, "onConnect", on_connect)
+            taken, fast = self.connect(request, True)
+            _, autobahn = self.connect(request, False)
+            self.assertEqual(taken, [True], name)
+            self.assertEqual(fast, autobahn, name)
+            self.assertEqual(fast["peers"], 0, name)
+        self.assertTrue(fast["writes"][0].startswith(b"HTTP/1.1 500 Internal server error: broken"))
+        self.flushLoggedErrors(RuntimeError)

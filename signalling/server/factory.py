@@ -4,6 +4,8 @@ share (the registry, the clock, the counters, the settings, the handshake
 policy), and gives each connection's logic that much and no more.
 """
 
+from types import FunctionType
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from zope.interface import implementer
@@ -27,6 +29,15 @@ TIMER_ROUNDING = 1.0
 
 #: Autobahn's protocol options, which its factory holds.
 _OPTIONS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
+
+
+def _as_class_attribute(value):
+    """
+    :returns: ``value`` to be read from a class as it is: a function (an
+        option's callback, ``perMessageCompressionAccept``) as a static
+        method, which a connection does not bind to itself.
+    """
+    return staticmethod(value) if isinstance(value, FunctionType) else value
 
 
 def _refuse_compression(offers):
@@ -150,7 +161,7 @@ class SignallingServerFactory(WebSocketServerFactory):
         if built is None or built[0] is not protocol:
             made = protocol
             if issubclass(protocol, FastServerProtocol):
-                attributes = {name: getattr(self, name) for name in _OPTIONS}
+                attributes = {name: _as_class_attribute(getattr(self, name)) for name in _OPTIONS}
                 attributes["__module__"] = protocol.__module__
                 attributes["__qualname__"] = protocol.__qualname__
                 made = type(protocol.__name__, (protocol,), attributes)

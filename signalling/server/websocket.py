@@ -25,19 +25,24 @@ relayed frames to, or None), ``output_changed`` (the peer stopped reading,
 or caught up), and Autobahn's ``onOpen``, ``onMessage`` and ``onClose``.
 """
 
+import re
 import time
 from collections import deque
+from urllib.parse import parse_qs
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.wamp.types import TransportDetails
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.protocol import _is_same_origin, _url_to_origin
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
+import txaio
 from OpenSSL import SSL
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
 
 from signalling.server.auth import token_of
@@ -230,6 +235,22 @@ _NO_LIMIT = 1 << 63
 #: Largest HTTP request head (request line and headers) an opening handshake
 #: may send; a longer one is refused with 431 rather than buffered.
 MAX_REQUEST_HEAD = 16 * 1024
+
+
+#: A request head the fast handshake takes (FastServerProtocol._plain_upgrade):
+#: ``GET`` of an origin-form target without a fragment or ``;`` parameters,
+#: HTTP/1.1, and header lines of a token, a colon and printable ASCII.
+_PLAIN_HEAD = re.compile(
+    rb"GET /(?!/)[\x21\x22\x24-\x3a\x3c-\x7e]* HTTP/1\.1"
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?[ \t]*)*"
+)
+#: A Sec-WebSocket-Key as RFC 6455 spells it: 16 bytes in base64.
+_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+
+
+def _has_token(value, token):
+    """:returns: whether the comma-separated header ``value`` (or None) holds ``token``, in any case."""
+    return value is not None and any(part.strip().lower() == token for part in value.split(","))
 
 
 def asks_for_websocket(head):
@@ -435,6 +456,10 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
         if web is not None and not asks_for_websocket(data[:end]):
             self._hand_over_to_web(web)
             return
+        self._upgrade(end)
+
+    def _upgrade(self, end):
+        """The request head ends at ``end``: Autobahn's handshake."""
         WebSocketServerProtocol.processHandshake(self)
 
     def _hand_over_to_web(self, web):
@@ -701,6 +726,118 @@ class FastServerProtocol(ServerProtocol):
         # Autobahn's blank details, replaced by every connection (see
         # _transport_details).
         self.__dict__.pop("_transport_details_made", None)
+
+    def _upgrade(self, end):
+        # A plain request (the examples' clients, browsers, GStreamer's) is
+        # accepted here, with what Autobahn's handshake would find in it,
+        # without its parser's pass over each line and its promise-based
+        # call of onConnect; any other goes to Autobahn's handshake, which
+        # accepts or refuses it as always.
+        if not self._plain_upgrade(end):
+            WebSocketServerProtocol.processHandshake(self)
+
+    def _plain_upgrade(self, end):
+        """
+        Accept the upgrade whose request head ends at ``end`` when it is one
+        Autobahn's handshake is known to accept as it is: ``GET`` of an
+        origin-form target (no fragment, no ``;`` parameters) in HTTP/1.1,
+        printable ASCII header lines each named once, a ``Host``, the
+        upgrade's headers as RFC 6455 spells them (version 13, a well-formed
+        key), no subprotocol asked for, an Origin Autobahn allows, no
+        forwarded address to take, room for another connection. Sets what
+        Autobahn's handshake sets and calls ``onConnect`` as it does.
+
+        :returns: False, having done nothing, for any other request.
+        """
+        data = self.data
+        head = data[:end]
+        if not _PLAIN_HEAD.fullmatch(head):
+            return False
+        lines = head.decode("ascii").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.lower()
+            if name in headers:
+                return False
+            headers[name] = value.strip(" \t")
+        host = headers.get("host")
+        key = headers.get("sec-websocket-key")
+        factory = self.factory
+        if (
+            host is None
+            or key is None
+            or not _KEY.fullmatch(key)
+            or headers.get("sec-websocket-version") != "13"
+            or 13 not in self.versions
+            or "sec-websocket-protocol" in headers
+            or not _has_token(headers.get("upgrade"), "websocket")
+            or not _has_token(headers.get("connection"), "upgrade")
+            or (self.trustXForwardedFor and "x-forwarded-for" in headers)
+            or (self.maxConnections > 0 and factory.countConnections > self.maxConnections)
+        ):
+            return False
+        if ":" in host and not host.endswith("]"):
+            name, port = host.rsplit(":", 1)
+            try:
+                port = int(port.strip())
+            except ValueError:
+                return False
+            if factory.externalPort and port != factory.externalPort:
+                return False
+            host = name
+        origin = headers.get("origin")
+        if origin is not None:
+            try:
+                allowed = _url_to_origin(origin)
+                if not (allowed == "null" and factory.allowNullOrigin):
+                    allowed = _is_same_origin(
+                        allowed,
+                        "https" if factory.isSecure else "http",
+                        factory.externalPort or factory.port,
+                        self.allowedOriginsPatterns,
+                    )
+            except Exception:
+                return False
+            if not allowed:
+                return False
+        extensions = headers.get("sec-websocket-extensions")
+        extensions = [] if extensions is None else self._parseExtensionsHeader(extensions)
+        status_line = lines[0]
+        target = status_line[4:-9]
+        path, _, query = target.partition("?")
+        params = parse_qs(query) if query else {}
+        self.http_request_data = data[: end + 4]
+        self.http_status_line = status_line
+        self.http_headers = headers
+        self.http_request_uri = target
+        self.http_request_path = path
+        self.http_request_params = params
+        self.http_request_host = host
+        self.websocket_version = 13
+        self.websocket_protocols = []
+        self.websocket_origin = "" if origin is None else origin
+        self.websocket_extensions = extensions
+        self.data = data[end + 4 :]
+        self._wskey = key
+        request = ConnectionRequest(
+            self.peer, headers, host, path, params, 13, self.websocket_origin, [], extensions
+        )
+        try:
+            accepted = self.onConnect(request)
+        except ConnectionDeny as deny:
+            self.failHandshake(deny.reason, deny.code)
+        except Exception:
+            # As Autobahn's handshake reports an error of onConnect.
+            failure = Failure()
+            self.log.warn("Unexpected exception in onConnect ['{err.value}']", err=failure)
+            self.log.warn("{tb}", tb=txaio.failure_format_traceback(failure))
+            self.failHandshake(
+                f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR
+            )
+        else:
+            self.succeedHandshake(accepted)
+        return True
 
     def dataReceived(self, data):
         # What this connection's input makes the server write, to it (the
