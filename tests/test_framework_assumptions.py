@@ -322,6 +322,23 @@ class TwistedTests(unittest.TestCase):
         self.assertIn("Failure()", flush)
         self.assertIn("self._tlsShutdownFinished(failure)", flush)
 
+    def test_tls_layer_flushes_its_send_bio_with_one_read_and_one_write(self):
+        """
+        ``signalling/server/tls.py`` overrides ``_flushSendBIO`` with the same
+        read of the send BIO, and sends what it read with ``send_now``
+        instead of the transport's ``write``.
+        """
+        lines = [
+            line.strip()
+            for line in source(TLSMemoryBIOProtocol._flushSendBIO).splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
+        body = lines[lines.index('"""', 2) + 1 :] if lines[1] == '"""' else lines
+        self.assertIn("bytes = self._tlsConnection.bio_read(2**15)", body)
+        self.assertIn("except WantReadError:", body)
+        self.assertEqual(body[-2:], ["else:", "self.transport.write(bytes)"])
+        self.assertEqual(len([line for line in body if "self." in line]), 2)
+
     def test_tls_layer_is_a_protocol_wrapper(self):
         """The hand-over to the pages swaps ``wrappedProtocol`` of the TLS layer."""
         self.assertTrue(issubclass(TLSMemoryBIOProtocol, ProtocolWrapper))
