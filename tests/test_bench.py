@@ -142,7 +142,34 @@ class ScenarioTests(unittest.TestCase):
         self.assertGreater(result["rss_before_kb"], 0)
         self.assertGreater(result["rss_after_kb"], 0)
         self.assertIsNotNone(result["rss_per_peer_bytes"])
+        self.assertIsNone(result["rss_settled_kb"])
+        self.assertIsNone(result["rss_settled_per_peer_bytes"])
         self.assertCpuReported(result)
+
+    async def test_idle_measures_memory_again_once_settled_with_the_peers_connected(self):
+        """
+        Idle with ``settle``: the server's memory is read again that long
+        after the storm's end, while every peer is still registered.
+        """
+        server = await Server.listening(self, tls=False)
+        registry = server.factory.registry
+        counts = []
+        original = ServerProbe.rss_kb
+
+        def rss_kb(probe):
+            counts.append(registry.peer_count)
+            return original(probe)
+
+        self.patch(ServerProbe, "rss_kb", rss_kb)
+        started = time.monotonic()
+        result = await bench("idle", server.url(), settle=1.5)
+        self.assertTrue(result["ok"], result)
+        self.assertGreaterEqual(time.monotonic() - started, 1.5)
+        self.assertEqual(result["settle_seconds"], 1.5)
+        self.assertGreater(result["rss_settled_kb"], 0)
+        self.assertIsNotNone(result["rss_settled_per_peer_bytes"])
+        # Before the storm, right after it, and settled: every peer still there.
+        self.assertEqual(counts, [0, 30, 30])
 
     async def test_rooms_sees_every_notice_and_message_arrive(self):
         """Rooms: every join notice and every member-to-member message is counted."""

@@ -218,6 +218,14 @@ def build_parser():
         "(the kernel retries a dropped SYN after 1, 3, 7, 15, 31 s)",
     )
     idle.add_argument(
+        "--settle",
+        type=_non_negative_float,
+        default=0.0,
+        help="also measure the server's memory this many seconds after the storm ended, "
+        "its peers still connected: what it gives back after the storm's peak "
+        "(this server trims its heap every --trim-interval, 5 s); 0: not measured",
+    )
+    idle.add_argument(
         "--source-addresses",
         type=int,
         default=0,
@@ -351,6 +359,7 @@ def _scenario_params(name, options):
             "peers": options.peers,
             "storm_concurrency": options.storm_concurrency,
             "storm_timeout": options.storm_timeout,
+            "settle": options.settle,
             "source_addresses": options.source_addresses,
             "timeout": timeout,
         }

@@ -11,7 +11,7 @@ SATURATED = 85.0
 
 #: Metrics only meaningful in the first round, on a server started just
 #: before: later rounds reuse memory that earlier scenarios freed.
-FIRST_ROUND_ONLY = {"rss_per_peer_bytes", "redis_rss_per_peer_bytes"}
+FIRST_ROUND_ONLY = {"rss_per_peer_bytes", "rss_settled_per_peer_bytes", "redis_rss_per_peer_bytes"}
 
 #: The metrics compared between two servers, per scenario:
 #: ``(key, label, higher_is_better)``.
@@ -31,6 +31,7 @@ METRICS = {
         ("hellos_per_s", "HELLOs/s in the storm", True),
         ("storm_seconds", "storm (s)", False),
         ("rss_per_peer_bytes", "RSS per idle peer (bytes, round 1)", False),
+        ("rss_settled_per_peer_bytes", "RSS per idle peer, settled (bytes, round 1)", False),
     ],
     "rooms": [
         ("total_seconds", "room storm (s)", False),
@@ -106,6 +107,7 @@ COLUMNS = {
         ("answered", "answered", "{}"),
         ("answers s", "answer_seconds", "{:.2f}"),
         ("RSS/peer B", "rss_per_peer_bytes", "{:,.0f}"),
+        ("settled B", "rss_settled_per_peer_bytes", "{:,.0f}"),
         ("RSS KiB", "rss_after_kb", "{:,}"),
     ],
     "soak": [

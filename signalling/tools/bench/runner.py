@@ -639,7 +639,9 @@ def run_idle(pool, target, params, probe):
     The idle capacity scenario.
 
     :param params: ``peers``, ``storm_concurrency``, ``storm_timeout``,
-        ``timeout``, ``source_addresses`` (0 for automatic).
+        ``timeout``, ``source_addresses`` (0 for automatic), ``settle``
+        (seconds after the storm's end to measure memory again; 0 or absent:
+        not measured).
     """
     spec = dict(params, tag=new_tag())
     nodes = as_nodes(target)
@@ -666,6 +668,12 @@ def run_idle(pool, target, params, probe):
     # each bounded by the timeout.
     asks = math.ceil(spec["peers"] / len(pool) / max(spec["storm_concurrency"], 1))
     run.sync("answered", within=timeout * (asks + 1) + GRACE)
+    # Memory once the storm's peak has had time to go back (the peers wait,
+    # connected, for the answer below).
+    rss_settled = None
+    if spec.get("settle"):
+        sleep_until(stormed_at + spec["settle"])
+        rss_settled = probe.rss_kb()
     run.answer(None)
     results = run.results(within=3 * timeout + GRACE)
     registered = sum(s["registered"] for s in stormed)
@@ -678,6 +686,9 @@ def run_idle(pool, target, params, probe):
     per_peer = None
     if rss_before is not None and rss_after is not None and registered:
         per_peer = (rss_after - rss_before) * 1024 / registered
+    settled_per_peer = None
+    if rss_before is not None and rss_settled is not None and registered:
+        settled_per_peer = (rss_settled - rss_before) * 1024 / registered
     redis_per_peer = None
     if redis_before is not None and redis_after is not None and registered:
         redis_per_peer = (redis_after - redis_before) * 1024 / registered
@@ -697,6 +708,9 @@ def run_idle(pool, target, params, probe):
         "rss_before_kb": rss_before,
         "rss_after_kb": rss_after,
         "rss_per_peer_bytes": per_peer,
+        "settle_seconds": spec.get("settle") or None,
+        "rss_settled_kb": rss_settled,
+        "rss_settled_per_peer_bytes": settled_per_peer,
         "nodes": len(nodes),
         "registered_per_node": per_node,
         "rss_before_kb_each": rss_before_each,
