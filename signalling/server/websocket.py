@@ -34,16 +34,20 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.util import create_transport_details, peer2str
 from autobahn.wamp.types import TransportDetails
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from autobahn.websocket.protocol import _is_same_origin, _url_to_origin
+from autobahn.websocket.protocol import (
+    TrafficStats,
+    WebSocketProtocol,
+    _is_same_origin,
+    _url_to_origin,
+)
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
-import txaio
 from OpenSSL import SSL
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+import txaio
 
 from signalling.server.auth import token_of
 from signalling.server.limits import host_of
@@ -778,14 +782,14 @@ class FastServerProtocol(ServerProtocol):
         ):
             return False
         if ":" in host and not host.endswith("]"):
-            name, port = host.rsplit(":", 1)
+            hostname, port = host.rsplit(":", 1)
             try:
                 port = int(port.strip())
             except ValueError:
                 return False
             if factory.externalPort and port != factory.externalPort:
                 return False
-            host = name
+            host = hostname
         origin = headers.get("origin")
         if origin is not None:
             try:
