@@ -16,7 +16,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from signalling.core.registry import Registry
-from signalling.core.connection import RATE_STRIKES
+from signalling.core.connection import RATE_STRIKES, Connection
 from signalling.server import websocket
 from signalling.server.websocket import TURN_STEPS
 from tests.clients import Client
@@ -974,6 +974,34 @@ class UnexpectedErrorTests(unittest.TestCase):
         b.sendClose(1000)
         net.flush()
         self.assertTrue(net.registry.is_empty())
+
+
+class CommandFailureTests(unittest.TestCase):
+    """An exception while a command is handled is logged once and costs only its connection."""
+
+    def test_it_is_logged_critical_with_the_peer_and_closes_with_1011(self):
+        net = Loopback(self)
+        a, b = net.hello("a"), net.hello("b")
+
+        def broken(connection, payload, is_binary):
+            raise RuntimeError("a bug")
+
+        with capturedLogs() as events:
+            self.patch(Connection, "_command", broken)
+            a.send_text("ROOM r")
+            net.flush()
+        self.flushLoggedErrors(RuntimeError)
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(failures[0]["log_level"], LogLevel.critical)
+        self.assertEqual(failures[0]["uid"], "a")
+        self.assertEqual(
+            formatEvent(failures[0]),
+            f"while handling a message from a at {failures[0]['peer_addr']}",
+        )
+        self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
+        self.assertEqual(a.remoteCloseCode, 1011)
+        self.assertIsNone(b.close_info)
 
 
 class LoggingTests(ProtocolTestCase):

@@ -26,7 +26,7 @@ import enum
 from collections import deque
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -787,13 +787,18 @@ class Connection(_CommandOrder):
         if link is not None:
             link.send_frames(((BINARY_FRAME if is_binary else TEXT_FRAME, payload),))
             return
-        with self._log.failuresHandled(
-            "while handling a message from {uid} at {peer_addr}",
-            uid=self.uid,
-            peer_addr=self._output.peer_addr,
-        ) as op:
+        # What Logger.failuresHandled does, without a context manager and a
+        # closure made for every command.
+        uid, peer_addr = self.uid, self._output.peer_addr
+        try:
             self._command(payload, is_binary)
-        if op.failed:
+        except BaseException:
+            self._log.failure(
+                "while handling a message from {uid} at {peer_addr}",
+                level=LogLevel.critical,
+                uid=uid,
+                peer_addr=peer_addr,
+            )
             self._fail()
 
     @property
