@@ -446,9 +446,10 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
         Parse the opening handshake once the request head is complete; hand a
         plain HTTP request (no WebSocket upgrade) to the factory's web site.
 
-        WebSocket upgrades are parsed once, by Autobahn, rather than by
-        twisted.web first and Autobahn again; and no twisted.web channel stays
-        behind as the transport's producer for the life of the connection.
+        WebSocket upgrades are parsed once (by :meth:`_plain_upgrade`, else
+        by Autobahn), rather than by twisted.web first and Autobahn again;
+        and no twisted.web channel stays behind as the transport's producer
+        for the life of the connection.
         """
         data = self.data
         end = data.find(b"\r\n\r\n", 0, MAX_REQUEST_HEAD + 4)
@@ -456,15 +457,24 @@ class ServerProtocol(TransportControl, WebSocketServerProtocol):
             if len(data) >= MAX_REQUEST_HEAD + 4:
                 self.failHandshake("Request header fields too large", 431)
             return
+        # A plain upgrade names websocket in its Upgrade header: never one
+        # for the web site.
+        if self._plain_upgrade(end):
+            return
         web = self.factory.web
         if web is not None and not asks_for_websocket(data[:end]):
             self._hand_over_to_web(web)
             return
-        self._upgrade(end)
-
-    def _upgrade(self, end):
-        """The request head ends at ``end``: Autobahn's handshake."""
         WebSocketServerProtocol.processHandshake(self)
+
+    def _plain_upgrade(self, end):
+        """
+        Accept a plain upgrade whose request head ends at ``end`` without
+        Autobahn's handshake (the fast layer does).
+
+        :returns: False: none here.
+        """
+        return False
 
     def _hand_over_to_web(self, web):
         """
@@ -731,19 +741,13 @@ class FastServerProtocol(ServerProtocol):
         # _transport_details).
         self.__dict__.pop("_transport_details_made", None)
 
-    def _upgrade(self, end):
-        # A plain request (the examples' clients, browsers, GStreamer's) is
-        # accepted here, with what Autobahn's handshake would find in it,
-        # without its parser's pass over each line and its promise-based
-        # call of onConnect; any other goes to Autobahn's handshake, which
-        # accepts or refuses it as always.
-        if not self._plain_upgrade(end):
-            WebSocketServerProtocol.processHandshake(self)
-
     def _plain_upgrade(self, end):
         """
         Accept the upgrade whose request head ends at ``end`` when it is one
-        Autobahn's handshake is known to accept as it is: ``GET`` of an
+        Autobahn's handshake is known to accept as it is (the requests of
+        the examples' clients, browsers and GStreamer's), with what it would
+        find in it, without its parser's pass over each line and its
+        promise-based call of ``onConnect``: ``GET`` of an
         origin-form target (no fragment, no ``;`` parameters) in HTTP/1.1,
         printable ASCII header lines each named once, a ``Host``, the
         upgrade's headers as RFC 6455 spells them (version 13, a well-formed
@@ -751,7 +755,8 @@ class FastServerProtocol(ServerProtocol):
         forwarded address to take, room for another connection. Sets what
         Autobahn's handshake sets and calls ``onConnect`` as it does.
 
-        :returns: False, having done nothing, for any other request.
+        :returns: False, having done nothing, for any other request (the
+            web site's, or Autobahn's to accept or refuse as always).
         """
         data = self.data
         head = data[:end]
